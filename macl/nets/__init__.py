@@ -1,0 +1,8 @@
+"""Networks: the 2D/3D U-Net, projection heads, MACL's asymmetric model, the fine-tuning net."""
+from .finetune import build_finetune_net, load_pretrained
+from .heads import ImageHead, PixelHead
+from .macl_model import EncoderProjector, MACLModel, MACLOutputs
+from .unet import UNet, UNetDecoder, UNetEncoder
+
+__all__ = ["UNet", "UNetEncoder", "UNetDecoder", "PixelHead", "ImageHead", "MACLModel", "MACLOutputs",
+           "EncoderProjector", "build_finetune_net", "load_pretrained"]

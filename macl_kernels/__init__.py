@@ -1,0 +1,18 @@
+"""Fused, memory-bounded contrastive losses (InfoNCE family) for PyTorch.
+
+    from macl_kernels import nt_xent, sup_con, positional_sup_con, info_nce, dense_info_nce
+
+Every loss is one call of the core operation `grouped_info_nce` (KERNELS.md), computed by one of three
+implementations chosen with `impl=`: "reference" (naive), "torch" (chunked, any device), "triton"
+(fused GPU kernels); "auto" picks triton for CUDA tensors where Triton can launch, torch otherwise.
+"""
+from .api import ContrastResult, grouped_info_nce, resolve_impl
+from .losses import (DenseInfoNCELoss, InfoNCELoss, NTXentLoss, PositionalSupConLoss, SupConLoss,
+                     dense_info_nce, info_nce, nt_xent, positional_sup_con, sup_con)
+
+__all__ = [
+    "grouped_info_nce", "ContrastResult", "resolve_impl",
+    "info_nce", "nt_xent", "sup_con", "positional_sup_con", "dense_info_nce",
+    "InfoNCELoss", "NTXentLoss", "SupConLoss", "PositionalSupConLoss", "DenseInfoNCELoss",
+]
+__version__ = "0.1.0"

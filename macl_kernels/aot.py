@@ -1,0 +1,221 @@
+"""Ahead-of-time compile of every shipped Triton configuration, with no GPU, and a resource report.
+
+For each `shipped_configs()` entry and each target (sm_80, sm_90) this runs
+`triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", arch, 32))`, writes the
+cubin to a temporary file and reads Triton's bundled `cuobjdump`: registers, stack, local memory (spills)
+and shared memory from `--dump-resource-usage`, and counts of HMMA / HGMMA / LDL / STL in `--dump-sass`.
+
+The kernels are plain functions wrapped at call time (`kernels_fwd.kernel`), so this module always compiles
+a real `triton.JITFunction`, even when TRITON_INTERPRET=1 is set in the environment (as it is in the test
+session): no subprocess is needed for that. Compiles run in forked worker processes for speed.
+
+    python -m macl_kernels.aot [--csv PATH] [--arch 80 90] [--jobs N]
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+from .triton.config import ShippedConfig, shipped_configs
+
+_TL_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+#: representative kernel switches compiled for every configuration (the most general metadata path)
+AOT_FLAGS = {"RULE": 1, "EXCLUDE_SELF": True, "HAS_KV": True, "SCALE_IN_MEM": False, "UPCAST_DOT": False}
+
+
+@dataclass
+class AotRow:
+    """One compiled (configuration, target): resources from cuobjdump; error is None when it compiled."""
+    phase: str
+    dtype: str
+    precision: str
+    D: int
+    size_class: str
+    arch: int
+    BLOCK_M: int
+    BLOCK_N: int
+    BLOCK_D: int
+    BLOCK_DOUT: int
+    num_warps: int
+    num_stages: int
+    registers: int = -1
+    stack: int = -1
+    local: int = -1
+    shared: int = -1
+    hmma: int = 0
+    hgmma: int = 0
+    ldl: int = 0
+    stl: int = 0
+    compile_s: float = 0.0
+    error: Optional[str] = None
+
+    @property
+    def spills(self) -> bool:
+        return self.local != 0 or self.ldl > 0 or self.stl > 0
+
+
+def cuobjdump_path() -> str:
+    """Path of the cuobjdump shipped inside Triton's NVIDIA backend."""
+    import triton
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+
+
+def signature(entry: ShippedConfig, precision: str) -> tuple:
+    """(fn, signature, constexprs, attrs) of one shipped configuration, as the JIT would specialise it."""
+    from .triton import kernels_bwd, kernels_fwd
+    t = _TL_DTYPE[entry.dtype]
+    head = {"Q": f"*{t}", "K": f"*{t}", "QM": "*i64", "KM": "*i64"}
+    strides = {"stride_qg": "i32", "stride_qn": "i32", "stride_qd": "constexpr",
+               "stride_kg": "i32", "stride_km": "i32", "stride_kd": "constexpr",
+               "stride_og": "i32", "stride_on": "constexpr"}
+    scalars = {"scale": "fp32", "threshold": "fp32", "N": "i32", "M": "i32"}
+    if entry.phase == "fwd":
+        fn = kernels_fwd.contrast_fwd_kernel
+        sig = {**head, "QV": "*u8", "KV": "*u8", "S_PTR": "*fp32", "LOSS": "*fp32", "LSE": "*fp32",
+               "CNT": "*i32", **scalars, "n_row_tiles": "i32", **strides}
+        extra = {"HAS_QV": True}
+    else:
+        fn = kernels_bwd.contrast_dq_kernel if entry.phase == "dq" else kernels_bwd.contrast_dk_kernel
+        out = "DQ" if entry.phase == "dq" else "DK"
+        row = "stride_dn" if entry.phase == "dq" else "stride_dm"
+        sig = {**head, "KV": "*u8", "S_PTR": "*fp32", "LSE": "*fp32", "CNT": "*i32", "GRAD": "*fp32",
+               out: f"*{t}", **scalars, "n_row_tiles" if entry.phase == "dq" else "n_key_tiles": "i32",
+               **strides, "stride_dg": "i32", row: "i32", "stride_dd": "constexpr"}
+        extra = {}
+    const = {"stride_qd": 1, "stride_kd": 1, "stride_on": 1, "stride_dd": 1, "D": entry.D,
+             "INPUT_PRECISION": precision, **AOT_FLAGS, **extra, **entry.config.constexprs()}
+    jit = kernels_fwd.kernel(fn, interpret=False)
+    const = {k: v for k, v in const.items() if k in jit.arg_names}
+    for k in const:
+        sig[k] = "constexpr"
+    # pointers and the group/row strides are multiples of 16 (D is), as the JIT would specialise them
+    hinted = [n for n, ty in sig.items() if ty.startswith("*")] + \
+        [n for n in ("stride_qg", "stride_qn", "stride_kg", "stride_km", "stride_dg", "stride_dn", "stride_dm")
+         if n in sig]
+    attrs = {(jit.arg_names.index(n),): [["tt.divisibility", 16]] for n in hinted}
+    sig = {n: sig[n] for n in jit.arg_names}
+    return jit, sig, const, attrs
+
+
+def _parse(resource: str, sass: str) -> dict:
+    def field(name):
+        m = re.search(rf"\b{name}:(\d+)", resource)
+        return int(m.group(1)) if m else -1
+    return {"registers": field("REG"), "stack": field("STACK"), "local": field("LOCAL"),
+            "shared": field("SHARED"), "hmma": len(re.findall(r"\bHMMA\.", sass)),
+            "hgmma": len(re.findall(r"\bHGMMA\.", sass)), "ldl": len(re.findall(r"\bLDL\b", sass)),
+            "stl": len(re.findall(r"\bSTL\b", sass))}
+
+
+def compile_one(entry: ShippedConfig, arch: int, precision: Optional[str] = None) -> AotRow:
+    """Compile one configuration for sm_`arch` and read its resources. Never raises: see `AotRow.error`."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    precision = precision or "ieee"
+    c = entry.config
+    row = AotRow(entry.phase, _TL_DTYPE[entry.dtype], precision, entry.D, entry.size_class, arch,
+                 c.BLOCK_M, c.BLOCK_N, c.BLOCK_D, c.BLOCK_DOUT, c.num_warps, c.num_stages)
+    t0 = time.perf_counter()
+    try:
+        fn, sig, const, attrs = signature(entry, precision)
+        ck = triton.compile(ASTSource(fn, sig, const, attrs), target=GPUTarget("cuda", arch, 32),
+                            options={"num_warps": c.num_warps, "num_stages": c.num_stages})
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "k.cubin")
+            with open(path, "wb") as f:
+                f.write(ck.asm["cubin"])
+            tool = cuobjdump_path()
+            res = subprocess.run([tool, "--dump-resource-usage", path], capture_output=True, text=True, check=True)
+            sass = subprocess.run([tool, "--dump-sass", path], capture_output=True, text=True, check=True)
+        for k, v in _parse(res.stdout, sass.stdout).items():
+            setattr(row, k, v)
+    except Exception as e:  # reported per row; the test asserts error is None
+        row.error = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"[:300]
+    row.compile_s = time.perf_counter() - t0
+    return row
+
+
+def _task(args):
+    return compile_one(*args)
+
+
+def jobs_for(archs: Sequence[int] = (80, 90), entries: Optional[Sequence[ShippedConfig]] = None,
+             tf32: bool = True) -> list[tuple]:
+    """(entry, arch, precision) for every shipped config; fp32 also in TF32 when `tf32`."""
+    entries = shipped_configs() if entries is None else entries
+    out = []
+    for e in entries:
+        precs = ["ieee", "tf32"] if (e.dtype == torch.float32 and tf32) else ["ieee"]
+        out += [(e, a, p) for a in archs for p in precs]
+    return out
+
+
+def run_report(archs: Sequence[int] = (80, 90), entries: Optional[Sequence[ShippedConfig]] = None,
+               jobs: Optional[int] = None, tf32: bool = True) -> list[AotRow]:
+    """Compile every (configuration, arch[, precision]) and return one `AotRow` each, in a stable order.
+
+    Identical configurations (same kernel, dtype, D, constexprs and launch options) compile once.
+    `jobs` worker processes (default: CPU count) are forked; jobs=1 compiles in this process.
+    """
+    tasks = jobs_for(archs, entries, tf32)
+    key = lambda t: (t[0].phase, t[0].dtype, t[0].D, t[0].config, t[1], t[2])  # noqa: E731
+    unique = list({key(t): t for t in tasks}.values())
+    jobs = jobs or os.cpu_count() or 1
+    if jobs == 1:
+        done = [_task(t) for t in unique]
+    else:
+        import multiprocessing as mp
+        with mp.get_context("fork").Pool(jobs) as pool:
+            done = pool.map(_task, unique, chunksize=1)
+    by_key = dict(zip((key(t) for t in unique), done))
+    rows = []
+    for t in tasks:
+        r = dataclasses.replace(by_key[key(t)], size_class=t[0].size_class)
+        rows.append(r)
+    return rows
+
+
+def format_table(rows: Sequence[AotRow]) -> str:
+    """Fixed-width text table of the rows."""
+    cols = ["phase", "dtype", "precision", "D", "size_class", "arch", "BLOCK_M", "BLOCK_N", "BLOCK_D",
+            "BLOCK_DOUT", "num_warps", "num_stages", "registers", "local", "shared", "hmma", "hgmma", "ldl",
+            "stl", "error"]
+    table = [cols] + [[str(getattr(r, c)) for c in cols] for r in rows]
+    widths = [max(len(x[i]) for x in table) for i in range(len(cols))]
+    return "\n".join("  ".join(x[i].rjust(widths[i]) for i in range(len(cols))) for x in table)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--csv", help="write the rows to this CSV file")
+    ap.add_argument("--arch", type=int, nargs="+", default=[80, 90], help="SM versions (default 80 90)")
+    ap.add_argument("--jobs", type=int, default=None, help="worker processes (default: CPU count)")
+    ap.add_argument("--no-tf32", action="store_true", help="skip the TF32 variants of fp32")
+    a = ap.parse_args(argv)
+    rows = run_report(a.arch, jobs=a.jobs, tf32=not a.no_tf32)
+    print(format_table(rows))
+    if a.csv:
+        with open(a.csv, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=[x.name for x in dataclasses.fields(AotRow)])
+            w.writeheader()
+            w.writerows(dataclasses.asdict(r) for r in rows)
+    bad = [r for r in rows if r.error or r.spills]
+    print(f"{len(rows)} rows, {sum(r.error is not None for r in rows)} failed, "
+          f"{sum(r.spills for r in rows)} with spills", file=sys.stderr)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,104 @@
+"""Launch options of the Triton kernels and the static heuristic that picks them.
+
+No autotuning (there is no GPU to tune on where this is built): `choose_config` maps (phase, N, M, D, dtype)
+to one of a small, closed set of configurations, and `shipped_configs` lists that set so that
+`macl_kernels.aot` can compile every one of them for sm_80 and sm_90 and check registers and spills.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+PHASES = ("fwd", "dq", "dk")
+SIZE_CLASSES = ("s16", "s32", "large")
+#: representative (N, M) of each size class, for the AOT report
+SIZE_EXAMPLES = {"s16": (16, 16), "s32": (32, 32), "large": (4096, 4096)}
+SHIPPED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+SHIPPED_D = (16, 64, 128, 256, 1024)
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """Tile sizes and launch options of one kernel launch.
+
+    BLOCK_M anchors × BLOCK_N keys per z tile; z accumulates over D in BLOCK_D chunks; the backward
+    kernels own BLOCK_DOUT output columns each (0 for the forward). All blocks are powers of two ≥ 16
+    (tl.dot's minimum).
+    """
+    BLOCK_M: int
+    BLOCK_N: int
+    BLOCK_D: int
+    BLOCK_DOUT: int = 0
+    num_warps: int = 4
+    num_stages: int = 2
+
+    def constexprs(self) -> dict:
+        """The BLOCK_* kernel constexprs (BLOCK_DOUT only for the backward kernels)."""
+        c = {"BLOCK_M": self.BLOCK_M, "BLOCK_N": self.BLOCK_N, "BLOCK_D": self.BLOCK_D}
+        if self.BLOCK_DOUT:
+            c["BLOCK_DOUT"] = self.BLOCK_DOUT
+        return c
+
+    def n_dout(self, D: int) -> int:
+        """Number of D-output chunks (grid factor of the backward kernels)."""
+        return max(1, -(-D // self.BLOCK_DOUT)) if self.BLOCK_DOUT else 1
+
+
+@dataclass(frozen=True)
+class ShippedConfig:
+    """One entry of `shipped_configs`: a configuration the chooser can return, and where."""
+    phase: str
+    dtype: torch.dtype
+    D: int
+    size_class: str
+    config: KernelConfig
+
+
+def _pow2(x: int) -> int:
+    return 1 << max(0, int(x) - 1).bit_length()
+
+
+def size_class(N: int, M: int) -> str:
+    """'s16' / 's32' when both N and M fit one 16 / 32 block (e.g. MACL's dense groups of 2B), else 'large'."""
+    n = max(N, M)
+    return "s16" if n <= 16 else "s32" if n <= 32 else "large"
+
+
+def choose_config(phase: str, N: int, M: int, D: int, dtype: torch.dtype) -> KernelConfig:
+    """Static configuration for one launch.
+
+    phase: 'fwd' | 'dq' | 'dk'; N anchors and M keys per group; D features; dtype of q and k
+    (float32, float16 or bfloat16). Raises ValueError for an unknown phase.
+    """
+    if phase not in PHASES:
+        raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
+    wide = dtype in (torch.float16, torch.bfloat16)   # tensor-core dtypes; fp32 may run on FMA (ieee)
+    cls = size_class(N, M)
+    d = max(16, _pow2(D))
+    if cls != "large":
+        b = 16 if cls == "s16" else 32
+        # one tile per group: z is b×b; q, k chunks of ≤128 (16-bit) / ≤64 (fp32) columns
+        bd = min(d, 128 if wide else 64)
+        if phase == "fwd":
+            return KernelConfig(b, b, bd, 0, num_warps=2 if b == 32 else 1, num_stages=2)
+        return KernelConfig(b, b, bd, min(d, 128), num_warps=4 if d >= 128 else 2, num_stages=2)
+    if phase == "fwd":
+        if wide:   # 128×64 tiles over 2 warpgroups: wgmma on sm_90, mma.sync on sm_80
+            return KernelConfig(128, 64, min(d, 128), 0, num_warps=8, num_stages=3)
+        return KernelConfig(64, 64, min(d, 32), 0, num_warps=4, num_stages=2)
+    if wide:
+        return KernelConfig(64, 64, min(d, 128), min(d, 128), num_warps=8 if d >= 128 else 4, num_stages=2)
+    return KernelConfig(64, 64, min(d, 32), min(d, 64), num_warps=4, num_stages=2)
+
+
+def shipped_configs() -> list[ShippedConfig]:
+    """Every configuration `choose_config` returns for the shipped dtypes, D values and size classes."""
+    out = []
+    for phase in PHASES:
+        for dtype in SHIPPED_DTYPES:
+            for D in SHIPPED_D:
+                for cls in SIZE_CLASSES:
+                    N, M = SIZE_EXAMPLES[cls]
+                    out.append(ShippedConfig(phase, dtype, D, cls, choose_config(phase, N, M, D, dtype)))
+    return out

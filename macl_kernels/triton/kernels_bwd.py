@@ -1,0 +1,208 @@
+"""Backward kernels (KERNELS.md §2): dq over (group, row tile, D-out chunk), dk over (group, key tile, D-out chunk).
+
+Both recompute z tile by tile from q, k and the saved LSE, so nothing N×M is stored and no float atomics are
+needed: each program owns its output rows, which makes the backward deterministic. With
+P_ij = exp(z_ij − LSE_i)·1[j∈V(i)], Y_ij = 1[j∈P(i)]/|P(i)| and g_i (zero for uncounted anchors):
+    dz_ij = g_i (P_ij − Y_ij),   dq_i = s Σ_j dz_ij k_j,   dk_j = s Σ_i dz_ij q_i.
+Large D: the output chunk (BLOCK_DOUT columns) is a grid coordinate; every program recomputes z over the full
+D (in BLOCK_D chunks) and accumulates only its columns, so the accumulator stays within the register budget.
+Plain functions; wrap with `kernels_fwd.kernel(fn)` to launch (see there why).
+"""
+from __future__ import annotations
+
+import triton.language as tl
+
+
+def contrast_dq_kernel(
+    Q, K, QM, KM, KV, S_PTR, LSE, CNT, GRAD, DQ,   # GRAD (G,N) fp32 contiguous; DQ (G,N,D) fp32 or q's dtype
+    scale, threshold, N, M, n_row_tiles,
+    stride_qg, stride_qn, stride_qd, stride_kg, stride_km, stride_kd, stride_og, stride_on,
+    stride_dg, stride_dn, stride_dd,
+    D: tl.constexpr, RULE: tl.constexpr, EXCLUDE_SELF: tl.constexpr, HAS_KV: tl.constexpr,
+    SCALE_IN_MEM: tl.constexpr, UPCAST_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DOUT: tl.constexpr,
+):
+    """dq_i[c-chunk] = s Σ_j dz_ij k_j[c-chunk]; pid = (g·n_row_tiles + row tile)·n_dout + c."""
+    LOG2E: tl.constexpr = 1.4426950408889634
+    NUM_D: tl.constexpr = (D + BLOCK_D - 1) // BLOCK_D
+    NUM_DOUT: tl.constexpr = (D + BLOCK_DOUT - 1) // BLOCK_DOUT
+    REUSE_K: tl.constexpr = (NUM_D == 1) and (NUM_DOUT == 1) and (BLOCK_D == BLOCK_DOUT)
+    pid = tl.program_id(0)
+    c = pid % NUM_DOUT
+    pid_t = pid // NUM_DOUT
+    g = (pid_t // n_row_tiles).to(tl.int64)
+    offs_m = (pid_t % n_row_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = offs_m < N
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_o = c * BLOCK_DOUT + tl.arange(0, BLOCK_DOUT)
+    q_rows = Q + g * stride_qg + offs_m.to(tl.int64)[:, None] * stride_qn
+    k_base = K + g * stride_kg
+    if SCALE_IN_MEM:
+        s = tl.load(S_PTR).to(tl.float32)
+    else:
+        s = scale
+    qk_scale = s * LOG2E
+    o = g * stride_og + offs_m * stride_on
+    lse2 = tl.load(LSE + o, mask=row_ok, other=0.0) * LOG2E
+    g_row = tl.load(GRAD + o, mask=row_ok, other=0.0)
+    cnt = tl.load(CNT + o, mask=row_ok, other=0)
+    inv_cnt = tl.where(cnt > 0, 1.0 / tl.maximum(cnt, 1).to(tl.float32), 0.0)
+    if RULE == 2:
+        q_meta = tl.load(QM + g * N + offs_m, mask=row_ok, other=0.0)
+    else:
+        q_meta = tl.load(QM + g * N + offs_m, mask=row_ok, other=-1)
+    if NUM_D == 1:
+        q_tile = tl.load(q_rows + offs_d[None, :] * stride_qd,
+                         mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+        if UPCAST_DOT:
+            q_tile = q_tile.to(tl.float32)
+
+    dq = tl.zeros([BLOCK_M, BLOCK_DOUT], tl.float32)
+    for start_n in range(0, M, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        col_ok = offs_n < M
+        k_rows = k_base + offs_n.to(tl.int64)[:, None] * stride_km
+        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        if NUM_D == 1:
+            k_tile = tl.load(k_rows + offs_d[None, :] * stride_kd,
+                             mask=col_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+            if UPCAST_DOT:
+                k_tile = k_tile.to(tl.float32)
+            acc = tl.dot(q_tile, tl.trans(k_tile), acc, input_precision=INPUT_PRECISION)
+        else:
+            for d0 in range(0, D, BLOCK_D):
+                dd = d0 + offs_d
+                q_c = tl.load(q_rows + dd[None, :] * stride_qd, mask=row_ok[:, None] & (dd[None, :] < D), other=0.0)
+                k_c = tl.load(k_rows + dd[None, :] * stride_kd, mask=col_ok[:, None] & (dd[None, :] < D), other=0.0)
+                if UPCAST_DOT:
+                    q_c = q_c.to(tl.float32)
+                    k_c = k_c.to(tl.float32)
+                acc = tl.dot(q_c, tl.trans(k_c), acc, input_precision=INPUT_PRECISION)
+        valid = col_ok[None, :] & row_ok[:, None]
+        if HAS_KV:
+            kv = tl.load(KV + g * M + offs_n, mask=col_ok, other=0)
+            valid = valid & (kv != 0)[None, :]
+        if EXCLUDE_SELF:
+            valid = valid & (offs_m[:, None] != offs_n[None, :])
+        if RULE == 0:
+            pos = valid & (offs_n[None, :] == q_meta[:, None])
+        elif RULE == 1:
+            k_meta = tl.load(KM + g * M + offs_n, mask=col_ok, other=-1)
+            pos = valid & (k_meta[None, :] == q_meta[:, None])
+        else:
+            k_meta = tl.load(KM + g * M + offs_n, mask=col_ok, other=0.0)
+            pos = valid & (tl.abs(q_meta[:, None] - k_meta[None, :]) < threshold)
+        # where(), not a product with the mask: exp2 is +inf on rows with LSE = -inf (empty V(i))
+        p = tl.where(valid, tl.exp2(acc * qk_scale - lse2[:, None]), 0.0)
+        dz = g_row[:, None] * (p - tl.where(pos, inv_cnt[:, None], 0.0))
+        if REUSE_K:
+            k_out = k_tile
+        else:
+            k_out = tl.load(k_rows + offs_o[None, :] * stride_kd,
+                            mask=col_ok[:, None] & (offs_o[None, :] < D), other=0.0)
+            if UPCAST_DOT:
+                k_out = k_out.to(tl.float32)
+        dq = tl.dot(dz.to(k_out.dtype), k_out, dq, input_precision=INPUT_PRECISION)
+
+    dq = dq * s
+    d_ptrs = DQ + g * stride_dg + offs_m.to(tl.int64)[:, None] * stride_dn + offs_o[None, :] * stride_dd
+    tl.store(d_ptrs, dq.to(DQ.dtype.element_ty), mask=row_ok[:, None] & (offs_o[None, :] < D))
+
+
+def contrast_dk_kernel(
+    Q, K, QM, KM, KV, S_PTR, LSE, CNT, GRAD, DK,   # DK (G,M,D) in k's dtype
+    scale, threshold, N, M, n_key_tiles,
+    stride_qg, stride_qn, stride_qd, stride_kg, stride_km, stride_kd, stride_og, stride_on,
+    stride_dg, stride_dm, stride_dd,
+    D: tl.constexpr, RULE: tl.constexpr, EXCLUDE_SELF: tl.constexpr, HAS_KV: tl.constexpr,
+    SCALE_IN_MEM: tl.constexpr, UPCAST_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DOUT: tl.constexpr,
+):
+    """dk_j[c-chunk] = s Σ_i dz_ij q_i[c-chunk]; pid = (g·n_key_tiles + key tile)·n_dout + c.
+
+    Works on the transposed tile zᵀ (BLOCK_N keys × BLOCK_M anchors) so that dk += dzᵀ q is a plain dot.
+    """
+    LOG2E: tl.constexpr = 1.4426950408889634
+    NUM_D: tl.constexpr = (D + BLOCK_D - 1) // BLOCK_D
+    NUM_DOUT: tl.constexpr = (D + BLOCK_DOUT - 1) // BLOCK_DOUT
+    REUSE_Q: tl.constexpr = (NUM_D == 1) and (NUM_DOUT == 1) and (BLOCK_D == BLOCK_DOUT)
+    pid = tl.program_id(0)
+    c = pid % NUM_DOUT
+    pid_t = pid // NUM_DOUT
+    g = (pid_t // n_key_tiles).to(tl.int64)
+    offs_n = (pid_t % n_key_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = offs_n < M
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_o = c * BLOCK_DOUT + tl.arange(0, BLOCK_DOUT)
+    k_rows = K + g * stride_kg + offs_n.to(tl.int64)[:, None] * stride_km
+    q_base = Q + g * stride_qg
+    if SCALE_IN_MEM:
+        s = tl.load(S_PTR).to(tl.float32)
+    else:
+        s = scale
+    qk_scale = s * LOG2E
+    key_ok = col_ok
+    if HAS_KV:
+        key_ok = key_ok & (tl.load(KV + g * M + offs_n, mask=col_ok, other=0) != 0)
+    if RULE == 1:
+        k_meta = tl.load(KM + g * M + offs_n, mask=col_ok, other=-1)
+    elif RULE == 2:
+        k_meta = tl.load(KM + g * M + offs_n, mask=col_ok, other=0.0)
+    if NUM_D == 1:                        # hoist the k tile out of the anchor loop
+        k_tile = tl.load(k_rows + offs_d[None, :] * stride_kd,
+                         mask=col_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+        if UPCAST_DOT:
+            k_tile = k_tile.to(tl.float32)
+
+    dk = tl.zeros([BLOCK_N, BLOCK_DOUT], tl.float32)
+    for start_m in range(0, N, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        row_ok = offs_m < N
+        q_rows = q_base + offs_m.to(tl.int64)[:, None] * stride_qn
+        acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)     # zᵀ / s
+        if NUM_D == 1:
+            q_tile = tl.load(q_rows + offs_d[None, :] * stride_qd,
+                             mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+            if UPCAST_DOT:
+                q_tile = q_tile.to(tl.float32)
+            acc = tl.dot(k_tile, tl.trans(q_tile), acc, input_precision=INPUT_PRECISION)
+        else:
+            for d0 in range(0, D, BLOCK_D):
+                dd = d0 + offs_d
+                q_c = tl.load(q_rows + dd[None, :] * stride_qd, mask=row_ok[:, None] & (dd[None, :] < D), other=0.0)
+                k_c = tl.load(k_rows + dd[None, :] * stride_kd, mask=col_ok[:, None] & (dd[None, :] < D), other=0.0)
+                if UPCAST_DOT:
+                    q_c = q_c.to(tl.float32)
+                    k_c = k_c.to(tl.float32)
+                acc = tl.dot(k_c, tl.trans(q_c), acc, input_precision=INPUT_PRECISION)
+        o = g * stride_og + offs_m * stride_on
+        lse2 = tl.load(LSE + o, mask=row_ok, other=0.0) * LOG2E
+        g_row = tl.load(GRAD + o, mask=row_ok, other=0.0)
+        cnt = tl.load(CNT + o, mask=row_ok, other=0)
+        inv_cnt = tl.where(cnt > 0, 1.0 / tl.maximum(cnt, 1).to(tl.float32), 0.0)
+        validT = key_ok[:, None] & row_ok[None, :]
+        if EXCLUDE_SELF:
+            validT = validT & (offs_n[:, None] != offs_m[None, :])
+        if RULE == 0:
+            q_meta = tl.load(QM + g * N + offs_m, mask=row_ok, other=-1)
+            posT = validT & (offs_n[:, None] == q_meta[None, :])
+        elif RULE == 1:
+            q_meta = tl.load(QM + g * N + offs_m, mask=row_ok, other=-1)
+            posT = validT & (k_meta[:, None] == q_meta[None, :])
+        else:
+            q_meta = tl.load(QM + g * N + offs_m, mask=row_ok, other=0.0)
+            posT = validT & (tl.abs(q_meta[None, :] - k_meta[:, None]) < threshold)
+        pT = tl.where(validT, tl.exp2(acc * qk_scale - lse2[None, :]), 0.0)
+        dzT = g_row[None, :] * (pT - tl.where(posT, inv_cnt[None, :], 0.0))
+        if REUSE_Q:
+            q_out = q_tile
+        else:
+            q_out = tl.load(q_rows + offs_o[None, :] * stride_qd,
+                            mask=row_ok[:, None] & (offs_o[None, :] < D), other=0.0)
+            if UPCAST_DOT:
+                q_out = q_out.to(tl.float32)
+        dk = tl.dot(dzT.to(q_out.dtype), q_out, dk, input_precision=INPUT_PRECISION)
+
+    dk = dk * s
+    d_ptrs = DK + g * stride_dg + offs_n.to(tl.int64)[:, None] * stride_dm + offs_o[None, :] * stride_dd
+    tl.store(d_ptrs, dk.to(DK.dtype.element_ty), mask=col_ok[:, None] & (offs_o[None, :] < D))

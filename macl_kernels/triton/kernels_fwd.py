@@ -1,0 +1,139 @@
+"""Forward kernel of the core operation (KERNELS.md §1) and the call-time JIT wrapper.
+
+The kernels are plain Python functions, wrapped by `kernel(fn)` when launched: as a `triton.JITFunction`
+normally, or as the interpreter's `InterpretedFunction` when TRITON_INTERPRET=1 at call time. Wrapping at
+call time (not with an import-time `@triton.jit`) means importing this module never picks a backend from
+the environment, and `macl_kernels.aot` always gets a real JITFunction to compile. The cost: the kernels
+cannot call other jitted helpers (they would be of the wrong kind in one of the two modes), so the small
+tile prologue (z by tl.dot, the masks) is written out in each kernel.
+"""
+from __future__ import annotations
+
+import os
+
+import triton
+import triton.language as tl
+
+_WRAPPED: dict = {}
+
+
+def interpreting() -> bool:
+    """True when TRITON_INTERPRET=1 now (read at call time, never cached)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def kernel(fn, interpret: bool | None = None):
+    """The launchable form of kernel `fn`: JITFunction, or InterpretedFunction under the interpreter."""
+    interpret = interpreting() if interpret is None else interpret
+    key = (fn, interpret)
+    if key not in _WRAPPED:
+        if interpret:
+            from triton.runtime.interpreter import InterpretedFunction
+            _WRAPPED[key] = InterpretedFunction(fn)
+        else:
+            _WRAPPED[key] = triton.JITFunction(fn)
+    return _WRAPPED[key]
+
+
+def contrast_fwd_kernel(
+    Q, K, QM, KM, QV, KV, S_PTR,          # features (G,N,D)/(G,M,D); metadata (G,N)/(G,M); scale (1,)
+    LOSS, LSE, CNT,                       # outputs (G,N): fp32, fp32, int32
+    scale, threshold, N, M, n_row_tiles,
+    stride_qg, stride_qn, stride_qd, stride_kg, stride_km, stride_kd, stride_og, stride_on,
+    D: tl.constexpr, RULE: tl.constexpr, EXCLUDE_SELF: tl.constexpr, HAS_QV: tl.constexpr,
+    HAS_KV: tl.constexpr, SCALE_IN_MEM: tl.constexpr, UPCAST_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """One program = (group g, BLOCK_M anchors), flattened on grid axis 0; streams key tiles of BLOCK_N.
+
+    RULE: 0 index (QM = pos_index int64), 1 label (QM/KM int64 labels), 2 radius (QM/KM fp32 positions).
+    Metadata and validity (uint8) tensors are contiguous: element (g, i) at g*N + i (g*M + j for keys).
+    """
+    LOG2E: tl.constexpr = 1.4426950408889634
+    LN2: tl.constexpr = 0.6931471805599453
+    NUM_D: tl.constexpr = (D + BLOCK_D - 1) // BLOCK_D
+    pid = tl.program_id(0)
+    g = (pid // n_row_tiles).to(tl.int64)
+    offs_m = (pid % n_row_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = offs_m < N
+    offs_d = tl.arange(0, BLOCK_D)
+    q_rows = Q + g * stride_qg + offs_m.to(tl.int64)[:, None] * stride_qn
+    k_base = K + g * stride_kg
+    if SCALE_IN_MEM:
+        s = tl.load(S_PTR).to(tl.float32)
+    else:
+        s = scale
+    qk_scale = s * LOG2E                  # z in log2 units: one multiply, then exp2
+    if RULE == 2:
+        q_meta = tl.load(QM + g * N + offs_m, mask=row_ok, other=0.0)
+    else:
+        q_meta = tl.load(QM + g * N + offs_m, mask=row_ok, other=-1)
+    if NUM_D == 1:                        # hoist the q tile out of the key loop
+        q_tile = tl.load(q_rows + offs_d[None, :] * stride_qd,
+                         mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+        if UPCAST_DOT:
+            q_tile = q_tile.to(tl.float32)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    pos_dot = tl.zeros([BLOCK_M], tl.float32)
+    pos_cnt = tl.zeros([BLOCK_M], tl.int32)
+    for start_n in range(0, M, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        col_ok = offs_n < M
+        k_rows = k_base + offs_n.to(tl.int64)[:, None] * stride_km
+        # raw dot <q_i, k_j> over D chunks, fp32 accumulation
+        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        if NUM_D == 1:
+            k_tile = tl.load(k_rows + offs_d[None, :] * stride_kd,
+                             mask=col_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+            if UPCAST_DOT:
+                k_tile = k_tile.to(tl.float32)
+            acc = tl.dot(q_tile, tl.trans(k_tile), acc, input_precision=INPUT_PRECISION)
+        else:
+            for d0 in range(0, D, BLOCK_D):
+                dd = d0 + offs_d
+                q_c = tl.load(q_rows + dd[None, :] * stride_qd, mask=row_ok[:, None] & (dd[None, :] < D), other=0.0)
+                k_c = tl.load(k_rows + dd[None, :] * stride_kd, mask=col_ok[:, None] & (dd[None, :] < D), other=0.0)
+                if UPCAST_DOT:
+                    q_c = q_c.to(tl.float32)
+                    k_c = k_c.to(tl.float32)
+                acc = tl.dot(q_c, tl.trans(k_c), acc, input_precision=INPUT_PRECISION)
+        # V(i): real key, valid key, not self
+        valid = col_ok[None, :] & row_ok[:, None]
+        if HAS_KV:
+            kv = tl.load(KV + g * M + offs_n, mask=col_ok, other=0)
+            valid = valid & (kv != 0)[None, :]
+        if EXCLUDE_SELF:
+            valid = valid & (offs_m[:, None] != offs_n[None, :])
+        # P(i) ⊆ V(i), from per-row metadata only
+        if RULE == 0:
+            pos = valid & (offs_n[None, :] == q_meta[:, None])
+        elif RULE == 1:
+            k_meta = tl.load(KM + g * M + offs_n, mask=col_ok, other=-1)
+            pos = valid & (k_meta[None, :] == q_meta[:, None])
+        else:
+            k_meta = tl.load(KM + g * M + offs_n, mask=col_ok, other=0.0)
+            pos = valid & (tl.abs(q_meta[:, None] - k_meta[None, :]) < threshold)
+        # online log-sum-exp in base 2; a row whose keys so far are all masked keeps m = -inf, l = 0
+        z2 = tl.where(valid, acc * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(z2, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(tl.exp2(z2 - m_safe[:, None]), 1)
+        m_i = m_new
+        pos_dot += tl.sum(tl.where(pos, acc, 0.0), 1)
+        pos_cnt += tl.sum(pos.to(tl.int32), 1)
+
+    lse = (m_i + tl.log2(l_i)) * LN2      # -inf (not NaN) when V(i) is empty: m = -inf, log2(0) = -inf
+    counted = pos_cnt > 0
+    if HAS_QV:
+        qv = tl.load(QV + g * N + offs_m, mask=row_ok, other=0) != 0
+        counted = counted & qv
+        pos_cnt = tl.where(qv, pos_cnt, 0)
+    pos_mean = s * pos_dot / tl.maximum(pos_cnt, 1).to(tl.float32)
+    loss = tl.where(counted, lse - pos_mean, 0.0)
+    o = g * stride_og + offs_m * stride_on
+    tl.store(LOSS + o, loss, mask=row_ok)
+    tl.store(LSE + o, lse, mask=row_ok)
+    tl.store(CNT + o, pos_cnt, mask=row_ok)
