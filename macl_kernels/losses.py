@@ -18,6 +18,9 @@ NEGATIVES = ("image", "batch", "location")
 
 
 def _prep(x: torch.Tensor, normalize: bool) -> torch.Tensor:
+    if not x.is_floating_point():
+        raise TypeError(f"features must be a floating-point tensor (float16/bfloat16/float32/float64), "
+                        f"got {x.dtype}")
     return F.normalize(x, dim=-1) if normalize else x
 
 

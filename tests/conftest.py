@@ -1,0 +1,19 @@
+"""Session-wide test settings.
+
+TRITON_INTERPRET must be set before anything imports triton: these machines have no GPU, so the Triton
+kernels run under the interpreter on CPU tensors. MACL_POISON_OUTPUTS makes every kernel launch fill its
+outputs with NaN first, so an element a kernel forgets to write fails the comparison.
+"""
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("MACL_POISON_OUTPUTS", "1")
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
