@@ -23,36 +23,14 @@ import platform
 import statistics
 import subprocess
 import sys
-import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+if os.path.dirname(HERE) not in sys.path:  # run as a script: make `benchmarks` importable
+    sys.path.insert(0, os.path.dirname(HERE))
+
+from benchmarks.limits import _time, measure_limit  # noqa: E402  (shared with the sweep)
+
 DEFAULT_CSV = os.path.join(HERE, "results", "core_cpu.csv")
-
-
-def _time(fn, reps: int) -> list[float]:
-    out = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t0)
-    return out
-
-
-def measure_limit(N: int, M: int, D: int, reps: int = 5) -> dict:
-    """Seconds for 4 GEMM units + 2 exp passes at in-cache rates measured now."""
-    import torch
-    a, b = torch.randn(1024, D), torch.randn(D, 1024)
-    c = torch.empty(1024, 1024)
-    inner = 20
-    torch.mm(a, b, out=c)
-    t_mm = min(_time(lambda: [torch.mm(a, b, out=c) for _ in range(inner)], reps)) / inner
-    gemm_rate = 2 * 1024 * 1024 * D / t_mm
-    x = torch.randn(512, 1024) * 0.1
-    x.exp_()
-    t_exp = min(_time(lambda: [x.exp_().log_() for _ in range(inner)], reps)) / inner / 2
-    exp_rate = 512 * 1024 / t_exp
-    seconds = 4 * 2 * N * M * D / gemm_rate + 2 * N * M / exp_rate
-    return dict(seconds=seconds, gemm_gflops=gemm_rate / 1e9, exp_gps=exp_rate / 1e9)
 
 
 def run_one(impl: str, N: int, D: int, reps: int) -> dict:

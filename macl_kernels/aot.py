@@ -62,7 +62,8 @@ class AotRow:
 
     @property
     def spills(self) -> bool:
-        return self.local != 0 or self.ldl > 0 or self.stl > 0
+        """Register spills: cuobjdump reports them as STACK (and LOCAL) bytes and LDL/STL instructions."""
+        return self.stack != 0 or self.local != 0 or self.ldl > 0 or self.stl > 0
 
 
 def cuobjdump_path() -> str:
@@ -141,6 +142,7 @@ def compile_one(entry: ShippedConfig, arch: int, precision: Optional[str] = None
             sass = subprocess.run([tool, "--dump-sass", path], capture_output=True, text=True, check=True)
         for k, v in _parse(res.stdout, sass.stdout).items():
             setattr(row, k, v)
+        row.shared = int(ck.metadata.shared)   # Triton's shared memory is dynamic: cuobjdump says 0
     except Exception as e:  # reported per row; the test asserts error is None
         row.error = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"[:300]
     row.compile_s = time.perf_counter() - t0
@@ -190,7 +192,7 @@ def run_report(archs: Sequence[int] = (80, 90), entries: Optional[Sequence[Shipp
 def format_table(rows: Sequence[AotRow]) -> str:
     """Fixed-width text table of the rows."""
     cols = ["phase", "dtype", "precision", "D", "size_class", "arch", "BLOCK_M", "BLOCK_N", "BLOCK_D",
-            "BLOCK_DOUT", "num_warps", "num_stages", "registers", "local", "shared", "hmma", "hgmma", "ldl",
+            "BLOCK_DOUT", "num_warps", "num_stages", "registers", "stack", "local", "shared", "hmma", "hgmma", "ldl",
             "stl", "error"]
     table = [cols] + [[str(getattr(r, c)) for c in cols] for r in rows]
     widths = [max(len(x[i]) for x in table) for i in range(len(cols))]

@@ -41,16 +41,17 @@ def contrast_dq_kernel(
         s = tl.load(S_PTR).to(tl.float32)
     else:
         s = scale
-    qk_scale = s * LOG2E
     o = g * stride_og + offs_m * stride_on
-    lse2 = tl.load(LSE + o, mask=row_ok, other=0.0) * LOG2E
+    lse = tl.load(LSE + o, mask=row_ok, other=0.0)
     g_row = tl.load(GRAD + o, mask=row_ok, other=0.0)
     cnt = tl.load(CNT + o, mask=row_ok, other=0)
     inv_cnt = tl.where(cnt > 0, 1.0 / tl.maximum(cnt, 1).to(tl.float32), 0.0)
     if RULE == 2:
         q_meta = tl.load(QM + g * N + offs_m, mask=row_ok, other=0.0)
-    else:
+    elif RULE == 1:
         q_meta = tl.load(QM + g * N + offs_m, mask=row_ok, other=-1)
+    else:                                 # pos_index < M < 2**31: compare in int32
+        q_meta = tl.load(QM + g * N + offs_m, mask=row_ok, other=-1).to(tl.int32)
     if NUM_D == 1:
         q_tile = tl.load(q_rows + offs_d[None, :] * stride_qd,
                          mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
@@ -78,10 +79,11 @@ def contrast_dq_kernel(
                     q_c = q_c.to(tl.float32)
                     k_c = k_c.to(tl.float32)
                 acc = tl.dot(q_c, tl.trans(k_c), acc, input_precision=INPUT_PRECISION)
-        valid = col_ok[None, :] & row_ok[:, None]
+        # rows past N have g = 0 (masked load), so only keys are masked here
+        key_ok = col_ok
         if HAS_KV:
-            kv = tl.load(KV + g * M + offs_n, mask=col_ok, other=0)
-            valid = valid & (kv != 0)[None, :]
+            key_ok = key_ok & (tl.load(KV + g * M + offs_n, mask=col_ok, other=0) != 0)
+        valid = key_ok[None, :]
         if EXCLUDE_SELF:
             valid = valid & (offs_m[:, None] != offs_n[None, :])
         if RULE == 0:
@@ -92,8 +94,10 @@ def contrast_dq_kernel(
         else:
             k_meta = tl.load(KM + g * M + offs_n, mask=col_ok, other=0.0)
             pos = valid & (tl.abs(q_meta[:, None] - k_meta[None, :]) < threshold)
-        # where(), not a product with the mask: exp2 is +inf on rows with LSE = -inf (empty V(i))
-        p = tl.where(valid, tl.exp2(acc * qk_scale - lse2[:, None]), 0.0)
+        # z − LSE in natural units first (one FMA, rounded once near 0), then exp2: folding log2(e) into the
+        # scale as the forward does would add two roundings of size |z|·eps to every exponent.
+        # where(), not a product with the mask: the exponent is +inf on rows with LSE = -inf (empty V(i))
+        p = tl.where(valid, tl.exp2((acc * s - lse[:, None]) * LOG2E), 0.0)
         dz = g_row[:, None] * (p - tl.where(pos, inv_cnt[:, None], 0.0))
         if REUSE_K:
             k_out = k_tile
@@ -140,7 +144,6 @@ def contrast_dk_kernel(
         s = tl.load(S_PTR).to(tl.float32)
     else:
         s = scale
-    qk_scale = s * LOG2E
     key_ok = col_ok
     if HAS_KV:
         key_ok = key_ok & (tl.load(KV + g * M + offs_n, mask=col_ok, other=0) != 0)
@@ -176,15 +179,15 @@ def contrast_dk_kernel(
                     k_c = k_c.to(tl.float32)
                 acc = tl.dot(k_c, tl.trans(q_c), acc, input_precision=INPUT_PRECISION)
         o = g * stride_og + offs_m * stride_on
-        lse2 = tl.load(LSE + o, mask=row_ok, other=0.0) * LOG2E
+        lse = tl.load(LSE + o, mask=row_ok, other=0.0)
         g_row = tl.load(GRAD + o, mask=row_ok, other=0.0)
         cnt = tl.load(CNT + o, mask=row_ok, other=0)
         inv_cnt = tl.where(cnt > 0, 1.0 / tl.maximum(cnt, 1).to(tl.float32), 0.0)
-        validT = key_ok[:, None] & row_ok[None, :]
+        validT = key_ok[:, None]          # anchors past N have g = 0
         if EXCLUDE_SELF:
             validT = validT & (offs_n[:, None] != offs_m[None, :])
         if RULE == 0:
-            q_meta = tl.load(QM + g * N + offs_m, mask=row_ok, other=-1)
+            q_meta = tl.load(QM + g * N + offs_m, mask=row_ok, other=-1).to(tl.int32)
             posT = validT & (offs_n[:, None] == q_meta[None, :])
         elif RULE == 1:
             q_meta = tl.load(QM + g * N + offs_m, mask=row_ok, other=-1)
@@ -192,7 +195,7 @@ def contrast_dk_kernel(
         else:
             q_meta = tl.load(QM + g * N + offs_m, mask=row_ok, other=0.0)
             posT = validT & (tl.abs(q_meta[None, :] - k_meta[:, None]) < threshold)
-        pT = tl.where(validT, tl.exp2(acc * qk_scale - lse2[None, :]), 0.0)
+        pT = tl.where(validT, tl.exp2((acc * s - lse[None, :]) * LOG2E), 0.0)   # as in the dq kernel
         dzT = g_row[None, :] * (pT - tl.where(posT, inv_cnt[None, :], 0.0))
         if REUSE_Q:
             q_out = q_tile

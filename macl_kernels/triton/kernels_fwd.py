@@ -66,8 +66,10 @@ def contrast_fwd_kernel(
     qk_scale = s * LOG2E                  # z in log2 units: one multiply, then exp2
     if RULE == 2:
         q_meta = tl.load(QM + g * N + offs_m, mask=row_ok, other=0.0)
-    else:
+    elif RULE == 1:
         q_meta = tl.load(QM + g * N + offs_m, mask=row_ok, other=-1)
+    else:                                 # pos_index < M < 2**31: compare in int32
+        q_meta = tl.load(QM + g * N + offs_m, mask=row_ok, other=-1).to(tl.int32)
     if NUM_D == 1:                        # hoist the q tile out of the key loop
         q_tile = tl.load(q_rows + offs_d[None, :] * stride_qd,
                          mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
@@ -77,7 +79,6 @@ def contrast_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     pos_dot = tl.zeros([BLOCK_M], tl.float32)
-    pos_cnt = tl.zeros([BLOCK_M], tl.int32)
     for start_n in range(0, M, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         col_ok = offs_n < M
@@ -99,11 +100,11 @@ def contrast_fwd_kernel(
                     q_c = q_c.to(tl.float32)
                     k_c = k_c.to(tl.float32)
                 acc = tl.dot(q_c, tl.trans(k_c), acc, input_precision=INPUT_PRECISION)
-        # V(i): real key, valid key, not self
-        valid = col_ok[None, :] & row_ok[:, None]
+        # V(i): real key, valid key, not self (rows past N are never stored, so not masked here)
+        key_ok = col_ok
         if HAS_KV:
-            kv = tl.load(KV + g * M + offs_n, mask=col_ok, other=0)
-            valid = valid & (kv != 0)[None, :]
+            key_ok = key_ok & (tl.load(KV + g * M + offs_n, mask=col_ok, other=0) != 0)
+        valid = key_ok[None, :]
         if EXCLUDE_SELF:
             valid = valid & (offs_m[:, None] != offs_n[None, :])
         # P(i) ⊆ V(i), from per-row metadata only
@@ -123,16 +124,41 @@ def contrast_fwd_kernel(
         l_i = l_i * alpha + tl.sum(tl.exp2(z2 - m_safe[:, None]), 1)
         m_i = m_new
         pos_dot += tl.sum(tl.where(pos, acc, 0.0), 1)
-        pos_cnt += tl.sum(pos.to(tl.int32), 1)
+
+    # |P(i)| is counted after the main loop: a count reduction inside it is not tied to the dot's register
+    # layout, so the compiler keeps a second, loop-invariant per-element copy of the masks (73 -> 250 regs).
+    if RULE == 0:                         # P(i) = {pos_index_i} ∩ V(i): one gather, no loop
+        hit = row_ok & (q_meta >= 0) & (q_meta < M)
+        if HAS_KV:
+            hit = hit & (tl.load(KV + g * M + q_meta, mask=hit, other=0) != 0)
+        if EXCLUDE_SELF:
+            hit = hit & (q_meta != offs_m)
+        pos_cnt = hit.to(tl.int32)
+    else:
+        pos_cnt = tl.zeros([BLOCK_M], tl.int32)
+        for start_n in range(0, M, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            col_ok = offs_n < M
+            key_ok = col_ok
+            if HAS_KV:
+                key_ok = key_ok & (tl.load(KV + g * M + offs_n, mask=col_ok, other=0) != 0)
+            pos = key_ok[None, :]
+            if EXCLUDE_SELF:
+                pos = pos & (offs_m[:, None] != offs_n[None, :])
+            if RULE == 1:
+                k_meta = tl.load(KM + g * M + offs_n, mask=col_ok, other=-1)
+                pos = pos & (k_meta[None, :] == q_meta[:, None])
+            else:
+                k_meta = tl.load(KM + g * M + offs_n, mask=col_ok, other=0.0)
+                pos = pos & (tl.abs(q_meta[:, None] - k_meta[None, :]) < threshold)
+            pos_cnt += tl.sum(pos.to(tl.int32), 1)
 
     lse = (m_i + tl.log2(l_i)) * LN2      # -inf (not NaN) when V(i) is empty: m = -inf, log2(0) = -inf
     counted = pos_cnt > 0
     if HAS_QV:
-        qv = tl.load(QV + g * N + offs_m, mask=row_ok, other=0) != 0
-        counted = counted & qv
-        pos_cnt = tl.where(qv, pos_cnt, 0)
-    pos_mean = s * pos_dot / tl.maximum(pos_cnt, 1).to(tl.float32)
-    loss = tl.where(counted, lse - pos_mean, 0.0)
+        counted = counted & (tl.load(QV + g * N + offs_m, mask=row_ok, other=0) != 0)
+    loss = tl.where(counted, lse - s * pos_dot / tl.maximum(pos_cnt, 1).to(tl.float32), 0.0)
+    pos_cnt = tl.where(counted, pos_cnt, 0)
     o = g * stride_og + offs_m * stride_on
     tl.store(LOSS + o, loss, mask=row_ok)
     tl.store(LSE + o, lse, mask=row_ok)

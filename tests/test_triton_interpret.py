@@ -1,0 +1,221 @@
+"""The Triton kernels under TRITON_INTERPRET=1 on CPU, against the float64 reference (KERNELS.md §5).
+
+Every comparison follows the tolerance rule: max |triton − truth| ≤ 2·max |reference in the same dtype − truth|
++ atol, for the loss rows, the LSE and the gradients of q, k and a learnable 0-d scale; counts are exact.
+The environment (interpreter on, outputs poisoned with NaN before each launch) is set per test, so this file
+does not depend on a conftest; the kernels read both variables at call time.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Optional
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from macl_kernels.problem import ContrastProblem  # noqa: E402
+from macl_kernels.reference import reference_rows  # noqa: E402
+from macl_kernels.triton import triton_rows, triton_unavailable_reason  # noqa: E402
+from macl_kernels.triton.autograd import TritonContrast, launch_options, poison_enabled  # noqa: E402
+from macl_kernels.triton.config import KernelConfig, choose_config  # noqa: E402
+
+ATOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
+F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
+
+
+@pytest.fixture(autouse=True)
+def _interpret(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("MACL_POISON_OUTPUTS", "1")
+
+
+@dataclass(frozen=True)
+class Case:
+    G: int = 2
+    N: int = 37
+    M: int = 53
+    D: int = 23
+    rule: str = "label"
+    dtype: torch.dtype = F32
+    scale: float = 1 / 0.07
+    learn_scale: bool = True       # scale as a 0-d tensor that requires grad
+    exclude_self: bool = False
+    q_valid: Optional[str] = None  # None | "random" | "none" (no valid anchor)
+    k_valid: Optional[str] = None
+    normalize: bool = True
+    std: float = 1.0
+    k_grad: bool = True
+    q_is_k: bool = False
+    n_labels: int = 4
+    lonely: bool = False           # some anchors have labels no key has (no positive)
+    seed: int = 0
+
+
+def make(c: Case):
+    """(q, k, scale, problem builder, loss weights) of a case; q/k are leaves in c.dtype."""
+    g = torch.Generator().manual_seed(c.seed)
+    q0 = torch.randn(c.G, c.N, c.D, generator=g, dtype=torch.float64) * c.std
+    k0 = q0 if c.q_is_k else torch.randn(c.G, c.M, c.D, generator=g, dtype=torch.float64) * c.std
+    if c.normalize:
+        q0 = torch.nn.functional.normalize(q0, dim=-1)
+        k0 = q0 if c.q_is_k else torch.nn.functional.normalize(k0, dim=-1)
+    M = c.N if c.q_is_k else c.M
+    if c.rule == "index":
+        q_meta, k_meta = torch.randint(0, max(M, 1), (c.G, c.N), generator=g), None
+    elif c.rule == "label":
+        q_meta = torch.randint(0, c.n_labels, (c.G, c.N), generator=g)
+        k_meta = q_meta.clone() if c.q_is_k else torch.randint(0, c.n_labels, (c.G, M), generator=g)
+        if c.lonely:
+            q_meta[:, ::3] = 1000 + torch.arange(q_meta[:, ::3].shape[1])
+            if c.q_is_k:
+                k_meta = q_meta.clone()
+    else:
+        q_meta = torch.rand(c.G, c.N, generator=g, dtype=torch.float32)
+        k_meta = q_meta.clone() if c.q_is_k else torch.rand(c.G, M, generator=g, dtype=torch.float32)
+    masks = {None: None, "random": lambda n: torch.rand(c.G, n, generator=g) > 0.3,
+             "none": lambda n: torch.zeros(c.G, n, dtype=torch.bool)}
+    q_valid = masks[c.q_valid](c.N) if c.q_valid else None
+    k_valid = masks[c.k_valid](M) if c.k_valid else None
+    w = torch.randn(c.G, c.N, generator=g, dtype=torch.float64)
+    meta = dict(rule=c.rule, q_meta=q_meta, k_meta=k_meta, threshold=0.15, exclude_self=c.exclude_self,
+                q_valid=q_valid, k_valid=k_valid)
+    return q0, k0, meta, w
+
+
+def run(c: Case, impl: str, dtype: torch.dtype, configs=None):
+    """(loss, lse, count, dq, dk, ds) of one implementation on the case's inputs cast to dtype."""
+    q0, k0, meta, w = make(c)
+    q = q0.to(c.dtype).to(dtype).requires_grad_()
+    k = q if c.q_is_k else k0.to(c.dtype).to(dtype).requires_grad_(c.k_grad)
+    sdt = torch.float64 if dtype == torch.float64 else torch.float32
+    scale = torch.tensor(c.scale, dtype=sdt, requires_grad=True) if c.learn_scale else c.scale
+    p = ContrastProblem(q=q, k=k, scale=scale, **meta)
+    if impl == "reference":
+        out = reference_rows(p)
+    elif configs is None:
+        out = triton_rows(p)
+    else:
+        out = TritonContrast.apply(q, k, scale, launch_options(p, False, True, configs))
+    (out[0].double() * w).sum().backward()
+    grads = [None if t is None else t.grad for t in (q, None if c.q_is_k else k)]
+    ds = scale.grad if c.learn_scale else None
+    return out[0].detach(), out[1], out[2], grads[0], grads[1], ds
+
+
+def check(c: Case, configs=None):
+    ours = run(c, "triton", c.dtype, configs)
+    lowp = run(c, "reference", c.dtype)
+    truth = run(c, "reference", torch.float64)
+    names = ["loss", "lse", "count", "dq", "dk", "ds"]
+    assert ours[0].dtype == torch.float32 and ours[1].dtype == torch.float32 and ours[2].dtype == torch.int32
+    assert torch.equal(ours[2], truth[2]), "positive counts differ"
+    assert torch.equal(torch.isneginf(ours[1]), torch.isneginf(truth[1])), "LSE = -inf pattern differs"
+    for name, a, r, t in zip(names, ours, lowp, truth):
+        if name == "count":
+            continue
+        if t is None:
+            assert a is None, f"{name}: expected no gradient"
+            continue
+        assert a is not None, f"{name}: missing"
+        assert not torch.isnan(a).any(), f"{name}: NaN (unwritten output or 0·inf)"
+        fin = torch.isfinite(t)
+        err = (a.double() - t).abs()[fin].max().item() if fin.any() else 0.0
+        ref_err = (r.double() - t).abs()[fin].max().item() if fin.any() else 0.0
+        bound = 2 * ref_err + ATOL[c.dtype]
+        assert err <= bound, f"{name}: error {err:.3g} > 2·{ref_err:.3g} + {ATOL[c.dtype]:g}"
+    return ours
+
+
+BASE = Case()
+CASES = {
+    **{f"{rule}-{str(dt)[6:]}": replace(BASE, rule=rule, dtype=dt, exclude_self=True, q_valid="random",
+                                        k_valid="random", seed=i)
+       for i, (rule, dt) in enumerate((r, d) for r in ("index", "label", "radius") for d in (F32, F16, BF16))},
+    "D150-f32": replace(BASE, D=150, seed=10),
+    "D150-f16": replace(BASE, D=150, dtype=F16, rule="radius", seed=11),
+    "D150-bf16": replace(BASE, D=150, dtype=BF16, rule="index", k_valid="random", seed=12),
+    "scale1-unnormalised": replace(BASE, scale=1.0, normalize=False, std=2.0, learn_scale=False, seed=13),
+    "scale10-f16-unnormalised": replace(BASE, scale=10.0, dtype=F16, normalize=False, std=0.5, seed=14),
+    "scale100": replace(BASE, scale=100.0, rule="index", learn_scale=False, seed=15),
+    "scale100-bf16": replace(BASE, scale=100.0, dtype=BF16, seed=16),
+    "N1": replace(BASE, N=1, M=17, rule="index", seed=17),
+    "N1-M1-exclude": replace(BASE, N=1, M=1, exclude_self=True, seed=18),
+    "no-positive": replace(BASE, lonely=True, exclude_self=True, seed=19),
+    "all-anchors-invalid": replace(BASE, q_valid="none", seed=20),
+    "all-keys-invalid": replace(BASE, k_valid="none", rule="radius", seed=21),
+    "k-no-grad-bank": replace(BASE, rule="index", k_grad=False, N=20, M=70, seed=22),
+    "k-no-grad-float-scale": replace(BASE, k_grad=False, learn_scale=False, dtype=F16, seed=23),
+    "q-is-k-supcon": replace(BASE, q_is_k=True, N=40, exclude_self=True, seed=24),
+    "q-is-k-radius-bf16": replace(BASE, q_is_k=True, N=33, rule="radius", exclude_self=True, dtype=BF16, seed=25),
+    "dense-groups-s16": replace(BASE, G=24, N=12, q_is_k=True, exclude_self=True, dtype=F16, q_valid="random",
+                                seed=26),
+    "dense-groups-s32": replace(BASE, G=6, N=32, q_is_k=True, exclude_self=True, rule="radius", seed=27),
+    "M0": replace(BASE, M=0, rule="label", seed=28),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_matches_float64_reference(name):
+    check(CASES[name])
+
+
+SMALL = KernelConfig(16, 16, 16, 16, num_warps=1, num_stages=1)
+
+
+@pytest.mark.parametrize("rule,dtype", [("label", F32), ("index", F16), ("radius", BF16)])
+def test_many_tiles_and_d_chunks(rule, dtype):
+    """16-wide blocks on N=37, M=53, D=40: several row/key tiles, 3 D chunks and 3 D-output chunks."""
+    c = replace(BASE, D=40, rule=rule, dtype=dtype, exclude_self=True, k_valid="random", seed=30)
+    check(c, configs={"fwd": replace(SMALL, BLOCK_DOUT=0), "dq": SMALL, "dk": SMALL})
+
+
+def test_all_keys_invalid_is_finite():
+    loss, lse, cnt, dq, dk, ds = check(replace(BASE, k_valid="none", seed=31))
+    assert torch.isneginf(lse).all() and (loss == 0).all() and (cnt == 0).all()
+    assert (dq == 0).all() and (dk == 0).all() and ds == 0
+
+
+def test_all_anchors_invalid_zero_loss_and_grad():
+    loss, lse, cnt, dq, dk, ds = check(replace(BASE, q_valid="none", seed=32))
+    assert (loss == 0).all() and (cnt == 0).all() and torch.isfinite(lse).all()
+    assert (dq == 0).all() and (dk == 0).all() and ds == 0
+
+
+def test_backward_is_deterministic():
+    c = replace(BASE, q_is_k=True, N=40, exclude_self=True, seed=33)
+    a, b = run(c, "triton", F32), run(c, "triton", F32)
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+
+
+def test_poison_is_on_and_outputs_are_written():
+    assert poison_enabled()
+    c = replace(BASE, seed=34)
+    loss, lse, cnt, *_ = run(c, "triton", F32)
+    assert not torch.isnan(loss).any() and not torch.isnan(lse).any() and (cnt >= 0).all()
+
+
+def test_float64_is_refused():
+    c = replace(BASE, dtype=torch.float64)
+    q0, k0, meta, _ = make(c)
+    with pytest.raises(TypeError, match="float64"):
+        triton_rows(ContrastProblem(q=q0, k=k0, scale=10.0, **meta))
+
+
+def test_unavailable_reason_reads_env_at_call_time(monkeypatch):
+    assert triton_unavailable_reason(torch.device("cpu")) is None
+    monkeypatch.delenv("TRITON_INTERPRET")
+    reason = triton_unavailable_reason(torch.device("cpu"))
+    assert reason is not None and "cpu" in reason and "TRITON_INTERPRET" in reason
+
+
+def test_small_groups_get_small_blocks():
+    for phase in ("fwd", "dq", "dk"):
+        assert choose_config(phase, 32, 32, 128, F16).BLOCK_M == 32
+        assert choose_config(phase, 8, 8, 64, F32).BLOCK_N == 16
+        big = choose_config(phase, 4096, 4096, 128, F16)
+        assert min(big.BLOCK_M, big.BLOCK_N) >= 64 and big.num_warps >= 4
+    assert math.isclose(1 / 0.07, CASES["label-float32"].scale)
