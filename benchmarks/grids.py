@@ -34,7 +34,7 @@ def cpu_full() -> list[Case]:
     _add(c, "nt_xent", nt, ("torch", "naive"))
     _add(c, "nt_xent", nt[:2], ("reference",))
     _add(c, "nt_xent", nt[1:2], ("compile",), FB, budget_s=120)
-    _add(c, "nt_xent", nt, EXTRA_IMPLS["nt_xent"], FB, budget_s=90)
+    _add(c, "nt_xent", nt, EXTRA_IMPLS["nt_xent"], FB)
     _add(c, "nt_xent", [dims(B=65536, D=128)], ("torch",), FB, budget_s=240, max_reps=1, warmup=False)
     _add(c, "nt_xent", [dims(B=65536, D=128)], ("naive",) + EXTRA_IMPLS["nt_xent"], FB, budget_s=60)
     # sup_con against pytorch-metric-learning

@@ -3,7 +3,7 @@
     python -m benchmarks.plot                                   # benchmarks/results/sweep_cpu.csv -> docs/bench/
     python -m benchmarks.plot --csv my.csv --out docs/bench --format png
 
-One PNG per loss (`<device>_<loss>.png`): rows = phase (forward, forward+backward), columns = median time
+One PNG per loss (`<device>_<loss>.png`): rows = the phases swept (forward, forward+backward), columns = median time
 (p20–p80 band) and extra memory (peak − inputs). The limit (CPU) or H100 roofline floor (CUDA) is the dashed
 black line. Cases that ran out of memory or over their time budget are marked ✕ / ◷ on the top edge.
 Where a loss was swept at several feature sizes D, the most common D is plotted (the CSV has the rest).
@@ -53,8 +53,9 @@ def plot_loss(rows: list[dict], loss: str, out_path: str, title_extra: str = "")
         return False
     main_d = Counter(r["D"] for r in rows if r["impl"] not in ("limit", "roofline_h100")).most_common(1)[0][0]
     rows = [r for r in rows if r["D"] == main_d]
-    fig, axes = plt.subplots(2, 2, figsize=(11, 8), squeeze=False)
-    for i, phase in enumerate(PHASES):
+    phases = [p for p in PHASES if any(r["phase"] == p and r["impl"] not in ("limit", "roofline_h100") for r in rows)]
+    fig, axes = plt.subplots(len(phases), 2, figsize=(11, 4 * len(phases)), squeeze=False)
+    for i, phase in enumerate(phases):
         series = defaultdict(list)
         for r in rows:
             if r["phase"] == phase:

@@ -7,8 +7,9 @@
 
 Each case is checked against the reference on a small input, then timed (benchmarks/runner.py). Its status:
 ok, out of memory (an allocation failed under the memory cap, or the process was killed), too slow (over
-the case's time budget; larger sizes of the same implementation are then skipped), mismatch (the check
-failed: not timed), error, unavailable (peer not installed here, or no GPU), skipped.
+the case's time budget), skipped (a smaller size of the same implementation ran out of memory or time, or
+the sweep's --time-limit-min was reached), mismatch (the check
+failed: not timed), error, unavailable (peer not installed here, or no GPU).
 Besides the cases, the CSV holds the limit of each (loss, shape, phase): on CPU "limit" rows (KERNELS.md §6,
 rates measured before and after the cases, the better kept); on CUDA "roofline_h100" rows (readiness.py).
 """
@@ -117,11 +118,12 @@ def unavailable_reason(case: Case) -> Optional[str]:
 
 
 def _skip_reason(case: Case, failures: dict) -> Optional[str]:
-    """Skip a larger size of an implementation that was too slow at a smaller one (same loss, D, dtype)."""
+    """Skip a larger size of an implementation that ran out of memory or time at a smaller one (same loss, D,
+    dtype; a forward failure also skips forward+backward)."""
     key = (case.loss, case.impl, case.dtype, case.d.get("D", case.d.get("C")))
     x = x_value(case.loss, case.d)
     for (k, phase), (x0, status) in failures.items():
-        if k == key and x >= x0 and (phase == case.phase or phase == "forward") and status == "too slow":
+        if k == key and x >= x0 and (phase == case.phase or phase == "forward"):
             return f"{status} at the smaller size x={x0}"
     return None
 
@@ -194,10 +196,11 @@ def select(cases: list[Case], losses, impls, phases, max_x: Optional[int]) -> li
 
 
 def sweep(cases: list[Case], csv_path: str, device: str, mem_cap_gb: float = 16.0, budget_scale: float = 1.0,
-          threads: Optional[int] = None, log=print) -> list[dict]:
+          threads: Optional[int] = None, time_limit_s: Optional[float] = None, log=print) -> list[dict]:
     """Run the cases (in order), write the CSV (after every case, and with the limit rows at the end).
 
-    threads: CPU threads of every case and of the limit measurement (default: torch's default)."""
+    threads: CPU threads of every case and of the limit measurement (default: torch's default).
+    time_limit_s: cases not started within this many seconds of the sweep's start are recorded as skipped."""
     import dataclasses
 
     if threads:
@@ -223,6 +226,8 @@ def sweep(cases: list[Case], csv_path: str, device: str, mem_cap_gb: float = 16.
         skip = _skip_reason(case, failures)
         if reason:
             res = {"status": "unavailable", "detail": reason}
+        elif time_limit_s is not None and time.perf_counter() - t_sweep > time_limit_s:
+            res = {"status": "skipped", "detail": f"the sweep's time limit ({time_limit_s:g} s) was reached"}
         elif skip:
             res = {"status": "skipped", "detail": skip}
         else:
@@ -263,6 +268,7 @@ def main(argv=None) -> int:
     ap.add_argument("--budget-scale", type=float, default=1.0, help="multiply every case's time budget")
     ap.add_argument("--mem-cap-gb", type=float, default=16.0,
                     help="extra memory a CPU case may allocate before it counts as out of memory (default 16)")
+    ap.add_argument("--time-limit-min", type=float, help="record cases not started by then as skipped")
     ap.add_argument("--threads", type=int, help="CPU threads per case (OMP_NUM_THREADS); default: all cores")
     ap.add_argument("--csv", help="output (default benchmarks/results/sweep_<device>.csv)")
     ap.add_argument("--list", action="store_true", help="print the cases and exit")
@@ -277,7 +283,8 @@ def main(argv=None) -> int:
         print(f"{len(cases)} cases")
         return 0
     path = a.csv or os.path.join(RESULTS, f"sweep_{a.device}.csv")
-    sweep(cases, path, a.device, a.mem_cap_gb, a.budget_scale, a.threads, log=lambda s: print(s, flush=True))
+    sweep(cases, path, a.device, a.mem_cap_gb, a.budget_scale, a.threads,
+          a.time_limit_min * 60 if a.time_limit_min else None, log=lambda s: print(s, flush=True))
     return 0
 
 

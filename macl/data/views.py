@@ -9,6 +9,8 @@ Two presets:
 - ``"code"`` (default; the public MACL code): each intensity view is an independent chain
   (8-bit quantisation as the code's PIL round trip) brightness factor U(0, 1) -> contrast factor
   U(0.8, 1.2) around the mean -> Gaussian blur k=3, sigma U(1, 3) -> min-max.
+  (A brightness factor near 0 blanks a view to all zeros, rarely, exactly as the code's
+  ``ColorJitter(brightness=(0, 1))`` on 8-bit images does; narrow ``brightness`` to avoid it.)
 - ``"paper"``: intensity views are the identity (img1 = img2 = the min-max normalised crop).
 
 Both use the code's spatial transform: mirror each axis with p = 0.5, then with p = 0.67

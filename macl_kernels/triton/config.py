@@ -76,20 +76,28 @@ def choose_config(phase: str, N: int, M: int, D: int, dtype: torch.dtype) -> Ker
     wide = dtype in (torch.float16, torch.bfloat16)   # tensor-core dtypes; fp32 may run on FMA (ieee)
     cls = size_class(N, M)
     d = max(16, _pow2(D))
+    # Every branch below was checked with `python -m macl_kernels.aot` (sm_80 and sm_90, fp32 in IEEE and
+    # TF32): no local memory, no spills. Register use is dominated by the BLOCK_M×BLOCK_N tile and by the
+    # dot operands (fp32 IEEE dots run on FMA units with operands in registers: small BLOCK_D there).
     if cls != "large":
-        b = 16 if cls == "s16" else 32
-        # one tile per group: z is b×b; q, k chunks of ≤128 (16-bit) / ≤64 (fp32) columns
-        bd = min(d, 128 if wide else 64)
+        b = 16 if cls == "s16" else 32   # one tile per group (MACL's dense groups of 2B): no wasted rows
         if phase == "fwd":
-            return KernelConfig(b, b, bd, 0, num_warps=2 if b == 32 else 1, num_stages=2)
-        return KernelConfig(b, b, bd, min(d, 128), num_warps=4 if d >= 128 else 2, num_stages=2)
+            return KernelConfig(b, b, min(d, 128 if wide else 64), 0, num_warps=2 if b == 32 else 1,
+                                num_stages=2)
+        return KernelConfig(b, b, min(d, 128 if wide else 64), min(d, 256 if wide else 128), num_warps=4,
+                            num_stages=2)
     if phase == "fwd":
-        if wide:   # 128×64 tiles over 2 warpgroups: wgmma on sm_90, mma.sync on sm_80
-            return KernelConfig(128, 64, min(d, 128), 0, num_warps=8, num_stages=3)
-        return KernelConfig(64, 64, min(d, 32), 0, num_warps=4, num_stages=2)
+        if wide:   # 128×64 tiles, 2 warpgroups: wgmma (HGMMA) on sm_90, mma.sync (HMMA) on sm_80
+            return KernelConfig(128, 64, min(d, 128 if d <= 256 else 64), 0, num_warps=8, num_stages=2)
+        return KernelConfig(64, 64, min(d, 32), 0, num_warps=8, num_stages=2)
     if wide:
-        return KernelConfig(64, 64, min(d, 128), min(d, 128), num_warps=8 if d >= 128 else 4, num_stages=2)
-    return KernelConfig(64, 64, min(d, 32), min(d, 64), num_warps=4, num_stages=2)
+        return KernelConfig(64, 64, min(d, 128 if d <= 256 else 64), min(d, 128),
+                            num_warps=8 if d >= 128 else 4, num_stages=2)
+    if d == 16:
+        return KernelConfig(64, 64, 16, 16, num_warps=4, num_stages=2)
+    if phase == "dq":
+        return KernelConfig(64, 64, 32, 32, num_warps=8, num_stages=2)
+    return KernelConfig(64, 64, 16, min(d, 64), num_warps=8, num_stages=2)
 
 
 def shipped_configs() -> list[ShippedConfig]:

@@ -124,7 +124,9 @@ def contrast_dk_kernel(
 ):
     """dk_j[c-chunk] = s Σ_i dz_ij q_i[c-chunk]; pid = (g·n_key_tiles + key tile)·n_dout + c.
 
-    Works on the transposed tile zᵀ (BLOCK_N keys × BLOCK_M anchors) so that dk += dzᵀ q is a plain dot.
+    z is recomputed as q kᵀ (BLOCK_M × BLOCK_N), exactly as in the forward and dq kernels, and dzᵀ feeds
+    the dot: computing zᵀ = k qᵀ instead rounds differently (in the interpreter's BLAS, and whenever the
+    reduction order differs), and P = exp(z − LSE) amplifies that inconsistency (3–4× the fp32 error).
     """
     LOG2E: tl.constexpr = 1.4426950408889634
     NUM_D: tl.constexpr = (D + BLOCK_D - 1) // BLOCK_D
@@ -162,13 +164,14 @@ def contrast_dk_kernel(
         offs_m = start_m + tl.arange(0, BLOCK_M)
         row_ok = offs_m < N
         q_rows = q_base + offs_m.to(tl.int64)[:, None] * stride_qn
-        acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)     # zᵀ / s
+        # z/s = q kᵀ in the forward's orientation and chunking, so that it rounds as it did against LSE
+        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         if NUM_D == 1:
             q_tile = tl.load(q_rows + offs_d[None, :] * stride_qd,
                              mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
             if UPCAST_DOT:
                 q_tile = q_tile.to(tl.float32)
-            acc = tl.dot(k_tile, tl.trans(q_tile), acc, input_precision=INPUT_PRECISION)
+            acc = tl.dot(q_tile, tl.trans(k_tile), acc, input_precision=INPUT_PRECISION)
         else:
             for d0 in range(0, D, BLOCK_D):
                 dd = d0 + offs_d
@@ -177,26 +180,26 @@ def contrast_dk_kernel(
                 if UPCAST_DOT:
                     q_c = q_c.to(tl.float32)
                     k_c = k_c.to(tl.float32)
-                acc = tl.dot(k_c, tl.trans(q_c), acc, input_precision=INPUT_PRECISION)
+                acc = tl.dot(q_c, tl.trans(k_c), acc, input_precision=INPUT_PRECISION)
         o = g * stride_og + offs_m * stride_on
         lse = tl.load(LSE + o, mask=row_ok, other=0.0)
         g_row = tl.load(GRAD + o, mask=row_ok, other=0.0)
         cnt = tl.load(CNT + o, mask=row_ok, other=0)
         inv_cnt = tl.where(cnt > 0, 1.0 / tl.maximum(cnt, 1).to(tl.float32), 0.0)
-        validT = key_ok[:, None]          # anchors past N have g = 0
+        valid = key_ok[None, :]           # anchors past N have g = 0
         if EXCLUDE_SELF:
-            validT = validT & (offs_n[:, None] != offs_m[None, :])
+            valid = valid & (offs_m[:, None] != offs_n[None, :])
         if RULE == 0:
             q_meta = tl.load(QM + g * N + offs_m, mask=row_ok, other=-1).to(tl.int32)
-            posT = validT & (offs_n[:, None] == q_meta[None, :])
+            pos = valid & (offs_n[None, :] == q_meta[:, None])
         elif RULE == 1:
             q_meta = tl.load(QM + g * N + offs_m, mask=row_ok, other=-1)
-            posT = validT & (k_meta[:, None] == q_meta[None, :])
+            pos = valid & (k_meta[None, :] == q_meta[:, None])
         else:
             q_meta = tl.load(QM + g * N + offs_m, mask=row_ok, other=0.0)
-            posT = validT & (tl.abs(q_meta[None, :] - k_meta[:, None]) < threshold)
-        pT = tl.where(validT, tl.exp2((acc * s - lse[None, :]) * LOG2E), 0.0)   # as in the dq kernel
-        dzT = g_row[None, :] * (pT - tl.where(posT, inv_cnt[None, :], 0.0))
+            pos = valid & (tl.abs(q_meta[:, None] - k_meta[None, :]) < threshold)
+        p = tl.where(valid, tl.exp2((acc * s - lse[:, None]) * LOG2E), 0.0)   # as in the dq kernel
+        dz = g_row[:, None] * (p - tl.where(pos, inv_cnt[:, None], 0.0))
         if REUSE_Q:
             q_out = q_tile
         else:
@@ -204,7 +207,7 @@ def contrast_dk_kernel(
                             mask=row_ok[:, None] & (offs_o[None, :] < D), other=0.0)
             if UPCAST_DOT:
                 q_out = q_out.to(tl.float32)
-        dk = tl.dot(dzT.to(q_out.dtype), q_out, dk, input_precision=INPUT_PRECISION)
+        dk = tl.dot(tl.trans(dz.to(q_out.dtype)), q_out, dk, input_precision=INPUT_PRECISION)
 
     dk = dk * s
     d_ptrs = DK + g * stride_dg + offs_n.to(tl.int64)[:, None] * stride_dm + offs_o[None, :] * stride_dd

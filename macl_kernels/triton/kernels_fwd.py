@@ -63,7 +63,6 @@ def contrast_fwd_kernel(
         s = tl.load(S_PTR).to(tl.float32)
     else:
         s = scale
-    qk_scale = s * LOG2E                  # z in log2 units: one multiply, then exp2
     if RULE == 2:
         q_meta = tl.load(QM + g * N + offs_m, mask=row_ok, other=0.0)
     elif RULE == 1:
@@ -77,6 +76,7 @@ def contrast_fwd_kernel(
             q_tile = q_tile.to(tl.float32)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    mL_i = tl.zeros([BLOCK_M], tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     pos_dot = tl.zeros([BLOCK_M], tl.float32)
     for start_n in range(0, M, BLOCK_N):
@@ -116,13 +116,16 @@ def contrast_fwd_kernel(
         else:
             k_meta = tl.load(KM + g * M + offs_n, mask=col_ok, other=0.0)
             pos = valid & (tl.abs(q_meta[:, None] - k_meta[None, :]) < threshold)
-        # online log-sum-exp in base 2; a row whose keys so far are all masked keeps m = -inf, l = 0
-        z2 = tl.where(valid, acc * qk_scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(z2, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(tl.exp2(z2 - m_safe[:, None]), 1)
+        # online log-sum-exp: l = Σ exp2(z·log2e − mL), mL = fl(m·log2e), one FMA per exponent. z = fl(acc·s)
+        # rounds once, as the reference's does; folding log2e into s instead would put two more roundings of
+        # size |z|·eps into every exponent, which P = exp(z − LSE) in the backward turns into gradient error.
+        # A row whose keys so far are all masked keeps m = -inf, l = 0.
+        z = tl.where(valid, acc * s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(z, 1))
+        mL_new = tl.where(m_new == float("-inf"), 0.0, m_new) * LOG2E
+        l_i = l_i * tl.exp2(mL_i - mL_new) + tl.sum(tl.exp2(z * LOG2E - mL_new[:, None]), 1)
         m_i = m_new
+        mL_i = mL_new
         pos_dot += tl.sum(tl.where(pos, acc, 0.0), 1)
 
     # |P(i)| is counted after the main loop: a count reduction inside it is not tied to the dot's register
@@ -153,7 +156,10 @@ def contrast_fwd_kernel(
                 pos = pos & (tl.abs(q_meta[:, None] - k_meta[None, :]) < threshold)
             pos_cnt += tl.sum(pos.to(tl.int32), 1)
 
-    lse = (m_i + tl.log2(l_i)) * LN2      # -inf (not NaN) when V(i) is empty: m = -inf, log2(0) = -inf
+    # LSE = m + ln2·(log2 l − (m·log2e − mL)): the FMA gives mL's rounding exactly. -inf (not NaN) when V(i)
+    # is empty: m = -inf, mL = 0, l = 0.
+    m_fin = tl.where(m_i == float("-inf"), 0.0, m_i)
+    lse = m_i + (tl.log2(l_i) - tl.fma(m_fin, LOG2E, -mL_i)) * LN2
     counted = pos_cnt > 0
     if HAS_QV:
         counted = counted & (tl.load(QV + g * N + offs_m, mask=row_ok, other=0) != 0)
