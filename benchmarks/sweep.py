@@ -35,7 +35,7 @@ RESULTS = os.path.join(ROOT, "benchmarks", "results")
 COLUMNS = ["sweep_id", "machine", "cpu", "cpu_count", "threads", "python", "torch", "triton", "numpy", "macl_kernels",
            "impl_version", "device", "device_name", "loss", "shape", "x", "G", "N", "M", "D", "dtype", "impl", "phase",
            "status", "median_s", "p20_s", "p80_s", "reps", "warmup_s", "peak_mb", "extra_mb", "limit_s", "x_limit",
-           "gflops_per_unit", "loss_value", "check_err", "check_grad_err", "budget_s", "wall_s", "detail"]
+           "gflops_per_unit", "loss_value", "check_err", "check_grad_err", "budget_s", "wall_s", "load_avg", "detail"]
 FAILED = ("out of memory", "too slow")
 #: seconds a child may spend outside its budget (start-up, imports, the small-input check, compiles)
 STARTUP_ALLOWANCE = 120.0
@@ -214,6 +214,10 @@ def sweep(cases: list[Case], csv_path: str, device: str, mem_cap_gb: float = 16.
     if cpu:
         from .limits import measure_rates
         rates_before = {D: measure_rates(D) for D in sorted({c.d.get("D", c.d.get("C")) for c in cases})}
+    load = os.getloadavg()[0]
+    if load > 0.5 * (os.cpu_count() or 1):
+        log(f"warning: load average {load:.1f} on {os.cpu_count()} cores: other jobs are running, timings will be "
+            f"noisy (the tiled path suffers most from oversubscribed cores)")
     rows: list[dict] = []
     failures: dict = {}
     t_sweep = time.perf_counter()
@@ -221,6 +225,7 @@ def sweep(cases: list[Case], csv_path: str, device: str, mem_cap_gb: float = 16.
         if budget_scale != 1.0:
             case = dataclasses.replace(case, budget_s=case.budget_s * budget_scale)
         row = case_row(case, env, sweep_id)
+        row["load_avg"] = os.getloadavg()[0]          # 1-minute load average as the case starts: noise indicator
         t0 = time.perf_counter()
         reason = unavailable_reason(case)
         skip = _skip_reason(case, failures)

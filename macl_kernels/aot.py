@@ -137,10 +137,9 @@ def compile_one(entry: ShippedConfig, arch: int, precision: Optional[str] = None
             path = os.path.join(tmp, "k.cubin")
             with open(path, "wb") as f:
                 f.write(ck.asm["cubin"])
-            tool = cuobjdump_path()
-            res = subprocess.run([tool, "--dump-resource-usage", path], capture_output=True, text=True, check=True)
-            sass = subprocess.run([tool, "--dump-sass", path], capture_output=True, text=True, check=True)
-        for k, v in _parse(res.stdout, sass.stdout).items():
+            out = subprocess.run([cuobjdump_path(), "--dump-resource-usage", "--dump-sass", path],
+                                 capture_output=True, text=True, check=True).stdout
+        for k, v in _parse(out, out).items():
             setattr(row, k, v)
         row.shared = int(ck.metadata.shared)   # Triton's shared memory is dynamic: cuobjdump says 0
     except Exception as e:  # reported per row; the test asserts error is None

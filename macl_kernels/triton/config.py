@@ -82,14 +82,16 @@ def choose_config(phase: str, N: int, M: int, D: int, dtype: torch.dtype) -> Ker
     if cls != "large":
         b = 16 if cls == "s16" else 32   # one tile per group (MACL's dense groups of 2B): no wasted rows
         if phase == "fwd":
-            return KernelConfig(b, b, min(d, 128 if wide else 64), 0, num_warps=2 if b == 32 else 1,
-                                num_stages=2)
-        return KernelConfig(b, b, min(d, 128 if wide else 64), min(d, 256 if wide else 128), num_warps=4,
-                            num_stages=2)
+            if wide:   # a single key tile per group: nothing for a deeper pipeline to overlap
+                return KernelConfig(b, b, min(d, 64), 0, num_warps=4 if b == 32 else 2, num_stages=1)
+            return KernelConfig(b, b, 16, 0, num_warps=4, num_stages=2)
+        if wide:
+            return KernelConfig(b, b, min(d, 64), min(d, 128), num_warps=8 if b == 32 else 4, num_stages=2)
+        return KernelConfig(b, b, 16, min(d, 64), num_warps=4, num_stages=2)
     if phase == "fwd":
         if wide:   # 128×64 tiles, 2 warpgroups: wgmma (HGMMA) on sm_90, mma.sync (HMMA) on sm_80
             return KernelConfig(128, 64, min(d, 128 if d <= 256 else 64), 0, num_warps=8, num_stages=2)
-        return KernelConfig(64, 64, min(d, 32), 0, num_warps=8, num_stages=2)
+        return KernelConfig(64, 64, 16 if d <= 64 else 32, 0, num_warps=8, num_stages=2)
     if wide:
         return KernelConfig(64, 64, min(d, 128 if d <= 256 else 64), min(d, 128),
                             num_warps=8 if d >= 128 else 4, num_stages=2)
