@@ -48,16 +48,44 @@ def _mask_tile(z: torch.Tensor, p: ContrastProblem, g0, g1, r0, r1, c0, c1, fill
             z[:, idx - r0, idx - c0] = fill
 
 
-def _lse(qs: torch.Tensor, k: torch.Tensor, p: ContrastProblem) -> torch.Tensor:
-    """LSE_i = log Σ_{j∈V(i)} exp(⟨qs_i, k_j⟩), (G, N); −inf where V(i) is empty. qs = s·q."""
+IN_TILE_MAX_KEYS = 512  # up to this many keys per group, positives are masked inside the tile
+
+
+def tile_positives(p: ContrastProblem, g0, g1, r0, r1, c0, c1) -> torch.Tensor:
+    """P restricted to one tile, (g1−g0, r1−r0, c1−c0) bool, from the per-row metadata (no N×M state)."""
+    qm = p.q_meta[g0:g1, r0:r1, None]
+    if p.rule == "index":
+        pos = qm == torch.arange(c0, c1, device=qm.device)[None, None, :]
+    elif p.rule == "label":
+        pos = qm == p.k_meta[g0:g1, None, c0:c1]
+    else:
+        pos = (qm - p.k_meta[g0:g1, None, c0:c1]).abs() < p.threshold
+    if p.k_valid is not None:
+        pos &= p.k_valid[g0:g1, None, c0:c1]
+    if p.exclude_self:
+        lo, hi = max(r0, c0), min(r1, c1)
+        if lo < hi:
+            idx = torch.arange(lo, hi, device=pos.device)
+            pos[:, idx - r0, idx - c0] = False
+    return pos
+
+
+def _forward_tiles(qs, k, p: ContrastProblem, in_tile: bool):
+    """LSE_i (G, N), −inf where V(i) is empty; with in_tile also Σ_{P(i)} z and |P(i)| from tile masks."""
     G, N, M = qs.shape[0], qs.shape[1], k.shape[1]
     lse = qs.new_full((G, N), -math.inf)
+    pos_sum = qs.new_zeros(G, N) if in_tile else None
+    count = torch.zeros(G, N, dtype=torch.int32, device=qs.device) if in_tile else None
     for g0, g1, r0, r1, c0, c1 in tiles(G, N, M):
         z = torch.bmm(qs[g0:g1, r0:r1], k[g0:g1, c0:c1].transpose(1, 2))
         _mask_tile(z, p, g0, g1, r0, r1, c0, c1, -math.inf)
+        if in_tile:
+            pos = tile_positives(p, g0, g1, r0, r1, c0, c1)
+            pos_sum[g0:g1, r0:r1] += torch.where(pos, z, 0.0).sum(-1)
+            count[g0:g1, r0:r1] += pos.sum(-1, dtype=torch.int32)
         part = lse[g0:g1, r0:r1]
         torch.logaddexp(part, torch.logsumexp(z, -1), out=part)
-    return lse
+    return lse, pos_sum, count
 
 
 class _ChunkedInfoNCE(torch.autograd.Function):
@@ -67,22 +95,24 @@ class _ChunkedInfoNCE(torch.autograd.Function):
         qf, kf = q.detach().to(sdt), k.detach().to(sdt)
         s = float(scale)
         qs = qf * s
-        ops = PositiveOperator(p)
-
-        lse = _lse(qs, kf, p)
-
-        ones = kf.new_ones(kf.shape[0], kf.shape[1], 1)
-        count = ops.apply(ones)[..., 0].round().to(torch.int32)
-        pos_k = ops.apply(kf)                                   # Σ_{p∈P(i)} k_p   (G, N, D)
+        # Few keys per group (MACL's per-location groups): masks inside the tile are cheapest. Many keys:
+        # the positives go through the linear operator Y, in O((N + M)·D), never through a tile.
+        in_tile = kf.shape[1] <= IN_TILE_MAX_KEYS
+        lse, pos_sum, count = _forward_tiles(qs, kf, p, in_tile)
+        ops = pos_k = None
+        if not in_tile:
+            ops = PositiveOperator(p)
+            count = ops.apply(kf.new_ones(kf.shape[0], kf.shape[1], 1))[..., 0].round().to(torch.int32)
+            pos_k = ops.apply(kf)                               # Σ_{p∈P(i)} k_p   (G, N, D)
+            pos_sum = (qs * pos_k).sum(-1)
         counted = count > 0
         if p.q_valid is not None:
             counted &= p.q_valid
-        pos_mean = (qs * pos_k).sum(-1) / count.clamp(min=1)
-        loss = torch.where(counted, lse - pos_mean, torch.zeros_like(lse))
-        if p.q_valid is not None:
             count = count * p.q_valid
+        loss = torch.where(counted, lse - pos_sum / count.clamp(min=1), torch.zeros_like(lse))
 
-        ctx.p, ctx.ops, ctx.s = p, ops, s
+        ctx.p, ctx.ops, ctx.s, ctx.in_tile = p, ops, s, in_tile
+        ctx.same = q is k
         ctx.dtypes = (q.dtype, k.dtype)
         ctx.scale_dtype = scale.dtype if isinstance(scale, torch.Tensor) else None
         ctx.save_for_backward(qf, kf, lse, count, counted, pos_k)
@@ -92,7 +122,7 @@ class _ChunkedInfoNCE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_loss, _g_lse, _g_count):
         qf, kf, lse, count, counted, pos_k = ctx.saved_tensors
-        p, ops, s = ctx.p, ctx.ops, ctx.s
+        p, ops, s, in_tile = ctx.p, ctx.ops, ctx.s, ctx.in_tile
         need_q = ctx.needs_input_grad[0] or ctx.needs_input_grad[2]
         need_k = ctx.needs_input_grad[1]
         g = torch.where(counted, g_loss.to(qf.dtype), torch.zeros_like(lse))
@@ -100,34 +130,46 @@ class _ChunkedInfoNCE(torch.autograd.Function):
         # E = exp(z − shift) with shift = LSE − log|s·g|, so s·g·P = f·E with a per-row factor f.
         # The shift is rounded to the tile dtype before it meets the GEMM; f = sign(g)·exp(shift − rounded)
         # carries the rounding error exactly, on the (N, D) side. Uncounted rows get shift +inf: E = 0.
-        shift64 = torch.where(gs != 0, lse.double() - gs.abs().double().log(), torch.full_like(lse, math.inf, dtype=torch.float64))
+        active = gs != 0
+        shift64 = torch.where(active, lse.double() - gs.abs().double().log(),
+                              torch.full_like(lse, math.inf, dtype=torch.float64))
         shift = shift64.to(qf.dtype)
-        f = torch.where(gs != 0, torch.sign(gs).double() * torch.exp(shift.double() - shift64), 0.0)
-        f = f.to(qf.dtype)[..., None]
+        f64 = torch.where(active, torch.sign(gs).double() * torch.exp(shift.double() - shift64), 0.0)
+        f = f64.to(qf.dtype)[..., None]
+        w = gs / count.clamp(min=1)                             # s·g_i/|P(i)|
+        # In-tile positives: s·g·(P − Y) = f·(E − c·Y) with c = w/f.
+        c = torch.where(active, w.double() / torch.where(active, f64, 1.0), 0.0).to(qf.dtype)[..., None]
         qs = qf * s
         q_f = qf * f
         dq = torch.zeros_like(qf) if need_q else None
-        dk = torch.zeros_like(kf) if need_k else None
+        # q is k (self-contrast) and no temperature gradient: one buffer takes both contributions.
+        merged = ctx.same and need_q and need_k and not ctx.needs_input_grad[2]
+        dk = dq if merged else (torch.zeros_like(kf) if need_k else None)
         G, N, M = qf.shape[0], qf.shape[1], kf.shape[1]
         for g0, g1, r0, r1, c0, c1 in tiles(G, N, M):
             kt = kf[g0:g1, c0:c1]
+            # The GEMM accumulates onto −shift: partial sums stay near z − shift, which keeps large logits
+            # accurate (alpha=s would round s·⟨q, k⟩ first; measurably worse for |z| ~ 1e4).
             e = torch.baddbmm(-shift[g0:g1, r0:r1, None], qs[g0:g1, r0:r1], kt.transpose(1, 2))
             _mask_tile(e, p, g0, g1, r0, r1, c0, c1, -math.inf)
             e.exp_()
+            if in_tile:
+                e.sub_(tile_positives(p, g0, g1, r0, r1, c0, c1) * c[g0:g1, r0:r1])
             if need_q:
                 dq[g0:g1, r0:r1] += torch.bmm(e, kt).mul_(f[g0:g1, r0:r1])
             if need_k:
                 dk[g0:g1, c0:c1].baddbmm_(e.transpose(1, 2), q_f[g0:g1, r0:r1])
-        w = (gs / count.clamp(min=1))[..., None]                # s·g_i/|P(i)|
-        if need_q:
-            dq -= w * pos_k
-        if need_k:
-            dk -= ops.apply_t(w * qf)
+        if not in_tile:
+            w = w[..., None]
+            if need_q:
+                dq -= w * pos_k
+            if need_k:
+                dk -= ops.apply_t(w * qf)
         ds = None
         if ctx.needs_input_grad[2]:
             ds = ((dq * qf).sum() / s).to(ctx.scale_dtype)
         dq_out = dq.to(ctx.dtypes[0]) if ctx.needs_input_grad[0] else None
-        dk_out = dk.to(ctx.dtypes[1]) if need_k else None
+        dk_out = dk.to(ctx.dtypes[1]) if need_k and not merged else None
         return dq_out, dk_out, ds, None
 
 

@@ -51,6 +51,7 @@ class Case:
     q_is_k: bool = False
     n_labels: int = 4
     lonely: bool = False           # some anchors have labels no key has (no positive)
+    strided: bool = False          # q and k are non-contiguous views (strides are passed, not assumed)
     seed: int = 0
 
 
@@ -90,15 +91,20 @@ def run(c: Case, impl: str, dtype: torch.dtype, configs=None):
     q0, k0, meta, w = make(c)
     q = q0.to(c.dtype).to(dtype).requires_grad_()
     k = q if c.q_is_k else k0.to(c.dtype).to(dtype).requires_grad_(c.k_grad)
+    q_in, k_in = q, k
+    if c.strided:   # (G, N, D) views with feature stride N and group stride 2·N·D, and a k with stride 2 rows
+        q_in = torch.cat([q, q], 1).transpose(1, 2).contiguous().transpose(1, 2)[:, : c.N]
+        k_in = torch.repeat_interleave(k, 2, dim=1)[:, ::2]
+        assert not q_in.is_contiguous() and not k_in.is_contiguous()
     sdt = torch.float64 if dtype == torch.float64 else torch.float32
     scale = torch.tensor(c.scale, dtype=sdt, requires_grad=True) if c.learn_scale else c.scale
-    p = ContrastProblem(q=q, k=k, scale=scale, **meta)
+    p = ContrastProblem(q=q_in, k=k_in, scale=scale, **meta)
     if impl == "reference":
         out = reference_rows(p)
     elif configs is None:
         out = triton_rows(p)
     else:
-        out = TritonContrast.apply(q, k, scale, launch_options(p, False, True, configs))
+        out = TritonContrast.apply(q_in, k_in, scale, launch_options(p, False, True, configs))
     (out[0].double() * w).sum().backward()
     grads = [None if t is None else t.grad for t in (q, None if c.q_is_k else k)]
     ds = scale.grad if c.learn_scale else None
@@ -154,6 +160,8 @@ CASES = {
                                 seed=26),
     "dense-groups-s32": replace(BASE, G=6, N=32, q_is_k=True, exclude_self=True, rule="radius", seed=27),
     "M0": replace(BASE, M=0, rule="label", seed=28),
+    "strided-views": replace(BASE, strided=True, exclude_self=True, k_valid="random", seed=29),
+    "strided-views-f16-D150": replace(BASE, strided=True, D=150, dtype=F16, rule="index", seed=35),
 }
 
 

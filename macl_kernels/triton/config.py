@@ -79,6 +79,8 @@ def choose_config(phase: str, N: int, M: int, D: int, dtype: torch.dtype) -> Ker
     # Every branch below was checked with `python -m macl_kernels.aot` (sm_80 and sm_90, fp32 in IEEE and
     # TF32): no local memory, no spills. Register use is dominated by the BLOCK_M×BLOCK_N tile and by the
     # dot operands (fp32 IEEE dots run on FMA units with operands in registers: small BLOCK_D there).
+    # BLOCK_D is the same in all three phases, so the backward recomputes z with the forward's chunking
+    # (z must round as it did against the saved LSE; see README).
     if cls != "large":
         b = 16 if cls == "s16" else 32   # one tile per group (MACL's dense groups of 2B): no wasted rows
         if phase == "fwd":
@@ -91,15 +93,13 @@ def choose_config(phase: str, N: int, M: int, D: int, dtype: torch.dtype) -> Ker
     if phase == "fwd":
         if wide:   # 128×64 tiles, 2 warpgroups: wgmma (HGMMA) on sm_90, mma.sync (HMMA) on sm_80
             return KernelConfig(128, 64, min(d, 128 if d <= 256 else 64), 0, num_warps=8, num_stages=2)
-        return KernelConfig(64, 64, 16 if d <= 64 else 32, 0, num_warps=8, num_stages=2)
+        return KernelConfig(64, 64, 16, 0, num_warps=8, num_stages=2)
     if wide:
         return KernelConfig(64, 64, min(d, 128 if d <= 256 else 64), min(d, 128),
                             num_warps=8 if d >= 128 else 4, num_stages=2)
     if d == 16:
         return KernelConfig(64, 64, 16, 16, num_warps=4, num_stages=2)
-    if phase == "dq":
-        return KernelConfig(64, 64, 32, 32, num_warps=8, num_stages=2)
-    return KernelConfig(64, 64, 16, min(d, 64), num_warps=8, num_stages=2)
+    return KernelConfig(64, 64, 16, min(d, 32 if phase == "dq" else 64), num_warps=8, num_stages=2)
 
 
 def shipped_configs() -> list[ShippedConfig]:

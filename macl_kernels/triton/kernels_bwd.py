@@ -94,10 +94,13 @@ def contrast_dq_kernel(
         else:
             k_meta = tl.load(KM + g * M + offs_n, mask=col_ok, other=0.0)
             pos = valid & (tl.abs(q_meta[:, None] - k_meta[None, :]) < threshold)
-        # z − LSE in natural units first (one FMA, rounded once near 0), then exp2: folding log2(e) into the
-        # scale as the forward does would add two roundings of size |z|·eps to every exponent.
-        # where(), not a product with the mask: the exponent is +inf on rows with LSE = -inf (empty V(i))
-        p = tl.where(valid, tl.exp2((acc * s - lse[:, None]) * LOG2E), 0.0)
+        # P = exp(z − LSE) with z = fl(acc·s) rounded exactly as the forward rounded it (the where() keeps the
+        # compiler from contracting acc·s − LSE into one FMA), then z − LSE (near 0, so exact or nearly), then
+        # exp2. P must be consistent with the z that LSE was built from: a different rounding of z alone
+        # costs ~|z|·eps of relative error on every P_ij, several times the reference's gradient error.
+        # where(), not a product with the mask: on rows with LSE = -inf (empty V(i)) the exponent is NaN/inf.
+        z = tl.where(valid, acc * s, float("-inf"))
+        p = tl.where(valid, tl.exp2((z - lse[:, None]) * LOG2E), 0.0)
         dz = g_row[:, None] * (p - tl.where(pos, inv_cnt[:, None], 0.0))
         if REUSE_K:
             k_out = k_tile
@@ -198,7 +201,8 @@ def contrast_dk_kernel(
         else:
             q_meta = tl.load(QM + g * N + offs_m, mask=row_ok, other=0.0)
             pos = valid & (tl.abs(q_meta[:, None] - k_meta[None, :]) < threshold)
-        p = tl.where(valid, tl.exp2((acc * s - lse[:, None]) * LOG2E), 0.0)   # as in the dq kernel
+        z = tl.where(valid, acc * s, float("-inf"))                            # as in the dq kernel
+        p = tl.where(valid, tl.exp2((z - lse[:, None]) * LOG2E), 0.0)
         dz = g_row[:, None] * (p - tl.where(pos, inv_cnt[:, None], 0.0))
         if REUSE_Q:
             q_out = q_tile

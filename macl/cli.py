@@ -1,0 +1,445 @@
+"""The ``macl`` command line: ``macl pretrain | finetune | evaluate | demo | bench``.
+
+Each command shows a progress bar with ETA (tqdm, on stderr), saves its resolved config in the run folder,
+appends JSON lines to ``events.jsonl`` there (start, warnings, end or error), and on failure prints one line
+``macl: error: ...`` and exits with a non-zero status (``--debug`` shows the traceback instead).
+``python -m macl.cli`` works like ``macl``. Run ``macl COMMAND --help`` for every flag.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+EXIT_ERROR, EXIT_INTERRUPTED = 1, 130
+#: errors whose message is shown as it is (others get their type name in front)
+KNOWN_ERRORS = ("ValueError", "OSError", "KeyError", "FloatingPointError", "NonFiniteLossError")
+
+
+# ------------------------------------------------------------------------------------------ plumbing
+class EventLog(logging.Handler):
+    """JSON lines in ``folder/events.jsonl``: explicit events plus the ``macl`` logger's records.
+
+    Lines are kept in memory until the folder exists (a command must not create its run folder before its
+    data have been checked), then appended and flushed one by one.
+    """
+
+    def __init__(self, folder: Optional[Path], command: str) -> None:
+        super().__init__(logging.INFO)
+        self.folder, self.command, self.pending = folder, command, []
+
+    def event(self, kind: str, **fields: Any) -> None:
+        self._write({"time": round(time.time(), 3), "command": self.command, "event": kind, **fields})
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self._write({"time": round(record.created, 3), "command": self.command, "event": "log",
+                     "level": record.levelname.lower(), "logger": record.name, "message": record.getMessage()})
+
+    def _write(self, obj: dict) -> None:
+        self.pending.append(json.dumps(obj, default=str))
+        if self.folder is not None and self.folder.is_dir():
+            with open(self.folder / "events.jsonl", "a") as fh:
+                fh.write("".join(line + "\n" for line in self.pending))
+            self.pending = []
+
+
+class Bars:
+    """Progress callbacks drawing tqdm bars: ``bars("stage")`` returns ``progress(done, total, info)``.
+
+    A new stage closes the previous bar; the bar opens at the first call, at ``done - 1``, so a resumed run's
+    ETA counts only the remaining steps.
+    """
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled, self.bar, self.stage = enabled, None, None
+
+    def __call__(self, stage: str):
+        def progress(done: int, total: int, info: Optional[dict] = None) -> None:
+            if not self.enabled:
+                return
+            from tqdm import tqdm
+            if self.bar is None or self.stage != stage:
+                self.close()
+                self.bar = tqdm(total=total, initial=max(0, done - 1), desc=stage, dynamic_ncols=True,
+                                file=sys.stderr, unit="step" if stage in ("pretrain", "finetune") else "it",
+                                leave=True, mininterval=0.5)
+                self.stage = stage
+            self.bar.update(done - self.bar.n)
+            info = info or {}
+            post = {k: f"{info[k]:.4g}" for k in ("loss", "lr") if isinstance(info.get(k), float)}
+            if "case" in info:
+                post["case"] = info["case"]
+            if post:
+                self.bar.set_postfix(post, refresh=False)
+            if done >= total:
+                self.close()
+        return progress
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar, self.stage = None, None
+
+
+class _TqdmHandler(logging.Handler):
+    """Warnings to stderr without breaking a progress bar."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            from tqdm import tqdm
+            tqdm.write(f"macl: {record.levelname.lower()}: {record.getMessage()}", file=sys.stderr)
+        except Exception:  # pragma: no cover - logging must never raise
+            self.handleError(record)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+    text = " ".join(str(text).split())
+    return text or type(exc).__name__
+
+
+def _float_list(n: int):
+    def parse(text: str) -> tuple:
+        parts = [float(p) for p in text.replace(",", " ").split()]
+        if len(parts) != n:
+            raise argparse.ArgumentTypeError(f"expected {n} comma-separated numbers, got {text!r}")
+        return tuple(parts)
+    return parse
+
+
+def _preprocess_overrides(args: argparse.Namespace) -> dict:
+    out = {}
+    if args.spacing is not None:
+        out["spacing"] = list(args.spacing)
+    if args.ct_window is not None:
+        out["ct_window"] = list(args.ct_window)
+    if args.cache_dir is not None:
+        out["cache_dir"] = str(args.cache_dir)
+    if args.orientation is not None:
+        out["orientation"] = None if args.orientation.lower() == "none" else args.orientation
+    return out
+
+
+# ------------------------------------------------------------------------------------------ commands
+def cmd_pretrain(args: argparse.Namespace, log: EventLog, bars: Bars) -> int:
+    from macl.config import PretrainConfig
+    from macl.workflow import RESOLVED, PretrainSpec, read_config_file, run_pretrain
+    run = Path(args.out)
+    spec = PretrainSpec(str(args.data), PretrainConfig())
+    if args.resume is not None and (run / RESOLVED).is_file():  # continue with the run's own settings
+        spec = PretrainSpec.from_dict(json.loads((run / RESOLVED).read_text()), data=str(args.data))
+    sections = read_config_file(args.config) if args.config else {}
+    flags = []
+    for flag, key in (("method", "method.name"), ("dims", "net.dims"), ("steps", "train.steps"),
+                      ("lr", "optim.lr"), ("base_width", "net.base_width"), ("depth", "net.depth"),
+                      ("norm", "net.norm"), ("seed", "train.seed"), ("device", "train.device"),
+                      ("checkpoint_every", "train.checkpoint_every"), ("batch_size", "data.batch_size"),
+                      ("views", "data.views"), ("slice_axis", "data.slice_axis"),
+                      ("patches_per_volume", "data.patches_per_volume")):
+        value = getattr(args, flag)
+        if value is not None:
+            flags.append(f"{key}={value!r}")
+    if args.patch_size is not None:
+        flags.append(f"data.patch_size={list(args.patch_size)!r}")
+    flags += [f"preprocess.{k}={v!r}" for k, v in _preprocess_overrides(args).items()]
+    spec = spec.updated(sections, flags + list(args.set or []))
+    spec.skip_bad = spec.skip_bad or args.skip_bad
+    log.event("config", resolved=spec.to_dict())
+    out = run_pretrain(spec, run, resume=args.resume, progress=bars("pretrain"), load_progress=bars("load"))
+    bars.close()
+    rec = out["record"]
+    log.event("done", step=out["step"], checkpoint=out["checkpoint"], weights=out["weights"],
+              resumed_from=out["resumed_from"], last=rec)
+    resumed = f" (resumed from {out['resumed_from']})" if out["resumed_from"] else ""
+    loss = f", last loss {rec['loss']:.4f}" if "loss" in rec else ""
+    print(f"pre-training done{resumed}: {out['step']} steps{loss}, {out['seconds']:.0f} s")
+    print(f"weights for fine-tuning: {out['weights']}  (macl finetune --pretrained {run} ...)")
+    return 0
+
+
+def cmd_finetune(args: argparse.Namespace, log: EventLog, bars: Bars) -> int:
+    from macl.config import NetConfig
+    from macl.data import PreprocessConfig, read_case_list
+    from macl.finetune import FinetuneConfig
+    from macl.train import resolve_device
+    from macl.workflow import format_summary, parse_value, patch_size, pretrained_net, run_finetune
+    net = dict(pretrained_net(args.pretrained)) if args.pretrained else {}
+    net.pop("in_channels", None)
+    for flag, key in (("dims", "dims"), ("base_width", "base_width"), ("depth", "depth"), ("norm", "norm")):
+        if getattr(args, flag) is not None:
+            net[key] = getattr(args, flag)
+    net.setdefault("dims", 2)
+    NetConfig(**net)
+    kw: dict[str, Any] = {"dims": int(net["dims"]), "patch_size": patch_size(args.patch_size, int(net["dims"])),
+                          "device": str(resolve_device(args.device)), "skip_bad": args.skip_bad}
+    for name in ("steps", "batch_size", "lr", "loss", "seed", "test_fraction", "checkpoint_every", "slice_axis"):
+        if getattr(args, name) is not None:
+            kw[name] = getattr(args, name)
+    if args.labels_fraction is not None:
+        kw["labels_fraction"] = args.labels_fraction
+    if args.labelled_cases is not None:
+        kw["labelled_cases"] = read_case_list(args.labelled_cases)
+    if args.test_cases is not None:
+        kw["test_cases"] = read_case_list(args.test_cases)
+    pre = _preprocess_overrides(args)
+    for item in args.set or []:
+        if "=" not in item:
+            raise ValueError(f"--set wants key=value or preprocess.key=value, got {item!r}")
+        key, value = item.split("=", 1)
+        if key.startswith("preprocess."):
+            pre[key.split(".", 1)[1]] = parse_value(value)
+        elif key.startswith("net."):
+            net[key.split(".", 1)[1]] = parse_value(value)
+        elif key in FinetuneConfig.__dataclass_fields__ and key != "preprocess":
+            kw[key] = parse_value(value)
+        else:
+            raise ValueError(f"unknown --set key {key!r}; known: {sorted(FinetuneConfig.__dataclass_fields__)}, "
+                             f"net.*, preprocess.*")
+    cfg = FinetuneConfig(preprocess=PreprocessConfig(**pre), **kw)
+    log.event("config", net=net, finetune=cfg.to_dict(), pretrained=args.pretrained)
+    out = run_finetune(str(args.data), args.out, cfg, net, pretrained=args.pretrained, progress=bars("finetune"),
+                       evaluate_test=not args.no_evaluate)
+    bars.close()
+    log.event("done", labelled=out["labelled"], test=out["test"], last_loss=out["last_loss"],
+              loaded_pretrained=len(out["loaded_pretrained"]))
+    init = f"{len(out['loaded_pretrained'])} pre-trained tensors" if args.pretrained else "from scratch"
+    print(f"fine-tuning done ({init}, {len(out['labelled'])} labelled case(s): {', '.join(out['labelled'])}), "
+          f"{out['seconds']:.0f} s")
+    if out["summary"] is not None:
+        print(format_summary(out["summary"]))
+        print(f"summary: {Path(args.out) / 'summary.json'}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace, log: EventLog, bars: Bars) -> int:
+    from macl.data import read_case_list
+    from macl.data.metrics import write_json_atomic
+    from macl.workflow import format_summary, run_evaluate
+    cases = read_case_list(args.cases) if args.cases else None
+    run = Path(args.run)
+    summary = run_evaluate(run, str(args.data), cases, progress=bars("evaluate"))
+    bars.close()
+    write_json_atomic(run / "evaluate_config.json", {"run": str(run), "data": str(args.data), "cases": cases})
+    log.event("done", foreground_mean=summary["foreground_mean"], n_cases=summary["n_cases"])
+    print(format_summary(summary))
+    print(f"summary: {run / 'summary.json'}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace, log: EventLog, bars: Bars) -> int:
+    from macl.demo import DemoConfig, run_demo
+    cfg = DemoConfig.quick() if args.quick else DemoConfig.full()
+    if args.seed is not None:
+        cfg.seed = args.seed
+    result = run_demo(args.out, cfg, progress=lambda stage, d, t, info=None: bars(stage)(d, t, info))
+    bars.close()
+    log.event("done", table=result["table_rows"], seconds=result["seconds"])
+    print(result["table"])
+    print(f"figures: {', '.join(result['figures'])}")
+    print(f"total time: {result['seconds']:.0f} s")
+    return 0
+
+
+def _repo_with_benchmarks() -> Optional[Path]:
+    """The source checkout holding ``benchmarks/sweep.py`` next to ``macl/``: from the package or the cwd."""
+    for root in (Path(__file__).resolve().parent.parent, Path.cwd()):
+        if (root / "benchmarks" / "sweep.py").is_file() and (root / "macl_kernels").is_dir():
+            return root
+    return None
+
+
+def cmd_bench(args: argparse.Namespace, log: EventLog, bars: Bars) -> int:
+    root = _repo_with_benchmarks()
+    if root is None:
+        raise FileNotFoundError("`macl bench` runs benchmarks/sweep.py, which is not installed with the package: "
+                                "run it from a source checkout (git clone ...; cd macl; macl bench)")
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(root)] + [p for p in [env.get("PYTHONPATH")] if p])
+    rest = [a for a in args.sweep_args if a != "--"]
+    return subprocess.call([sys.executable, "-m", "benchmarks.sweep", *rest], cwd=str(root), env=env)
+
+
+# ------------------------------------------------------------------------------------------ parser
+def _common(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("output")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument("--verbose", action="store_true", help="show info messages on stderr, not only warnings")
+    g.add_argument("--debug", action="store_true", help="on error, print the full traceback")
+
+
+def _preprocess_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("pre-processing (applied per volume before sampling; cached with --cache-dir)")
+    g.add_argument("--spacing", type=_float_list(3), metavar="X,Y,Z",
+                   help="resample to this voxel size in mm (default: keep each volume's own spacing)")
+    g.add_argument("--ct-window", type=_float_list(2), metavar="LO,HI",
+                   help="clip intensities to this window before the z-score (CT, e.g. -160,240)")
+    g.add_argument("--orientation", metavar="AXCODES", help="reorient to these axis codes (default RAS; 'none': keep)")
+    g.add_argument("--cache-dir", type=Path, metavar="DIR", help="cache pre-processed volumes here (memory-mapped)")
+    g.add_argument("--skip-bad", action="store_true", help="skip unreadable volumes with a warning instead of stopping")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from macl import __version__
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    ap = argparse.ArgumentParser(prog="macl", description="MACL: contrastive pre-training and few-label fine-tuning "
+                                 "of segmentation U-Nets on folders of NIfTI volumes.",
+                                 epilog="Run `macl COMMAND --help` for the flags of each command.")
+    ap.add_argument("--version", action="version", version=f"macl {__version__}")
+    sub = ap.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("pretrain", formatter_class=fmt, help="self-supervised pre-training on all volumes",
+                       description="Pre-train a U-Net encoder/decoder (MACL, PCL or SimCLR) on every volume of a data "
+                       "set; labels are not used. Writes RUN/resolved_config.json, log.jsonl, events.jsonl, "
+                       "checkpoints/ and pretrained_weights.pt. Settings: defaults < --config < flags < --set.")
+    p.add_argument("--data", required=True, type=Path, help="NIfTI folder, MSD/nnU-Net folder, or datalist .json")
+    p.add_argument("--out", required=True, type=Path, metavar="RUN", help="run folder")
+    p.add_argument("--method", choices=("macl", "pcl", "simclr"), help="pre-training objective (default macl)")
+    p.add_argument("--dims", type=int, choices=(2, 3), help="2: slices, 3: patches (default 2)")
+    p.add_argument("--config", type=Path, metavar="FILE", help="settings file (.toml/.json/.yaml) with sections net, "
+                   "method, optim, train, data, preprocess")
+    p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
+                   help="override one setting, e.g. --set method.threshold=0.05 --set data.crop='centre' (repeatable)")
+    p.add_argument("--resume", metavar="auto|PATH", help="continue an interrupted run: 'auto' = RUN's latest "
+                   "checkpoint (a fresh run if there is none), or a checkpoint file; uses RUN's saved settings")
+    g = p.add_argument_group("data and training (shortcuts for --set)")
+    g.add_argument("--patch-size", type=int, nargs="+", metavar="N", help="crop size: one number or one per axis "
+                   "(default 64); MACL needs multiples of 2^(depth+2)")
+    g.add_argument("--batch-size", type=int, help="samples per step (default 16)")
+    g.add_argument("--steps", type=int, help="optimiser steps (default 1000)")
+    g.add_argument("--lr", type=float, help="initial SGD learning rate (default 0.01)")
+    g.add_argument("--base-width", type=int, help="U-Net base width F (default 32)")
+    g.add_argument("--depth", type=int, help="U-Net pooling stages (default 4)")
+    g.add_argument("--norm", choices=("batch", "instance", "none"), help="normalisation layers (default batch)")
+    g.add_argument("--views", choices=("code", "paper"), help="view preset: the public code's (default) or the paper's")
+    g.add_argument("--slice-axis", type=int, choices=(0, 1, 2), help="axis slices / positions are taken along (default 2)")
+    g.add_argument("--patches-per-volume", type=int, help="3D: random patches per volume and epoch (default 8)")
+    g.add_argument("--seed", type=int, help="random seed (default 0)")
+    g.add_argument("--device", help="auto (default), cpu, cuda, cuda:1, ...")
+    g.add_argument("--checkpoint-every", type=int, help="write a checkpoint every N steps (default 500)")
+    _preprocess_flags(p)
+    _common(p)
+    p.set_defaults(func=cmd_pretrain, folder="out")
+
+    p = sub.add_parser("finetune", formatter_class=fmt, help="fine-tune a segmentation U-Net on the labelled few",
+                       description="Fine-tune the segmentation U-Net on a label budget, from pre-trained weights or "
+                       "from scratch, then evaluate it on held-out test cases (summary.json). Rerunning with the "
+                       "same --out continues an interrupted run from its last checkpoint.")
+    p.add_argument("--data", required=True, type=Path, help="data set with labels (MSD/nnU-Net folder, NIfTI folder "
+                   "with a labels/ sub-folder, or datalist .json)")
+    p.add_argument("--out", required=True, type=Path, metavar="RUN", help="run folder")
+    p.add_argument("--pretrained", metavar="RUN_OR_FILE", help="a `macl pretrain` run folder, its "
+                   "pretrained_weights.pt, or a checkpoint; the network settings are read from it")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--labels-fraction", type=float, metavar="F", help="use the labels of this fraction of the "
+                        "training cases, chosen by --seed (default: all)")
+    budget.add_argument("--labelled-cases", type=Path, metavar="FILE", help="use the labels of exactly these cases "
+                        "(JSON list or one case id per line)")
+    g = p.add_argument_group("split and training")
+    g.add_argument("--test-fraction", type=float, help="fraction of labelled cases held out for testing (default 0.2)")
+    g.add_argument("--test-cases", type=Path, metavar="FILE", help="explicit test case ids instead of --test-fraction")
+    g.add_argument("--dims", type=int, choices=(2, 3), help="2D slices or 3D patches (default: the pre-trained net's, else 2)")
+    g.add_argument("--patch-size", type=int, nargs="+", metavar="N", help="training / sliding-window size (default 64)")
+    g.add_argument("--steps", type=int, help="optimiser steps (default 1000)")
+    g.add_argument("--batch-size", type=int, help="samples per step (default 10)")
+    g.add_argument("--lr", type=float, help="initial Adam learning rate (default 5e-4)")
+    g.add_argument("--loss", choices=("dice_ce", "ce"), help="Dice + cross-entropy (default) or cross-entropy")
+    g.add_argument("--slice-axis", type=int, choices=(0, 1, 2), help="2D: axis slices are taken along (default 2)")
+    g.add_argument("--seed", type=int, help="seed of the split, the label selection and training (default 0)")
+    g.add_argument("--base-width", type=int, help="U-Net base width F (default: the pre-trained net's, else 32)")
+    g.add_argument("--depth", type=int, help="U-Net pooling stages (default: the pre-trained net's, else 4)")
+    g.add_argument("--norm", choices=("batch", "instance", "none"), help="normalisation (default: pre-trained net's)")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
+    g.add_argument("--checkpoint-every", type=int, help="checkpoint every N steps (default 200)")
+    g.add_argument("--no-evaluate", action="store_true", help="do not evaluate on the test cases at the end")
+    g.add_argument("--set", action="append", metavar="KEY=VALUE", help="any FinetuneConfig field, e.g. "
+                   "--set foreground_prob=0.5, or preprocess.KEY=VALUE (repeatable)")
+    _preprocess_flags(p)
+    _common(p)
+    p.set_defaults(func=cmd_finetune, folder="out")
+
+    p = sub.add_parser("evaluate", formatter_class=fmt, help="score a fine-tuned run: Dice and HD95 -> summary.json",
+                       description="Predict the test cases of a fine-tuning run (or --cases) with its final model "
+                       "and write RUN/summary.json (per case and class: Dice, HD95 in mm; means).")
+    p.add_argument("--run", required=True, type=Path, help="a `macl finetune` run folder")
+    p.add_argument("--data", required=True, type=Path, help="the data set the run was fine-tuned on")
+    p.add_argument("--cases", type=Path, metavar="FILE", help="evaluate these labelled cases instead of the run's test split")
+    _common(p)
+    p.set_defaults(func=cmd_evaluate, folder="run")
+
+    p = sub.add_parser("demo", formatter_class=fmt, help="the built-in demo on generated phantom data (no download)",
+                       description="Generate phantom volumes, pre-train MACL on all of them, fine-tune a U-Net with "
+                       "the same few labels from the pre-trained weights and from scratch, evaluate both, print a "
+                       "Dice table and write PNGs (loss curves, Dice per class, a prediction overlay) into --out. "
+                       "About 10 minutes on 2 CPU cores (--quick: about 2).")
+    p.add_argument("--out", type=Path, default=None, help="output folder (default: macl_demo, or macl_demo_quick)")
+    p.add_argument("--quick", action="store_true", help="a smaller, shorter version (a smoke test, not a fair comparison)")
+    p.add_argument("--seed", type=int, help="seed of data, split and training (default 0)")
+    _common(p)
+    p.set_defaults(func=cmd_demo, folder="out")
+
+    p = sub.add_parser("bench", help="the benchmark sweep (source checkout only)", add_help=True,
+                       description="Runs `python -m benchmarks.sweep` of the source checkout with the remaining "
+                       "arguments, e.g. `macl bench --preset quick`. See `python -m benchmarks.sweep --help`.")
+    p.add_argument("sweep_args", nargs=argparse.REMAINDER, help="arguments for benchmarks.sweep")
+    p.set_defaults(func=cmd_bench, folder=None, no_progress=True, verbose=False, debug=False)
+    return ap
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the command line; returns the exit status (0 ok, 1 error, 2 usage error, 130 interrupted)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    if argv[:1] == ["bench"] and not set(argv[1:2]) & {"-h", "--help"}:
+        args = argparse.Namespace(command="bench", func=cmd_bench, folder=None, no_progress=True, verbose=False,
+                                  debug="--debug" in argv, sweep_args=argv[1:])
+    else:
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit as e:  # --help, --version, usage errors: argparse printed the message
+            return int(e.code or 0)
+    if args.command == "demo" and args.out is None:
+        args.out = Path("macl_demo_quick" if args.quick else "macl_demo")
+    folder = getattr(args, args.folder) if args.folder else None
+    log = EventLog(Path(folder) if folder is not None else None, args.command)
+    console = _TqdmHandler(logging.INFO if args.verbose else logging.WARNING)
+    pkg = logging.getLogger("macl")
+    old_level = pkg.level
+    pkg.setLevel(logging.INFO)
+    pkg.addHandler(log)
+    pkg.addHandler(console)
+    bars = Bars(enabled=not args.no_progress)
+    t0 = time.perf_counter()
+    log.event("start", argv=argv, cwd=os.getcwd())
+    try:
+        status = args.func(args, log, bars)
+        log.event("end", status=status, seconds=round(time.perf_counter() - t0, 3))
+        return status
+    except KeyboardInterrupt:
+        bars.close()
+        log.event("interrupted", seconds=round(time.perf_counter() - t0, 3))
+        print("macl: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as e:  # every failure ends in one line (the traceback only with --debug)
+        bars.close()
+        known = any(c.__name__ in KNOWN_ERRORS for c in type(e).__mro__)
+        message = _one_line(e) if known else f"{type(e).__name__}: {_one_line(e)}"
+        log.event("error", type=type(e).__name__, message=message, traceback=traceback.format_exc())
+        if args.debug:
+            traceback.print_exc()
+        print(f"macl: error: {message}", file=sys.stderr)
+        return EXIT_ERROR
+    finally:
+        pkg.removeHandler(log)
+        pkg.removeHandler(console)
+        pkg.setLevel(old_level)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,387 @@
+"""The researcher's workflow as three calls: pre-train on a data folder, fine-tune, evaluate.
+
+What the ``macl`` command line runs (``macl.cli`` adds argument parsing, progress bars, logs and
+error messages on top; ``macl.demo`` chains the three). Library code: progress is reported through
+callables ``progress(done, total, info)``, diagnostics through :mod:`logging`, nothing is printed.
+
+Run folders:
+
+- pre-training (``run_pretrain``): ``resolved_config.json`` (the data settings, the pre-processing and
+  the ``PretrainConfig``), plus what :func:`macl.train.pretrain` writes (``config.json``, ``log.jsonl``,
+  ``checkpoints/``) and ``pretrained_weights.pt`` (the exported encoder/decoder) at the end.
+- fine-tuning (``run_finetune``): ``resolved_config.json`` (the network, the ``FinetuneConfig``, the
+  pre-trained source), plus what :func:`macl.finetune.finetune` writes (``finetune_config.json``,
+  ``split.json``, ``labelled_cases.json``, ``finetune_log.jsonl``, checkpoints, ``model_final.pt``,
+  ``summary.json``).
+"""
+from __future__ import annotations
+
+import ast
+import dataclasses
+import functools
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+import torch
+
+from macl.config import NetConfig, PretrainConfig, apply_overrides, from_dict, to_dict
+from macl.data import (DataError, PreprocessConfig, PretrainDataConfig, PretrainDataset, ViewConfig,
+                       batches_from_step, batches_per_epoch, load_volumes, open_dataset)
+from macl.data.metrics import write_json_atomic
+
+logger = logging.getLogger(__name__)
+Progress = Callable[[int, int, dict], None]
+RESOLVED = "resolved_config.json"
+WEIGHTS = "pretrained_weights.pt"
+DATA_KEYS = ("batch_size", "patch_size", "slice_axis", "crop", "channel", "patches_per_volume",
+             "position_axes", "views", "seed")
+
+
+def parse_value(text: str) -> Any:
+    """A ``--set`` value: a Python literal where possible ("3", "(64, 64)", "none", "true"), else the string."""
+    low = text.strip().lower()
+    if low in ("none", "null"):
+        return None
+    if low in ("true", "false"):
+        return low == "true"
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def read_config_file(path: str | os.PathLike) -> dict:
+    """Nested dict from a .toml, .json or .yaml/.yml file.
+
+    Raises:
+        FileNotFoundError: no such file. ValueError: another extension or unparsable content.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"config file not found: {p}")
+    ext = p.suffix.lower()
+    try:
+        if ext == ".toml":
+            import tomllib
+            data = tomllib.loads(p.read_text())
+        elif ext == ".json":
+            data = json.loads(p.read_text())
+        elif ext in (".yaml", ".yml"):
+            import yaml  # optional dependency
+            data = yaml.safe_load(p.read_text()) or {}
+        else:
+            raise ValueError(f"config file must end in .toml, .json, .yaml or .yml, got {p}")
+    except (ValueError, SyntaxError) as e:  # tomllib.TOMLDecodeError and json.JSONDecodeError are ValueErrors
+        raise ValueError(f"{p}: cannot parse config ({e})") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"{p}: config must be a mapping of sections")
+    return data
+
+
+def _check_keys(section: str, values: Mapping[str, Any], known: Sequence[str]) -> None:
+    bad = sorted(set(values) - set(known))
+    if bad:
+        raise ValueError(f"unknown key(s) {bad} in section {section!r}; known: {sorted(known)}")
+
+
+# -------------------------------------------------------------------------------------- pre-training
+@dataclass
+class PretrainSpec:
+    """Everything a pre-training run needs: the data, how to sample it, and the ``PretrainConfig``.
+
+    ``data``: the data set path. ``sampling``: :class:`PretrainDataConfig` fields except ``dims`` (taken
+    from ``config.net.dims``) and ``views`` (here a preset name, "code" or "paper"); ``batch_size``;
+    ``preprocess``: :class:`PreprocessConfig` fields; ``skip_bad``: skip unreadable volumes.
+    """
+
+    data: str
+    config: PretrainConfig = field(default_factory=PretrainConfig)
+    sampling: dict = field(default_factory=dict)
+    preprocess: dict = field(default_factory=dict)
+    skip_bad: bool = False
+
+    def __post_init__(self) -> None:
+        self.sampling = {"batch_size": 16, "patch_size": None, "views": "code", **dict(self.sampling)}
+        _check_keys("data", self.sampling, DATA_KEYS)
+        _check_keys("preprocess", self.preprocess, [f.name for f in dataclasses.fields(PreprocessConfig)])
+        if int(self.sampling["batch_size"]) < 2:
+            raise ValueError(f"data.batch_size must be >= 2 (contrastive losses need negatives), "
+                             f"got {self.sampling['batch_size']}")
+
+    def data_config(self) -> PretrainDataConfig:
+        """The sampling settings as a :class:`PretrainDataConfig` (patch size defaulted by dims)."""
+        dims = self.config.net.dims
+        kw = {k: v for k, v in self.sampling.items() if k not in ("batch_size", "views")}
+        kw["patch_size"] = patch_size(kw.get("patch_size"), dims)
+        return PretrainDataConfig(dims=dims, views=ViewConfig.from_preset(self.sampling["views"]), **kw)
+
+    def preprocess_config(self) -> PreprocessConfig:
+        return PreprocessConfig(**self.preprocess)
+
+    def to_dict(self) -> dict:
+        """Plain JSON: {"data": {...}, "preprocess": {...}, "pretrain": {...}}."""
+        data = {"path": str(self.data), "skip_bad": self.skip_bad, **self.sampling,
+                "patch_size": list(self.data_config().patch_size)}
+        return json.loads(json.dumps({"data": data, "preprocess": dataclasses.asdict(self.preprocess_config()),
+                                      "pretrain": to_dict(self.config)}))
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], data: Optional[str] = None) -> "PretrainSpec":
+        """Inverse of :meth:`to_dict` (``data`` replaces the stored path when given)."""
+        sampling = dict(d.get("data") or {})
+        path = sampling.pop("path", None)
+        skip = bool(sampling.pop("skip_bad", False))
+        sampling.pop("dims", None)
+        return cls(data or path, from_dict(d.get("pretrain") or {}), sampling, dict(d.get("preprocess") or {}), skip)
+
+    def updated(self, file_sections: Optional[Mapping[str, Any]] = None, overrides: Sequence[str] = ()) -> "PretrainSpec":
+        """A copy with a config file's sections (net, method, optim, train, data, preprocess) merged in,
+        then ``section.key=value`` overrides applied.
+
+        Raises:
+            ValueError: unknown section or key (named), malformed override, bad value.
+        """
+        d = self.to_dict()
+        for section, values in (file_sections or {}).items():
+            if section not in ("data", "preprocess", "net", "method", "optim", "train"):
+                raise ValueError(f"unknown config section {section!r}; expected net, method, optim, train, data, "
+                                 f"preprocess")
+            target = d["pretrain"][section] if section in d["pretrain"] else d[section]
+            target.update(dict(values or {}))
+        rest = []
+        for item in overrides:
+            if "=" not in item or item.split("=", 1)[0].count(".") != 1:
+                raise ValueError(f"--set wants section.key=value, got {item!r}")
+            dotted, value = item.split("=", 1)
+            section, key = dotted.split(".")
+            if section in ("data", "preprocess"):
+                d[section][key] = parse_value(value)
+            else:
+                rest.append(item)
+        spec = PretrainSpec.from_dict(d)
+        if rest:
+            spec.config = apply_overrides(spec.config, rest)
+        return spec
+
+
+def patch_size(value: Any, dims: int) -> tuple[int, ...]:
+    """Patch size for ``dims``: None -> 64 per axis; one number -> repeated; else exactly ``dims`` numbers."""
+    if value is None:
+        return (64,) * dims
+    sizes = [int(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
+    if len(sizes) == 1:
+        sizes = sizes * dims
+    if len(sizes) != dims or min(sizes) < 1:
+        raise ValueError(f"patch size must be 1 or {dims} positive numbers for dims={dims}, got {value}")
+    return tuple(sizes)
+
+
+def has_checkpoint(run_dir: str | os.PathLike) -> bool:
+    """Whether ``run_dir`` already holds a pre-training checkpoint (``checkpoints/latest.pt``)."""
+    return (Path(run_dir) / "checkpoints" / "latest.pt").is_file()
+
+
+def run_pretrain(spec: PretrainSpec, run_dir: str | os.PathLike, resume: Optional[str] = None,
+                 progress: Optional[Progress] = None, load_progress: Optional[Progress] = None) -> dict:
+    """Load the data, pre-train, export the weights.
+
+    The data are read and checked before anything is written to ``run_dir``. ``resume``: None (a fresh run;
+    refused when ``run_dir`` holds checkpoints), "auto" or a checkpoint path (see :func:`macl.train.pretrain`).
+
+    Returns:
+        {"step", "checkpoint", "weights", "record", "resumed_from", "seconds"}.
+
+    Raises:
+        DataError: bad data (named file). ValueError: bad settings, or a fresh run into a folder with
+        checkpoints. FileNotFoundError: a resume checkpoint that does not exist. NonFiniteLossError.
+    """
+    from macl.train import export_weights, pretrain
+    t0 = time.perf_counter()
+    run = Path(run_dir)
+    if resume is None and has_checkpoint(run):
+        raise ValueError(f"{run} already holds checkpoints; pass --resume auto to continue it or choose a new --out")
+    if resume not in (None, "auto") and not Path(resume).is_file():
+        raise FileNotFoundError(f"checkpoint to resume not found: {resume}")
+    index = open_dataset(spec.data)
+    dcfg = spec.data_config()
+    volumes = load_volumes(index, spec.preprocess_config(), skip_bad=spec.skip_bad, progress=load_progress)
+    ds = PretrainDataset(volumes, dcfg)
+    bs = int(spec.sampling["batch_size"])
+    if batches_per_epoch(ds, bs) < 1:
+        raise ValueError(f"batch size {bs} is larger than the {len(ds)} samples per epoch of {index.root}")
+    channels = 1 if dcfg.channel is not None else volumes[0].image.shape[0]
+    if spec.config.net.in_channels != channels:
+        logger.info("net.in_channels set to %d to match the data", channels)
+        spec.config.net = dataclasses.replace(spec.config.net, in_channels=channels)
+    resumed_from = None
+    if resume == "auto" and has_checkpoint(run):
+        resumed_from = str(run / "checkpoints" / "latest.pt")
+    elif resume not in (None, "auto"):
+        resumed_from = str(resume)
+    run.mkdir(parents=True, exist_ok=True)
+    resolved = spec.to_dict()
+    resolved["data_summary"] = {"source": index.source, "root": str(index.root), "n_volumes": len(volumes),
+                                "n_cases_listed": len(index.cases), "samples_per_epoch": len(ds),
+                                "batches_per_epoch": batches_per_epoch(ds, bs),
+                                "views": json.loads(json.dumps(dataclasses.asdict(dcfg.views)))}
+    write_json_atomic(run / RESOLVED, resolved)
+    result = pretrain(spec.config, functools.partial(batches_from_step, ds, bs), str(run), resume=resume,
+                      progress=progress)
+    weights = run / WEIGHTS
+    export_weights(result.checkpoint, str(weights))
+    return {"step": result.step, "checkpoint": result.checkpoint, "weights": str(weights), "record": result.record,
+            "resumed_from": resumed_from, "seconds": time.perf_counter() - t0}
+
+
+# -------------------------------------------------------------------------------------- fine-tuning
+def pretrained_net(source: str | os.PathLike) -> dict:
+    """The backbone description (NetConfig dict) of a pre-training run folder, exported weights or checkpoint.
+
+    Raises:
+        FileNotFoundError: nothing usable at ``source``. ValueError: a file without a network description.
+    """
+    p = Path(source)
+    if p.is_dir():
+        if (p / "config.json").is_file():
+            return dict(json.loads((p / "config.json").read_text())["config"]["net"])
+        if (p / WEIGHTS).is_file():
+            p = p / WEIGHTS
+        else:
+            raise FileNotFoundError(f"{p} is not a pre-training run folder (no config.json or {WEIGHTS})")
+    if not p.is_file():
+        raise FileNotFoundError(f"pre-trained weights not found: {p}")
+    try:
+        obj = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:  # unreadable / not a torch file
+        raise ValueError(f"{p}: cannot read pre-trained weights ({type(e).__name__}: {e})") from e
+    if isinstance(obj, Mapping) and isinstance(obj.get("net"), Mapping) and obj["net"]:
+        return dict(obj["net"])
+    if isinstance(obj, Mapping) and isinstance(obj.get("config"), Mapping) and "net" in obj["config"]:
+        return dict(obj["config"]["net"])
+    raise ValueError(f"{p} holds no network description ('net'); pass --base-width/--depth/--norm/--dims yourself")
+
+
+def pretrained_source(source: str | os.PathLike) -> Path:
+    """The file to load pre-trained weights from: a run folder's exported weights (or its checkpoint)."""
+    p = Path(source)
+    if p.is_dir():
+        if (p / WEIGHTS).is_file():
+            return p / WEIGHTS
+        ckpt = p / "checkpoints" / "final.pt"
+        if not ckpt.is_file():
+            ckpt = p / "checkpoints" / "latest.pt"
+            if ckpt.is_file():
+                logger.warning("%s: pre-training is unfinished; using its latest checkpoint %s", p, ckpt)
+        if not ckpt.is_file():
+            raise FileNotFoundError(f"{p} holds neither {WEIGHTS} nor a checkpoint")
+        return ckpt
+    if not p.is_file():
+        raise FileNotFoundError(f"pre-trained weights not found: {p}")
+    return p
+
+
+def model_factory(net: Mapping[str, Any]) -> Callable[[int, int], torch.nn.Module]:
+    """``factory(in_channels, num_classes)`` building the fine-tuning U-Net of backbone ``net``."""
+    from macl.nets import build_finetune_net
+    base = {k: v for k, v in dict(net).items() if k != "in_channels"}
+    NetConfig(**base)  # validate now
+
+    def factory(in_channels: int, num_classes: int) -> torch.nn.Module:
+        return build_finetune_net(NetConfig(in_channels=in_channels, **base), num_classes)
+    return factory
+
+
+def run_finetune(data: str, run_dir: str | os.PathLike, cfg, net: Mapping[str, Any],
+                 pretrained: Optional[str] = None, progress: Optional[Progress] = None,
+                 evaluate_test: bool = True) -> dict:
+    """Fine-tune (resuming ``run_dir`` when it holds a checkpoint) and evaluate on the test cases.
+
+    ``cfg``: a :class:`macl.finetune.FinetuneConfig`; ``net``: backbone settings (NetConfig fields; in_channels
+    comes from the data). When bad data stop the run before its first step, a ``run_dir`` this call created
+    is removed again.
+
+    Returns:
+        {"labelled", "train", "test", "loaded_pretrained", "last_loss", "summary" (dict or None), "seconds"}.
+    """
+    from macl.finetune import finetune
+    t0 = time.perf_counter()
+    run = Path(run_dir)
+    existed = run.exists()
+    factory = model_factory(net)
+    if cfg.dims != int(net.get("dims", 2)):
+        raise ValueError(f"fine-tuning dims={cfg.dims} but the network is {net.get('dims')}D")
+    source = str(pretrained_source(pretrained)) if pretrained is not None else None
+    if not (run / "checkpoint_latest.pt").is_file():
+        # check the data set before the run folder exists
+        open_dataset(data)
+    started = []
+
+    def on_step(step: int, total: int, info: dict) -> None:
+        started.append(step)
+        if progress is not None:
+            progress(step, total, info)
+    run.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(run / RESOLVED, {"data": str(data), "pretrained": source,
+                                       "net": {k: v for k, v in dict(net).items() if k != "in_channels"},
+                                       "finetune": cfg.to_dict()})
+    try:
+        res = finetune(data, run, factory, cfg, pretrained=source, progress=on_step, evaluate_test=evaluate_test)
+    except Exception:
+        if not existed and not started and not (run / "checkpoint_latest.pt").is_file():
+            shutil.rmtree(run, ignore_errors=True)
+        raise
+    summary = None
+    if (run / "summary.json").is_file() and evaluate_test:
+        summary = json.loads((run / "summary.json").read_text())
+    return {"labelled": res.labelled, "train": res.train, "test": res.test, "loaded_pretrained": res.loaded_pretrained,
+            "last_loss": res.last_loss, "summary": summary, "class_names": res.class_names, "model": res.model,
+            "seconds": time.perf_counter() - t0}
+
+
+def run_evaluate(run_dir: str | os.PathLike, data: str, cases: Optional[Sequence[str]] = None,
+                 progress: Optional[Progress] = None) -> dict:
+    """Evaluate a fine-tuning run's final model on its test cases (or ``cases``): writes ``summary.json``.
+
+    Raises:
+        FileNotFoundError: the run folder or one of its files is missing (named).
+    """
+    from macl.finetune import evaluate_run
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise FileNotFoundError(f"run folder not found: {run}")
+    if not (run / RESOLVED).is_file():
+        raise FileNotFoundError(f"{run / RESOLVED} not found: is {run} a fine-tuning run made by `macl finetune`?")
+    saved = json.loads((run / RESOLVED).read_text())
+    if "net" not in saved:
+        raise ValueError(f"{run / RESOLVED} is not a fine-tuning run's config (no 'net')")
+    return evaluate_run(run, data, model_factory(saved["net"]), progress=progress, cases=cases)
+
+
+def dice_table(summary: Mapping[str, Any]) -> list[tuple[str, float, float]]:
+    """(class name, mean Dice, mean HD95) per foreground class, then ("mean", ...) from a summary dict."""
+    names = summary.get("class_names", {})
+    rows = [(names.get(k, k), float(v["Dice"]), float(v["HD95"])) for k, v in summary["mean"].items()]
+    fg = summary["foreground_mean"]
+    return rows + [("mean", float(fg["Dice"]), float(fg["HD95"]))]
+
+
+def _num(x: Optional[float], fmt: str) -> str:
+    return "n/a" if x is None or x != x else format(x, fmt)
+
+
+def format_summary(summary: Mapping[str, Any]) -> str:
+    """A small text table of a summary.json: Dice and HD95 (mm) per class and their mean."""
+    lines = [f"{'class':<14}{'Dice':>8}{'HD95 mm':>10}"]
+    lines += [f"{name:<14}{_num(d, '.3f'):>8}{_num(h, '.2f'):>10}" for name, d, h in dice_table(summary)]
+    return "\n".join(lines) + f"\n({summary.get('n_cases', '?')} test case(s))"
+
+
+__all__ = ["PretrainSpec", "run_pretrain", "run_finetune", "run_evaluate", "pretrained_net", "pretrained_source",
+           "model_factory", "patch_size", "read_config_file", "parse_value", "dice_table", "format_summary",
+           "has_checkpoint", "DataError", "RESOLVED", "WEIGHTS"]
