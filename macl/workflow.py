@@ -187,6 +187,15 @@ def has_checkpoint(run_dir: str | os.PathLike) -> bool:
     return (Path(run_dir) / "checkpoints" / "latest.pt").is_file()
 
 
+def _dry_run(spec: PretrainSpec, ds: PretrainDataset) -> None:
+    """One forward pass on two samples (eval mode, no grad): a patch size the network cannot take, or another
+    setting the method rejects, fails here, before the run folder is written."""
+    from macl.methods import Batch, build_method
+    method = build_method(spec.config.net, spec.config.method).eval()
+    with torch.no_grad():
+        method(Batch.from_any(ds.get_batch([0, min(1, len(ds) - 1)])))
+
+
 def run_pretrain(spec: PretrainSpec, run_dir: str | os.PathLike, resume: Optional[str] = None,
                  progress: Optional[Progress] = None, load_progress: Optional[Progress] = None) -> dict:
     """Load the data, pre-train, export the weights.
@@ -219,6 +228,7 @@ def run_pretrain(spec: PretrainSpec, run_dir: str | os.PathLike, resume: Optiona
     if spec.config.net.in_channels != channels:
         logger.info("net.in_channels set to %d to match the data", channels)
         spec.config.net = dataclasses.replace(spec.config.net, in_channels=channels)
+    _dry_run(spec, ds)
     resumed_from = None
     if resume == "auto" and has_checkpoint(run):
         resumed_from = str(run / "checkpoints" / "latest.pt")

@@ -30,7 +30,8 @@ import torch
 from .triton.config import ShippedConfig, shipped_configs
 
 _TL_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-#: representative kernel switches compiled for every configuration (the most general metadata path)
+#: kernel switches compiled for every configuration: the heaviest path (label rule: int64 key metadata;
+#: exclude_self; key and anchor masks; dq also sums the scale gradient)
 AOT_FLAGS = {"RULE": 1, "EXCLUDE_SELF": True, "HAS_KV": True, "SCALE_IN_MEM": False, "UPCAST_DOT": False}
 
 
@@ -91,13 +92,14 @@ def signature(entry: ShippedConfig, precision: str) -> tuple:
         out = "DQ" if entry.phase == "dq" else "DK"
         row = "stride_dn" if entry.phase == "dq" else "stride_dm"
         sig = {**head, "KV": "*u8", "S_PTR": "*fp32", "LSE": "*fp32", "CNT": "*i32", "GRAD": "*fp32",
-               out: f"*{t}", **scalars, "n_row_tiles" if entry.phase == "dq" else "n_key_tiles": "i32",
+               out: f"*{t}", "DS": "*fp32", **scalars, "n_row_tiles" if entry.phase == "dq" else "n_key_tiles": "i32",
                **strides, "stride_dg": "i32", row: "i32", "stride_dd": "constexpr"}
-        extra = {}
+        extra = {"WITH_DS": True} if entry.phase == "dq" else {}
     const = {"stride_qd": 1, "stride_kd": 1, "stride_on": 1, "stride_dd": 1, "D": entry.D,
              "INPUT_PRECISION": precision, **AOT_FLAGS, **extra, **entry.config.constexprs()}
     jit = kernels_fwd.kernel(fn, interpret=False)
     const = {k: v for k, v in const.items() if k in jit.arg_names}
+    sig = {k: v for k, v in sig.items() if k in jit.arg_names}
     for k in const:
         sig[k] = "constexpr"
     # pointers and the group/row strides are multiples of 16 (D is), as the JIT would specialise them

@@ -143,7 +143,7 @@ CASES = {
     "D150-f32": replace(BASE, D=150, seed=10),
     "D150-f16": replace(BASE, D=150, dtype=F16, rule="radius", seed=11),
     "D150-bf16": replace(BASE, D=150, dtype=BF16, rule="index", k_valid="random", seed=12),
-    "scale1-unnormalised": replace(BASE, scale=1.0, normalize=False, std=2.0, learn_scale=False, seed=13),
+    "scale1-unnormalised": replace(BASE, scale=1.0, normalize=False, std=1.0, learn_scale=False, seed=13),
     "scale10-f16-unnormalised": replace(BASE, scale=10.0, dtype=F16, normalize=False, std=0.5, seed=14),
     "scale100": replace(BASE, scale=100.0, rule="index", learn_scale=False, seed=15),
     "scale100-bf16": replace(BASE, scale=100.0, dtype=BF16, seed=16),

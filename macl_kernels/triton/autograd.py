@@ -2,7 +2,7 @@
 
 Forward: one launch of `contrast_fwd_kernel` -> (loss, lse, count). Backward: `contrast_dq_kernel` when q
 (or a tensor scale) needs a gradient, `contrast_dk_kernel` when k does; no float atomics, so deterministic.
-The scale gradient is exact from dq: Σ_j dz_ij z_ij = ⟨dq_i, q_i⟩, so ds = (1/s) Σ_i ⟨dq_i, q_i⟩.
+The scale gradient ds = Σ_ij dz_ij z_ij / s is summed per anchor inside the dq kernel, in fp32.
 """
 from __future__ import annotations
 
@@ -95,28 +95,32 @@ def launch_fwd(q: torch.Tensor, k: torch.Tensor, scale, o: LaunchOptions):
     return loss, lse, cnt
 
 
-def launch_bwd(phase: str, q, k, scale, lse, cnt, grad, o: LaunchOptions, out_dtype: torch.dtype):
-    """dq (G,N,D) for phase 'dq' or dk (G,M,D) for 'dk', in out_dtype. grad (G,N) fp32, 0 where uncounted."""
+def launch_bwd(phase: str, q, k, scale, lse, cnt, grad, o: LaunchOptions, with_ds: bool = False):
+    """(dq (G,N,D), ds_rows (G,N) fp32 or None) for phase 'dq'; (dk (G,M,D), None) for 'dk'.
+
+    grad (G,N) fp32, 0 where the anchor does not count. Gradients in the input dtype. with_ds (dq only):
+    also Σ_j dz_ij z_ij / s per anchor, whose sum is ∂L/∂s.
+    """
     from .kernels_bwd import contrast_dk_kernel, contrast_dq_kernel
     from .kernels_fwd import kernel
     G, N, D = q.shape
     M = k.shape[1]
     rows = N if phase == "dq" else M
-    out = _empty((G, rows, D), out_dtype, q.device, float("nan"))
-    if out.numel() == 0:
-        return out
-    if N == 0 or M == 0:                  # no z_ij at all: the gradient is exactly zero
-        return out.zero_()
+    out = _empty((G, rows, D), q.dtype, q.device, float("nan"))
+    ds = _empty((G, N), torch.float32, q.device, float("nan")) if with_ds else None
+    if N == 0 or M == 0 or D == 0 or G == 0:   # no z_ij at all: the gradients are exactly zero
+        return out.zero_(), None if ds is None else ds.zero_()
     cfg = o.config(phase, N, M, D, q.dtype)
     tiles = -(-rows // (cfg.BLOCK_M if phase == "dq" else cfg.BLOCK_N))
     km, kv, flags = _common(o, q)
     s_ptr, s, in_mem = _scale_args(scale, lse)
-    fn = contrast_dq_kernel if phase == "dq" else contrast_dk_kernel
-    kernel(fn)[(G * tiles * cfg.n_dout(D),)](
-        q, k, o.q_meta, km, kv, s_ptr, lse, cnt, grad, out, s, o.threshold, N, M, tiles,
+    extra = dict(WITH_DS=with_ds) if phase == "dq" else {}
+    args = [q, k, o.q_meta, km, kv, s_ptr, lse, cnt, grad, out] + ([lse if ds is None else ds] if phase == "dq" else [])
+    kernel(contrast_dq_kernel if phase == "dq" else contrast_dk_kernel)[(G * tiles * cfg.n_dout(D),)](
+        *args, s, o.threshold, N, M, tiles,
         *q.stride(), *k.stride(), lse.stride(0), lse.stride(1), *out.stride(),
-        D=D, SCALE_IN_MEM=in_mem, **flags, **_launch_opts(cfg))
-    return out
+        D=D, SCALE_IN_MEM=in_mem, **flags, **extra, **_launch_opts(cfg))
+    return out, ds
 
 
 class TritonContrast(torch.autograd.Function):
@@ -147,13 +151,12 @@ class TritonContrast(torch.autograd.Function):
         # g_i = 0 for anchors that do not count (invalid or no positive): where(), in case g_loss is not finite
         grad = torch.where(cnt > 0, g_loss.to(torch.float32), 0.0).contiguous()
         if need_q or need_s:
-            dq = launch_bwd("dq", q, k, scale, lse, cnt, grad, ctx.opts, torch.float32 if need_s else q.dtype)
-            if need_s:   # Σ_ij dz_ij z_ij = Σ_i ⟨dq_i, q_i⟩, and ∂z/∂s = z/s
-                ds = (dq * q.to(torch.float32)).sum() / scale_t.detach().to(torch.float32)
-                ds = ds.to(scale_t.dtype)
-                dq = dq.to(q.dtype) if need_q else None
+            dq, ds_rows = launch_bwd("dq", q, k, scale, lse, cnt, grad, ctx.opts, with_ds=need_s)
+            if need_s:   # ∂z_ij/∂s = z_ij/s: ds = Σ_ij dz_ij z_ij / s, per-anchor partial sums from the kernel
+                ds = ds_rows.sum(dtype=torch.float64).to(scale_t.dtype)
+            dq = dq if need_q else None
         if need_k:
-            dk = launch_bwd("dk", q, k, scale, lse, cnt, grad, ctx.opts, k.dtype)
+            dk, _ = launch_bwd("dk", q, k, scale, lse, cnt, grad, ctx.opts)
         return dq, dk, ds, None
 
 

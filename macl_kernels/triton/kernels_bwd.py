@@ -14,15 +14,19 @@ import triton.language as tl
 
 
 def contrast_dq_kernel(
-    Q, K, QM, KM, KV, S_PTR, LSE, CNT, GRAD, DQ,   # GRAD (G,N) fp32 contiguous; DQ (G,N,D) fp32 or q's dtype
+    Q, K, QM, KM, KV, S_PTR, LSE, CNT, GRAD, DQ, DS,  # GRAD, DS (G,N) fp32 contiguous; DQ (G,N,D) q's dtype
     scale, threshold, N, M, n_row_tiles,
     stride_qg, stride_qn, stride_qd, stride_kg, stride_km, stride_kd, stride_og, stride_on,
     stride_dg, stride_dn, stride_dd,
     D: tl.constexpr, RULE: tl.constexpr, EXCLUDE_SELF: tl.constexpr, HAS_KV: tl.constexpr,
-    SCALE_IN_MEM: tl.constexpr, UPCAST_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    SCALE_IN_MEM: tl.constexpr, UPCAST_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr, WITH_DS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DOUT: tl.constexpr,
 ):
-    """dq_i[c-chunk] = s Σ_j dz_ij k_j[c-chunk]; pid = (g·n_row_tiles + row tile)·n_dout + c."""
+    """dq_i[c-chunk] = s Σ_j dz_ij k_j[c-chunk]; pid = (g·n_row_tiles + row tile)·n_dout + c.
+
+    WITH_DS: also DS_i = Σ_j dz_ij z_ij / s = Σ_j dz_ij acc_ij (written by the c = 0 programs), so that
+    ds = Σ_i DS_i is accumulated in fp32 from dz before it is rounded to the input dtype for the dot.
+    """
     LOG2E: tl.constexpr = 1.4426950408889634
     NUM_D: tl.constexpr = (D + BLOCK_D - 1) // BLOCK_D
     NUM_DOUT: tl.constexpr = (D + BLOCK_DOUT - 1) // BLOCK_DOUT
@@ -59,6 +63,7 @@ def contrast_dq_kernel(
             q_tile = q_tile.to(tl.float32)
 
     dq = tl.zeros([BLOCK_M, BLOCK_DOUT], tl.float32)
+    ds = tl.zeros([BLOCK_M], tl.float32)
     for start_n in range(0, M, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         col_ok = offs_n < M
@@ -102,6 +107,8 @@ def contrast_dq_kernel(
         z = tl.where(valid, acc * s, float("-inf"))
         p = tl.where(valid, tl.exp2((z - lse[:, None]) * LOG2E), 0.0)
         dz = g_row[:, None] * (p - tl.where(pos, inv_cnt[:, None], 0.0))
+        if WITH_DS:
+            ds += tl.sum(dz * acc, 1)
         if REUSE_K:
             k_out = k_tile
         else:
@@ -114,6 +121,9 @@ def contrast_dq_kernel(
     dq = dq * s
     d_ptrs = DQ + g * stride_dg + offs_m.to(tl.int64)[:, None] * stride_dn + offs_o[None, :] * stride_dd
     tl.store(d_ptrs, dq.to(DQ.dtype.element_ty), mask=row_ok[:, None] & (offs_o[None, :] < D))
+    if WITH_DS:
+        if c == 0:                        # every D-out chunk computed the same ds; one writes it
+            tl.store(DS + o, ds, mask=row_ok)
 
 
 def contrast_dk_kernel(
