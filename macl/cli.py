@@ -238,6 +238,8 @@ def cmd_demo(args: argparse.Namespace, log: EventLog, bars: Bars) -> int:
     cfg = DemoConfig.quick() if args.quick else DemoConfig.full()
     if args.seed is not None:
         cfg.seed = args.seed
+    if args.threads is not None:
+        cfg.threads = args.threads
     result = run_demo(args.out, cfg, progress=lambda stage, d, t, info=None: bars(stage)(d, t, info))
     bars.close()
     log.event("done", table=result["table_rows"], seconds=result["seconds"])
@@ -269,6 +271,8 @@ def cmd_bench(args: argparse.Namespace, log: EventLog, bars: Bars) -> int:
 # ------------------------------------------------------------------------------------------ parser
 def _common(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("output")
+    g.add_argument("--threads", type=int, metavar="N", help="CPU threads for torch (default: torch's choice, one "
+                   "per core; 1 is often faster for small networks or on a busy machine)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g.add_argument("--verbose", action="store_true", help="show info messages on stderr, not only warnings")
     g.add_argument("--debug", action="store_true", help="on error, print the full traceback")
@@ -388,7 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Runs `python -m benchmarks.sweep` of the source checkout with the remaining "
                        "arguments, e.g. `macl bench --preset quick`. See `python -m benchmarks.sweep --help`.")
     p.add_argument("sweep_args", nargs=argparse.REMAINDER, help="arguments for benchmarks.sweep")
-    p.set_defaults(func=cmd_bench, folder=None, no_progress=True, verbose=False, debug=False)
+    p.set_defaults(func=cmd_bench, folder=None, no_progress=True, verbose=False, debug=False, threads=None)
     return ap
 
 
@@ -415,6 +419,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     pkg.addHandler(log)
     pkg.addHandler(console)
     bars = Bars(enabled=not args.no_progress)
+    if getattr(args, "threads", None) is not None:
+        if args.threads < 1:
+            print(f"macl: error: --threads must be >= 1, got {args.threads}", file=sys.stderr)
+            return EXIT_ERROR
+        import torch
+        torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     log.event("start", argv=argv, cwd=os.getcwd())
     try:

@@ -65,7 +65,7 @@ class NetConfig:
 class MethodConfig:
     """The pre-training objective. Fields a method does not use are ignored by it.
 
-    name: "macl" | "pcl" | "simclr" (see `macl.methods.METHODS`).
+    name: "macl" | "pcl" | "simclr" | "gcl" (see `macl.methods.METHODS`).
     temperature: τ of every contrastive term (0.1).
     threshold: positional threshold; slices/patches whose normalised positions differ by < threshold are
         positives (0.1 for CHD/KiTS, 0.05 for BraTS). Used by MACL (L_g, L_d) and PCL.
@@ -86,6 +86,15 @@ class MethodConfig:
     position_axis: when batches carry positions of shape (B, P) (e.g. a 3D patch's position per axis), the
         column used as the meta-label; None requires positions of shape (B,).
     impl: passed to every `macl_kernels` call ("auto" | "torch" | "triton" | "reference").
+    meta_labels: GCL's meta-labels, one contrastive loss per entry and branch: "position" (the slice/patch
+        position: image positives |Δpos| < threshold, pixel positives in the same position bin of width
+        threshold), "volume" (the volume index) or the name of a per-volume attribute column of the CSV given
+        to the data (`macl.data.metalabels`). A comma-separated string is accepted.
+    gcl_rho: GCL's Gradient Filter: the fraction of each pixel anchor's negatives kept (the largest-gradient
+        ones); 1.0 switches the filter off.
+    gcl_mitigator: GCL's Gradient Mitigator (PCGrad projection of conflicting per-meta-label gradients on
+        each branch's features); False sums the per-label gradients unchanged.
+    pixel_dim: width of GCL's pixel head; None = the width of the last decoder block it runs.
     """
 
     name: str = "macl"
@@ -105,9 +114,22 @@ class MethodConfig:
     dominant_image_source: str = "decoder"
     position_axis: Optional[int] = None
     impl: str = "auto"
+    meta_labels: Sequence[str] = ("position", "volume")
+    gcl_rho: float = 0.5
+    gcl_mitigator: bool = True
+    pixel_dim: Optional[int] = None
 
     def __post_init__(self) -> None:
         _check(isinstance(self.name, str) and self.name != "", f"method.name must be a non-empty string, got {self.name!r}")
+        if isinstance(self.meta_labels, str):
+            self.meta_labels = tuple(x.strip() for x in self.meta_labels.split(",") if x.strip())
+        self.meta_labels = tuple(self.meta_labels)
+        _check(len(self.meta_labels) >= 1 and all(isinstance(x, str) and x for x in self.meta_labels)
+               and len(set(self.meta_labels)) == len(self.meta_labels),
+               f"method.meta_labels must be distinct non-empty names, got {self.meta_labels!r}")
+        _check(isinstance(self.gcl_rho, (int, float)) and 0 < self.gcl_rho <= 1,
+               f"method.gcl_rho must be in (0, 1], got {self.gcl_rho!r}")
+        _check(self.pixel_dim is None or int(self.pixel_dim) >= 1, f"method.pixel_dim must be >= 1 or None, got {self.pixel_dim!r}")
         _check(self.temperature > 0, f"method.temperature must be > 0, got {self.temperature!r}")
         _check(self.threshold > 0, f"method.threshold must be > 0, got {self.threshold!r}")
         _check(self.base_temperature > 0, f"method.base_temperature must be > 0, got {self.base_temperature!r}")

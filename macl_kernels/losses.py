@@ -1,8 +1,21 @@
 """The drop-in losses: thin adapters that lay inputs out as one call of `grouped_info_nce`.
 
 Common arguments: `temperature` τ (float or 0-d tensor), `normalize` (L2-normalise features first),
-`reduction` ("mean" over counted anchors, "sum", "none"), `impl` ("auto", "torch", "triton", "reference").
+`reduction` ("mean" over counted anchors, "sum", "none"), `impl` ("auto", "torch", "triton", "reference"),
+`process_group` (cross-device negatives, below).
 The reduced loss is float32 (float64 for float64 inputs) whatever the feature dtype.
+
+Cross-device negatives: `process_group="world"` (every rank of the default group) or a
+`torch.distributed.ProcessGroup` makes each rank contrast its OWN anchors against the keys of EVERY rank
+(gathered with gradient; local loss). The loss is then the single-process loss over the concatenation of the
+ranks' batches: the MEAN over ranks of the returned loss equals it, and the gradient DistributedDataParallel
+applies (the average over ranks) equals the single-process gradient. The per-rank loss is scaled for this:
+L_r = W·S_r/C for "mean" (S_r: sum of this rank's per-anchor losses, C: counted anchors of all W ranks) and
+W·S_r for "sum"; so the gradient of a rank's own inputs is W × the single-process gradient of those rows.
+"none" returns this rank's rows of the single-process per-anchor loss. Ranks may hold different batch sizes;
+they must agree on D and dtype (checked; every rank raises otherwise). A group of one rank, or
+process_group=None (the default), changes nothing. A `process_group` when torch.distributed is not initialised
+raises RuntimeError. See docs/distributed.md and macl_kernels/dist_core.py.
 """
 from __future__ import annotations
 
@@ -12,7 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .api import Temperature, grouped_info_nce
+from .api import Temperature
+from .dist_core import contrast
+from .distributed import GroupArg, group_rank, resolve_group, world_size
 
 NEGATIVES = ("image", "batch", "location")
 
@@ -31,23 +46,27 @@ def _check_tensor(name: str, x) -> None:
 
 def info_nce(query: torch.Tensor, keys: torch.Tensor, pos_index: Optional[torch.Tensor] = None, *,
              temperature: Temperature = 0.07, normalize: bool = True, reduction: str = "mean",
-             impl: str = "auto") -> torch.Tensor:
+             impl: str = "auto", process_group: GroupArg = None) -> torch.Tensor:
     """InfoNCE: row i's positive is keys[pos_index[i]] (default i); its denominator is all keys.
 
     query (N, D), keys (M, D) (or batched (G, N, D) / (G, M, D)); keys may be a no-grad memory bank.
     pos_index (N,) or (G, N) int in [0, M). Returns a 0-d loss, or (N,) / (G, N) for reduction="none".
+    With `process_group`, the keys are this rank's shard of the global keys (a bank replicated on every rank
+    should not be gathered: leave process_group=None), pos_index indexes this rank's own keys, and the loss
+    is that of the concatenated queries against the concatenated keys (module docstring).
     """
     _check_tensor("query", query)
     _check_tensor("keys", keys)
-    return grouped_info_nce(_prep(query, normalize), _prep(keys, normalize), temperature=temperature,
-                            pos_index=pos_index, reduction=reduction, impl=impl).loss
+    return contrast(_prep(query, normalize), _prep(keys, normalize), group=resolve_group(process_group),
+                    temperature=temperature, pos_index=pos_index, reduction=reduction, impl=impl)
 
 
 def nt_xent(z1: torch.Tensor, z2: torch.Tensor, *, temperature: Temperature = 0.1, normalize: bool = True,
-            reduction: str = "mean", impl: str = "auto") -> torch.Tensor:
+            reduction: str = "mean", impl: str = "auto", process_group: GroupArg = None) -> torch.Tensor:
     """SimCLR's NT-Xent. z1, z2 (B, D): two views of B samples. The 2B embeddings are anchors; each
     anchor's denominator is the other 2B − 1; its positive is the other view of its sample.
-    Returns a 0-d loss (mean over 2B anchors) or (2, B) per anchor for reduction="none"."""
+    Returns a 0-d loss (mean over 2B anchors) or (2, B) per anchor for reduction="none".
+    With `process_group`, B is this rank's batch and the denominators span all 2·ΣB embeddings."""
     _check_tensor("z1", z1)
     _check_tensor("z2", z2)
     if z1.dim() != 2 or z1.shape != z2.shape:
@@ -56,8 +75,8 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, *, temperature: Temperature = 0.
     B = z1.shape[0]
     z = _prep(torch.cat([z1, z2]), normalize)
     i = torch.arange(2 * B, device=z.device)
-    out = grouped_info_nce(z, temperature=temperature, pos_index=(i + B) % (2 * B), exclude_self=True,
-                           reduction=reduction, impl=impl).loss
+    out = contrast(z, group=resolve_group(process_group), temperature=temperature, pos_index=(i + B) % (2 * B),
+                   exclude_self=True, reduction=reduction, impl=impl)
     return out.reshape(2, B) if reduction == "none" else out
 
 
@@ -88,30 +107,33 @@ def _per_anchor_shape(out: torch.Tensor, features: torch.Tensor, reduction: str)
 
 
 def sup_con(features: torch.Tensor, labels: torch.Tensor, *, temperature: Temperature = 0.1,
-            normalize: bool = True, reduction: str = "mean", impl: str = "auto") -> torch.Tensor:
+            normalize: bool = True, reduction: str = "mean", impl: str = "auto",
+            process_group: GroupArg = None) -> torch.Tensor:
     """Supervised contrastive loss L_out (Khosla et al. 2020), without the τ/τ_base rescale.
 
     features (N, D) or (B, V, D) (V views per sample; every view is an anchor); labels (N,) or (B,) int.
     Each anchor's denominator is every other feature; its positives are the other features of its label.
     Anchors with no positive contribute 0 and are not counted. reduction="none" gives (N,) or (B, V).
+    With `process_group`, positives and denominators span the features of every rank.
     """
     flat, lab, _ = _views_first(features, labels, "labels")
-    out = grouped_info_nce(_prep(flat, normalize), temperature=temperature, q_labels=lab, exclude_self=True,
-                           reduction=reduction, impl=impl).loss
+    out = contrast(_prep(flat, normalize), group=resolve_group(process_group), temperature=temperature,
+                   q_labels=lab, exclude_self=True, reduction=reduction, impl=impl)
     return _per_anchor_shape(out, features, reduction)
 
 
 def positional_sup_con(features: torch.Tensor, positions: torch.Tensor, threshold: float = 0.1, *,
                        temperature: Temperature = 0.1, normalize: bool = True, reduction: str = "mean",
-                       impl: str = "auto") -> torch.Tensor:
+                       impl: str = "auto", process_group: GroupArg = None) -> torch.Tensor:
     """Positional SupCon (PCL, MACL): `sup_con` whose positives are features whose positions differ by
     less than `threshold` (compared in float32). The other view of the same sample always counts.
 
     features (N, D) or (B, V, D); positions (N,) or (B,) float (e.g. normalised slice position (i+1)/n).
+    With `process_group`, positives and denominators span the features of every rank.
     """
     flat, pos, _ = _views_first(features, positions, "positions")
-    out = grouped_info_nce(_prep(flat, normalize), temperature=temperature, q_positions=pos,
-                           threshold=threshold, exclude_self=True, reduction=reduction, impl=impl).loss
+    out = contrast(_prep(flat, normalize), group=resolve_group(process_group), temperature=temperature,
+                   q_positions=pos, threshold=threshold, exclude_self=True, reduction=reduction, impl=impl)
     return _per_anchor_shape(out, features, reduction)
 
 
@@ -119,7 +141,7 @@ def dense_info_nce(f1: torch.Tensor, f2: torch.Tensor, mask: Optional[torch.Tens
                    negatives: str = "image", temperature: Temperature = 0.1,
                    positions: Optional[torch.Tensor] = None, threshold: Optional[float] = None,
                    symmetric: bool = False, normalize: bool = True, reduction: str = "mean",
-                   impl: str = "auto") -> torch.Tensor:
+                   impl: str = "auto", process_group: GroupArg = None) -> torch.Tensor:
     """Pixel/voxel-level contrast between two feature maps aligned voxel-for-voxel.
 
     f1, f2: (B, C, *spatial), 2D or 3D, same shape. mask: (B, *spatial) bool, voxels that take part (as
@@ -133,6 +155,9 @@ def dense_info_nce(f1: torch.Tensor, f2: torch.Tensor, mask: Optional[torch.Tens
       Mean over all anchors of all locations (= the mean over locations of per-location means).
     reduction="none" gives (B, *spatial) per anchor ("image"/"batch"; (2, B, *spatial) when symmetric),
     or (2, B, *spatial) for "location" (view, image, location).
+    With `process_group`: "batch" takes its keys (and their mask) from the images of every rank, and each
+    location group of "location" holds the 2·ΣB features of every rank's images at that location; "image"
+    keeps its keys within one image, so only its mean becomes global.
     """
     _check_tensor("f1", f1)
     _check_tensor("f2", f2)
@@ -156,7 +181,8 @@ def dense_info_nce(f1: torch.Tensor, f2: torch.Tensor, mask: Optional[torch.Tens
     a = _prep(f1.reshape(B, C, L).transpose(1, 2), normalize)   # (B, L, C)
     b = _prep(f2.reshape(B, C, L).transpose(1, 2), normalize)
     valid = mask.reshape(B, L) if mask is not None else None
-    common = dict(temperature=temperature, reduction=reduction, impl=impl)
+    group = resolve_group(process_group)
+    common = dict(temperature=temperature, reduction=reduction, impl=impl, group=group)
 
     if negatives == "location":
         feats = torch.cat([a, b]).transpose(0, 1)                # (L, 2B, C): group = location
@@ -167,16 +193,18 @@ def dense_info_nce(f1: torch.Tensor, f2: torch.Tensor, mask: Optional[torch.Tens
                 raise ValueError(f"positions must have shape ({B},), got {tuple(positions.shape)}")
             rule = dict(q_positions=positions.repeat(2).expand(L, 2 * B), threshold=threshold)
         else:
-            rule = dict(q_labels=torch.arange(B, device=f1.device).repeat(2).expand(L, 2 * B))
-        out = grouped_info_nce(feats, exclude_self=True, q_valid=v, k_valid=v, **rule, **common).loss
+            # sample ids, unique over the ranks of a group (rank r's image b is b·W + r)
+            W, rank = world_size(group), group_rank(group)
+            ids = torch.arange(B, device=f1.device) * W + rank
+            rule = dict(q_labels=ids.repeat(2).expand(L, 2 * B))
+        out = contrast(feats, exclude_self=True, q_valid=v, k_valid=v, **rule, **common)
         return out.t().reshape((2, B) + spatial) if reduction == "none" else out
 
     def one_direction(x, y):
         if negatives == "image":
-            return grouped_info_nce(x, y, q_valid=valid, k_valid=valid, **common).loss
+            return contrast(x, y, gather_keys=False, q_valid=valid, k_valid=valid, **common)
         xv = valid.reshape(B * L) if valid is not None else None
-        return grouped_info_nce(x.reshape(B * L, C), y.reshape(B * L, C), q_valid=xv, k_valid=xv,
-                                **common).loss
+        return contrast(x.reshape(B * L, C), y.reshape(B * L, C), q_valid=xv, k_valid=xv, **common)
 
     out = one_direction(a, b)
     if symmetric:
@@ -190,10 +218,11 @@ def dense_info_nce(f1: torch.Tensor, f2: torch.Tensor, mask: Optional[torch.Tens
 # ------------------------------------------------------------------------------------ nn.Module twins
 
 class _LossModule(nn.Module):
-    """Holds τ (a buffer, or a learnable parameter with learn_temperature=True) and the common options."""
+    """Holds τ (a buffer, or a learnable parameter with learn_temperature=True) and the common options
+    (normalize, reduction, impl, process_group: see the functions)."""
 
     def __init__(self, temperature: float, normalize: bool = True, reduction: str = "mean",
-                 impl: str = "auto", learn_temperature: bool = False):
+                 impl: str = "auto", learn_temperature: bool = False, process_group: GroupArg = None):
         super().__init__()
         t = torch.tensor(float(temperature))
         if learn_temperature:
@@ -202,6 +231,8 @@ class _LossModule(nn.Module):
             self.register_buffer("temperature", t, persistent=False)
         self.learn_temperature = learn_temperature
         self.opts = dict(normalize=normalize, reduction=reduction, impl=impl)
+        if process_group is not None:   # resolved at each call: the group may be initialised later
+            self.opts["process_group"] = process_group
 
     def _tau(self):
         return self.temperature if self.learn_temperature else float(self.temperature)

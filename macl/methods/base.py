@@ -6,6 +6,8 @@ A `Batch` carries up to four views of B slices (2D) or patches (3D) and their po
     img3, img4: (B, C, *S) spatially transformed views of img1, img2, for the image-level loss L_g
     positions:  (B,) float, the normalised position pos = (i+1)/n_slices of each slice (or of each patch
                 along the slice axis); or (B, P) with `MethodConfig.position_axis` naming the column.
+    meta:       optional (B, K) float, further meta-labels per sample (GCL: column j is the j-th entry of
+                `MethodConfig.meta_labels` other than "position", e.g. the volume index or a CSV attribute code).
 
 A method declares the views it needs in `required_views` (PCL/SimCLR: img3, img4; MACL: all four).
 `Method.forward(batch)` returns the named, unweighted loss terms; `Method.combine(terms)` the weighted sum
@@ -34,6 +36,7 @@ class Batch:
     img2: Optional[torch.Tensor] = None
     img3: Optional[torch.Tensor] = None
     img4: Optional[torch.Tensor] = None
+    meta: Optional[torch.Tensor] = None
 
     @property
     def size(self) -> int:
@@ -44,11 +47,12 @@ class Batch:
         """A copy with every tensor on `device` (images as float32, positions as float32)."""
         def move(t):
             return None if t is None else t.to(device=device, dtype=torch.float32, non_blocking=non_blocking)
-        return Batch(move(self.positions), *(move(getattr(self, v)) for v in VIEWS))
+        return Batch(move(self.positions), *(move(getattr(self, v)) for v in VIEWS), meta=move(self.meta))
 
     @classmethod
     def from_any(cls, obj: Any) -> "Batch":
-        """Accept a `Batch`, a mapping with keys positions/img1…img4 (extra keys ignored), or a sequence
+        """Accept a `Batch`, a mapping with keys positions/img1…img4 and optionally meta (extra keys
+        ignored), or a sequence
         (img1, img2, img3, img4, positions, *ignored) as the public code's data loaders yield.
 
         Raises:
@@ -59,7 +63,9 @@ class Batch:
         if isinstance(obj, Mapping):
             if "positions" not in obj:
                 raise ValueError(f"batch mapping has no 'positions' key; keys: {sorted(obj)}")
-            return cls(torch.as_tensor(obj["positions"]), *(obj.get(v) for v in VIEWS))
+            meta = obj.get("meta")
+            return cls(torch.as_tensor(obj["positions"]), *(obj.get(v) for v in VIEWS),
+                       meta=None if meta is None else torch.as_tensor(meta))
         if isinstance(obj, (tuple, list)) and len(obj) >= 5:
             return cls(torch.as_tensor(obj[4]), *obj[:4])
         raise TypeError(f"cannot read a batch from {type(obj).__name__}; expected Batch, a mapping, "
@@ -77,7 +83,11 @@ class Batch:
                 raise ValueError(f"view {v!r} is present in some samples and missing in others")
             views[v] = torch.stack([torch.as_tensor(s[v]) for s in samples]) if all(present) else None
         positions = torch.stack([torch.as_tensor(s["positions"], dtype=torch.float32) for s in samples])
-        return cls(positions, **views)
+        has_meta = [s.get("meta") is not None for s in samples]
+        if any(has_meta) and not all(has_meta):
+            raise ValueError("'meta' is present in some samples and missing in others")
+        meta = torch.stack([torch.as_tensor(s["meta"], dtype=torch.float32) for s in samples]) if all(has_meta) else None
+        return cls(positions, **views, meta=meta)
 
 
 def select_positions(positions: torch.Tensor, axis: Optional[int]) -> torch.Tensor:

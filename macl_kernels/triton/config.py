@@ -82,21 +82,23 @@ def choose_config(phase: str, N: int, M: int, D: int, dtype: torch.dtype) -> Ker
     # BLOCK_D is the same in all three phases, so the backward recomputes z with the forward's chunking
     # (z must round as it did against the saved LSE; see README).
     if cls != "large":
-        b = 16 if cls == "s16" else 32   # one tile per group (MACL's dense groups of 2B): no wasted rows
+        # one tile per group (MACL's dense groups of 2B): no wasted rows; a single key tile, so the
+        # backward has no key loop for a deeper pipeline to overlap (num_stages=1 also avoids odd spills)
+        b = 16 if cls == "s16" else 32
         if phase == "fwd":
-            if wide:   # a single key tile per group: nothing for a deeper pipeline to overlap
+            if wide:
                 return KernelConfig(b, b, min(d, 64), 0, num_warps=4 if b == 32 else 2, num_stages=1)
             return KernelConfig(b, b, 16, 0, num_warps=4, num_stages=2)
+        warps = 8 if b == 32 else 4
         if wide:
-            return KernelConfig(b, b, min(d, 64), min(d, 128), num_warps=8 if b == 32 else 4, num_stages=2)
-        return KernelConfig(b, b, 16, min(d, 64), num_warps=4, num_stages=2)
+            return KernelConfig(b, b, min(d, 64), min(d, 128), num_warps=warps, num_stages=1)
+        return KernelConfig(b, b, 16, min(d, 64), num_warps=warps, num_stages=1)
     if phase == "fwd":
         if wide:   # 128×64 tiles, 2 warpgroups: wgmma (HGMMA) on sm_90, mma.sync (HMMA) on sm_80
             return KernelConfig(128, 64, min(d, 128 if d <= 256 else 64), 0, num_warps=8, num_stages=2)
         return KernelConfig(64, 64, 16, 0, num_warps=8, num_stages=2)
     if wide:
-        return KernelConfig(64, 64, min(d, 128 if d <= 256 else 64), min(d, 128),
-                            num_warps=8 if d >= 128 else 4, num_stages=2)
+        return KernelConfig(64, 64, min(d, 128 if d <= 256 else 64), min(d, 128), num_warps=8, num_stages=2)
     if d == 16:
         return KernelConfig(64, 64, 16, 16, num_warps=4, num_stages=2)
     return KernelConfig(64, 64, 16, min(d, 32 if phase == "dq" else 64), num_warps=8, num_stages=2)

@@ -122,7 +122,9 @@ def contrast_dq_kernel(
     d_ptrs = DQ + g * stride_dg + offs_m.to(tl.int64)[:, None] * stride_dn + offs_o[None, :] * stride_dd
     tl.store(d_ptrs, dq.to(DQ.dtype.element_ty), mask=row_ok[:, None] & (offs_o[None, :] < D))
     if WITH_DS:
-        if c == 0:                        # every D-out chunk computed the same ds; one writes it
+        if NUM_DOUT == 1:
+            tl.store(DS + o, ds, mask=row_ok)
+        elif c == 0:                      # every D-out chunk computed the same ds; one writes it
             tl.store(DS + o, ds, mask=row_ok)
 
 

@@ -1,0 +1,190 @@
+"""Cross-device negatives on CPU: 2 gloo ranks against one process, bytes sent and per-rank peak memory.
+
+    python benchmarks/bench_distributed.py                   # the sizes of the benchmark issue (~3 min)
+    python benchmarks/bench_distributed.py --preset quick    # the smallest size of each loss (~30 s)
+
+For each loss and global size, forward + backward of
+- "distributed": `world` gloo ranks (processes on this machine, 1 thread each); rank r holds 1/world of the
+  batch and calls the loss with process_group="world" (its anchors against every rank's keys);
+- "single": one process (`world` threads) with the whole batch and no process group.
+Measured per rank: bytes sent per step, counted from the tensor sizes of every collective
+(`macl_kernels.record_communication`, ring algorithms: an all-gather or reduce-scatter of W·n rows sends
+(W − 1)·n rows per rank); extra memory = the high-water mark of resident memory (VmHWM, reset through
+/proc/self/clear_refs once the inputs exist) minus the resident size then; the whole process's peak RSS; the
+median step time. The distributed loss is checked against the single-process one (mean over ranks, rel. 1e-4).
+One CSV row per (case, mode) → benchmarks/results/distributed_cpu.csv.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import gc
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+if os.path.dirname(HERE) not in sys.path:  # run as a script: make macl_kernels importable
+    sys.path.insert(0, os.path.dirname(HERE))
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import torch.multiprocessing as mp  # noqa: E402
+
+DEFAULT_CSV = os.path.join(HERE, "results", "distributed_cpu.csv")
+TAU = 0.1
+
+# (loss, global sizes) of the benchmark issue's grid (benchmarks/grids.py); dense: negatives="batch"
+PRESETS = {
+    "full": [("nt_xent", dict(B=b, D=128)) for b in (256, 1024, 4096)]
+    + [("sup_con", dict(B=b, D=128)) for b in (512, 2048, 8192)]
+    + [("positional_sup_con", dict(B=b, D=128)) for b in (512, 2048, 8192)]
+    + [("dense_info_nce", dict(B=2, C=64, S=s)) for s in (16, 24, 32)],
+    "quick": [("nt_xent", dict(B=256, D=128)), ("sup_con", dict(B=512, D=128)),
+              ("positional_sup_con", dict(B=512, D=128)), ("dense_info_nce", dict(B=2, C=64, S=16))],
+}
+
+
+def shard_inputs(loss: str, dims: dict, part: int, parts: int, seed: int = 0) -> dict:
+    """Part `part` of `parts` of the global batch (the batch B is split evenly), seeded per part."""
+    g = torch.Generator().manual_seed(seed * 1000 + part)
+    B = dims["B"] // parts
+    if loss == "nt_xent":
+        return dict(z1=torch.randn(B, dims["D"], generator=g), z2=torch.randn(B, dims["D"], generator=g))
+    if loss == "sup_con":
+        return dict(features=torch.randn(B, 2, dims["D"], generator=g), labels=torch.randint(0, 100, (B,), generator=g))
+    if loss == "positional_sup_con":
+        return dict(features=torch.randn(B, 2, dims["D"], generator=g), positions=torch.rand(B, generator=g))
+    S, C = dims["S"], dims["C"]
+    return dict(f1=torch.randn(B, C, S, S, S, generator=g), f2=torch.randn(B, C, S, S, S, generator=g))
+
+
+def global_inputs(loss: str, dims: dict, world: int) -> dict:
+    parts = [shard_inputs(loss, dims, r, world) for r in range(world)]
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+
+def _call(loss: str, inputs: dict, process_group):
+    import macl_kernels as mk
+    kw = dict(temperature=TAU, impl="torch", process_group=process_group)
+    if loss == "positional_sup_con":
+        kw["threshold"] = 0.1
+    if loss == "dense_info_nce":
+        kw["negatives"] = "batch"
+    return getattr(mk, loss)(**inputs, **kw)
+
+
+def _kb(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    return -1
+
+
+def _measure(loss: str, inputs: dict, process_group, reps: int) -> dict:
+    from macl_kernels import record_communication
+    leaves = [v.requires_grad_() for k, v in inputs.items() if v.is_floating_point() and k != "positions"]
+
+    def step():
+        for v in leaves:
+            v.grad = None
+        out = _call(loss, inputs, process_group)
+        out.backward()
+        return out
+
+    with record_communication() as rec:
+        value = float(step().detach())            # warm-up, and the bytes of one step
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")                              # VmHWM := VmRSS
+    base_kb = _kb("VmRSS")
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    by_op = {}
+    for op, _, nbytes in rec.calls:
+        by_op[op] = by_op.get(op, 0.0) + nbytes
+    return dict(loss_value=value, median_s=statistics.median(times), extra_mb=(_kb("VmHWM") - base_kb) / 1024,
+                peak_rss_mb=_kb("VmHWM") / 1024, bytes_sent=sum(by_op.values()),
+                bytes_all_gather=by_op.get("all_gather", 0.0), bytes_reduce_scatter=by_op.get("reduce_scatter", 0.0),
+                bytes_all_reduce=by_op.get("all_reduce", 0.0))
+
+
+def _worker(rank: int, world: int, shards: int, init_file: str, cases: list, reps: int, out_dir: str) -> None:
+    """One process: every case, distributed (world > 1: this rank's shard) or single (the whole batch of
+    `shards` shards)."""
+    distributed = world > 1
+    torch.set_num_threads(1 if distributed else shards)
+    if distributed:
+        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                                timeout=datetime.timedelta(minutes=10))
+    results = []
+    try:
+        for loss, dims in cases:
+            inputs = shard_inputs(loss, dims, rank, shards) if distributed else global_inputs(loss, dims, shards)
+            results.append(_measure(loss, inputs, "world" if distributed else None, reps))
+            del inputs
+            gc.collect()
+    finally:
+        if distributed:
+            dist.destroy_process_group()
+    torch.save(results, os.path.join(out_dir, f"{'dist' if distributed else 'single'}{rank}.pt"))
+
+
+def run(cases: list, world: int, reps: int) -> list[dict]:
+    with tempfile.TemporaryDirectory() as d:
+        mp.spawn(_worker, args=(world, world, os.path.join(d, "init"), cases, reps, d), nprocs=world, join=True)
+        mp.spawn(_worker, args=(1, world, "", cases, reps, d), nprocs=1, join=True)
+        per_rank = [torch.load(os.path.join(d, f"dist{r}.pt")) for r in range(world)]
+        single = torch.load(os.path.join(d, "single0.pt"))
+    rows = []
+    meta = dict(machine=platform.node(), cpu_count=os.cpu_count(), torch=torch.__version__, backend="gloo",
+                dtype="float32", impl="torch")
+    for i, (loss, dims) in enumerate(cases):
+        ranks = [p[i] for p in per_rank]
+        mean_loss = statistics.fmean(r["loss_value"] for r in ranks)
+        ok = abs(mean_loss - single[i]["loss_value"]) <= 1e-4 * max(1.0, abs(single[i]["loss_value"]))
+        shape = " ".join(f"{k}={v}" for k, v in dims.items())
+        common = dict(meta, loss=loss, shape=shape, world=world)
+        worst = max(ranks, key=lambda r: r["extra_mb"])
+        rows.append(dict(common, mode="distributed", threads_per_process=1, loss_value=mean_loss,
+                         status="ok" if ok else "mismatch",
+                         **{k: max(r[k] for r in ranks) for k in ("median_s", "peak_rss_mb", "bytes_sent",
+                                                                  "bytes_all_gather", "bytes_reduce_scatter",
+                                                                  "bytes_all_reduce")},
+                         extra_mb=worst["extra_mb"]))
+        rows.append(dict(common, mode="single", threads_per_process=world, status="ok", **single[i]))
+    return rows
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="full")
+    ap.add_argument("--world", type=int, default=2)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--out", default=DEFAULT_CSV)
+    args = ap.parse_args(argv)
+    rows = run(PRESETS[args.preset], args.world, args.reps)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    fields = ["loss", "shape", "mode", "world", "threads_per_process", "status", "loss_value", "bytes_sent",
+              "bytes_all_gather", "bytes_reduce_scatter", "bytes_all_reduce", "extra_mb", "peak_rss_mb",
+              "median_s", "backend", "dtype", "impl", "torch", "machine", "cpu_count"]
+    with open(args.out, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    for r in rows:
+        sys.stdout.write(f"{r['loss']:<20} {r['shape']:<18} {r['mode']:<11} sent {r['bytes_sent'] / 2**20:8.3f} MiB  "
+                         f"extra {r['extra_mb']:8.1f} MB  {r['median_s']:7.3f} s  {r['status']}\n")
+    sys.stdout.write(f"wrote {args.out}\n")
+
+
+if __name__ == "__main__":
+    main()
