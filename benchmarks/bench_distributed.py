@@ -6,12 +6,13 @@
 For each loss and global size, forward + backward of
 - "distributed": `world` gloo ranks (processes on this machine, 1 thread each); rank r holds 1/world of the
   batch and calls the loss with process_group="world" (its anchors against every rank's keys);
-- "single": one process (`world` threads) with the whole batch and no process group.
+- "single": one process (1 thread) with the whole batch and no process group.
 Measured per rank: bytes sent per step, counted from the tensor sizes of every collective
 (`macl_kernels.record_communication`, ring algorithms: an all-gather or reduce-scatter of W·n rows sends
 (W − 1)·n rows per rank); extra memory = the high-water mark of resident memory (VmHWM, reset through
 /proc/self/clear_refs once the inputs exist) minus the resident size then; the whole process's peak RSS; the
-median step time. The distributed loss is checked against the single-process one (mean over ranks, rel. 1e-4).
+median step time (one thread per process; on a shared 2-core machine it is indicative only).
+The distributed loss is checked against the single-process one (mean over ranks, rel. 1e-4).
 One CSV row per (case, mode) → benchmarks/results/distributed_cpu.csv.
 """
 from __future__ import annotations
@@ -121,7 +122,7 @@ def _worker(rank: int, world: int, shards: int, init_file: str, cases: list, rep
     """One process: every case, distributed (world > 1: this rank's shard) or single (the whole batch of
     `shards` shards)."""
     distributed = world > 1
-    torch.set_num_threads(1 if distributed else shards)
+    torch.set_num_threads(1)   # every process computes on one thread (times are per process, not a speed-up)
     if distributed:
         dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
                                 timeout=datetime.timedelta(minutes=10))
@@ -160,7 +161,7 @@ def run(cases: list, world: int, reps: int) -> list[dict]:
                                                                   "bytes_all_gather", "bytes_reduce_scatter",
                                                                   "bytes_all_reduce")},
                          extra_mb=worst["extra_mb"]))
-        rows.append(dict(common, mode="single", threads_per_process=world, status="ok", **single[i]))
+        rows.append(dict(common, mode="single", threads_per_process=1, status="ok", **single[i]))
     return rows
 
 

@@ -44,7 +44,11 @@ class EventLog(logging.Handler):
 
     def _write(self, obj: dict) -> None:
         self.pending.append(json.dumps(obj, default=str))
-        if self.folder is not None and self.folder.is_dir():
+        self.sync()
+
+    def sync(self) -> None:
+        """Append the pending lines if the folder exists by now."""
+        if self.pending and self.folder is not None and self.folder.is_dir():
             with open(self.folder / "events.jsonl", "a") as fh:
                 fh.write("".join(line + "\n" for line in self.pending))
             self.pending = []
@@ -57,11 +61,13 @@ class Bars:
     ETA counts only the remaining steps.
     """
 
-    def __init__(self, enabled: bool = True) -> None:
-        self.enabled, self.bar, self.stage = enabled, None, None
+    def __init__(self, enabled: bool = True, on_update=None) -> None:
+        self.enabled, self.bar, self.stage, self.on_update = enabled, None, None, on_update
 
     def __call__(self, stage: str):
         def progress(done: int, total: int, info: Optional[dict] = None) -> None:
+            if self.on_update is not None:
+                self.on_update()
             if not self.enabled:
                 return
             from tqdm import tqdm
@@ -418,7 +424,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     pkg.setLevel(logging.INFO)
     pkg.addHandler(log)
     pkg.addHandler(console)
-    bars = Bars(enabled=not args.no_progress)
+    bars = Bars(enabled=not args.no_progress, on_update=log.sync)  # lines wait until the run folder exists
     if getattr(args, "threads", None) is not None:
         if args.threads < 1:
             print(f"macl: error: --threads must be >= 1, got {args.threads}", file=sys.stderr)

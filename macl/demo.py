@@ -39,7 +39,10 @@ class DemoConfig:
 
     n_subjects / shape: the phantom data set; test_fraction: held-out test cases; labelled: how many
     training cases fine-tuning may use the labels of; base_width / depth: the 2D U-Net; pretrain_*:
-    MACL's steps, batch and learning rate; finetune_*: fine-tuning steps, batch and learning rate.
+    MACL's steps, batch and learning rate; finetune_*: fine-tuning steps, batch, learning rate, and the
+    seeds (each seed fine-tunes both rows once: different initialisation of the layers not pre-trained,
+    different batches); seed: data, split, label selection and pre-training; threads: torch CPU threads
+    (1 is fastest for these small networks on 2 cores, and robust on a busy machine).
     """
 
     name: str = "full"
@@ -55,8 +58,10 @@ class DemoConfig:
     pretrain_lr: float = 0.01
     finetune_steps: int = 200
     finetune_batch: int = 8
-    finetune_lr: float = 5e-4
+    finetune_lr: float = 2e-3
+    finetune_seeds: tuple = (0, 1, 2)
     seed: int = 0
+    threads: int = 1
 
     @classmethod
     def full(cls) -> "DemoConfig":
@@ -73,7 +78,7 @@ class DemoConfig:
 
 
 def _ids_and_split(data: Path, cfg: DemoConfig) -> tuple[list, list, list]:
-    from macl.data import open_dataset, select_labelled, split_cases
+    from macl.data import open_dataset, split_cases
     index = open_dataset(data)
     ids = [c.case_id for c in index.labelled()]
     train, test = split_cases(ids, cfg.test_fraction, cfg.seed)
@@ -101,18 +106,28 @@ def run_demo(out_dir: str | Path, cfg: Optional[DemoConfig] = None,
 
     Returns:
         {"table": str, "table_rows": [...], "figures": [paths], "seconds": float, "timings": {...},
-         "labelled": [...], "test": [...], "out_dir": str}.
+         "labelled": [...], "train": [...], "test": [...], "out_dir": str, ...} (all but "table" also in
+        ``out_dir/results.json``).
 
     Raises:
         ValueError: ``out_dir`` holds a demo run made with other settings.
     """
+    import torch
+    cfg = cfg or DemoConfig.full()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, int(cfg.threads)))
+    try:
+        return _run(Path(out_dir), cfg, progress)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(out: Path, cfg: DemoConfig, progress: Optional[StageProgress]) -> dict[str, Any]:
     from macl.config import MethodConfig, NetConfig, OptimConfig, PretrainConfig, TrainConfig
-    from macl.data import PhantomConfig, write_phantom_dataset
+    from macl.data import PhantomConfig, select_labelled, write_phantom_dataset
     from macl.finetune import FinetuneConfig
     from macl.workflow import PretrainSpec, run_finetune, run_pretrain
 
-    cfg = cfg or DemoConfig.full()
-    out = Path(out_dir)
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
 
@@ -142,120 +157,135 @@ def run_demo(out_dir: str | Path, cfg: Optional[DemoConfig] = None,
     pre = run_pretrain(spec, out / "pretrain", resume="auto", progress=stage("pretrain"))
     timings["pretrain"] = time.perf_counter() - t
 
-    from macl.data import select_labelled
     labelled = select_labelled(train, fraction=cfg.labelled / len(train), seed=cfg.seed)
     net_dict = {k: v for k, v in dataclasses.asdict(net).items() if k != "in_channels"}
-    runs: dict[str, dict] = {}
-    for kind, source in (("pretrained", pre["weights"]), ("scratch", None)):
-        t = time.perf_counter()
-        fcfg = FinetuneConfig(dims=2, patch_size=(cfg.patch, cfg.patch), steps=cfg.finetune_steps,
-                              batch_size=cfg.finetune_batch, lr=cfg.finetune_lr, labelled_cases=labelled,
-                              test_cases=test, seed=cfg.seed, checkpoint_every=max(50, cfg.finetune_steps // 2),
-                              log_every=5, device="cpu")
-        runs[kind] = run_finetune(str(data), out / f"finetune_{kind}", fcfg, net_dict, pretrained=source,
-                                  progress=stage(f"finetune ({kind})"))
-        timings[f"finetune_{kind}"] = time.perf_counter() - t
-    if runs["pretrained"]["labelled"] != runs["scratch"]["labelled"]:  # pragma: no cover - by construction
-        raise RuntimeError("the two fine-tuning runs used different labelled cases")
+    runs: dict[str, dict[int, dict]] = {"pretrained": {}, "scratch": {}}
+    for seed in cfg.finetune_seeds:
+        for kind, source in (("pretrained", pre["weights"]), ("scratch", None)):
+            t = time.perf_counter()
+            fcfg = FinetuneConfig(dims=2, patch_size=(cfg.patch, cfg.patch), steps=cfg.finetune_steps,
+                                  batch_size=cfg.finetune_batch, lr=cfg.finetune_lr, labelled_cases=labelled,
+                                  test_cases=test, seed=seed, checkpoint_every=max(50, cfg.finetune_steps // 2),
+                                  log_every=5, device="cpu")
+            runs[kind][seed] = run_finetune(str(data), out / f"finetune_{kind}_seed{seed}", fcfg, net_dict,
+                                            pretrained=source, progress=stage(f"finetune ({kind}, seed {seed})"))
+            timings[f"finetune_{kind}_seed{seed}"] = time.perf_counter() - t
+            if runs[kind][seed]["labelled"] != labelled:  # pragma: no cover - by construction
+                raise RuntimeError("a fine-tuning run used other labelled cases than the demo chose")
 
     t = time.perf_counter()
-    rows = _table_rows(runs)
-    table = format_table(cfg, rows, runs, train, test, pre)
-    figures = write_figures(out, cfg, data, runs, test[0])
+    rows = table_rows(runs)
+    table = format_table(cfg, rows, labelled, train, test, pre["step"])
+    figures = write_figures(out, data, runs, test[0])
     timings["figures"] = time.perf_counter() - t
     seconds = time.perf_counter() - t_start
-    result = {"config": cfg.to_dict(), "table_rows": rows, "labelled": runs["scratch"]["labelled"], "test": test,
-              "train": train, "pretrain_steps": pre["step"], "timings": timings, "seconds": seconds,
-              "figures": figures, "out_dir": str(out)}
+    result = {"config": cfg.to_dict(), "table_rows": rows, "labelled": labelled, "test": test, "train": train,
+              "pretrain_steps": pre["step"], "timings": timings, "seconds": seconds, "figures": figures,
+              "out_dir": str(out)}
     write_json_atomic(out / "results.json", result)
     (out / "table.txt").write_text(table + "\n")
     return {**result, "table": table}
 
 
-def _table_rows(runs: dict) -> list[dict]:
-    """Per class (then "mean"): mean Dice over test cases and its std, for both runs."""
+def _per_seed_dice(summary: dict, key: str) -> float:
+    """Mean Dice over the test volumes of one class ``key``, or of the mean over classes (``"mean"``)."""
+    if key == "mean":
+        return float(np.nanmean([np.nanmean([m["Dice"] for m in c["metrics"].values()])
+                                 for c in summary["metric_per_case"]]))
+    return float(np.nanmean([c["metrics"][key]["Dice"] for c in summary["metric_per_case"]]))
+
+
+def table_rows(runs: dict) -> list[dict]:
+    """Per foreground class, then "mean": Dice averaged over test volumes and fine-tuning seeds for both rows.
+
+    Each row: class, scratch, pretrained (means), scratch_std / pretrained_std (std over seeds of the per-seed
+    mean), difference (pretrained - scratch), wins (seeds where pre-trained scored higher), seeds.
+    """
+    seeds = sorted(runs["scratch"])
+    names = runs["scratch"][seeds[0]]["summary"]["class_names"]
     rows = []
-    s_pre, s_scr = runs["pretrained"]["summary"], runs["scratch"]["summary"]
-    names = s_scr["class_names"]
     for key in [k for k in sorted(names, key=int) if k != "0"] + ["mean"]:
-        row = {"class": names.get(key, key)}
-        for kind, s in (("scratch", s_scr), ("pretrained", s_pre)):
-            if key == "mean":
-                per_case = [np.nanmean([c["metrics"][k]["Dice"] for k in c["metrics"]]) for c in s["metric_per_case"]]
-            else:
-                per_case = [c["metrics"][key]["Dice"] for c in s["metric_per_case"]]
-            vals = np.asarray(per_case, dtype=float)
-            row[kind] = float(np.nanmean(vals))
-            row[f"{kind}_std"] = float(np.nanstd(vals))
-        row["difference"] = row["pretrained"] - row["scratch"]
-        rows.append(row)
+        per = {kind: np.array([_per_seed_dice(runs[kind][s]["summary"], key) for s in seeds]) for kind in runs}
+        rows.append({"class": names.get(key, key), "scratch": float(per["scratch"].mean()),
+                     "pretrained": float(per["pretrained"].mean()), "scratch_std": float(per["scratch"].std()),
+                     "pretrained_std": float(per["pretrained"].std()),
+                     "difference": float(per["pretrained"].mean() - per["scratch"].mean()),
+                     "wins": int((per["pretrained"] > per["scratch"]).sum()), "seeds": len(seeds)})
     return rows
 
 
-def format_table(cfg: DemoConfig, rows: list[dict], runs: dict, train: list, test: list, pre: dict) -> str:
-    """The printed Dice table with what produced it."""
-    labelled = runs["scratch"]["labelled"]
+def format_table(cfg: DemoConfig, rows: list[dict], labelled: list, train: list, test: list, pre_steps: int) -> str:
+    """The printed Dice table, headed by what produced it."""
+    n = rows[0]["seeds"]
+    spread = "std over seeds" if n > 1 else "one seed"
     lines = [
-        f"MACL demo ({cfg.name}): {cfg.n_subjects} phantom volumes {tuple(cfg.shape)}, "
-        f"{len(train)} for training, {len(test)} for testing (seed {cfg.seed})",
-        f"  pre-training: MACL, {pre['step']} steps x batch {cfg.pretrain_batch} slices of the {len(train)} "
-        f"training volumes (no labels); 2D U-Net F={cfg.base_width}, depth {cfg.depth}",
-        f"  fine-tuning: labels of {len(labelled)} training volume(s) ({', '.join(labelled)}), {cfg.finetune_steps} "
-        f"steps x batch {cfg.finetune_batch}, Dice+CE, identical for both rows",
-        f"Dice on the {len(test)} test volumes (mean +- std over volumes):",
-        f"  {'class':<10}{'from scratch':>16}{'MACL pre-trained':>20}{'difference':>12}",
+        f"MACL demo ({cfg.name}): {cfg.n_subjects} phantom volumes {tuple(cfg.shape)}, {len(train)} for training, "
+        f"{len(test)} held out for testing (data seed {cfg.seed})",
+        f"  pre-training: MACL, {pre_steps} steps x {cfg.pretrain_batch} slices of the {len(train)} training "
+        f"volumes (no labels); 2D U-Net F={cfg.base_width}, depth {cfg.depth}",
+        f"  fine-tuning: labels of {len(labelled)} training volume(s) ({', '.join(labelled)}); {cfg.finetune_steps} "
+        f"steps x {cfg.finetune_batch} slices, Dice+CE, Adam lr {cfg.finetune_lr:g}; identical for both columns; "
+        f"{n} seed(s)",
+        f"Dice on the {len(test)} test volumes (mean over volumes and seeds; +- {spread}):",
+        f"  {'class':<10}{'from scratch':>16}{'MACL pre-trained':>20}{'difference':>12}"
+        + (f"{'better in':>12}" if n > 1 else ""),
     ]
     for r in rows:
-        lines.append(f"  {r['class']:<10}{r['scratch']:>9.3f} +- {r['scratch_std']:.3f}"
-                     f"{r['pretrained']:>13.3f} +- {r['pretrained_std']:.3f}{r['difference']:>+12.3f}")
-    lines.append("  (one seed: differences of a few hundredths are within run-to-run variation)")
+        line = (f"  {r['class']:<10}{r['scratch']:>9.3f} +- {r['scratch_std']:.3f}"
+                f"{r['pretrained']:>13.3f} +- {r['pretrained_std']:.3f}{r['difference']:>+12.3f}")
+        lines.append(line + (f"{r['wins']:>6d} of {n} seeds" if n > 1 else ""))
+    if cfg.name == "quick":
+        lines.append("  (--quick: a smoke test of the pipeline; too short for a fair comparison)")
     return "\n".join(lines)
 
 
-def write_figures(out: Path, cfg: DemoConfig, data: Path, runs: dict, case: str) -> list[str]:
+def write_figures(out: Path, data: Path, runs: dict, case: str) -> list[str]:
     """loss_curves.png, dice_per_class.png and prediction_overlay.png in ``out`` (matplotlib, Agg)."""
     from matplotlib.figure import Figure  # a Figure without pyplot renders with Agg: no display, no global state
 
+    seeds = sorted(runs["scratch"])
+    colors = {"scratch": "tab:blue", "pretrained": "tab:orange"}
+    labels = {"scratch": "from scratch", "pretrained": "MACL pre-trained"}
     paths = []
     # 1. loss curves
     fig = Figure(figsize=(11, 4), layout="constrained")
     ax1, ax2 = fig.subplots(1, 2)
-    log = _read_jsonl(out / "pretrain" / "log.jsonl")
-    steps = np.array([r["step"] for r in log if "loss" in r])
+    log = [r for r in _read_jsonl(out / "pretrain" / "log.jsonl") if "loss" in r]
     for term in ("loss", "L_g", "L_d", "L_ER"):
-        vals = np.array([r[term] for r in log if "loss" in r and term in r], dtype=float)
-        if len(vals):
-            ax1.plot(steps[:len(vals)], _smooth(vals), label="L (total)" if term == "loss" else term)
-    ax1.set(title="MACL pre-training loss (moving average)", xlabel="step", ylabel="loss")
+        pts = [(r["step"], r[term]) for r in log if term in r]
+        if pts:
+            steps, vals = zip(*pts)
+            ax1.plot(steps, _smooth(np.asarray(vals, dtype=float)), label="L (total)" if term == "loss" else term)
+    ax1.set(title="MACL pre-training loss (moving average of 10)", xlabel="step", ylabel="loss")
     ax1.legend()
     for kind in ("scratch", "pretrained"):
-        flog = _read_jsonl(out / f"finetune_{kind}" / "finetune_log.jsonl")
-        ax2.plot([r["step"] for r in flog], [r["loss"] for r in flog],
-                 label="from scratch" if kind == "scratch" else "MACL pre-trained")
-    ax2.set(title="fine-tuning loss (Dice + CE)", xlabel="step", ylabel="loss")
+        for i, seed in enumerate(seeds):
+            flog = _read_jsonl(out / f"finetune_{kind}_seed{seed}" / "finetune_log.jsonl")
+            ax2.plot([r["step"] for r in flog], [r["loss"] for r in flog], color=colors[kind], alpha=0.8,
+                     label=labels[kind] if i == 0 else None)
+    ax2.set(title=f"fine-tuning loss (Dice + CE), {len(seeds)} seed(s) each", xlabel="step", ylabel="loss")
     ax2.legend()
     paths.append(_save(fig, out / "loss_curves.png"))
 
-    # 2. Dice per class, per test case
+    # 2. Dice per class
     fig = Figure(figsize=(8, 4), layout="constrained")
     ax = fig.subplots()
-    s_scr, s_pre = runs["scratch"]["summary"], runs["pretrained"]["summary"]
-    keys = [k for k in sorted(s_scr["class_names"], key=int) if k != "0"]
+    first = runs["scratch"][seeds[0]]["summary"]
+    keys = [k for k in sorted(first["class_names"], key=int) if k != "0"]
     x = np.arange(len(keys))
-    for off, (label, s) in zip((-0.2, 0.2), (("from scratch", s_scr), ("MACL pre-trained", s_pre))):
-        means = [s["mean"][k]["Dice"] for k in keys]
-        bars = ax.bar(x + off, means, width=0.4, label=label)
-        for i, k in enumerate(keys):
-            vals = [c["metrics"][k]["Dice"] for c in s["metric_per_case"]]
-            ax.plot(np.full(len(vals), x[i] + off), vals, "k.", ms=4)
+    for off, kind in zip((-0.2, 0.2), ("scratch", "pretrained")):
+        per = np.array([[_per_seed_dice(runs[kind][s]["summary"], k) for k in keys] for s in seeds])
+        bars = ax.bar(x + off, per.mean(0), width=0.4, label=labels[kind], color=colors[kind])
+        for s in range(len(seeds)):
+            ax.plot(x + off, per[s], "k.", ms=5)
         ax.bar_label(bars, fmt="%.2f", fontsize=8)
-    ax.set_xticks(x, [s_scr["class_names"][k] for k in keys])
-    ax.set(ylim=(0, 1.05), ylabel="Dice", title=f"Dice per class on {s_scr['n_cases']} test volumes (dots: volumes)")
+    ax.set_xticks(x, [first["class_names"][k] for k in keys])
+    ax.set(ylim=(0, 1.05), ylabel="Dice", title=f"Dice per class, {first['n_cases']} test volumes (dots: seeds)")
     ax.legend(loc="lower right")
     paths.append(_save(fig, out / "dice_per_class.png"))
 
     # 3. one prediction overlay
-    paths.append(_overlay(out, data, runs, case, Figure))
+    paths.append(_overlay(out, data, {k: runs[k][seeds[0]] for k in runs}, seeds[0], case, Figure))
     return paths
 
 
@@ -272,31 +302,40 @@ def _save(fig, path: Path) -> str:
     return str(path)
 
 
-def _overlay(out: Path, data: Path, runs: dict, case: str, Figure) -> str:
+def _overlay(out: Path, data: Path, runs: dict, seed: int, case: str, Figure) -> str:
     from matplotlib.colors import ListedColormap
 
     from macl.data import load_volumes, open_dataset
+    from macl.data.metrics import dice_score
     from macl.finetune import FinetuneConfig, predict_volume
     index = open_dataset(data)
-    fcfg = FinetuneConfig(**json.loads((out / "finetune_scratch" / "finetune_config.json").read_text())["config"])
+    saved = json.loads((out / f"finetune_scratch_seed{seed}" / "finetune_config.json").read_text())
+    fcfg = FinetuneConfig(**saved["config"])
     vol = load_volumes(index, fcfg.preprocess, cases=[index.by_id(case)])[0]
     label = np.asarray(vol.label)
     z = int(np.argmax([(label[..., i] > 0).sum() for i in range(label.shape[2])]))
     preds = {kind: predict_volume(runs[kind]["model"], np.asarray(vol.image), fcfg) for kind in ("scratch", "pretrained")}
-    cmap = ListedColormap([(0, 0, 0, 0), "tab:red", "tab:green", "tab:blue", "tab:orange"])
-    fig = Figure(figsize=(12, 3.6), layout="constrained")
+    colours = [(0, 0, 0, 0), "tab:red", "tab:green", "tab:blue", "tab:orange", "tab:purple", "tab:cyan"]
+    k = len(saved["class_names"])
+    cmap = ListedColormap(colours[:max(2, min(k, len(colours)))])
+    fig = Figure(figsize=(12, 3.8), layout="constrained")
     axes = fig.subplots(1, 4)
     panels = [("image", None), ("ground truth", label), ("from scratch", preds["scratch"]),
               ("MACL pre-trained", preds["pretrained"])]
     for ax, (title, lab) in zip(axes, panels):
         ax.imshow(vol.image[0][..., z].T, cmap="gray", origin="lower")
         if lab is not None:
-            ax.imshow(np.ma.masked_equal(lab[..., z].T, 0), cmap=cmap, vmin=0, vmax=4, alpha=0.55,
+            ax.imshow(np.ma.masked_equal(lab[..., z].T, 0), cmap=cmap, vmin=-0.5, vmax=cmap.N - 0.5, alpha=0.55,
                       origin="lower", interpolation="nearest")
-        ax.set_title(title)
+        if title in ("from scratch", "MACL pre-trained"):
+            fg = np.nanmean([dice_score(lab == c, label == c) for c in range(1, k)])
+            title = f"{title} (volume Dice {fg:.2f})"
+        ax.set_title(title, fontsize=10)
         ax.axis("off")
-    fig.suptitle(f"test volume {case}, slice z={z}: organ red, kidneys green, vessel blue, spine orange")
+    names = saved["class_names"]
+    legend = ", ".join(f"{names[str(c)]} {str(colours[c]).replace('tab:', '')}" for c in range(1, min(k, len(colours))))
+    fig.suptitle(f"test volume {case}, slice {z} (seed {seed}): {legend}")
     return _save(fig, out / "prediction_overlay.png")
 
 
-__all__ = ["DemoConfig", "run_demo", "format_table", "write_figures"]
+__all__ = ["DemoConfig", "run_demo", "table_rows", "format_table", "write_figures"]

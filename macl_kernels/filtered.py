@@ -15,15 +15,19 @@ Interpretation choices (GCL has no public code):
 - ties at the k_i-th value are all kept (|K(i)| ≥ k_i + |P(i)|; with continuous features ties do not occur);
 - the selection is a constant for autograd (no gradient flows through which pairs were kept).
 
-How it is computed without an N×M tensor (memory O(tile + G·N·256 + (N + M)·D)):
-1. per-anchor threshold t_i = the k_i-th largest negative logit, found EXACTLY by a radix select on the
-   order-preserving integer image of the float logits: 4 passes over the key tiles for float32 (8 for
-   float64), each pass recomputes the tile's logits and builds a 256-bin histogram per anchor of the next
-   8 bits, restricted to the negatives whose higher bits match the prefix chosen so far;
+How it is computed without an N×M tensor:
+1. per-anchor threshold t_i = the k_i-th largest negative logit, exactly:
+   - up to `FULL_ROW_MAX_KEYS` keys per group ("rows" tiling): tiles are blocks of R anchors × all M keys,
+     R·M ≤ `TILE_BUDGET` (memory O(TILE_BUDGET), never N×M); one pass, `torch.topk` of max_i k_i per block;
+   - more keys ("radix" tiling, the usual anchor × key-chunk tiles): a radix select on the order-preserving
+     integer image of the float logits, 4 passes for float32 (8 for float64), each recomputing the tiles and
+     building a 256-bin histogram per anchor of the next 8 bits among the negatives whose higher bits match
+     the prefix chosen so far; all passes run per block of anchors (memory O(tile + block·256));
 2. one forward pass over the tiles: LSE over {j ∈ V(i) : j ∈ P(i) or z_ij ≥ t_i}, Σ_P z and |P| in-tile;
 3. the backward recomputes each tile and applies dz_ij = g_i·(P^F_ij − Y_ij) on the kept pairs.
 Every pass computes a tile's logits with the same batched GEMM on the same slices, so the selection made in
 (1) is reproduced bit for bit in (2) and (3). Runs on any device with PyTorch ops (no Triton kernel).
+Cost on CPU (benchmarks/bench_filter.py): see docs/gcl.md.
 """
 from __future__ import annotations
 
@@ -36,7 +40,7 @@ from .api import REDUCTIONS, Temperature, _build_problem
 from .problem import ContrastProblem, stats_dtype
 from .torch_tiled import tiles, tile_positives
 
-__all__ = ["filtered_info_nce", "FilteredResult", "negative_thresholds"]
+__all__ = ["filtered_info_nce", "FilteredResult", "negative_thresholds", "filter_tiles", "tiling_mode"]
 
 
 class FilteredResult(NamedTuple):
@@ -50,7 +54,28 @@ class FilteredResult(NamedTuple):
     pos_count: torch.Tensor
 
 
+TILE_BUDGET = 1 << 22          # logits per tile in the "rows" tiling (16 MiB of float32)
+FULL_ROW_MAX_KEYS = 1 << 18    # above this many keys per group, thresholds come from the radix select
+
+
 # ------------------------------------------------------------------------------------------ tiles
+def filter_tiles(G: int, N: int, M: int, mode: str):
+    """(g0, g1, r0, r1, c0, c1) tiles: "rows" = anchor blocks × all keys; "radix" = torch_tiled's tiles."""
+    if mode == "radix":
+        yield from tiles(G, N, M)
+        return
+    r = max(1, min(N, TILE_BUDGET // max(M, 1)))
+    gc = max(1, min(G, TILE_BUDGET // max(r * M, 1)))
+    for g0 in range(0, G, gc):
+        for r0 in range(0, N, r):
+            yield g0, min(G, g0 + gc), r0, min(N, r0 + r), 0, M
+
+
+def tiling_mode(M: int) -> str:
+    """"rows" when all M keys of a block of anchors fit one tile's budget, else "radix"."""
+    return "rows" if M <= FULL_ROW_MAX_KEYS else "radix"
+
+
 def _tile_logits(qs, k, g0, g1, r0, r1, c0, c1):
     """z for one tile: the ONE way every pass computes logits (bit-identical across passes)."""
     return torch.bmm(qs[g0:g1, r0:r1], k[g0:g1, c0:c1].transpose(1, 2))
@@ -85,49 +110,90 @@ def _keys_to_float(key: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return k32.view(torch.float32).to(dtype)
 
 
+def _k_of(n_neg: torch.Tensor, rho: float) -> torch.Tensor:
+    """k_i = ⌈ρ·|negatives|⌉ (a 1e-9 guard keeps 0.3·10 at 3), at most |negatives|."""
+    return torch.minimum(torch.ceil(n_neg.double() * rho - 1e-9).long().clamp_(min=0), n_neg)
+
+
 @torch.no_grad()
-def negative_thresholds(p: ContrastProblem, qs: torch.Tensor, k: torch.Tensor, rho: float):
+def negative_thresholds(p: ContrastProblem, qs: torch.Tensor, k: torch.Tensor, rho: float, mode: str):
     """Per anchor: (t (G, N) the k_i-th largest negative logit or +inf, k_i (G, N) int64, |negatives| (G, N)).
 
-    qs = q·s and k in the statistics dtype; exact radix select, see the module docstring.
+    qs = q·s and k in the statistics dtype; mode "rows" or "radix" (see the module docstring).
     """
+    if mode == "radix":
+        return _radix_thresholds(p, qs, k, rho)
     G, N, M = qs.shape[0], qs.shape[1], k.shape[1]
+    t = qs.new_full((G, N), math.inf)
+    k_all = torch.zeros(G, N, dtype=torch.int64, device=qs.device)
+    n_all = torch.zeros(G, N, dtype=torch.int64, device=qs.device)
+    for g0, g1, r0, r1, c0, c1 in filter_tiles(G, N, M, "rows"):
+        z = _tile_logits(qs, k, g0, g1, r0, r1, c0, c1)
+        neg = _allowed(p, g0, g1, r0, r1, c0, c1, qs.device) & ~tile_positives(p, g0, g1, r0, r1, c0, c1)
+        n_neg = neg.sum(-1)
+        k_i = _k_of(n_neg, rho)
+        k_max = int(k_i.max()) if k_i.numel() else 0
+        if k_max > 0:
+            top = torch.topk(z.masked_fill_(~neg, -math.inf), k_max, dim=-1, sorted=True).values
+            kth = top.gather(-1, (k_i - 1).clamp(min=0)[..., None])[..., 0]
+            t[g0:g1, r0:r1] = torch.where(k_i > 0, kth, torch.full_like(kth, math.inf))
+        k_all[g0:g1, r0:r1] = k_i
+        n_all[g0:g1, r0:r1] = n_neg
+    return t, k_all, n_all
+
+
+@torch.no_grad()
+def _radix_thresholds(p: ContrastProblem, qs: torch.Tensor, k: torch.Tensor, rho: float):
+    """`negative_thresholds` by an exact radix select (module docstring). Per block of anchors, every pass
+    streams torch_tiled's key blocks, so the per-anchor state is a (g, R, 256) histogram of one block."""
+    G, N, M = qs.shape[0], qs.shape[1], k.shape[1]
+    dev = qs.device
+    t = qs.new_full((G, N), math.inf)
+    k_all = torch.zeros(G, N, dtype=torch.int64, device=dev)
+    n_all = torch.zeros(G, N, dtype=torch.int64, device=dev)
+    blocks = sorted({(g0, g1, r0, r1) for g0, g1, r0, r1, _, _ in tiles(G, N, M)})
+    key_blocks = sorted({(c0, c1) for *_, c0, c1 in tiles(G, N, M)})
+    for g0, g1, r0, r1 in blocks:
+        t[g0:g1, r0:r1], k_all[g0:g1, r0:r1], n_all[g0:g1, r0:r1] = _radix_block(
+            p, qs, k, rho, g0, g1, r0, r1, key_blocks)
+    return t, k_all, n_all
+
+
+def _radix_block(p, qs, k, rho, g0, g1, r0, r1, key_blocks):
     bits = 64 if qs.dtype == torch.float64 else 32
     dev = qs.device
-    prefix = torch.zeros(G, N, dtype=torch.int64, device=dev)
-    k_rem = torch.zeros(G, N, dtype=torch.int64, device=dev)
-    n_neg = None
+    shape = (g1 - g0, r1 - r0)
+    prefix = torch.zeros(shape, dtype=torch.int64, device=dev)
     for pas in range(bits // 8):
         shift = bits - 8 * (pas + 1)
-        hist = torch.zeros(G, N, 256, dtype=torch.int64, device=dev)
-        for g0, g1, r0, r1, c0, c1 in tiles(G, N, M):
+        hist = torch.zeros(shape + (256,), dtype=torch.int32, device=dev)
+        for c0, c1 in key_blocks:
             z = _tile_logits(qs, k, g0, g1, r0, r1, c0, c1)
             neg = _allowed(p, g0, g1, r0, r1, c0, c1, dev) & ~tile_positives(p, g0, g1, r0, r1, c0, c1)
             key = _order_keys(z)
+            del z
             if pas > 0:
-                neg &= (key >> (shift + 8)) == prefix[g0:g1, r0:r1, None]
+                neg &= (key >> (shift + 8)) == prefix[..., None]
             digit = (key >> shift) & 0xFF
+            del key
             if pas == 0:
-                digit = digit ^ 0x80  # the top byte carries the sign: offset-binary order
-            h = hist[g0:g1, r0:r1]
-            h.scatter_add_(2, digit, neg.long())
+                digit ^= 0x80  # the top byte carries the sign: offset-binary order
+            hist.scatter_add_(2, digit, neg.int())
         if pas == 0:
-            n_neg = hist.sum(-1)
-            k_rem = torch.ceil(n_neg.double() * rho - 1e-9).long().clamp_(min=0)
-            k_rem = torch.minimum(k_rem, n_neg)
+            n_neg = hist.sum(-1, dtype=torch.int64)
+            k_rem = _k_of(n_neg, rho)
             k_i = k_rem.clone()
         above = hist.flip(-1).cumsum(-1).flip(-1)              # above[d] = Σ_{d' ≥ d} hist
         d_star = ((above >= k_rem[..., None]).sum(-1) - 1).clamp_(min=0)
         strictly_above = above.gather(-1, d_star[..., None])[..., 0] - hist.gather(-1, d_star[..., None])[..., 0]
         k_rem = k_rem - strictly_above
-        raw = d_star ^ 0x80 if pas == 0 else d_star
         if pas == 0:
+            raw = d_star ^ 0x80
             prefix = torch.where(raw >= 128, raw - 256, raw)    # the signed top byte
         else:
-            prefix = prefix * 256 + raw
+            prefix = prefix * 256 + d_star
     t = _keys_to_float(prefix, qs.dtype)
-    t = torch.where(k_i > 0, t, torch.full_like(t, math.inf))
-    return t, k_i, n_neg
+    return torch.where(k_i > 0, t, torch.full_like(t, math.inf)), k_i, n_neg
 
 
 def _kept(p, z, t, g0, g1, r0, r1, c0, c1):
@@ -139,7 +205,7 @@ def _kept(p, z, t, g0, g1, r0, r1, c0, c1):
 
 class _FilteredInfoNCE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, scale, p: ContrastProblem, t: torch.Tensor):
+    def forward(ctx, q, k, scale, p: ContrastProblem, t: torch.Tensor, mode: str):
         sdt = stats_dtype(q.dtype)
         qf, kf = q.detach().to(sdt), k.detach().to(sdt)
         s = float(scale)
@@ -148,7 +214,7 @@ class _FilteredInfoNCE(torch.autograd.Function):
         lse = qs.new_full((G, N), -math.inf)
         pos_sum = qs.new_zeros(G, N)
         count = torch.zeros(G, N, dtype=torch.int64, device=qs.device)
-        for g0, g1, r0, r1, c0, c1 in tiles(G, N, M):
+        for g0, g1, r0, r1, c0, c1 in filter_tiles(G, N, M, mode):
             z = _tile_logits(qs, kf, g0, g1, r0, r1, c0, c1)
             keep, pos = _kept(p, z, t, g0, g1, r0, r1, c0, c1)
             pos_sum[g0:g1, r0:r1] += torch.where(pos, z, 0.0).sum(-1)
@@ -160,7 +226,7 @@ class _FilteredInfoNCE(torch.autograd.Function):
             counted &= p.q_valid
         loss = torch.where(counted, lse.masked_fill(~counted, 0.0) - pos_sum / count.clamp(min=1),
                            torch.zeros_like(lse))
-        ctx.p, ctx.s = p, s
+        ctx.p, ctx.s, ctx.mode = p, s, mode
         ctx.dtypes = (q.dtype, k.dtype)
         ctx.scale_dtype = scale.dtype if isinstance(scale, torch.Tensor) else None
         ctx.save_for_backward(qf, kf, t, lse, count, counted)
@@ -181,7 +247,7 @@ class _FilteredInfoNCE(torch.autograd.Function):
         dk = torch.zeros_like(kf) if need_k else None
         dzz = qf.new_zeros(())
         G, N, M = qf.shape[0], qf.shape[1], kf.shape[1]
-        for g0, g1, r0, r1, c0, c1 in tiles(G, N, M):
+        for g0, g1, r0, r1, c0, c1 in filter_tiles(G, N, M, ctx.mode):
             z = _tile_logits(qs, kf, g0, g1, r0, r1, c0, c1)
             keep, pos = _kept(p, z, t, g0, g1, r0, r1, c0, c1)
             prob = torch.exp(z - lse_safe[g0:g1, r0:r1]).masked_fill_(~keep, 0.0)
@@ -195,7 +261,7 @@ class _FilteredInfoNCE(torch.autograd.Function):
         ds = (dzz / s).to(ctx.scale_dtype) if ctx.needs_input_grad[2] else None
         dq_out = dq.to(ctx.dtypes[0]) if ctx.needs_input_grad[0] else None
         dk_out = dk.to(ctx.dtypes[1]) if need_k else None
-        return dq_out, dk_out, ds, None, None
+        return dq_out, dk_out, ds, None, None, None
 
 
 def filtered_info_nce(
@@ -214,6 +280,7 @@ def filtered_info_nce(
     q_valid: Optional[torch.Tensor] = None,
     k_valid: Optional[torch.Tensor] = None,
     reduction: str = "mean",
+    tiling: Optional[str] = None,
 ) -> FilteredResult:
     """Grouped multi-positive InfoNCE over the gradient-filtered pairs (see the module docstring).
 
@@ -221,6 +288,7 @@ def filtered_info_nce(
     self-contrast; one positive rule; exclude_self; q_valid / k_valid; reduction "mean" over counted anchors,
     "sum", "none"), plus rho ∈ (0, 1]: the fraction of each anchor's negatives kept (ρ = 1 gives exactly
     the unfiltered loss). Features are used as given (normalise them first for cosine logits).
+    tiling: None (automatic: "rows" up to FULL_ROW_MAX_KEYS keys per group, else "radix"), or force one.
 
     Returns a `FilteredResult`. Raises ValueError for rho outside (0, 1] and every error
     `grouped_info_nce` raises for bad inputs.
@@ -232,10 +300,13 @@ def filtered_info_nce(
     unbatched = isinstance(q, torch.Tensor) and q.dim() == 2
     p, _ = _build_problem(q, k, temperature, pos_index, q_labels, k_labels, q_positions, k_positions,
                           threshold, exclude_self, q_valid, k_valid)
+    if tiling not in (None, "rows", "radix"):
+        raise ValueError(f"tiling must be None, 'rows' or 'radix', got {tiling!r}")
+    mode = tiling or tiling_mode(p.k.shape[1])
     sdt = stats_dtype(p.q.dtype)
     s = float(p.scale)
-    t, kept, _ = negative_thresholds(p, p.q.detach().to(sdt) * s, p.k.detach().to(sdt), float(rho))
-    per_anchor, count = _FilteredInfoNCE.apply(p.q, p.k, p.scale, p, t)
+    t, kept, _ = negative_thresholds(p, p.q.detach().to(sdt) * s, p.k.detach().to(sdt), float(rho), mode)
+    per_anchor, count = _FilteredInfoNCE.apply(p.q, p.k, p.scale, p, t, mode)
     if p.q_valid is not None:
         count = count * p.q_valid
         kept = kept * p.q_valid

@@ -133,16 +133,15 @@ def test_resume_keeps_the_runs_own_settings(data, tmp_path, capsys):
     assert _log_steps(run) == [1, 2, 3]
 
 
-def test_subprocess_finetune_and_evaluate_from_scratch(data, tmp_path):
+def test_subprocess_finetune_from_scratch(data, tmp_path):
     ft = tmp_path / "scratch"
     res = _macl("finetune", "--data", data, "--out", ft, "--labels-fraction", "0.25", "--steps", "2",
                 "--batch-size", "2", "--patch-size", "32", "--base-width", "4", "--depth", "3", "--device", "cpu")
     assert res.returncode == 0, res.stderr
-    assert "from scratch" in res.stdout and "finetune" in res.stderr  # the progress bar is on stderr
+    assert "from scratch" in res.stdout and "finetune: 100%" in res.stderr  # the progress bar is on stderr
     assert not (ft / "pretrained_load.json").exists()
-    res = _macl("evaluate", "--run", ft, "--data", data)
-    assert res.returncode == 0, res.stderr
-    assert json.loads((ft / "summary.json").read_text())["n_cases"] >= 1
+    summary = json.loads((ft / "summary.json").read_text())
+    assert summary["n_cases"] == 1 and f"{summary['foreground_mean']['Dice']:.3f}" in res.stdout
 
 
 # ------------------------------------------------------------------------------------------ errors
@@ -183,8 +182,7 @@ def test_truncated_volume_is_named_and_skip_bad_skips_it(data, tmp_path, capsys)
 ])
 def test_bad_settings_are_one_line(data, tmp_path, capsys, args, message):
     base = ["pretrain", "--data", str(data), "--out", str(tmp_path / "r"), "--steps", "1", "--no-progress"]
-    tiny = [a for a in TINY if a not in ("--patch-size", "32", "--batch-size", "4")]
-    assert cli.main(base + tiny + ["--patch-size", "32", "--batch-size", "4"] + args) == 1
+    assert cli.main(base + TINY + args) == 1  # a flag given twice: argparse keeps the last
     err = capsys.readouterr().err
     assert len(_error_lines(err)) == 1 and message in err and "Traceback" not in err
     assert not (tmp_path / "r" / "checkpoints").exists()
@@ -229,8 +227,8 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120.0) -> Non
 
 def test_sigkill_during_training_then_resume_auto(data, tmp_path):
     run = tmp_path / "killed"
-    args = ["-m", "macl.cli", "pretrain", "--data", str(data), "--out", str(run), "--steps", "150",
-            "--checkpoint-every", "10", "--no-progress", *TINY]
+    args = ["-m", "macl.cli", "pretrain", "--data", str(data), "--out", str(run), "--steps", "60",
+            "--checkpoint-every", "5", "--no-progress", *TINY]
     proc = subprocess.Popen([sys.executable, *args], env=_env(), cwd=str(REPO), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     _wait_for(run / "checkpoints" / "latest.pt", proc)
@@ -239,12 +237,12 @@ def test_sigkill_during_training_then_resume_auto(data, tmp_path):
     assert proc.returncode == -signal.SIGKILL  # killed, not finished
     assert not (run / "checkpoints" / "final.pt").exists()
     saved = torch.load(run / "checkpoints" / "latest.pt", weights_only=True)["step"]
-    assert 0 < saved < 150
+    assert 0 < saved < 60
     res = _macl(*args[2:], "--resume", "auto")
     assert res.returncode == 0, res.stderr
     assert f"resumed from {run / 'checkpoints' / 'latest.pt'}" in res.stdout
-    assert torch.load(run / "checkpoints" / "final.pt", weights_only=True)["step"] == 150
-    assert _log_steps(run) == list(range(1, 151))  # the resumed run replaced the lines after the checkpoint
+    assert torch.load(run / "checkpoints" / "final.pt", weights_only=True)["step"] == 60
+    assert _log_steps(run) == list(range(1, 61))  # the resumed run replaced the lines after the checkpoint
     events = [json.loads(ln) for ln in (run / "events.jsonl").read_text().splitlines()]
     assert [e["event"] for e in events].count("start") == 2 and events[-1]["event"] == "end"
 

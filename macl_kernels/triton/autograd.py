@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Optional
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from ..problem import ContrastProblem
 from .config import KernelConfig, choose_config
@@ -115,7 +116,9 @@ def launch_bwd(phase: str, q, k, scale, lse, cnt, grad, o: LaunchOptions, with_d
     km, kv, flags = _common(o, q)
     s_ptr, s, in_mem = _scale_args(scale, lse)
     extra = dict(WITH_DS=with_ds) if phase == "dq" else {}
-    args = [q, k, o.q_meta, km, kv, s_ptr, lse, cnt, grad, out] + ([lse if ds is None else ds] if phase == "dq" else [])
+    args = [q, k, o.q_meta, km, kv, s_ptr, lse, cnt, grad, out]
+    if phase == "dq":
+        args.append(lse if ds is None else ds)   # DS is never written when WITH_DS is off
     kernel(contrast_dq_kernel if phase == "dq" else contrast_dk_kernel)[(G * tiles * cfg.n_dout(D),)](
         *args, s, o.threshold, N, M, tiles,
         *q.stride(), *k.stride(), lse.stride(0), lse.stride(1), *out.stride(),
@@ -140,6 +143,7 @@ class TritonContrast(torch.autograd.Function):
         return loss, lse, cnt
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, g_loss, g_lse, g_cnt):
         q, k, lse, cnt, scale_t = ctx.saved_tensors
         scale = scale_t if scale_t is not None else ctx.scale
@@ -153,7 +157,7 @@ class TritonContrast(torch.autograd.Function):
         if need_q or need_s:
             dq, ds_rows = launch_bwd("dq", q, k, scale, lse, cnt, grad, ctx.opts, with_ds=need_s)
             if need_s:   # ∂z_ij/∂s = z_ij/s: ds = Σ_ij dz_ij z_ij / s, per-anchor partial sums from the kernel
-                ds = ds_rows.sum(dtype=torch.float64).to(scale_t.dtype)
+                ds = ds_rows.sum(dtype=torch.float64).to(scale_t.dtype).reshape(scale_t.shape)
             dq = dq if need_q else None
         if need_k:
             dk, _ = launch_bwd("dk", q, k, scale, lse, cnt, grad, ctx.opts)
@@ -180,5 +184,3 @@ def check_dtype(dtype: torch.dtype) -> None:
         raise TypeError(f"the Triton implementation supports float32, float16 and bfloat16 inputs, got {dtype}"
                         + (" (use impl='torch' or 'reference' for float64)" if dtype == torch.float64 else ""))
 
-
-ScaleLike = Union[float, torch.Tensor]

@@ -34,28 +34,31 @@ def contrast_dq_kernel(
     pid = tl.program_id(0)
     c = pid % NUM_DOUT
     pid_t = pid // NUM_DOUT
-    g = (pid_t // n_row_tiles).to(tl.int64)
+    # int64 offsets by zero extension (indices are ≥ 0): a sign word kept live across the main loop
+    # is what ptxas chose to spill in several configurations
+    g = (pid_t // n_row_tiles).to(tl.uint32).to(tl.int64)
     offs_m = (pid_t % n_row_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = offs_m.to(tl.uint32).to(tl.int64)
     row_ok = offs_m < N
     offs_d = tl.arange(0, BLOCK_D)
     offs_o = c * BLOCK_DOUT + tl.arange(0, BLOCK_DOUT)
-    q_rows = Q + g * stride_qg + offs_m.to(tl.int64)[:, None] * stride_qn
+    q_rows = Q + g * stride_qg + rows[:, None] * stride_qn
     k_base = K + g * stride_kg
     if SCALE_IN_MEM:
         s = tl.load(S_PTR).to(tl.float32)
     else:
         s = scale
-    o = g * stride_og + offs_m * stride_on
+    o = g * stride_og + rows * stride_on
     lse = tl.load(LSE + o, mask=row_ok, other=0.0)
     g_row = tl.load(GRAD + o, mask=row_ok, other=0.0)
     cnt = tl.load(CNT + o, mask=row_ok, other=0)
     inv_cnt = tl.where(cnt > 0, 1.0 / tl.maximum(cnt, 1).to(tl.float32), 0.0)
     if RULE == 2:
-        q_meta = tl.load(QM + g * N + offs_m, mask=row_ok, other=0.0)
+        q_meta = tl.load(QM + g * N + rows, mask=row_ok, other=0.0)
     elif RULE == 1:
-        q_meta = tl.load(QM + g * N + offs_m, mask=row_ok, other=-1)
+        q_meta = tl.load(QM + g * N + rows, mask=row_ok, other=-1)
     else:                                 # pos_index < M < 2**31: compare in int32
-        q_meta = tl.load(QM + g * N + offs_m, mask=row_ok, other=-1).to(tl.int32)
+        q_meta = tl.load(QM + g * N + rows, mask=row_ok, other=-1).to(tl.int32)
     if NUM_D == 1:
         q_tile = tl.load(q_rows + offs_d[None, :] * stride_qd,
                          mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
@@ -67,7 +70,7 @@ def contrast_dq_kernel(
     for start_n in range(0, M, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         col_ok = offs_n < M
-        k_rows = k_base + offs_n.to(tl.int64)[:, None] * stride_km
+        k_rows = k_base + offs_n.to(tl.uint32).to(tl.int64)[:, None] * stride_km
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         if NUM_D == 1:
             k_tile = tl.load(k_rows + offs_d[None, :] * stride_kd,
@@ -119,7 +122,7 @@ def contrast_dq_kernel(
         dq = tl.dot(dz.to(k_out.dtype), k_out, dq, input_precision=INPUT_PRECISION)
 
     dq = dq * s
-    d_ptrs = DQ + g * stride_dg + offs_m.to(tl.int64)[:, None] * stride_dn + offs_o[None, :] * stride_dd
+    d_ptrs = DQ + g * stride_dg + rows[:, None] * stride_dn + offs_o[None, :] * stride_dd
     tl.store(d_ptrs, dq.to(DQ.dtype.element_ty), mask=row_ok[:, None] & (offs_o[None, :] < D))
     if WITH_DS:
         if NUM_DOUT == 1:
@@ -150,12 +153,13 @@ def contrast_dk_kernel(
     pid = tl.program_id(0)
     c = pid % NUM_DOUT
     pid_t = pid // NUM_DOUT
-    g = (pid_t // n_key_tiles).to(tl.int64)
+    g = (pid_t // n_key_tiles).to(tl.uint32).to(tl.int64)
     offs_n = (pid_t % n_key_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = offs_n.to(tl.uint32).to(tl.int64)
     col_ok = offs_n < M
     offs_d = tl.arange(0, BLOCK_D)
     offs_o = c * BLOCK_DOUT + tl.arange(0, BLOCK_DOUT)
-    k_rows = K + g * stride_kg + offs_n.to(tl.int64)[:, None] * stride_km
+    k_rows = K + g * stride_kg + cols[:, None] * stride_km
     q_base = Q + g * stride_qg
     if SCALE_IN_MEM:
         s = tl.load(S_PTR).to(tl.float32)
@@ -163,11 +167,11 @@ def contrast_dk_kernel(
         s = scale
     key_ok = col_ok
     if HAS_KV:
-        key_ok = key_ok & (tl.load(KV + g * M + offs_n, mask=col_ok, other=0) != 0)
+        key_ok = key_ok & (tl.load(KV + g * M + cols, mask=col_ok, other=0) != 0)
     if RULE == 1:
-        k_meta = tl.load(KM + g * M + offs_n, mask=col_ok, other=-1)
+        k_meta = tl.load(KM + g * M + cols, mask=col_ok, other=-1)
     elif RULE == 2:
-        k_meta = tl.load(KM + g * M + offs_n, mask=col_ok, other=0.0)
+        k_meta = tl.load(KM + g * M + cols, mask=col_ok, other=0.0)
     if NUM_D == 1:                        # hoist the k tile out of the anchor loop
         k_tile = tl.load(k_rows + offs_d[None, :] * stride_kd,
                          mask=col_ok[:, None] & (offs_d[None, :] < D), other=0.0)
@@ -178,7 +182,7 @@ def contrast_dk_kernel(
     for start_m in range(0, N, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         row_ok = offs_m < N
-        q_rows = q_base + offs_m.to(tl.int64)[:, None] * stride_qn
+        q_rows = q_base + offs_m.to(tl.uint32).to(tl.int64)[:, None] * stride_qn
         # z/s = q kᵀ in the forward's orientation and chunking, so that it rounds as it did against LSE
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         if NUM_D == 1:
@@ -226,5 +230,5 @@ def contrast_dk_kernel(
         dk = tl.dot(tl.trans(dz.to(q_out.dtype)), q_out, dk, input_precision=INPUT_PRECISION)
 
     dk = dk * s
-    d_ptrs = DK + g * stride_dg + offs_n.to(tl.int64)[:, None] * stride_dm + offs_o[None, :] * stride_dd
+    d_ptrs = DK + g * stride_dg + cols[:, None] * stride_dm + offs_o[None, :] * stride_dd
     tl.store(d_ptrs, dk.to(DK.dtype.element_ty), mask=col_ok[:, None] & (offs_o[None, :] < D))

@@ -53,22 +53,25 @@ def contrast_fwd_kernel(
     LN2: tl.constexpr = 0.6931471805599453
     NUM_D: tl.constexpr = (D + BLOCK_D - 1) // BLOCK_D
     pid = tl.program_id(0)
-    g = (pid // n_row_tiles).to(tl.int64)
+    # int64 offsets by zero extension (indices are ≥ 0): a sign word kept live across the main loop
+    # is what ptxas chose to spill in several configurations
+    g = (pid // n_row_tiles).to(tl.uint32).to(tl.int64)
     offs_m = (pid % n_row_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = offs_m.to(tl.uint32).to(tl.int64)
     row_ok = offs_m < N
     offs_d = tl.arange(0, BLOCK_D)
-    q_rows = Q + g * stride_qg + offs_m.to(tl.int64)[:, None] * stride_qn
+    q_rows = Q + g * stride_qg + rows[:, None] * stride_qn
     k_base = K + g * stride_kg
     if SCALE_IN_MEM:
         s = tl.load(S_PTR).to(tl.float32)
     else:
         s = scale
     if RULE == 2:
-        q_meta = tl.load(QM + g * N + offs_m, mask=row_ok, other=0.0)
+        q_meta = tl.load(QM + g * N + rows, mask=row_ok, other=0.0)
     elif RULE == 1:
-        q_meta = tl.load(QM + g * N + offs_m, mask=row_ok, other=-1)
+        q_meta = tl.load(QM + g * N + rows, mask=row_ok, other=-1)
     else:                                 # pos_index < M < 2**31: compare in int32
-        q_meta = tl.load(QM + g * N + offs_m, mask=row_ok, other=-1).to(tl.int32)
+        q_meta = tl.load(QM + g * N + rows, mask=row_ok, other=-1).to(tl.int32)
     if NUM_D == 1:                        # hoist the q tile out of the key loop
         q_tile = tl.load(q_rows + offs_d[None, :] * stride_qd,
                          mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
@@ -82,7 +85,7 @@ def contrast_fwd_kernel(
     for start_n in range(0, M, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         col_ok = offs_n < M
-        k_rows = k_base + offs_n.to(tl.int64)[:, None] * stride_km
+        k_rows = k_base + offs_n.to(tl.uint32).to(tl.int64)[:, None] * stride_km
         # raw dot <q_i, k_j> over D chunks, fp32 accumulation
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         if NUM_D == 1:
@@ -162,10 +165,10 @@ def contrast_fwd_kernel(
     lse = m_i + (tl.log2(l_i) - tl.fma(m_fin, LOG2E, -mL_i)) * LN2
     counted = pos_cnt > 0
     if HAS_QV:
-        counted = counted & (tl.load(QV + g * N + offs_m, mask=row_ok, other=0) != 0)
+        counted = counted & (tl.load(QV + g * N + rows, mask=row_ok, other=0) != 0)
     loss = tl.where(counted, lse - s * pos_dot / tl.maximum(pos_cnt, 1).to(tl.float32), 0.0)
     pos_cnt = tl.where(counted, pos_cnt, 0)
-    o = g * stride_og + offs_m * stride_on
+    o = g * stride_og + rows * stride_on
     tl.store(LOSS + o, loss, mask=row_ok)
     tl.store(LSE + o, lse, mask=row_ok)
     tl.store(CNT + o, pos_cnt, mask=row_ok)

@@ -1,0 +1,303 @@
+"""GCL-style pre-training: the Gradient Mitigator (PCGrad), the Gradient Filter (against a dense top-ρ
+transcription), the pixel positives, training, and the end-to-end run with meta-labels, checkpoint and resume."""
+import functools
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from macl.config import MethodConfig, NetConfig, OptimConfig, PretrainConfig, TrainConfig
+from macl.data import PhantomConfig, PretrainDataConfig, batches_from_step, load_volumes, open_dataset, write_phantom_dataset
+from macl.data.metalabels import MetaLabelDataset, read_attributes_csv
+from macl.methods import Batch, build_method, mitigate, pcgrad
+from macl.methods.gcl import pixel_labels, pixel_loss
+from macl.train import export_weights, load_checkpoint, pretrain
+from macl_kernels import grouped_info_nce
+from macl_kernels.filtered import filtered_info_nce
+
+
+# ------------------------------------------------------------------------------------------ mitigator
+def test_pcgrad_matches_hand_computation_on_two_conflicting_vectors():
+    g1, g2 = torch.tensor([1.0, 0.0]), torch.tensor([-1.0, 1.0])       # ⟨g1, g2⟩ = −1 < 0
+    # g1' = g1 − (−1/2)·g2 = (0.5, 0.5);  g2' = g2 − (−1/1)·g1 = (0, 1);  sum = (0.5, 1.5)
+    out = pcgrad([g1, g2])
+    assert torch.allclose(out, torch.tensor([0.5, 1.5]))
+    assert float(out @ g1) >= 0 and float(out @ g2) >= 0
+    assert float((g1 + g2) @ g1) == 0.0                                  # the plain sum would not help g1 at all
+
+
+def test_pcgrad_non_negative_with_each_when_two_conflict_and_sum_otherwise():
+    gen = torch.Generator().manual_seed(0)
+    conflicts = 0
+    for _ in range(200):
+        a, b = torch.randn(2, 3, 7, generator=gen, dtype=torch.float64)
+        out = pcgrad([a, b])
+        if float((a * b).sum()) < 0:
+            conflicts += 1
+            assert float((out * a).sum()) >= -1e-12 and float((out * b).sum()) >= -1e-12
+            assert not torch.allclose(out, a + b)
+        else:
+            assert torch.allclose(out, a + b)
+    assert 50 < conflicts < 150
+
+
+def test_mitigate_combines_the_per_copy_gradients_by_pcgrad():
+    x = torch.randn(4, 3, requires_grad=True)
+    a, b = torch.randn(4, 3), torch.randn(4, 3)
+    b = b - 2 * (a * b).sum() / (a * a).sum() * a if float((a * b).sum()) > 0 else b   # make them conflict
+    assert float((a * b).sum()) < 0
+    c1, c2 = mitigate(x, 2)
+    ((c1 * a).sum() + (c2 * b).sum()).backward()
+    assert torch.allclose(x.grad, pcgrad([a, b]), atol=1e-6)
+    x.grad = None
+    c1, c2 = mitigate(x, 2, enabled=False)
+    ((c1 * a).sum() + (c2 * b).sum()).backward()
+    assert torch.allclose(x.grad, a + b)
+
+
+# ------------------------------------------------------------------------------------------ filter
+def dense_filtered(q, k, rho, tau, pos, allowed, q_valid=None):
+    """Naive transcription: materialise z, rank each anchor's negatives by |P − Y| = P (top ⌈ρ·n⌉),
+    keep them and every positive, InfoNCE over the kept pairs. q (G, N, D), k (G, M, D); masks (G, N, M)."""
+    z = torch.einsum("gnd,gmd->gnm", q, k) / tau
+    prob = torch.softmax(z.masked_fill(~allowed, -math.inf), -1)
+    neg = allowed & ~pos
+    keep = pos.clone()
+    G, N, _ = z.shape
+    for g in range(G):
+        for i in range(N):
+            n = int(neg[g, i].sum())
+            kk = math.ceil(rho * n - 1e-9)
+            if kk:
+                grad_mag = (prob[g, i] - 0).masked_fill(~neg[g, i], -1.0)   # |P − Y| on negatives
+                keep[g, i, torch.topk(grad_mag, kk).indices] = True
+    lse = torch.logsumexp(z.masked_fill(~keep, -math.inf), -1)
+    cnt = pos.sum(-1)
+    counted = cnt > 0 if q_valid is None else (cnt > 0) & q_valid
+    per = torch.where(counted, lse.masked_fill(~counted, 0) - (z * pos).sum(-1) / cnt.clamp(min=1), torch.zeros_like(lse))
+    return per.sum() / counted.sum().clamp(min=1), (keep & neg).sum(-1)
+
+
+CASES = ["labels", "radius_self", "index_valid"]
+
+
+def _problem(case, gen):
+    G, N, M, D = 2, 23, 31, 6
+    if case == "radius_self":
+        x = torch.randn(G, N, D, generator=gen, dtype=torch.float64, requires_grad=True)
+        posn = torch.rand(G, N, generator=gen, dtype=torch.float64)
+        kv = torch.rand(G, N, generator=gen) > 0.2
+        kw = dict(q_positions=posn, threshold=0.2, exclude_self=True, k_valid=kv)
+        pos = ((posn[:, :, None] - posn[:, None, :]).abs().float() < 0.2)
+        allowed = kv[:, None, :] & ~torch.eye(N, dtype=torch.bool)[None]
+        return (x, None), kw, pos & allowed, allowed, None, (x,)
+    q = torch.randn(G, N, D, generator=gen, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(G, M, D, generator=gen, dtype=torch.float64, requires_grad=True)
+    allowed = torch.ones(G, N, M, dtype=torch.bool)
+    if case == "labels":
+        lq, lk = torch.randint(0, 4, (G, N), generator=gen), torch.randint(0, 4, (G, M), generator=gen)
+        kw = dict(q_labels=lq, k_labels=lk)
+        pos = lq[:, :, None] == lk[:, None, :]
+        return (q, k), kw, pos, allowed, None, (q, k)
+    idx = torch.randint(0, M, (G, N), generator=gen)
+    qv = torch.rand(G, N, generator=gen) > 0.3
+    kw = dict(pos_index=idx, q_valid=qv)
+    pos = idx[:, :, None] == torch.arange(M)[None, None, :]
+    return (q, k), kw, pos, allowed, qv, (q, k)
+
+
+@pytest.mark.parametrize("tiling", ["rows", "radix"])
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("rho", [0.15, 0.5])
+def test_filter_equals_dense_top_rho_values_gradients_and_counts(case, tiling, rho):
+    gen = torch.Generator().manual_seed(hash((case, tiling, rho)) % 1000)
+    (q, k), kw, pos, allowed, qv, leaves = _problem(case, gen)
+    res = filtered_info_nce(q, k, rho=rho, temperature=0.3, tiling=tiling, **kw)
+    ours = torch.autograd.grad(res.loss, leaves)
+    kk = k if k is not None else q
+    ref, kept_ref = dense_filtered(q, kk, rho, 0.3, pos, allowed, qv)
+    theirs = torch.autograd.grad(ref, leaves)
+    assert torch.allclose(res.loss, ref, rtol=1e-10, atol=1e-12)
+    for a, b in zip(ours, theirs):
+        assert torch.allclose(a, b, rtol=1e-9, atol=1e-12)
+    expect = kept_ref if qv is None else kept_ref * qv
+    assert torch.equal(res.kept.long(), expect)
+    n_neg = (allowed & ~pos).sum(-1)
+    exact_k = torch.ceil(n_neg.double() * rho - 1e-9).long()
+    assert torch.equal(res.kept.long(), exact_k if qv is None else exact_k * qv)   # exactly ⌈ρ·negatives⌉
+
+
+def test_filter_float32_and_rho_one_is_the_core():
+    gen = torch.Generator().manual_seed(1)
+    x = F.normalize(torch.randn(300, 16, generator=gen), dim=1).requires_grad_()
+    lab = torch.randint(0, 20, (300,), generator=gen)
+    full = grouped_info_nce(x, q_labels=lab, exclude_self=True, temperature=0.1, impl="torch").loss
+    g_full, = torch.autograd.grad(full, x)
+    for tiling in ("rows", "radix"):
+        one = filtered_info_nce(x, rho=1.0, q_labels=lab, exclude_self=True, temperature=0.1, tiling=tiling).loss
+        g_one, = torch.autograd.grad(one, x)
+        assert torch.allclose(one, full, rtol=1e-5) and torch.allclose(g_one, g_full, atol=1e-6)
+    a = filtered_info_nce(x, rho=0.2, q_labels=lab, exclude_self=True, tiling="rows")
+    b = filtered_info_nce(x, rho=0.2, q_labels=lab, exclude_self=True, tiling="radix")
+    assert torch.equal(a.kept, b.kept) and torch.equal(a.threshold, b.threshold)
+    assert float(a.loss) < float(full)           # fewer negatives in every denominator
+    with pytest.raises(ValueError, match="1.5"):
+        filtered_info_nce(x, rho=1.5, q_labels=lab)
+
+
+MEMORY_SCRIPT = textwrap.dedent("""
+    import json, resource, torch
+    import macl_kernels.filtered as flt
+    flt.TILE_BUDGET = 1 << 18
+    torch.manual_seed(0)
+    N = 8192; D = 32
+    x = torch.nn.functional.normalize(torch.randn(N, D), dim=1).requires_grad_()
+    lab = torch.randint(0, 500, (N,))
+    out = {}
+    for tiling in ("rows", "radix"):
+        w = flt.filtered_info_nce(x[:64], rho=0.3, q_labels=lab[:64], exclude_self=True, tiling=tiling).loss
+        w.backward(); x.grad = None
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        loss = flt.filtered_info_nce(x, rho=0.3, q_labels=lab, exclude_self=True, tiling=tiling).loss
+        loss.backward()
+        after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        out[tiling] = after - before
+        x.grad = None
+    print(json.dumps(out))
+""")
+
+
+@pytest.mark.slow
+def test_filter_never_allocates_n_by_m():
+    env = dict(os.environ, OMP_NUM_THREADS="2")
+    out = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT], capture_output=True, text=True, env=env,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), timeout=600)
+    assert out.returncode == 0, out.stderr
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    n_by_m = 8192 * 8192 * 4                      # 256 MiB: one float32 copy of the logits
+    for tiling, extra in res.items():
+        assert extra < n_by_m / 4, f"{tiling}: peak RSS grew by {extra / 2**20:.0f} MiB"
+
+
+# ------------------------------------------------------------------------------------------ pixel loss
+def naive_pixel_supcon(maps, groups, tau):
+    """SupCon over all pixels of [view 1 | view 2]; positives = same location and same group, self excluded."""
+    n2, C = maps.shape[:2]
+    B = groups.shape[0]
+    L = maps[0, 0].numel()
+    f = F.normalize(maps.reshape(n2, C, L).permute(0, 2, 1).reshape(-1, C), dim=1)
+    img = torch.arange(n2).repeat_interleave(L) % B
+    loc = torch.arange(L).repeat(n2)
+    pos = (loc[:, None] == loc[None]) & (groups[img][:, None] == groups[img][None])
+    eye = torch.eye(len(f), dtype=torch.bool)
+    pos &= ~eye
+    z = f @ f.T / tau
+    lse = torch.logsumexp(z.masked_fill(eye, -math.inf), 1)
+    return (lse - (z * pos).sum(1) / pos.sum(1)).mean()
+
+
+def test_pixel_positives_are_same_location_and_same_meta_label():
+    groups = torch.tensor([5, 2, 5])
+    lab = pixel_labels(groups, 4)
+    assert lab.shape == (2 * 3 * 4,)
+    lab = lab.reshape(2, 3, 4)
+    assert torch.equal(lab[0], lab[1])                                   # the other view shares labels
+    assert torch.equal(lab[0, 0], lab[0, 2]) and not bool((lab[0, 0] == lab[0, 1]).any())
+    assert len(set(lab[0, 0].tolist())) == 4                              # different locations never match
+    maps = torch.randn(6, 5, 2, 2, dtype=torch.float64, requires_grad=True)
+    cfg = MethodConfig(name="gcl", gcl_rho=1.0, temperature=0.2, rescale_by_base_temperature=False)
+    ours = pixel_loss(maps, groups, cfg)
+    ref = naive_pixel_supcon(maps, groups, 0.2)
+    g1, = torch.autograd.grad(ours, maps)
+    g2, = torch.autograd.grad(ref, maps)
+    assert torch.allclose(ours, ref) and torch.allclose(g1, g2)
+
+
+# ------------------------------------------------------------------------------------------ method
+NET = NetConfig(dims=2, base_width=4, depth=2)
+
+
+def gcl_cfg(**kw):
+    base = dict(name="gcl", decoder_blocks=1, proj_dim=16, gcl_rho=0.3, meta_labels=("position", "volume"))
+    base.update(kw)
+    return MethodConfig(**base)
+
+
+def test_gcl_terms_and_a_few_steps_lower_the_loss():
+    torch.manual_seed(0)
+    m = build_method(NET, gcl_cfg())
+    assert type(m).__name__ == "GCL"
+    B = 6
+    x = torch.randn(B, 1, 16, 16)
+    batch = Batch(torch.tensor([0.1, 0.15, 0.5, 0.55, 0.9, 0.95]), x, x + 0.1 * torch.randn_like(x), x.flip(-1),
+                  x + 0.05 * torch.randn_like(x), meta=torch.tensor([[0.0], [0], [1], [1], [2], [2]]))
+    opt = torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9)
+    losses = []
+    for _ in range(8):
+        terms = m(batch)
+        loss = m.combine(terms)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    assert set(terms) == {"L_img_position", "L_img_volume", "L_pix_position", "L_pix_volume"}
+    assert losses[-1] < losses[0] - 0.5, losses
+    with pytest.raises(ValueError, match="MetaLabelDataset"):
+        m(Batch(batch.positions, x, x, x, x))
+
+
+@pytest.fixture(scope="module")
+def phantom_root(tmp_path_factory):
+    return write_phantom_dataset(tmp_path_factory.mktemp("gcl_phantom"),
+                                 PhantomConfig(n_subjects=3, shape=(16, 16, 6), seed=4))
+
+
+def test_meta_label_dataset_codes_volumes_and_csv_attributes(phantom_root, tmp_path):
+    vols = load_volumes(open_dataset(phantom_root))
+    ids = [v.case_id for v in vols]
+    csv_path = tmp_path / "attrs.csv"
+    csv_path.write_text("case_id,phase\n" + "\n".join(f"{c},{p}" for c, p in zip(ids, ["ES", "ED", "ES"])) + "\n")
+    attrs = read_attributes_csv(csv_path)
+    ds = MetaLabelDataset(vols, PretrainDataConfig(dims=2, patch_size=(16, 16)), ("position", "volume", "phase"), attrs)
+    b = ds.get_batch([0, 6, 12, 13])                 # 6 slices per volume: volumes 0, 1, 2, 2
+    assert b["meta"].tolist() == [[0, 1], [1, 0], [2, 1], [2, 1]]   # ED → 0, ES → 1
+    csv_path.write_text("case_id,phase\n" + f"{ids[0]},ES\n")
+    with pytest.raises(ValueError, match=f"{ids[1]}.*phase"):
+        MetaLabelDataset(vols, PretrainDataConfig(dims=2, patch_size=(16, 16)), ("volume", "phase"),
+                         read_attributes_csv(csv_path))
+
+
+def test_gcl_pretrain_end_to_end_checkpoint_and_exact_resume(phantom_root, tmp_path):
+    vols = load_volumes(open_dataset(phantom_root))
+    ds = MetaLabelDataset(vols, PretrainDataConfig(dims=2, patch_size=(16, 16)), ("position", "volume"))
+    cfg = PretrainConfig(net=NET, method=gcl_cfg(), optim=OptimConfig(lr=0.02),
+                         train=TrainConfig(steps=4, device="cpu", checkpoint_every=2, amp=False))
+    batches = functools.partial(batches_from_step, ds, 4)
+    full, part = str(tmp_path / "full"), str(tmp_path / "part")
+    pretrain(cfg, batches, full)
+
+    class Crash(Exception):
+        pass
+
+    def crash(step, total, record):
+        if step == 2:
+            raise Crash
+
+    with pytest.raises(Crash):
+        pretrain(cfg, batches, part, progress=crash)
+    pretrain(cfg, batches, part, resume="auto")
+    fa = load_checkpoint(os.path.join(full, "checkpoints", "final.pt"))
+    fb = load_checkpoint(os.path.join(part, "checkpoints", "final.pt"))
+    assert fb["step"] == 4 and all(torch.equal(fa["model"][k], fb["model"][k]) for k in fa["model"])
+    log = [json.loads(x) for x in open(os.path.join(part, "log.jsonl"))]
+    assert [r["step"] for r in log] == [1, 2, 3, 4] and all("L_pix_volume" in r for r in log)
+    from macl.nets import UNet, load_pretrained
+    weights = export_weights(fa)
+    loaded = load_pretrained(UNet(NET, 5), weights["state_dict"])
+    assert any(k.startswith("encoder.") for k in loaded) and any(k.startswith("decoder.") for k in loaded)
