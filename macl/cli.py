@@ -18,91 +18,11 @@ import traceback
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from macl.cli_output import Bars, EventLog, TqdmHandler
+
 EXIT_ERROR, EXIT_INTERRUPTED = 1, 130
 #: errors whose message is shown as it is (others get their type name in front)
 KNOWN_ERRORS = ("ValueError", "OSError", "KeyError", "FloatingPointError", "NonFiniteLossError")
-
-
-# ------------------------------------------------------------------------------------------ plumbing
-class EventLog(logging.Handler):
-    """JSON lines in ``folder/events.jsonl``: explicit events plus the ``macl`` logger's records.
-
-    Lines are kept in memory until the folder exists (a command must not create its run folder before its
-    data have been checked), then appended and flushed one by one.
-    """
-
-    def __init__(self, folder: Optional[Path], command: str) -> None:
-        super().__init__(logging.INFO)
-        self.folder, self.command, self.pending = folder, command, []
-
-    def event(self, kind: str, **fields: Any) -> None:
-        self._write({"time": round(time.time(), 3), "command": self.command, "event": kind, **fields})
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self._write({"time": round(record.created, 3), "command": self.command, "event": "log",
-                     "level": record.levelname.lower(), "logger": record.name, "message": record.getMessage()})
-
-    def _write(self, obj: dict) -> None:
-        self.pending.append(json.dumps(obj, default=str))
-        self.sync()
-
-    def sync(self) -> None:
-        """Append the pending lines if the folder exists by now."""
-        if self.pending and self.folder is not None and self.folder.is_dir():
-            with open(self.folder / "events.jsonl", "a") as fh:
-                fh.write("".join(line + "\n" for line in self.pending))
-            self.pending = []
-
-
-class Bars:
-    """Progress callbacks drawing tqdm bars: ``bars("stage")`` returns ``progress(done, total, info)``.
-
-    A new stage closes the previous bar; the bar opens at the first call, at ``done - 1``, so a resumed run's
-    ETA counts only the remaining steps.
-    """
-
-    def __init__(self, enabled: bool = True, on_update=None) -> None:
-        self.enabled, self.bar, self.stage, self.on_update = enabled, None, None, on_update
-
-    def __call__(self, stage: str):
-        def progress(done: int, total: int, info: Optional[dict] = None) -> None:
-            if self.on_update is not None:
-                self.on_update()
-            if not self.enabled:
-                return
-            from tqdm import tqdm
-            if self.bar is None or self.stage != stage:
-                self.close()
-                self.bar = tqdm(total=total, initial=max(0, done - 1), desc=stage, dynamic_ncols=True,
-                                file=sys.stderr, unit="step" if stage in ("pretrain", "finetune") else "it",
-                                leave=True, mininterval=0.5)
-                self.stage = stage
-            self.bar.update(done - self.bar.n)
-            info = info or {}
-            post = {k: f"{info[k]:.4g}" for k in ("loss", "lr") if isinstance(info.get(k), float)}
-            if "case" in info:
-                post["case"] = info["case"]
-            if post:
-                self.bar.set_postfix(post, refresh=False)
-            if done >= total:
-                self.close()
-        return progress
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar, self.stage = None, None
-
-
-class _TqdmHandler(logging.Handler):
-    """Warnings to stderr without breaking a progress bar."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            from tqdm import tqdm
-            tqdm.write(f"macl: {record.levelname.lower()}: {record.getMessage()}", file=sys.stderr)
-        except Exception:  # pragma: no cover - logging must never raise
-            self.handleError(record)
 
 
 def _one_line(exc: BaseException) -> str:
@@ -178,16 +98,15 @@ def cmd_finetune(args: argparse.Namespace, log: EventLog, bars: Bars) -> int:
     from macl.workflow import format_summary, parse_value, patch_size, pretrained_net, run_finetune
     net = dict(pretrained_net(args.pretrained)) if args.pretrained else {}
     net.pop("in_channels", None)
-    for flag, key in (("dims", "dims"), ("base_width", "base_width"), ("depth", "depth"), ("norm", "norm")):
-        if getattr(args, flag) is not None:
-            net[key] = getattr(args, flag)
-    net.setdefault("dims", 2)
-    NetConfig(**net)
-    kw: dict[str, Any] = {"dims": int(net["dims"]), "patch_size": patch_size(args.patch_size, int(net["dims"])),
-                          "device": str(resolve_device(args.device)), "skip_bad": args.skip_bad}
+    for key in ("dims", "base_width", "depth", "norm"):
+        if getattr(args, key) is not None:
+            net[key] = getattr(args, key)
+    kw: dict[str, Any] = {"device": str(resolve_device(args.device)), "skip_bad": args.skip_bad}
     for name in ("steps", "batch_size", "lr", "loss", "seed", "test_fraction", "checkpoint_every", "slice_axis"):
         if getattr(args, name) is not None:
             kw[name] = getattr(args, name)
+    if args.patch_size is not None:
+        kw["patch_size"] = args.patch_size
     if args.labels_fraction is not None:
         kw["labels_fraction"] = args.labels_fraction
     if args.labelled_cases is not None:
@@ -195,19 +114,27 @@ def cmd_finetune(args: argparse.Namespace, log: EventLog, bars: Bars) -> int:
     if args.test_cases is not None:
         kw["test_cases"] = read_case_list(args.test_cases)
     pre = _preprocess_overrides(args)
+    fields = sorted(k for k in FinetuneConfig.__dataclass_fields__ if k not in ("preprocess", "dims"))
     for item in args.set or []:
-        if "=" not in item:
-            raise ValueError(f"--set wants key=value or preprocess.key=value, got {item!r}")
-        key, value = item.split("=", 1)
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set wants KEY=VALUE, net.KEY=VALUE or preprocess.KEY=VALUE, got {item!r}")
         if key.startswith("preprocess."):
             pre[key.split(".", 1)[1]] = parse_value(value)
         elif key.startswith("net."):
             net[key.split(".", 1)[1]] = parse_value(value)
-        elif key in FinetuneConfig.__dataclass_fields__ and key != "preprocess":
+        elif key in fields:
             kw[key] = parse_value(value)
         else:
-            raise ValueError(f"unknown --set key {key!r}; known: {sorted(FinetuneConfig.__dataclass_fields__)}, "
-                             f"net.*, preprocess.*")
+            raise ValueError(f"unknown --set key {key!r}; known: {fields}, net.*, preprocess.*")
+    for section, given, known in (("net", net, NetConfig.__dataclass_fields__),
+                                  ("preprocess", pre, PreprocessConfig.__dataclass_fields__)):
+        if set(given) - set(known):
+            raise ValueError(f"unknown {section} setting(s) {sorted(set(given) - set(known))}; known: {sorted(known)}")
+    net.setdefault("dims", 2)
+    NetConfig(**net)  # a bad network setting fails here, named
+    kw["dims"] = int(net["dims"])
+    kw["patch_size"] = patch_size(kw.get("patch_size"), kw["dims"])
     cfg = FinetuneConfig(preprocess=PreprocessConfig(**pre), **kw)
     log.event("config", net=net, finetune=cfg.to_dict(), pretrained=args.pretrained)
     out = run_finetune(str(args.data), args.out, cfg, net, pretrained=args.pretrained, progress=bars("finetune"),
@@ -418,7 +345,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args.out = Path("macl_demo_quick" if args.quick else "macl_demo")
     folder = getattr(args, args.folder) if args.folder else None
     log = EventLog(Path(folder) if folder is not None else None, args.command)
-    console = _TqdmHandler(logging.INFO if args.verbose else logging.WARNING)
+    console = TqdmHandler(logging.INFO if args.verbose else logging.WARNING)
     pkg = logging.getLogger("macl")
     old_level = pkg.level
     pkg.setLevel(logging.INFO)

@@ -5,15 +5,18 @@ For each `shipped_configs()` entry and each target (sm_80, sm_90) this runs
 cubin to a temporary file and reads Triton's bundled `cuobjdump`: registers, stack, local memory (spills)
 and shared memory from `--dump-resource-usage`, and counts of HMMA / HGMMA / LDL / STL in `--dump-sass`.
 
-The kernels are plain functions wrapped at call time (`kernels_fwd.kernel`), so this module always compiles
-a real `triton.JITFunction`, even when TRITON_INTERPRET=1 is set in the environment (as it is in the test
-session): no subprocess is needed for that. Compiles run in forked worker processes for speed.
+The kernels are plain functions wrapped at call time (`kernels_fwd.kernel`), so this module always gets
+a real `triton.JITFunction`, even when TRITON_INTERPRET=1 is set (as tests/conftest.py does for the whole
+session). The compile itself must not see that variable either (Triton's front end then takes
+interpreter-only code paths and fails on e.g. integer casts), so `compile_one` removes it from the
+environment for the duration of the compile and restores it. Compiles run in forked worker processes.
 
     python -m macl_kernels.aot [--csv PATH] [--arch 80 90] [--jobs N]
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import dataclasses
 import os
@@ -121,6 +124,21 @@ def _parse(resource: str, sass: str) -> dict:
             "stl": len(re.findall(r"\bSTL\b", sass))}
 
 
+@contextlib.contextmanager
+def _compiler_env():
+    """TRITON_INTERPRET unset (and Triton's knob override cleared) for the duration of a compile."""
+    import triton
+    saved = os.environ.pop("TRITON_INTERPRET", None)
+    knob = triton.knobs.runtime.__dict__.pop("interpret", None)
+    try:
+        yield
+    finally:
+        if saved is not None:
+            os.environ["TRITON_INTERPRET"] = saved
+        if knob is not None:
+            triton.knobs.runtime.__dict__["interpret"] = knob
+
+
 def compile_one(entry: ShippedConfig, arch: int, precision: Optional[str] = None) -> AotRow:
     """Compile one configuration for sm_`arch` and read its resources. Never raises: see `AotRow.error`."""
     import triton
@@ -133,8 +151,9 @@ def compile_one(entry: ShippedConfig, arch: int, precision: Optional[str] = None
     t0 = time.perf_counter()
     try:
         fn, sig, const, attrs = signature(entry, precision)
-        ck = triton.compile(ASTSource(fn, sig, const, attrs), target=GPUTarget("cuda", arch, 32),
-                            options={"num_warps": c.num_warps, "num_stages": c.num_stages})
+        with _compiler_env():
+            ck = triton.compile(ASTSource(fn, sig, const, attrs), target=GPUTarget("cuda", arch, 32),
+                                options={"num_warps": c.num_warps, "num_stages": c.num_stages})
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, "k.cubin")
             with open(path, "wb") as f:

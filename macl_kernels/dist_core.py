@@ -75,17 +75,21 @@ def _check_locally(q, k, reduction, impl, kw) -> Optional[BaseException]:
     try:
         if reduction not in REDUCTIONS:
             raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-        known = ("temperature", "pos_index", "q_labels", "k_labels", "q_positions", "k_positions", "threshold",
-                 "exclude_self", "q_valid", "k_valid")
-        extra = set(kw) - set(known) - {"allow_tf32"}
+        extra = set(kw) - _CORE_ARGS
         if extra:
             raise TypeError(f"unexpected arguments {sorted(extra)}")
-        p, _ = _build_problem(q, k, *(kw.get(name, False if name == "exclude_self" else
-                                             0.1 if name == "temperature" else None) for name in known))
+        p, _ = _build_problem(q, k, kw.get("temperature", 0.1), kw.get("pos_index"), kw.get("q_labels"),
+                              kw.get("k_labels"), kw.get("q_positions"), kw.get("k_positions"),
+                              kw.get("threshold"), kw.get("exclude_self", False), kw.get("q_valid"),
+                              kw.get("k_valid"))
         resolve_impl(impl, p.q.device, p.q.dtype)
     except (TypeError, ValueError) as e:
         return e
     return None
+
+
+_CORE_ARGS = {"temperature", "pos_index", "q_labels", "k_labels", "q_positions", "k_positions", "threshold",
+              "exclude_self", "q_valid", "k_valid", "allow_tf32"}
 
 
 def _local_keys(q, k, group, W, reduction, impl, kw) -> torch.Tensor:

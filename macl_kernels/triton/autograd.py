@@ -108,10 +108,10 @@ def launch_bwd(phase: str, q, k, scale, lse, cnt, grad, o: LaunchOptions, with_d
     M = k.shape[1]
     rows = N if phase == "dq" else M
     out = _empty((G, rows, D), q.dtype, q.device, float("nan"))
-    ds = _empty((G, N), torch.float32, q.device, float("nan")) if with_ds else None
     if N == 0 or M == 0 or D == 0 or G == 0:   # no z_ij at all: the gradients are exactly zero
-        return out.zero_(), None if ds is None else ds.zero_()
+        return out.zero_(), torch.zeros((G, N), dtype=torch.float32, device=q.device) if with_ds else None
     cfg = o.config(phase, N, M, D, q.dtype)
+    ds = _empty((G, N, cfg.n_dout(D)), torch.float32, q.device, float("nan")) if with_ds else None
     tiles = -(-rows // (cfg.BLOCK_M if phase == "dq" else cfg.BLOCK_N))
     km, kv, flags = _common(o, q)
     s_ptr, s, in_mem = _scale_args(scale, lse)
@@ -123,7 +123,7 @@ def launch_bwd(phase: str, q, k, scale, lse, cnt, grad, o: LaunchOptions, with_d
         *args, s, o.threshold, N, M, tiles,
         *q.stride(), *k.stride(), lse.stride(0), lse.stride(1), *out.stride(),
         D=D, SCALE_IN_MEM=in_mem, **flags, **extra, **_launch_opts(cfg))
-    return out, ds
+    return out, None if ds is None else ds[..., 0]   # the n_dout copies are identical
 
 
 class TritonContrast(torch.autograd.Function):

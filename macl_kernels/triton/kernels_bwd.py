@@ -14,7 +14,7 @@ import triton.language as tl
 
 
 def contrast_dq_kernel(
-    Q, K, QM, KM, KV, S_PTR, LSE, CNT, GRAD, DQ, DS,  # GRAD, DS (G,N) fp32 contiguous; DQ (G,N,D) q's dtype
+    Q, K, QM, KM, KV, S_PTR, LSE, CNT, GRAD, DQ, DS,  # GRAD (G,N), DS (G,N,n_dout) fp32; DQ (G,N,D) q's dtype
     scale, threshold, N, M, n_row_tiles,
     stride_qg, stride_qn, stride_qd, stride_kg, stride_km, stride_kd, stride_og, stride_on,
     stride_dg, stride_dn, stride_dd,
@@ -24,8 +24,9 @@ def contrast_dq_kernel(
 ):
     """dq_i[c-chunk] = s Σ_j dz_ij k_j[c-chunk]; pid = (g·n_row_tiles + row tile)·n_dout + c.
 
-    WITH_DS: also DS_i = Σ_j dz_ij z_ij / s = Σ_j dz_ij acc_ij (written by the c = 0 programs), so that
-    ds = Σ_i DS_i is accumulated in fp32 from dz before it is rounded to the input dtype for the dot.
+    WITH_DS: also DS_i = Σ_j dz_ij z_ij / s = Σ_j dz_ij acc_ij, so that ds = Σ_i DS_i is accumulated in fp32
+    from dz before dz is rounded to the input dtype for the dot. (A runtime `if c == 0` around that store
+    made ptxas spill; each chunk writing its own copy costs n_dout floats per anchor.)
     """
     LOG2E: tl.constexpr = 1.4426950408889634
     NUM_D: tl.constexpr = (D + BLOCK_D - 1) // BLOCK_D
@@ -124,11 +125,8 @@ def contrast_dq_kernel(
     dq = dq * s
     d_ptrs = DQ + g * stride_dg + rows[:, None] * stride_dn + offs_o[None, :] * stride_dd
     tl.store(d_ptrs, dq.to(DQ.dtype.element_ty), mask=row_ok[:, None] & (offs_o[None, :] < D))
-    if WITH_DS:
-        if NUM_DOUT == 1:
-            tl.store(DS + o, ds, mask=row_ok)
-        elif c == 0:                      # every D-out chunk computed the same ds; one writes it
-            tl.store(DS + o, ds, mask=row_ok)
+    if WITH_DS:   # DS (G, N, n_dout): every D-out chunk writes its (identical) copy; no branch on c
+        tl.store(DS + (g * N + rows) * NUM_DOUT + c, ds, mask=row_ok)
 
 
 def contrast_dk_kernel(
