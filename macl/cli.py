@@ -85,7 +85,8 @@ def cmd_pretrain(args: argparse.Namespace, log: EventLog, bars: Bars) -> int:
               resumed_from=out["resumed_from"], last=rec)
     resumed = f" (resumed from {out['resumed_from']})" if out["resumed_from"] else ""
     loss = f", last loss {rec['loss']:.4f}" if "loss" in rec else ""
-    print(f"pre-training done{resumed}: {out['step']} steps{loss}, {out['seconds']:.0f} s")
+    print(f"pre-training done{resumed}: {out['step']} step{'s' if out['step'] != 1 else ''}{loss}, "
+          f"{out['seconds']:.0f} s")
     print(f"weights for fine-tuning: {out['weights']}  (macl finetune --pretrained {run} ...)")
     return 0
 
@@ -216,7 +217,8 @@ def _preprocess_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--spacing", type=_float_list(3), metavar="X,Y,Z",
                    help="resample to this voxel size in mm (default: keep each volume's own spacing)")
     g.add_argument("--ct-window", type=_float_list(2), metavar="LO,HI",
-                   help="clip intensities to this window before the z-score (CT, e.g. -160,240)")
+                   help="clip intensities to this window before the z-score (CT; write it with '=' when LO is "
+                   "negative: --ct-window=-160,240)")
     g.add_argument("--orientation", metavar="AXCODES", help="reorient to these axis codes (default RAS; 'none': keep)")
     g.add_argument("--cache-dir", type=Path, metavar="DIR", help="cache pre-processed volumes here (memory-mapped)")
     g.add_argument("--skip-bad", action="store_true", help="skip unreadable volumes with a warning instead of stopping")
@@ -224,7 +226,7 @@ def _preprocess_flags(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from macl import __version__
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = argparse.HelpFormatter
     ap = argparse.ArgumentParser(prog="macl", description="MACL: contrastive pre-training and few-label fine-tuning "
                                  "of segmentation U-Nets on folders of NIfTI volumes.",
                                  epilog="Run `macl COMMAND --help` for the flags of each command.")
@@ -248,18 +250,18 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("data and training (shortcuts for --set)")
     g.add_argument("--patch-size", type=int, nargs="+", metavar="N", help="crop size: one number or one per axis "
                    "(default 64); MACL needs multiples of 2^(depth+2)")
-    g.add_argument("--batch-size", type=int, help="samples per step (default 16)")
-    g.add_argument("--steps", type=int, help="optimiser steps (default 1000)")
-    g.add_argument("--lr", type=float, help="initial SGD learning rate (default 0.01)")
-    g.add_argument("--base-width", type=int, help="U-Net base width F (default 32)")
-    g.add_argument("--depth", type=int, help="U-Net pooling stages (default 4)")
+    g.add_argument("--batch-size", type=int, metavar="N", help="samples per step (default 16)")
+    g.add_argument("--steps", type=int, metavar="N", help="optimiser steps (default 1000)")
+    g.add_argument("--lr", type=float, metavar="LR", help="initial SGD learning rate (default 0.01)")
+    g.add_argument("--base-width", type=int, metavar="N", help="U-Net base width F (default 32)")
+    g.add_argument("--depth", type=int, metavar="N", help="U-Net pooling stages (default 4)")
     g.add_argument("--norm", choices=("batch", "instance", "none"), help="normalisation layers (default batch)")
     g.add_argument("--views", choices=("code", "paper"), help="view preset: the public code's (default) or the paper's")
     g.add_argument("--slice-axis", type=int, choices=(0, 1, 2), help="axis slices / positions are taken along (default 2)")
-    g.add_argument("--patches-per-volume", type=int, help="3D: random patches per volume and epoch (default 8)")
-    g.add_argument("--seed", type=int, help="random seed (default 0)")
-    g.add_argument("--device", help="auto (default), cpu, cuda, cuda:1, ...")
-    g.add_argument("--checkpoint-every", type=int, help="write a checkpoint every N steps (default 500)")
+    g.add_argument("--patches-per-volume", type=int, metavar="N", help="3D: random patches per volume and epoch (default 8)")
+    g.add_argument("--seed", type=int, metavar="N", help="random seed (default 0)")
+    g.add_argument("--device", help="auto (default: CUDA when available, else CPU), cpu, cuda, cuda:1, ...")
+    g.add_argument("--checkpoint-every", type=int, metavar="N", help="write a checkpoint every N steps (default 500)")
     _preprocess_flags(p)
     _common(p)
     p.set_defaults(func=cmd_pretrain, folder="out")
@@ -279,21 +281,21 @@ def build_parser() -> argparse.ArgumentParser:
     budget.add_argument("--labelled-cases", type=Path, metavar="FILE", help="use the labels of exactly these cases "
                         "(JSON list or one case id per line)")
     g = p.add_argument_group("split and training")
-    g.add_argument("--test-fraction", type=float, help="fraction of labelled cases held out for testing (default 0.2)")
+    g.add_argument("--test-fraction", type=float, metavar="F", help="fraction of labelled cases held out for testing (default 0.2)")
     g.add_argument("--test-cases", type=Path, metavar="FILE", help="explicit test case ids instead of --test-fraction")
     g.add_argument("--dims", type=int, choices=(2, 3), help="2D slices or 3D patches (default: the pre-trained net's, else 2)")
     g.add_argument("--patch-size", type=int, nargs="+", metavar="N", help="training / sliding-window size (default 64)")
-    g.add_argument("--steps", type=int, help="optimiser steps (default 1000)")
-    g.add_argument("--batch-size", type=int, help="samples per step (default 10)")
-    g.add_argument("--lr", type=float, help="initial Adam learning rate (default 5e-4)")
+    g.add_argument("--steps", type=int, metavar="N", help="optimiser steps (default 1000)")
+    g.add_argument("--batch-size", type=int, metavar="N", help="samples per step (default 10)")
+    g.add_argument("--lr", type=float, metavar="LR", help="initial Adam learning rate (default 5e-4)")
     g.add_argument("--loss", choices=("dice_ce", "ce"), help="Dice + cross-entropy (default) or cross-entropy")
     g.add_argument("--slice-axis", type=int, choices=(0, 1, 2), help="2D: axis slices are taken along (default 2)")
-    g.add_argument("--seed", type=int, help="seed of the split, the label selection and training (default 0)")
-    g.add_argument("--base-width", type=int, help="U-Net base width F (default: the pre-trained net's, else 32)")
-    g.add_argument("--depth", type=int, help="U-Net pooling stages (default: the pre-trained net's, else 4)")
+    g.add_argument("--seed", type=int, metavar="N", help="seed of the split, the label selection and training (default 0)")
+    g.add_argument("--base-width", type=int, metavar="N", help="U-Net base width F (default: the pre-trained net's, else 32)")
+    g.add_argument("--depth", type=int, metavar="N", help="U-Net pooling stages (default: the pre-trained net's, else 4)")
     g.add_argument("--norm", choices=("batch", "instance", "none"), help="normalisation (default: pre-trained net's)")
-    g.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
-    g.add_argument("--checkpoint-every", type=int, help="checkpoint every N steps (default 200)")
+    g.add_argument("--device", default="auto", help="auto (default: CUDA when available, else CPU), cpu, cuda, ...")
+    g.add_argument("--checkpoint-every", type=int, metavar="N", help="checkpoint every N steps (default 200)")
     g.add_argument("--no-evaluate", action="store_true", help="do not evaluate on the test cases at the end")
     g.add_argument("--set", action="append", metavar="KEY=VALUE", help="any FinetuneConfig field, e.g. "
                    "--set foreground_prob=0.5, or preprocess.KEY=VALUE (repeatable)")
@@ -311,13 +313,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_evaluate, folder="run")
 
     p = sub.add_parser("demo", formatter_class=fmt, help="the built-in demo on generated phantom data (no download)",
-                       description="Generate phantom volumes, pre-train MACL on all of them, fine-tune a U-Net with "
-                       "the same few labels from the pre-trained weights and from scratch, evaluate both, print a "
-                       "Dice table and write PNGs (loss curves, Dice per class, a prediction overlay) into --out. "
-                       "About 10 minutes on 2 CPU cores (--quick: about 2).")
-    p.add_argument("--out", type=Path, default=None, help="output folder (default: macl_demo, or macl_demo_quick)")
+                       description="Generate phantom volumes with labels, pre-train MACL on the training volumes "
+                       "(test volumes held out, labels unused), fine-tune a 2D U-Net with the labels of the same few "
+                       "volumes from the pre-trained weights and from scratch, evaluate both on the test volumes, "
+                       "print a Dice table and write PNGs (loss curves, Dice per class, a prediction overlay) into "
+                       "--out. 5-10 minutes on 2 CPU cores (--quick: 1-3); runs on one CPU thread unless --threads "
+                       "says otherwise. Rerunning into the same --out reuses what is finished.")
+    p.add_argument("--out", type=Path, default=None, metavar="DIR",
+                   help="output folder (default: macl_demo, or macl_demo_quick with --quick)")
     p.add_argument("--quick", action="store_true", help="a smaller, shorter version (a smoke test, not a fair comparison)")
-    p.add_argument("--seed", type=int, help="seed of data, split and training (default 0)")
+    p.add_argument("--seed", type=int, metavar="N", help="seed of data, split and training (default 0)")
     _common(p)
     p.set_defaults(func=cmd_demo, folder="out")
 

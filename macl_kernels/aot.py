@@ -5,18 +5,18 @@ For each `shipped_configs()` entry and each target (sm_80, sm_90) this runs
 cubin to a temporary file and reads Triton's bundled `cuobjdump`: registers, stack, local memory (spills)
 and shared memory from `--dump-resource-usage`, and counts of HMMA / HGMMA / LDL / STL in `--dump-sass`.
 
-The kernels are plain functions wrapped at call time (`kernels_fwd.kernel`), so this module always gets
-a real `triton.JITFunction`, even when TRITON_INTERPRET=1 is set (as tests/conftest.py does for the whole
-session). The compile itself must not see that variable either (Triton's front end then takes
-interpreter-only code paths and fails on e.g. integer casts), so `compile_one` removes it from the
-environment for the duration of the compile and restores it. Compiles run in forked worker processes.
+TRITON_INTERPRET: our kernels are plain functions wrapped at call time (`kernels_fwd.kernel`), so they
+are real JITFunctions here whatever the environment; but Triton decorates its *own* library
+(`tl.sum`, `tl.max`, `cdiv`, ...) at import time, so a process that imported triton with
+TRITON_INTERPRET=1 (tests/conftest.py sets it for the whole session) cannot compile at all. `run_report`
+therefore compiles in *spawned* worker processes started with TRITON_INTERPRET removed from their
+environment; `compile_one` is only safe in a process that imported triton without it.
 
     python -m macl_kernels.aot [--csv PATH] [--arch 80 90] [--jobs N]
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import dataclasses
 import os
@@ -124,21 +124,6 @@ def _parse(resource: str, sass: str) -> dict:
             "stl": len(re.findall(r"\bSTL\b", sass))}
 
 
-@contextlib.contextmanager
-def _compiler_env():
-    """TRITON_INTERPRET unset (and Triton's knob override cleared) for the duration of a compile."""
-    import triton
-    saved = os.environ.pop("TRITON_INTERPRET", None)
-    knob = triton.knobs.runtime.__dict__.pop("interpret", None)
-    try:
-        yield
-    finally:
-        if saved is not None:
-            os.environ["TRITON_INTERPRET"] = saved
-        if knob is not None:
-            triton.knobs.runtime.__dict__["interpret"] = knob
-
-
 def compile_one(entry: ShippedConfig, arch: int, precision: Optional[str] = None) -> AotRow:
     """Compile one configuration for sm_`arch` and read its resources. Never raises: see `AotRow.error`."""
     import triton
@@ -151,9 +136,8 @@ def compile_one(entry: ShippedConfig, arch: int, precision: Optional[str] = None
     t0 = time.perf_counter()
     try:
         fn, sig, const, attrs = signature(entry, precision)
-        with _compiler_env():
-            ck = triton.compile(ASTSource(fn, sig, const, attrs), target=GPUTarget("cuda", arch, 32),
-                                options={"num_warps": c.num_warps, "num_stages": c.num_stages})
+        ck = triton.compile(ASTSource(fn, sig, const, attrs), target=GPUTarget("cuda", arch, 32),
+                            options={"num_warps": c.num_warps, "num_stages": c.num_stages})
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, "k.cubin")
             with open(path, "wb") as f:
@@ -189,18 +173,21 @@ def run_report(archs: Sequence[int] = (80, 90), entries: Optional[Sequence[Shipp
     """Compile every (configuration, arch[, precision]) and return one `AotRow` each, in a stable order.
 
     Identical configurations (same kernel, dtype, D, constexprs and launch options) compile once.
-    `jobs` worker processes (default: CPU count) are forked; jobs=1 compiles in this process.
+    Compiles run in `jobs` spawned worker processes (default: CPU count) whose environment has no
+    TRITON_INTERPRET (see the module docstring), so this works from an interpreter-mode test session.
     """
+    import multiprocessing as mp
     tasks = jobs_for(archs, entries, tf32)
     key = lambda t: (t[0].phase, t[0].dtype, t[0].D, t[0].config, t[1], t[2])  # noqa: E731
     unique = list({key(t): t for t in tasks}.values())
-    jobs = jobs or os.cpu_count() or 1
-    if jobs == 1:
-        done = [_task(t) for t in unique]
-    else:
-        import multiprocessing as mp
-        with mp.get_context("fork").Pool(jobs) as pool:
+    jobs = max(1, min(jobs or os.cpu_count() or 1, len(unique)))
+    saved = os.environ.pop("TRITON_INTERPRET", None)   # spawned children copy the environment at start
+    try:
+        with mp.get_context("spawn").Pool(jobs) as pool:
             done = pool.map(_task, unique, chunksize=1)
+    finally:
+        if saved is not None:
+            os.environ["TRITON_INTERPRET"] = saved
     by_key = dict(zip((key(t) for t in unique), done))
     rows = []
     for t in tasks:
