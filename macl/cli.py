@@ -65,7 +65,7 @@ def cmd_pretrain(args: argparse.Namespace, log: EventLog, bars: Bars) -> int:
     flags = []
     for flag, key in (("method", "method.name"), ("dims", "net.dims"), ("steps", "train.steps"),
                       ("lr", "optim.lr"), ("base_width", "net.base_width"), ("depth", "net.depth"),
-                      ("norm", "net.norm"), ("seed", "train.seed"), ("device", "train.device"),
+                      ("norm", "net.norm"), ("seed", "train.seed"), ("seed", "data.seed"), ("device", "train.device"),
                       ("checkpoint_every", "train.checkpoint_every"), ("batch_size", "data.batch_size"),
                       ("views", "data.views"), ("slice_axis", "data.slice_axis"),
                       ("patches_per_volume", "data.patches_per_volume")):
@@ -259,7 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--views", choices=("code", "paper"), help="view preset: the public code's (default) or the paper's")
     g.add_argument("--slice-axis", type=int, choices=(0, 1, 2), help="axis slices / positions are taken along (default 2)")
     g.add_argument("--patches-per-volume", type=int, metavar="N", help="3D: random patches per volume and epoch (default 8)")
-    g.add_argument("--seed", type=int, metavar="N", help="random seed (default 0)")
+    g.add_argument("--seed", type=int, metavar="N", help="seed of the network, the crops and the views (default 0)")
     g.add_argument("--device", help="auto (default: CUDA when available, else CPU), cpu, cuda, cuda:1, ...")
     g.add_argument("--checkpoint-every", type=int, metavar="N", help="write a checkpoint every N steps (default 500)")
     _preprocess_flags(p)

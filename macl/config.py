@@ -114,7 +114,7 @@ class MethodConfig:
     dominant_image_source: str = "decoder"
     position_axis: Optional[int] = None
     impl: str = "auto"
-    meta_labels: Sequence[str] = ("position", "volume")
+    meta_labels: list = field(default_factory=lambda: ["position", "volume"])
     gcl_rho: float = 0.5
     gcl_mitigator: bool = True
     pixel_dim: Optional[int] = None
@@ -122,8 +122,8 @@ class MethodConfig:
     def __post_init__(self) -> None:
         _check(isinstance(self.name, str) and self.name != "", f"method.name must be a non-empty string, got {self.name!r}")
         if isinstance(self.meta_labels, str):
-            self.meta_labels = tuple(x.strip() for x in self.meta_labels.split(",") if x.strip())
-        self.meta_labels = tuple(self.meta_labels)
+            self.meta_labels = [x.strip() for x in self.meta_labels.split(",") if x.strip()]
+        self.meta_labels = list(self.meta_labels)  # a list: the JSON form, so stored configs compare equal
         _check(len(self.meta_labels) >= 1 and all(isinstance(x, str) and x for x in self.meta_labels)
                and len(set(self.meta_labels)) == len(self.meta_labels),
                f"method.meta_labels must be distinct non-empty names, got {self.meta_labels!r}")

@@ -125,9 +125,11 @@ class PretrainSpec:
         return PreprocessConfig(**self.preprocess)
 
     def to_dict(self) -> dict:
-        """Plain JSON: {"data": {...}, "preprocess": {...}, "pretrain": {...}}."""
-        data = {"path": str(self.data), "skip_bad": self.skip_bad, **self.sampling,
-                "patch_size": list(self.data_config().patch_size)}
+        """Plain JSON: {"data": {...every sampling setting...}, "preprocess": {...}, "pretrain": {...}}."""
+        dcfg = self.data_config()
+        sampling = {f.name: getattr(dcfg, f.name) for f in dataclasses.fields(dcfg) if f.name != "views"}
+        data = {"path": str(self.data), "skip_bad": self.skip_bad, "batch_size": self.sampling["batch_size"],
+                "views": self.sampling["views"], **sampling}
         return json.loads(json.dumps({"data": data, "preprocess": dataclasses.asdict(self.preprocess_config()),
                                       "pretrain": to_dict(self.config)}))
 

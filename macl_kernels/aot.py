@@ -53,6 +53,7 @@ class AotRow:
     BLOCK_DOUT: int
     num_warps: int
     num_stages: int
+    maxnreg: Optional[int]
     registers: int = -1
     stack: int = -1
     local: int = -1
@@ -132,12 +133,12 @@ def compile_one(entry: ShippedConfig, arch: int, precision: Optional[str] = None
     precision = precision or "ieee"
     c = entry.config
     row = AotRow(entry.phase, _TL_DTYPE[entry.dtype], precision, entry.D, entry.size_class, arch,
-                 c.BLOCK_M, c.BLOCK_N, c.BLOCK_D, c.BLOCK_DOUT, c.num_warps, c.num_stages)
+                 c.BLOCK_M, c.BLOCK_N, c.BLOCK_D, c.BLOCK_DOUT, c.num_warps, c.num_stages, c.maxnreg)
     t0 = time.perf_counter()
     try:
         fn, sig, const, attrs = signature(entry, precision)
         ck = triton.compile(ASTSource(fn, sig, const, attrs), target=GPUTarget("cuda", arch, 32),
-                            options={"num_warps": c.num_warps, "num_stages": c.num_stages})
+                            options=c.launch_options())
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, "k.cubin")
             with open(path, "wb") as f:
@@ -199,7 +200,7 @@ def run_report(archs: Sequence[int] = (80, 90), entries: Optional[Sequence[Shipp
 def format_table(rows: Sequence[AotRow]) -> str:
     """Fixed-width text table of the rows."""
     cols = ["phase", "dtype", "precision", "D", "size_class", "arch", "BLOCK_M", "BLOCK_N", "BLOCK_D",
-            "BLOCK_DOUT", "num_warps", "num_stages", "registers", "stack", "local", "shared", "hmma", "hgmma", "ldl",
+            "BLOCK_DOUT", "num_warps", "num_stages", "maxnreg", "registers", "stack", "local", "shared", "hmma", "hgmma", "ldl",
             "stl", "error"]
     table = [cols] + [[str(getattr(r, c)) for c in cols] for r in rows]
     widths = [max(len(x[i]) for x in table) for i in range(len(cols))]

@@ -188,6 +188,18 @@ def test_bad_settings_are_one_line(data, tmp_path, capsys, args, message):
     assert not (tmp_path / "r" / "checkpoints").exists()
 
 
+def test_non_finite_loss_stops_with_one_line_and_keeps_the_checkpoint(data, tmp_path, capsys):
+    run = tmp_path / "nan"
+    assert cli.main(["pretrain", "--data", str(data), "--out", str(run), "--steps", "6", "--lr", "1e30",
+                     "--checkpoint-every", "1", "--no-progress", *TINY]) == 1
+    err = capsys.readouterr().err
+    assert len(_error_lines(err)) == 1 and "non-finite loss at step" in err and "last good checkpoint kept" in err
+    step = torch.load(run / "checkpoints" / "latest.pt", weights_only=True)["step"]
+    assert f"non-finite loss at step {step + 1}:" in err
+    events = [json.loads(ln) for ln in (run / "events.jsonl").read_text().splitlines()]
+    assert events[-1]["event"] == "error" and events[-1]["type"] == "NonFiniteLossError"
+
+
 def test_usage_errors_and_a_fresh_run_into_a_used_folder(data, tmp_path, capsys):
     assert cli.main(["finetune", "--data", str(data), "--out", str(tmp_path / "f"), "--labels-fraction", "0.1",
                      "--labelled-cases", "x.txt"]) == 2  # argparse: not allowed together

@@ -71,7 +71,7 @@ def _common(o: LaunchOptions, q: torch.Tensor):
 
 
 def _launch_opts(cfg: KernelConfig) -> dict:
-    return dict(**cfg.constexprs(), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return dict(**cfg.constexprs(), **cfg.launch_options())
 
 
 def launch_fwd(q: torch.Tensor, k: torch.Tensor, scale, o: LaunchOptions):

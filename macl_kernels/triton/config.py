@@ -7,6 +7,7 @@ to one of a small, closed set of configurations, and `shipped_configs` lists tha
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -32,6 +33,14 @@ class KernelConfig:
     BLOCK_DOUT: int = 0
     num_warps: int = 4
     num_stages: int = 2
+    maxnreg: Optional[int] = None   # register cap handed to ptxas (.maxnreg); None: ptxas decides
+
+    def launch_options(self) -> dict:
+        """Triton compile options (num_warps, num_stages[, maxnreg])."""
+        opts = {"num_warps": self.num_warps, "num_stages": self.num_stages}
+        if self.maxnreg:
+            opts["maxnreg"] = self.maxnreg
+        return opts
 
     def constexprs(self) -> dict:
         """The BLOCK_* kernel constexprs (BLOCK_DOUT only for the backward kernels)."""
@@ -65,6 +74,11 @@ def size_class(N: int, M: int) -> str:
     return "s16" if n <= 16 else "s32" if n <= 32 else "large"
 
 
+def _small(b: int, block_d: int, block_dout: int, warps: int, stages: int) -> KernelConfig:
+    cap = min(255, 65536 // (2 * 32 * warps))          # registers per thread for 2 CTAs per SM
+    return KernelConfig(b, b, block_d, block_dout, num_warps=warps, num_stages=stages, maxnreg=cap)
+
+
 def choose_config(phase: str, N: int, M: int, D: int, dtype: torch.dtype) -> KernelConfig:
     """Static configuration for one launch.
 
@@ -83,16 +97,18 @@ def choose_config(phase: str, N: int, M: int, D: int, dtype: torch.dtype) -> Ker
     # (z must round as it did against the saved LSE; see README).
     if cls != "large":
         # one tile per group (MACL's dense groups of 2B): no wasted rows; a single key tile, so the
-        # backward has no key loop for a deeper pipeline to overlap (num_stages=1 also avoids odd spills)
+        # backward has no key loop for a deeper pipeline to overlap. maxnreg: left alone, ptxas caps these
+        # small CTAs at ~80 registers (an occupancy heuristic) and spills values live across the D loop;
+        # the explicit cap still lets two CTAs share an SM.
         b = 16 if cls == "s16" else 32
         if phase == "fwd":
             if wide:
-                return KernelConfig(b, b, min(d, 64), 0, num_warps=4 if b == 32 else 2, num_stages=1)
-            return KernelConfig(b, b, 16, 0, num_warps=4, num_stages=2)
+                return _small(b, min(d, 64), 0, warps=4 if b == 32 else 2, stages=1)
+            return _small(b, 16, 0, warps=4, stages=2)
         warps = 8 if b == 32 else 4
         if wide:
-            return KernelConfig(b, b, min(d, 64), min(d, 128), num_warps=warps, num_stages=1)
-        return KernelConfig(b, b, 16, min(d, 64), num_warps=warps, num_stages=1)
+            return _small(b, min(d, 64), min(d, 128), warps=warps, stages=1)
+        return _small(b, 16, min(d, 64), warps=warps, stages=1)
     if phase == "fwd":
         if wide:   # 128×64 tiles, 2 warpgroups: wgmma (HGMMA) on sm_90, mma.sync (HMMA) on sm_80
             return KernelConfig(128, 64, min(d, 128 if d <= 256 else 64), 0, num_warps=8, num_stages=2)
