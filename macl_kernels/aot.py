@@ -96,7 +96,8 @@ def signature(entry: ShippedConfig, precision: str) -> tuple:
         out = "DQ" if entry.phase == "dq" else "DK"
         row = "stride_dn" if entry.phase == "dq" else "stride_dm"
         sig = {**head, "KV": "*u8", "S_PTR": "*fp32", "LSE": "*fp32", "CNT": "*i32", "GRAD": "*fp32",
-               out: f"*{t}", "DS": "*fp32", **scalars, "n_row_tiles" if entry.phase == "dq" else "n_key_tiles": "i32",
+               out: f"*{t}", "DS": "*fp32", **scalars,
+               "n_row_tiles" if entry.phase == "dq" else "n_key_tiles": "i32",
                **strides, "stride_dg": "i32", row: "i32", "stride_dd": "constexpr"}
         extra = {"WITH_DS": True} if entry.phase == "dq" else {}
     const = {"stride_qd": 1, "stride_kd": 1, "stride_on": 1, "stride_dd": 1, "D": entry.D,
@@ -200,8 +201,8 @@ def run_report(archs: Sequence[int] = (80, 90), entries: Optional[Sequence[Shipp
 def format_table(rows: Sequence[AotRow]) -> str:
     """Fixed-width text table of the rows."""
     cols = ["phase", "dtype", "precision", "D", "size_class", "arch", "BLOCK_M", "BLOCK_N", "BLOCK_D",
-            "BLOCK_DOUT", "num_warps", "num_stages", "maxnreg", "registers", "stack", "local", "shared", "hmma", "hgmma", "ldl",
-            "stl", "error"]
+            "BLOCK_DOUT", "num_warps", "num_stages", "maxnreg", "registers", "stack", "local", "shared",
+            "hmma", "hgmma", "ldl", "stl", "error"]
     table = [cols] + [[str(getattr(r, c)) for c in cols] for r in rows]
     widths = [max(len(x[i]) for x in table) for i in range(len(cols))]
     return "\n".join("  ".join(x[i].rjust(widths[i]) for i in range(len(cols))) for x in table)
