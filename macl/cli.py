@@ -237,9 +237,11 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Pre-train a U-Net encoder/decoder (MACL, PCL or SimCLR) on every volume of a data "
                        "set; labels are not used. Writes RUN/resolved_config.json, log.jsonl, events.jsonl, "
                        "checkpoints/ and pretrained_weights.pt. Settings: defaults < --config < flags < --set.")
-    p.add_argument("--data", required=True, type=Path, help="NIfTI folder, MSD/nnU-Net folder, or datalist .json")
+    p.add_argument("--data", required=True, type=Path, metavar="PATH",
+                   help="NIfTI folder, MSD/nnU-Net folder, or datalist .json")
     p.add_argument("--out", required=True, type=Path, metavar="RUN", help="run folder")
-    p.add_argument("--method", choices=("macl", "pcl", "simclr"), help="pre-training objective (default macl)")
+    p.add_argument("--method", metavar="macl|pcl|simclr", help="pre-training objective (default macl; any name "
+                   "registered in macl.methods.METHODS works)")
     p.add_argument("--dims", type=int, choices=(2, 3), help="2: slices, 3: patches (default 2)")
     p.add_argument("--config", type=Path, metavar="FILE", help="settings file (.toml/.json/.yaml) with sections net, "
                    "method, optim, train, data, preprocess")
@@ -270,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Fine-tune the segmentation U-Net on a label budget, from pre-trained weights or "
                        "from scratch, then evaluate it on held-out test cases (summary.json). Rerunning with the "
                        "same --out continues an interrupted run from its last checkpoint.")
-    p.add_argument("--data", required=True, type=Path, help="data set with labels (MSD/nnU-Net folder, NIfTI folder "
+    p.add_argument("--data", required=True, type=Path, metavar="PATH", help="data set with labels (MSD/nnU-Net folder, NIfTI folder "
                    "with a labels/ sub-folder, or datalist .json)")
     p.add_argument("--out", required=True, type=Path, metavar="RUN", help="run folder")
     p.add_argument("--pretrained", metavar="RUN_OR_FILE", help="a `macl pretrain` run folder, its "
@@ -307,7 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Predict the test cases of a fine-tuning run (or --cases) with its final model "
                        "and write RUN/summary.json (per case and class: Dice, HD95 in mm; means).")
     p.add_argument("--run", required=True, type=Path, help="a `macl finetune` run folder")
-    p.add_argument("--data", required=True, type=Path, help="the data set the run was fine-tuned on")
+    p.add_argument("--data", required=True, type=Path, metavar="PATH", help="the data set the run was fine-tuned on")
     p.add_argument("--cases", type=Path, metavar="FILE", help="evaluate these labelled cases instead of the run's test split")
     _common(p)
     p.set_defaults(func=cmd_evaluate, folder="run")
@@ -317,7 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "(test volumes held out, labels unused), fine-tune a 2D U-Net with the labels of the same few "
                        "volumes from the pre-trained weights and from scratch, evaluate both on the test volumes, "
                        "print a Dice table and write PNGs (loss curves, Dice per class, a prediction overlay) into "
-                       "--out. 5-10 minutes on 2 CPU cores (--quick: 1-3); runs on one CPU thread unless --threads "
+                       "--out. About 5 minutes on 2 CPU cores, up to 10 on a busy machine (--quick: 1-2); runs on one "
+                       "CPU thread unless --threads "
                        "says otherwise. Rerunning into the same --out reuses what is finished.")
     p.add_argument("--out", type=Path, default=None, metavar="DIR",
                    help="output folder (default: macl_demo, or macl_demo_quick with --quick)")

@@ -313,7 +313,7 @@ def predict_volume(model: nn.Module, image: np.ndarray, cfg: FinetuneConfig, sli
     was_training = model.training
     model.eval()
     device = torch.device(cfg.device)
-    x = torch.from_numpy(np.ascontiguousarray(image)).float()
+    x = torch.from_numpy(np.array(image, dtype=np.float32))  # a copy: cached volumes are read-only memmaps
     try:
         if cfg.dims == 3:
             logits = sliding_window_inference(x[None].to(device), cfg.patch_size, cfg.sw_batch_size, model,

@@ -121,6 +121,19 @@ def test_pretrain_finetune_evaluate_in_process(data, tmp_path, capsys):
     assert json.loads((ft / "evaluate_config.json").read_text())["data"] == str(data)
 
 
+def test_config_file_with_data_section_then_flags_then_set(data, tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[net]\nbase_width = 4\ndepth = 3\n[train]\nsteps = 2\ndevice = "cpu"\n'
+                   '[data]\nbatch_size = 4\npatch_size = [32, 32]\ncrop = "centre"\n[preprocess]\nzscore_nonzero = true\n')
+    run = tmp_path / "cfg"
+    assert cli.main(["pretrain", "--data", str(data), "--out", str(run), "--config", str(cfg), "--steps", "3",
+                     "--set", "train.steps=2", "--set", "data.batch_size=6", "--no-progress"]) == 0
+    resolved = json.loads((run / "resolved_config.json").read_text())
+    assert resolved["pretrain"]["net"]["base_width"] == 4 and resolved["pretrain"]["train"]["steps"] == 2  # --set wins
+    assert resolved["data"]["crop"] == "centre" and resolved["data"]["batch_size"] == 6
+    assert resolved["preprocess"]["zscore_nonzero"] is True and _log_steps(run) == [1, 2]
+
+
 def test_resume_keeps_the_runs_own_settings(data, tmp_path, capsys):
     run = tmp_path / "pcl"
     assert cli.main(["pretrain", "--data", str(data), "--out", str(run), "--method", "pcl", "--steps", "2",
@@ -174,6 +187,7 @@ def test_truncated_volume_is_named_and_skip_bad_skips_it(data, tmp_path, capsys)
 
 @pytest.mark.parametrize("args, message", [
     (["--set", "method.nope=1"], "unknown key 'nope' in config section 'method'"),
+    (["--method", "nope"], "unknown method 'nope'"),
     (["--set", "data.nope=1"], "unknown key(s) ['nope'] in section 'data'"),
     (["--patch-size", "48"], "must be divisible by"),
     (["--batch-size", "500"], "batch size 500 is larger than the 96 samples per epoch"),
