@@ -74,6 +74,8 @@ def cmd_pretrain(args: argparse.Namespace, log: EventLog, bars: Bars) -> int:
             flags.append(f"{key}={value!r}")
     if args.patch_size is not None:
         flags.append(f"data.patch_size={list(args.patch_size)!r}")
+    if args.meta_csv is not None:
+        flags.append(f"data.meta_csv={str(args.meta_csv)!r}")
     flags += [f"preprocess.{k}={v!r}" for k, v in _preprocess_overrides(args).items()]
     spec = spec.updated(sections, flags + list(args.set or []))
     spec.skip_bad = spec.skip_bad or args.skip_bad
@@ -167,6 +169,39 @@ def cmd_evaluate(args: argparse.Namespace, log: EventLog, bars: Bars) -> int:
     return 0
 
 
+def cmd_train_semi(args: argparse.Namespace, log: EventLog, bars: Bars) -> int:
+    from macl.semi import SemiConfig, train_semi
+    from macl.workflow import parse_value
+    d: dict = {}
+    for flag, key in (("sampler", "sampler"), ("labels_fraction", "labels_fraction"), ("steps", "steps"),
+                      ("batch_size", "batch_size"), ("dims", "dims"), ("seed", "seed")):
+        value = getattr(args, flag)
+        if value is not None:
+            d[key] = value
+    if args.labelled_cases is not None:
+        from macl.data import read_case_list
+        d["labelled_cases"] = read_case_list(args.labelled_cases)
+    if args.patch_size is not None:
+        sizes = list(args.patch_size)
+        d["patch_size"] = sizes * (d.get("dims", 2) if len(sizes) == 1 else 1)
+    for item in args.set or []:
+        if "=" not in item:
+            raise ValueError(f"--set wants KEY=VALUE, got {item!r}")
+        key, value = item.split("=", 1)
+        d[key] = parse_value(value)
+    cfg = SemiConfig.from_dict(d)
+    log.event("config", resolved=cfg.to_dict())
+    res = train_semi(str(args.data), args.out, cfg, progress=bars("train-semi"), resume=True,
+                     evaluate_test=not args.no_evaluate)
+    bars.close()
+    log.event("done", last=res.last_record)
+    print(f"ARCO ({cfg.sampler or 'default'} sampler) done: {res.run_dir}")
+    if res.summary is not None:
+        from macl.workflow import format_summary
+        print(format_summary(res.summary))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace, log: EventLog, bars: Bars) -> int:
     from macl.demo import DemoConfig, run_demo
     cfg = DemoConfig.quick() if args.quick else DemoConfig.full()
@@ -240,8 +275,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, type=Path, metavar="PATH",
                    help="NIfTI folder, MSD/nnU-Net folder, or datalist .json")
     p.add_argument("--out", required=True, type=Path, metavar="RUN", help="run folder")
-    p.add_argument("--method", metavar="macl|pcl|simclr", help="pre-training objective (default macl; any name "
-                   "registered in macl.methods.METHODS works)")
+    p.add_argument("--method", metavar="macl|pcl|simclr|gcl", help="pre-training objective (default macl; any name "
+                   "registered in macl.methods.METHODS works; gcl = GCL-style meta-label contrast, docs/gcl.md)")
+    p.add_argument("--meta-csv", type=Path, metavar="FILE", help="gcl: per-volume attributes (CSV with a case_id "
+                   "column) usable as meta-labels via --set method.meta_labels=position,volume,COLUMN")
     p.add_argument("--dims", type=int, choices=(2, 3), help="2: slices, 3: patches (default 2)")
     p.add_argument("--config", type=Path, metavar="FILE", help="settings file (.toml/.json/.yaml) with sections net, "
                    "method, optim, train, data, preprocess")
@@ -313,6 +350,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cases", type=Path, metavar="FILE", help="evaluate these labelled cases instead of the run's test split")
     _common(p)
     p.set_defaults(func=cmd_evaluate, folder="run")
+
+    p = sub.add_parser("train-semi", formatter_class=fmt, help="semi-supervised segmentation (ARCO)",
+                       description="ARCO (mean teacher, variance-reduced pixel contrast): train a segmentation U-Net "
+                       "on the labelled fraction and the unlabelled rest of a data set, then evaluate on held-out "
+                       "cases. Rerunning the same command continues from RUN's checkpoint.")
+    p.add_argument("--data", required=True, type=Path, metavar="PATH", help="NIfTI folder, MSD/nnU-Net folder, or datalist .json")
+    p.add_argument("--out", required=True, type=Path, metavar="RUN", help="run folder")
+    p.add_argument("--method", choices=("arco",), default="arco", help="the semi-supervised method (arco)")
+    p.add_argument("--sampler", choices=("sg", "sag", "ns", "index_sg", "index_sag", "all"),
+                   help="anchor/negative sampling: stratified (sg), stratified antithetic (sag), naive (ns), the public "
+                   "code's index grid (index_*), or all anchors against the whole bank (default: sg in 2D, sag in 3D)")
+    lab = p.add_mutually_exclusive_group()
+    lab.add_argument("--labels-fraction", type=float, metavar="F", help="fraction of training cases whose labels are used")
+    lab.add_argument("--labelled-cases", type=Path, metavar="FILE", help="case ids (one per line) whose labels are used")
+    p.add_argument("--dims", type=int, choices=(2, 3), help="2D slices or 3D patches (default 2)")
+    p.add_argument("--patch-size", type=int, nargs="+", metavar="N", help="crop size, one number or one per axis")
+    p.add_argument("--steps", type=int, metavar="N", help="optimiser steps (default 1000)")
+    p.add_argument("--batch-size", type=int, metavar="N", help="labelled images per step (default 4)")
+    p.add_argument("--seed", type=int, metavar="N", help="seed of split and training (default 0)")
+    p.add_argument("--no-evaluate", action="store_true", help="do not evaluate on the test cases at the end")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any SemiConfig field (macl/semi.py), "
+                   "e.g. --set lambda_contrast=0.1 (repeatable)")
+    _common(p)
+    p.set_defaults(func=cmd_train_semi, folder="out")
 
     p = sub.add_parser("demo", formatter_class=fmt, help="the built-in demo on generated phantom data (no download)",
                        description="Generate phantom volumes with labels, pre-train MACL on the training volumes "

@@ -40,7 +40,7 @@ Progress = Callable[[int, int, dict], None]
 RESOLVED = "resolved_config.json"
 WEIGHTS = "pretrained_weights.pt"
 DATA_KEYS = ("batch_size", "patch_size", "slice_axis", "crop", "channel", "patches_per_volume",
-             "position_axes", "views", "seed")
+             "position_axes", "views", "seed", "meta_csv")  # meta_csv: GCL per-volume attributes
 
 
 def parse_value(text: str) -> Any:
@@ -107,7 +107,8 @@ class PretrainSpec:
     skip_bad: bool = False
 
     def __post_init__(self) -> None:
-        self.sampling = {"batch_size": 16, "patch_size": None, "views": "code", **dict(self.sampling)}
+        self.sampling = {"batch_size": 16, "patch_size": None, "views": "code", "meta_csv": None,
+                         **dict(self.sampling)}
         _check_keys("data", self.sampling, DATA_KEYS)
         _check_keys("preprocess", self.preprocess, [f.name for f in dataclasses.fields(PreprocessConfig)])
         if int(self.sampling["batch_size"]) < 2:
@@ -117,7 +118,7 @@ class PretrainSpec:
     def data_config(self) -> PretrainDataConfig:
         """The sampling settings as a :class:`PretrainDataConfig` (patch size defaulted by dims)."""
         dims = self.config.net.dims
-        kw = {k: v for k, v in self.sampling.items() if k not in ("batch_size", "views")}
+        kw = {k: v for k, v in self.sampling.items() if k not in ("batch_size", "views", "meta_csv")}
         kw["patch_size"] = patch_size(kw.get("patch_size"), dims)
         return PretrainDataConfig(dims=dims, views=ViewConfig.from_preset(self.sampling["views"]), **kw)
 
@@ -129,7 +130,7 @@ class PretrainSpec:
         dcfg = self.data_config()
         sampling = {f.name: getattr(dcfg, f.name) for f in dataclasses.fields(dcfg) if f.name != "views"}
         data = {"path": str(self.data), "skip_bad": self.skip_bad, "batch_size": self.sampling["batch_size"],
-                "views": self.sampling["views"], **sampling}
+                "views": self.sampling["views"], "meta_csv": self.sampling.get("meta_csv"), **sampling}
         return json.loads(json.dumps({"data": data, "preprocess": dataclasses.asdict(self.preprocess_config()),
                                       "pretrain": to_dict(self.config)}))
 
@@ -222,7 +223,13 @@ def run_pretrain(spec: PretrainSpec, run_dir: str | os.PathLike, resume: Optiona
     index = open_dataset(spec.data)
     dcfg = spec.data_config()
     volumes = load_volumes(index, spec.preprocess_config(), skip_bad=spec.skip_bad, progress=load_progress)
-    ds = PretrainDataset(volumes, dcfg)
+    if spec.config.method.name == "gcl":  # GCL's positives come from meta-labels the batches must carry
+        from macl.data.metalabels import MetaLabelDataset, read_attributes_csv
+        meta_csv = spec.sampling.get("meta_csv")
+        ds = MetaLabelDataset(volumes, dcfg, spec.config.method.meta_labels,
+                              read_attributes_csv(meta_csv) if meta_csv else None)
+    else:
+        ds = PretrainDataset(volumes, dcfg)
     bs = int(spec.sampling["batch_size"])
     if batches_per_epoch(ds, bs) < 1:
         raise ValueError(f"batch size {bs} is larger than the {len(ds)} samples per epoch of {index.root}")
