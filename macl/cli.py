@@ -80,8 +80,16 @@ def cmd_pretrain(args: argparse.Namespace, log: EventLog, bars: Bars) -> int:
     spec = spec.updated(sections, flags + list(args.set or []))
     spec.skip_bad = spec.skip_bad or args.skip_bad
     log.event("config", resolved=spec.to_dict())
-    out = run_pretrain(spec, run, resume=args.resume, progress=bars("pretrain"), load_progress=bars("load"))
+    from macl.parallel import init_from_env, shutdown
+    world = init_from_env(spec.config.train.device)  # a process group only under torchrun with WORLD_SIZE > 1
+    try:
+        out = run_pretrain(spec, run, resume=args.resume, progress=bars("pretrain"), load_progress=bars("load"),
+                           world=world)
+    finally:
+        shutdown(world)
     bars.close()
+    if not world.is_main:
+        return 0
     rec = out["record"]
     log.event("done", step=out["step"], checkpoint=out["checkpoint"], weights=out["weights"],
               resumed_from=out["resumed_from"], last=rec)
@@ -140,9 +148,16 @@ def cmd_finetune(args: argparse.Namespace, log: EventLog, bars: Bars) -> int:
     kw["patch_size"] = patch_size(kw.get("patch_size"), kw["dims"])
     cfg = FinetuneConfig(preprocess=PreprocessConfig(**pre), **kw)
     log.event("config", net=net, finetune=cfg.to_dict(), pretrained=args.pretrained)
-    out = run_finetune(str(args.data), args.out, cfg, net, pretrained=args.pretrained, progress=bars("finetune"),
-                       evaluate_test=not args.no_evaluate)
+    from macl.parallel import init_from_env, shutdown
+    world = init_from_env(cfg.device)  # a process group only under torchrun with WORLD_SIZE > 1
+    try:
+        out = run_finetune(str(args.data), args.out, cfg, net, pretrained=args.pretrained,
+                           progress=bars("finetune"), evaluate_test=not args.no_evaluate, world=world)
+    finally:
+        shutdown(world)
     bars.close()
+    if not world.is_main:
+        return 0
     log.event("done", labelled=out["labelled"], test=out["test"], last_loss=out["last_loss"],
               loaded_pretrained=len(out["loaded_pretrained"]))
     init = f"{len(out['loaded_pretrained'])} pre-trained tensors" if args.pretrained else "from scratch"
@@ -191,9 +206,16 @@ def cmd_train_semi(args: argparse.Namespace, log: EventLog, bars: Bars) -> int:
         d[key] = parse_value(value)
     cfg = SemiConfig.from_dict(d)
     log.event("config", resolved=cfg.to_dict())
-    res = train_semi(str(args.data), args.out, cfg, progress=bars("train-semi"), resume=True,
-                     evaluate_test=not args.no_evaluate)
+    from macl.parallel import init_from_env, shutdown
+    world = init_from_env(cfg.device)  # a process group only under torchrun with WORLD_SIZE > 1
+    try:
+        res = train_semi(str(args.data), args.out, cfg, progress=bars("train-semi"), resume=True,
+                         evaluate_test=not args.no_evaluate, world=world)
+    finally:
+        shutdown(world)
     bars.close()
+    if not world.is_main:
+        return 0
     log.event("done", last=res.last_record)
     print(f"ARCO ({cfg.sampler or 'default'} sampler) done: {res.run_dir}")
     if res.summary is not None:
@@ -413,14 +435,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.command == "demo" and args.out is None:
         args.out = Path("macl_demo_quick" if args.quick else "macl_demo")
     folder = getattr(args, args.folder) if args.folder else None
-    log = EventLog(Path(folder) if folder is not None else None, args.command)
-    console = TqdmHandler(logging.INFO if args.verbose else logging.WARNING)
+    main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 writes events and draws bars
+    log = EventLog(Path(folder) if folder is not None and main_rank else None, args.command)
+    console = TqdmHandler(logging.INFO if args.verbose else logging.WARNING if main_rank else logging.ERROR)
     pkg = logging.getLogger("macl")
     old_level = pkg.level
     pkg.setLevel(logging.INFO)
     pkg.addHandler(log)
     pkg.addHandler(console)
-    bars = Bars(enabled=not args.no_progress, on_update=log.sync)  # lines wait until the run folder exists
+    bars = Bars(enabled=not args.no_progress and main_rank, on_update=log.sync)  # lines wait until the run folder exists
     if getattr(args, "threads", None) is not None:
         if args.threads < 1:
             print(f"macl: error: --threads must be >= 1, got {args.threads}", file=sys.stderr)

@@ -192,6 +192,7 @@ class TrainConfig:
     deterministic: ask torch for deterministic algorithms (warn-only) for the duration of the run.
     log_every: write a JSON line every this many steps (the last step is always written).
     checkpoint_every: write checkpoints/step_XXXXXXX.pt and latest.pt every this many steps (0: only final).
+    sync_batchnorm: under torchrun, BatchNorm statistics over the global batch (SyncBatchNorm; CUDA only).
     """
 
     steps: int = 1000
@@ -202,6 +203,7 @@ class TrainConfig:
     deterministic: bool = True
     log_every: int = 1
     checkpoint_every: int = 500
+    sync_batchnorm: bool = False
 
     def __post_init__(self) -> None:
         _check(int(self.steps) >= 1, f"train.steps must be >= 1, got {self.steps!r}")

@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from macl.data.errors import DataError
+from macl.parallel import SINGLE, World, local_device, wrap_ddp
 from macl.data.metrics import case_metrics, dice_score, hd95, summarize, write_json_atomic
 from macl.data.preprocess import PreprocessConfig, Volume, load_volumes
 from macl.data.readers import DatasetIndex, open_dataset
@@ -191,7 +192,8 @@ def _loss_fn(kind: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
 
 def finetune(data: str | Path | DatasetIndex, out_dir: str | Path, model_factory: ModelFactory,
              cfg: FinetuneConfig | None = None, pretrained: str | Path | Mapping[str, Any] | None = None,
-             progress: Progress | None = None, resume: bool = True, evaluate_test: bool = True) -> FinetuneResult:
+             progress: Progress | None = None, resume: bool = True, evaluate_test: bool = True,
+             world: World = SINGLE) -> FinetuneResult:
     """Fine-tune a segmentation network on the labelled cases of ``data``.
 
     Args:
@@ -204,6 +206,10 @@ def finetune(data: str | Path | DatasetIndex, out_dir: str | Path, model_factory
         progress: called as ``progress(step, total_steps, {"loss": float, "lr": float})``.
         resume: continue from ``out_dir/checkpoint_latest.pt`` when present.
         evaluate_test: run :func:`evaluate` on the test cases at the end (writes summary.json).
+        world: under torchrun (:func:`macl.parallel.init_from_env`): the network is wrapped in
+            DistributedDataParallel, ``cfg.batch_size`` is the global batch (each rank draws its share of
+            every step independently), the logged loss is the mean over ranks, and only rank 0 writes files,
+            reports progress and evaluates (the other ranks return after the last step).
 
     Raises:
         DataError: bad data (named file) before anything is trained or written.
@@ -223,12 +229,17 @@ def finetune(data: str | Path | DatasetIndex, out_dir: str | Path, model_factory
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True) if resume and ckpt_path.is_file() else None
     if ckpt is not None and ckpt["split"] != split:
         raise ValueError(f"{ckpt_path} was trained on another split/label selection; use a new out_dir")
-    write_json_atomic(run / "finetune_config.json", {"config": cfg.to_dict(), "num_classes": len(class_names),
-                                                      "class_names": class_names, "data": str(index.root)})
-    write_json_atomic(run / "split.json", split)
-    write_json_atomic(run / "labelled_cases.json", split["labelled"])
+    lo, hi = world.shard(cfg.batch_size)
+    if world.is_main:
+        write_json_atomic(run / "finetune_config.json", {"config": cfg.to_dict(), "num_classes": len(class_names),
+                                                          "class_names": class_names, "data": str(index.root),
+                                                          "world_size": world.size})
+        write_json_atomic(run / "split.json", split)
+        write_json_atomic(run / "labelled_cases.json", split["labelled"])
+    else:
+        progress = None
 
-    device = torch.device(cfg.device)
+    device = local_device(world, torch.device(cfg.device))
     torch.manual_seed(cfg.seed)
     in_ch = volumes[0].image.shape[0]
     model = model_factory(in_ch, len(class_names)).to(device)
@@ -236,9 +247,11 @@ def finetune(data: str | Path | DatasetIndex, out_dir: str | Path, model_factory
     if pretrained is not None and ckpt is None:
         from macl.nets import load_pretrained
         loaded = load_pretrained(model, _pretrained_state(pretrained))
-        write_json_atomic(run / "pretrained_load.json", {"source": str(pretrained) if isinstance(pretrained, (str, Path))
-                                                         else "<state dict>", "loaded": loaded})
-        logger.info("loaded %d pre-trained tensors", len(loaded))
+        if world.is_main:
+            write_json_atomic(run / "pretrained_load.json", {"source": str(pretrained) if isinstance(
+                pretrained, (str, Path)) else "<state dict>", "loaded": loaded})
+            logger.info("loaded %d pre-trained tensors", len(loaded))
+    trained = wrap_ddp(model, world, device)  # the model itself in a single process
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.steps, eta_min=cfg.min_lr)
     start = 0
@@ -256,23 +269,26 @@ def finetune(data: str | Path | DatasetIndex, out_dir: str | Path, model_factory
     kept = []  # on resume, drop the log lines of steps the interrupted run did after its checkpoint
     if start > 0 and log_path.is_file():
         kept = [ln for ln in log_path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= start]
-    log_path.write_text("".join(ln + "\n" for ln in kept))
+    if world.is_main:
+        log_path.write_text("".join(ln + "\n" for ln in kept))
 
     def checkpoint(step: int) -> None:
+        if not world.is_main:
+            return
         save_checkpoint({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                          "step": step, "config": cfg.to_dict(), "split": split, "loaded_pretrained": loaded}, ckpt_path)
 
     model.train()
     loss_value, t0 = float("nan"), time.perf_counter()
     for step in range(start, cfg.steps):
-        img, lab = sampler.batch(step, cfg.batch_size)
-        logits = model(img.to(device))
+        img, lab = sampler.batch(step, hi - lo, stream=world.rank)
+        logits = trained(img.to(device))
         if step == start and (logits.ndim != img.ndim or logits.shape[0] != img.shape[0]
                               or logits.shape[1] != len(class_names) or logits.shape[2:] != img.shape[2:]):
             raise ValueError(f"the network maps {tuple(img.shape)} to {tuple(logits.shape)}; expected "
                              f"({img.shape[0]}, {len(class_names)}, {', '.join(map(str, img.shape[2:]))})")
         loss = loss_fn(logits, lab.to(device))
-        loss_value = float(loss.detach())
+        loss_value = float(world.mean(loss.detach().float().reshape(1)))  # the same on every rank
         if not math.isfinite(loss_value):
             raise FloatingPointError(f"non-finite fine-tuning loss {loss_value} at step {step + 1}; last "
                                      f"checkpoint kept: {ckpt_path if ckpt_path.is_file() else 'none yet'}")
@@ -282,7 +298,7 @@ def finetune(data: str | Path | DatasetIndex, out_dir: str | Path, model_factory
         sched.step()
         done = step + 1
         lr = float(opt.param_groups[0]["lr"])
-        if done % cfg.log_every == 0 or done == cfg.steps:
+        if world.is_main and (done % cfg.log_every == 0 or done == cfg.steps):
             with open(log_path, "a") as fh:
                 fh.write(json.dumps({"step": done, "loss": loss_value, "lr": lr,
                                      "seconds": round(time.perf_counter() - t0, 3)}) + "\n")
@@ -290,6 +306,9 @@ def finetune(data: str | Path | DatasetIndex, out_dir: str | Path, model_factory
             checkpoint(done)
         if progress is not None:
             progress(done, cfg.steps, {"loss": loss_value, "lr": lr})
+    if not world.is_main:
+        return FinetuneResult(model, split["train"], split["test"], split["labelled"], run, len(class_names),
+                              class_names, loaded, loss_value)
     save_checkpoint(model.state_dict(), run / "model_final.pt")
     if evaluate_test and split["test"]:
         evaluate(model, [by_id[c] for c in split["test"]], cfg, run / "summary.json", class_names)

@@ -51,6 +51,7 @@ from macl.finetune import FinetuneConfig, _classes, evaluate, prepare_split, sav
 from macl.methods.arco import (NN_MODES, ClassMemoryBank, NNPool, arco_contrast, contrast_masks, ema_update, nn_term,
                                unsup_loss)
 from macl.nets.arco import ArcoNet
+from macl.parallel import SINGLE, World, local_device, wrap_ddp
 from macl.sampling import SAMPLERS
 from macl.semi_aug import cutmix, strong_intensity
 
@@ -193,9 +194,9 @@ def _poly(step: int, total: int, power: float) -> float:
     return (1.0 - step / total) ** power
 
 
-def _step_generator(seed: int, step: int) -> torch.Generator:
-    return torch.Generator().manual_seed(int(np.random.default_rng([int(seed) & 0xFFFFFFFF, int(step), 17])
-                                             .integers(2 ** 62)))
+def _step_generator(seed: int, step: int, rank: int = 0) -> torch.Generator:
+    key = [int(seed) & 0xFFFFFFFF, int(step), 17] + ([int(rank)] if rank else [])
+    return torch.Generator().manual_seed(int(np.random.default_rng(key).integers(2 ** 62)))
 
 
 class _State(torch.nn.Module):
@@ -214,9 +215,10 @@ class _State(torch.nn.Module):
 
 
 def arco_step(state: _State, cfg: SemiConfig, xl: torch.Tensor, yl: torch.Tensor, xu: torch.Tensor, step: int,
-              g: torch.Generator, dice_ce) -> dict:
-    """One ARCO forward: the loss terms (0-d tensors) of step `step` (see the module docstring)."""
-    student, teacher = state.student, state.teacher
+              g: torch.Generator, dice_ce, student: Optional[torch.nn.Module] = None) -> dict:
+    """One ARCO forward: the loss terms (0-d tensors) of step `step` (see the module docstring).
+    student: what runs the student's forward (its DistributedDataParallel wrapper under torchrun)."""
+    student, teacher = student or state.student, state.teacher
     bl = xl.shape[0]
     with torch.no_grad():
         teacher.train()
@@ -244,7 +246,8 @@ def arco_step(state: _State, cfg: SemiConfig, xl: torch.Tensor, yl: torch.Tensor
 
 
 def train_semi(data: str | Path | DatasetIndex, out_dir: str | Path, cfg: Optional[SemiConfig] = None,
-               progress: Optional[Progress] = None, resume: bool = True, evaluate_test: bool = True) -> SemiResult:
+               progress: Optional[Progress] = None, resume: bool = True, evaluate_test: bool = True,
+               world: World = SINGLE) -> SemiResult:
     """Train ARCO (student + EMA teacher) on the labelled and unlabelled cases of `data` (module docstring).
 
     Args:
@@ -252,6 +255,11 @@ def train_semi(data: str | Path | DatasetIndex, out_dir: str | Path, cfg: Option
         cfg: settings (default `SemiConfig`()). progress: called as progress(step, steps, {"loss", "lr", ...}).
         resume: continue from out_dir/checkpoint_latest.pt when present.
         evaluate_test: evaluate the student on the test cases at the end (summary.json).
+        world: under torchrun (:func:`macl.parallel.init_from_env`): the student is wrapped in
+            DistributedDataParallel; the labelled and unlabelled batch sizes are global (each rank draws its
+            share of every step independently); the memory bank and the nearest-neighbour pool are per rank
+            (each rank contrasts its anchors against its own bank; the checkpoint keeps rank 0's); the logged
+            terms are means over ranks; only rank 0 writes files, reports progress and evaluates.
 
     Raises:
         DataError: bad data (named file). ValueError: bad settings, a resume whose split or settings differ.
@@ -278,18 +286,24 @@ def train_semi(data: str | Path | DatasetIndex, out_dir: str | Path, cfg: Option
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True) if resume and ckpt_path.is_file() else None
     if ckpt is not None and (ckpt["split"] != split or ckpt["config"] != cfg.to_dict()):
         raise ValueError(f"{ckpt_path} was trained with another split or other settings; use a new out_dir")
-    write_json_atomic(run / "semi_config.json", {"config": cfg.to_dict(), "class_names": class_names,
-                                                 "data": str(index.root)})
-    write_json_atomic(run / "split.json", split)
-    write_json_atomic(run / "labelled_cases.json", split["labelled"])
+    bu = cfg.unlabelled_batch_size or cfg.batch_size
+    (lo, hi), (ulo, uhi) = world.shard(cfg.batch_size), world.shard(bu)
+    if world.is_main:
+        write_json_atomic(run / "semi_config.json", {"config": cfg.to_dict(), "class_names": class_names,
+                                                     "data": str(index.root), "world_size": world.size})
+        write_json_atomic(run / "split.json", split)
+        write_json_atomic(run / "labelled_cases.json", split["labelled"])
+    else:
+        progress = None
 
-    device = torch.device(cfg.device)
+    device = local_device(world, torch.device(cfg.device))
     torch.manual_seed(cfg.seed)
     in_ch = volumes[0].image.shape[0]
     K = len(class_names)
     width = cfg.rep_dim * math.prod(cfg.patch_size)
     state = _State(cfg, K, in_ch, width).to(device)
     student = state.student
+    forward = wrap_ddp(student, world, device)  # the student itself in a single process
     opt = torch.optim.SGD(student.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
                           nesterov=cfg.momentum > 0)
     start = 0
@@ -308,27 +322,30 @@ def train_semi(data: str | Path | DatasetIndex, out_dir: str | Path, cfg: Option
     kept = []
     if start > 0 and log_path.is_file():
         kept = [ln for ln in log_path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= start]
-    log_path.write_text("".join(ln + "\n" for ln in kept))
+    if world.is_main:
+        log_path.write_text("".join(ln + "\n" for ln in kept))
 
     def checkpoint(step: int) -> None:
+        if not world.is_main:
+            return
         save_checkpoint({"state": state.state_dict(), "optimizer": opt.state_dict(), "step": step,
                          "config": cfg.to_dict(), "split": split}, ckpt_path)
 
     record: dict = {}
-    bu = cfg.unlabelled_batch_size or cfg.batch_size
     t0 = time.perf_counter()
     for step in range(start, cfg.steps):
         lr = cfg.lr * _poly(step, cfg.steps, cfg.poly_power)
         for group in opt.param_groups:
             group["lr"] = lr
-        xl, yl = lab_sampler.batch(step, cfg.batch_size)
-        xu, _ = unl_sampler.batch(step, bu)
+        xl, yl = lab_sampler.batch(step, hi - lo, stream=world.rank)
+        xu, _ = unl_sampler.batch(step, uhi - ulo, stream=world.rank)
         student.train()
         terms = arco_step(state, cfg, xl.to(device), yl.to(device), xu.to(device), step,
-                          _step_generator(cfg.seed, step), dice_ce)
+                          _step_generator(cfg.seed, step, world.rank), dice_ce, forward)
         loss = sum(weights[k] * terms[k] for k in weights)
-        values = {k: float(v.detach()) for k, v in terms.items()}
-        values["loss"] = float(loss.detach())
+        names = list(terms) + ["loss"]   # means over the ranks: the same values (and the same stop) everywhere
+        values = dict(zip(names, world.mean(torch.stack([terms[k].detach().float() for k in terms]
+                                                        + [loss.detach().float()])).tolist()))
         if not math.isfinite(values["loss"]):
             bad = next(k for k in weights if not math.isfinite(values[k]))
             raise FloatingPointError(f"non-finite loss term {bad} = {values[bad]} at step {step + 1}; last checkpoint "
@@ -339,13 +356,15 @@ def train_semi(data: str | Path | DatasetIndex, out_dir: str | Path, cfg: Option
         ema_update(state.teacher, student, cfg.ema_momentum)
         done = step + 1
         record = {"step": done, **values, "lr": lr, "seconds": round(time.perf_counter() - t0, 3)}
-        if done % cfg.log_every == 0 or done == cfg.steps:
+        if world.is_main and (done % cfg.log_every == 0 or done == cfg.steps):
             with open(log_path, "a") as fh:
                 fh.write(json.dumps(record) + "\n")
         if done % cfg.checkpoint_every == 0 or done == cfg.steps:
             checkpoint(done)
         if progress is not None:
             progress(done, cfg.steps, record)
+    if not world.is_main:
+        return SemiResult(student, run, split, class_names, record, None)
     save_checkpoint(student.unet.state_dict(), run / "model_final.pt")
     write_json_atomic(run / "finetune_config.json", {"config": ft.to_dict(), "num_classes": K,
                                                      "class_names": class_names, "data": str(index.root)})

@@ -16,9 +16,16 @@ A checkpoint is a dict of plain types and tensors (loadable with `torch.load(...
     model, optimizer, scheduler, scaler (state dicts), step, epoch, rng (python/numpy/torch/cuda states),
     config (nested dict), network (the method's `describe()`).
 `export_weights(checkpoint)` extracts the encoder/decoder tensors under the fine-tuning `UNet`'s names.
+
+Under torchrun (`world` from `macl.parallel.init_from_env`): the method is wrapped in DistributedDataParallel
+(optionally with SyncBatchNorm), its contrastive losses take keys from every rank (`process_group="world"`),
+the logged terms are averaged over the ranks (so every rank sees the same values and a non-finite term stops
+every rank at the same step), and only rank 0 writes the log, config and checkpoints (the unwrapped model:
+they load at any world size).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -34,6 +41,7 @@ import torch
 
 from .config import OptimConfig, PretrainConfig, from_dict, to_dict
 from .methods import Batch, Method, build_method
+from .parallel import SINGLE, World, local_device, loss_group, wrap_ddp
 
 log = logging.getLogger(__name__)
 
@@ -184,7 +192,8 @@ def _trim_log(path: str, last_step: int) -> None:
 
 # ----------------------------------------------------------------------------------------- the loop
 def pretrain(config: PretrainConfig, batches: Batches, run_dir: str, *, resume: Union[bool, str, None] = None,
-             progress: Optional[Progress] = None, method: Optional[Method] = None) -> TrainResult:
+             progress: Optional[Progress] = None, method: Optional[Method] = None,
+             world: World = SINGLE) -> TrainResult:
     """Pre-train `config.method` on `batches` for `config.train.steps` steps, writing into `run_dir`.
 
     batches: an iterable of batches (each a `Batch`, a mapping with img1…img4/positions, or a tuple
@@ -195,13 +204,16 @@ def pretrain(config: PretrainConfig, batches: Batches, run_dir: str, *, resume: 
         run_dir/checkpoints/latest.pt if present; a path — continue from that checkpoint.
     progress: called as progress(step, total_steps, record) after every step (record = the log record).
     method: use this (already built) method instead of `build_method(config.net, config.method)`.
+    world: this process's place under torchrun (`macl.parallel.init_from_env()`); `batches` then yields this
+        rank's rows of every global batch (`macl.data.batches_from_step(..., world=world)` does), and only
+        rank 0 writes files and reports progress.
 
     Returns a `TrainResult`. Raises `NonFiniteLossError` when a loss term is NaN/inf (see the class), and
     ValueError for a run_dir with checkpoints but no resume, or a resume whose checkpoint has another
     net/method config.
     """
     total = int(config.train.steps)
-    device = resolve_device(config.train.device)
+    device = local_device(world, resolve_device(config.train.device))
     ckpt_dir = os.path.join(run_dir, "checkpoints")
     latest = os.path.join(ckpt_dir, "latest.pt")
     os.makedirs(ckpt_dir, exist_ok=True)
@@ -224,6 +236,8 @@ def pretrain(config: PretrainConfig, batches: Batches, run_dir: str, *, resume: 
         seed_everything(config.train.seed)
         method = method if method is not None else build_method(config.net, config.method)
         method.to(device)
+        method.process_group = loss_group(world)
+        model = wrap_ddp(method, world, device, config.train.sync_batchnorm)  # method itself when not distributed
         opt, sched = make_optimizer(method, config.optim, total)
         use_amp = bool(config.train.amp) and device.type == "cuda"
         amp_dtype = getattr(torch, config.train.amp_dtype)
@@ -244,14 +258,19 @@ def pretrain(config: PretrainConfig, batches: Batches, run_dir: str, *, resume: 
             step, epoch = int(ckpt["step"]), int(ckpt["epoch"])
             log.info("resumed %s at step %d", resume_from, step)
         log_path = os.path.join(run_dir, "log.jsonl")
-        if resume_from is not None:
-            _trim_log(log_path, step)
+        if world.is_main:
+            if resume_from is not None:
+                _trim_log(log_path, step)
+            else:
+                write_text_atomic("", log_path)
+            write_text_atomic(json.dumps({"config": to_dict(config), "network": method.describe(),
+                                          "world_size": world.size}, indent=2), os.path.join(run_dir, "config.json"))
         else:
-            write_text_atomic("", log_path)
-        write_text_atomic(json.dumps({"config": to_dict(config), "network": method.describe()}, indent=2),
-                          os.path.join(run_dir, "config.json"))
+            progress = None
 
         def checkpoint(path: str) -> None:
+            if not world.is_main:
+                return
             save_atomic({"model": method.state_dict(), "optimizer": opt.state_dict(),
                          "scheduler": sched.state_dict(), "scaler": scaler.state_dict(), "step": step,
                          "epoch": epoch, "rng": rng_state(), "config": to_dict(config),
@@ -264,7 +283,7 @@ def pretrain(config: PretrainConfig, batches: Batches, run_dir: str, *, resume: 
         fresh_pass = True
         method.train()
         tick = time.perf_counter()
-        with open(log_path, "a") as log_file:
+        with open(log_path, "a") if world.is_main else contextlib.nullcontext() as log_file:
             while step < total:
                 try:
                     raw = next(it)
@@ -280,14 +299,16 @@ def pretrain(config: PretrainConfig, batches: Batches, run_dir: str, *, resume: 
                 batch = Batch.from_any(raw).to(device, non_blocking=True)
                 lr = opt.param_groups[0]["lr"]
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-                    terms = method(batch)
+                    terms = model(batch)
                     loss = method.combine(terms)
-                values = dict(zip(list(terms) + ["loss"], torch.stack(
-                    [t.detach().float() for t in terms.values()] + [loss.detach().float()]).tolist()))
+                # averaged over the ranks: the global batch's terms, identical on every rank
+                values = dict(zip(list(terms) + ["loss"], world.mean(torch.stack(
+                    [t.detach().float() for t in terms.values()] + [loss.detach().float()])).tolist()))
                 bad = next((k for k, v in values.items() if not math.isfinite(v)), None)
                 if bad is not None:
-                    log_file.write(json.dumps({"step": step + 1, "event": "non_finite", "term": bad,
-                                               "value": str(values[bad])}) + "\n")
+                    if log_file is not None:
+                        log_file.write(json.dumps({"step": step + 1, "event": "non_finite", "term": bad,
+                                                   "value": str(values[bad])}) + "\n")
                     raise NonFiniteLossError(step + 1, bad, values[bad], last_good)
                 opt.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
@@ -301,8 +322,8 @@ def pretrain(config: PretrainConfig, batches: Batches, run_dir: str, *, resume: 
                 step += 1
                 dt = time.perf_counter() - tick
                 record = {"step": step, "epoch": epoch, **values, "lr": lr, "step_time_s": dt,
-                          "samples_per_s": batch.size / dt if dt > 0 else float("inf")}
-                if step % config.train.log_every == 0 or step == total:
+                          "samples_per_s": batch.size * world.size / dt if dt > 0 else float("inf")}
+                if log_file is not None and (step % config.train.log_every == 0 or step == total):
                     log_file.write(json.dumps(record) + "\n")
                     log_file.flush()
                 if config.train.checkpoint_every and step % config.train.checkpoint_every == 0 and step < total:
@@ -315,6 +336,7 @@ def pretrain(config: PretrainConfig, batches: Batches, run_dir: str, *, resume: 
         final = os.path.join(ckpt_dir, "final.pt")
         checkpoint(final)
         checkpoint(latest)
+        world.barrier()  # every rank returns once the final checkpoint exists
         return TrainResult(step, final, record, method)
     finally:
         torch.use_deterministic_algorithms(prev_det[0], warn_only=prev_det[1])

@@ -34,6 +34,7 @@ from macl.config import NetConfig, PretrainConfig, apply_overrides, from_dict, t
 from macl.data import (DataError, PreprocessConfig, PretrainDataConfig, PretrainDataset, ViewConfig,
                        batches_from_step, batches_per_epoch, load_volumes, open_dataset)
 from macl.data.metrics import write_json_atomic
+from macl.parallel import SINGLE, World
 
 logger = logging.getLogger(__name__)
 Progress = Callable[[int, int, dict], None]
@@ -200,11 +201,14 @@ def _dry_run(spec: PretrainSpec, ds: PretrainDataset) -> None:
 
 
 def run_pretrain(spec: PretrainSpec, run_dir: str | os.PathLike, resume: Optional[str] = None,
-                 progress: Optional[Progress] = None, load_progress: Optional[Progress] = None) -> dict:
+                 progress: Optional[Progress] = None, load_progress: Optional[Progress] = None,
+                 world: Optional[World] = None) -> dict:
     """Load the data, pre-train, export the weights.
 
     The data are read and checked before anything is written to ``run_dir``. ``resume``: None (a fresh run;
     refused when ``run_dir`` holds checkpoints), "auto" or a checkpoint path (see :func:`macl.train.pretrain`).
+    ``world``: under torchrun (:func:`macl.parallel.init_from_env`), every rank calls this; ``data.batch_size``
+    is the global batch, each rank trains on its share, and only rank 0 writes into ``run_dir``.
 
     Returns:
         {"step", "checkpoint", "weights", "record", "resumed_from", "seconds"}.
@@ -214,6 +218,7 @@ def run_pretrain(spec: PretrainSpec, run_dir: str | os.PathLike, resume: Optiona
         checkpoints. FileNotFoundError: a resume checkpoint that does not exist. NonFiniteLossError.
     """
     from macl.train import export_weights, pretrain
+    world = world or SINGLE
     t0 = time.perf_counter()
     run = Path(run_dir)
     if resume is None and has_checkpoint(run):
@@ -233,6 +238,7 @@ def run_pretrain(spec: PretrainSpec, run_dir: str | os.PathLike, resume: Optiona
     bs = int(spec.sampling["batch_size"])
     if batches_per_epoch(ds, bs) < 1:
         raise ValueError(f"batch size {bs} is larger than the {len(ds)} samples per epoch of {index.root}")
+    world.shard(bs)  # a global batch that does not split evenly over the ranks fails here, on every rank
     channels = 1 if dcfg.channel is not None else volumes[0].image.shape[0]
     if spec.config.net.in_channels != channels:
         logger.info("net.in_channels set to %d to match the data", channels)
@@ -243,15 +249,22 @@ def run_pretrain(spec: PretrainSpec, run_dir: str | os.PathLike, resume: Optiona
         resumed_from = str(run / "checkpoints" / "latest.pt")
     elif resume not in (None, "auto"):
         resumed_from = str(resume)
+    world.barrier()  # every rank has checked run_dir before rank 0 writes into it
+    if not world.is_main:
+        result = pretrain(spec.config, functools.partial(batches_from_step, ds, bs, world=world), str(run),
+                          resume=resume, world=world)
+        return {"step": result.step, "checkpoint": result.checkpoint, "weights": str(run / WEIGHTS),
+                "record": result.record, "resumed_from": resumed_from, "seconds": time.perf_counter() - t0}
     run.mkdir(parents=True, exist_ok=True)
     resolved = spec.to_dict()
     resolved["data_summary"] = {"source": index.source, "root": str(index.root), "n_volumes": len(volumes),
                                 "n_cases_listed": len(index.cases), "samples_per_epoch": len(ds),
                                 "batches_per_epoch": batches_per_epoch(ds, bs),
                                 "views": json.loads(json.dumps(dataclasses.asdict(dcfg.views)))}
+    resolved["world_size"] = world.size
     write_json_atomic(run / RESOLVED, resolved)
-    result = pretrain(spec.config, functools.partial(batches_from_step, ds, bs), str(run), resume=resume,
-                      progress=progress)
+    result = pretrain(spec.config, functools.partial(batches_from_step, ds, bs, world=world), str(run),
+                      resume=resume, progress=progress, world=world)
     weights = run / WEIGHTS
     export_weights(result.checkpoint, str(weights))
     return {"step": result.step, "checkpoint": result.checkpoint, "weights": str(weights), "record": result.record,
@@ -318,17 +331,19 @@ def model_factory(net: Mapping[str, Any]) -> Callable[[int, int], torch.nn.Modul
 
 def run_finetune(data: str, run_dir: str | os.PathLike, cfg, net: Mapping[str, Any],
                  pretrained: Optional[str] = None, progress: Optional[Progress] = None,
-                 evaluate_test: bool = True) -> dict:
+                 evaluate_test: bool = True, world: Optional[World] = None) -> dict:
     """Fine-tune (resuming ``run_dir`` when it holds a checkpoint) and evaluate on the test cases.
 
     ``cfg``: a :class:`macl.finetune.FinetuneConfig`; ``net``: backbone settings (NetConfig fields; in_channels
     comes from the data). When bad data stop the run before its first step, a ``run_dir`` this call created
-    is removed again.
+    is removed again. ``world``: under torchrun, every rank calls this; only rank 0 writes (see
+    :func:`macl.finetune.finetune`).
 
     Returns:
         {"labelled", "train", "test", "loaded_pretrained", "last_loss", "summary" (dict or None), "seconds"}.
     """
     from macl.finetune import finetune
+    world = world or SINGLE
     t0 = time.perf_counter()
     run = Path(run_dir)
     existed = run.exists()
@@ -345,18 +360,21 @@ def run_finetune(data: str, run_dir: str | os.PathLike, cfg, net: Mapping[str, A
         started.append(step)
         if progress is not None:
             progress(step, total, info)
-    run.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(run / RESOLVED, {"data": str(data), "pretrained": source,
-                                       "net": {k: v for k, v in dict(net).items() if k != "in_channels"},
-                                       "finetune": cfg.to_dict()})
+    world.barrier()  # every rank has looked at run_dir before rank 0 writes into it
+    if world.is_main:
+        run.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(run / RESOLVED, {"data": str(data), "pretrained": source,
+                                           "net": {k: v for k, v in dict(net).items() if k != "in_channels"},
+                                           "finetune": cfg.to_dict()})
     try:
-        res = finetune(data, run, factory, cfg, pretrained=source, progress=on_step, evaluate_test=evaluate_test)
+        res = finetune(data, run, factory, cfg, pretrained=source, progress=on_step, evaluate_test=evaluate_test,
+                       world=world)
     except Exception:
-        if not existed and not started and not (run / "checkpoint_latest.pt").is_file():
+        if world.is_main and not existed and not started and not (run / "checkpoint_latest.pt").is_file():
             shutil.rmtree(run, ignore_errors=True)
         raise
     summary = None
-    if (run / "summary.json").is_file() and evaluate_test:
+    if (run / "summary.json").is_file() and evaluate_test and world.is_main:
         summary = json.loads((run / "summary.json").read_text())
     return {"labelled": res.labelled, "train": res.train, "test": res.test, "loaded_pretrained": res.loaded_pretrained,
             "last_loss": res.last_loss, "summary": summary, "class_names": res.class_names, "model": res.model,

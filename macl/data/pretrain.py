@@ -16,7 +16,7 @@ same batches.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -24,6 +24,7 @@ import torch
 from macl.data.preprocess import Volume
 from macl.data.sampling import crop_start, enumerate_slices, extract_slice, patch_position, window
 from macl.data.views import ViewConfig, make_views
+from macl.parallel import World
 
 
 @dataclass
@@ -142,7 +143,8 @@ class PretrainDataset(torch.utils.data.Dataset):
 
 
 def iterate_pretrain_batches(dataset: PretrainDataset, batch_size: int, epoch: int, *, shuffle: bool = True,
-                             drop_last: bool = True, start_batch: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+                             drop_last: bool = True, start_batch: int = 0,
+                             world: Optional[World] = None) -> Iterator[dict[str, torch.Tensor]]:
     """Batches of one epoch, in a deterministic order given (seed, epoch).
 
     Args:
@@ -151,6 +153,9 @@ def iterate_pretrain_batches(dataset: PretrainDataset, batch_size: int, epoch: i
         shuffle: random order (seeded) rather than sequential.
         drop_last: drop the last incomplete batch (contrastive losses want full batches).
         start_batch: skip the first batches (resuming mid-epoch).
+        world: under torchrun, yield only this rank's contiguous share of every global batch of ``batch_size``
+            samples (the sample order is the same on every rank and for every world size; each rank draws the
+            random views of its own share).
 
     Raises:
         ValueError: ``batch_size`` < 1, or ``drop_last`` with fewer samples than ``batch_size``.
@@ -163,9 +168,12 @@ def iterate_pretrain_batches(dataset: PretrainDataset, batch_size: int, epoch: i
     dataset.set_epoch(epoch)
     order = _rng(dataset.cfg.seed, epoch, 7).permutation(n) if shuffle else np.arange(n)
     stop = n - n % batch_size if drop_last else n
+    if world is not None and not drop_last:
+        raise ValueError("sharding batches over ranks needs drop_last=True (every rank takes equal shares)")
+    lo, hi = (0, batch_size) if world is None else world.shard(batch_size)
     for b, s in enumerate(range(0, stop, batch_size)):
         if b >= start_batch:
-            yield dataset.get_batch(order[s:s + batch_size].tolist())
+            yield dataset.get_batch(order[s:s + batch_size][lo:hi].tolist())
 
 
 def batches_per_epoch(dataset: PretrainDataset, batch_size: int, drop_last: bool = True) -> int:
@@ -175,8 +183,10 @@ def batches_per_epoch(dataset: PretrainDataset, batch_size: int, drop_last: bool
 
 
 def batches_from_step(dataset: PretrainDataset, batch_size: int, start_step: int = 0, *,
-                      shuffle: bool = True) -> Iterator[dict[str, torch.Tensor]]:
+                      shuffle: bool = True, world: Optional[World] = None) -> Iterator[dict[str, torch.Tensor]]:
     """Endless batches, epoch after epoch, beginning at global batch ``start_step``.
+
+    ``world``: under torchrun, this rank's share of each global batch (see :func:`iterate_pretrain_batches`).
 
     ``functools.partial(batches_from_step, dataset, batch_size)`` is the ``batches(start_step)``
     factory :func:`macl.train.pretrain` wants for exact resume.
@@ -186,5 +196,6 @@ def batches_from_step(dataset: PretrainDataset, batch_size: int, start_step: int
         raise ValueError(f"batch_size {batch_size} is larger than the {len(dataset)} samples per epoch")
     epoch, skip = divmod(int(start_step), per_epoch)
     while True:
-        yield from iterate_pretrain_batches(dataset, batch_size, epoch, shuffle=shuffle, start_batch=skip)
+        yield from iterate_pretrain_batches(dataset, batch_size, epoch, shuffle=shuffle, start_batch=skip,
+                                            world=world)
         epoch, skip = epoch + 1, 0

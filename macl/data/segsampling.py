@@ -102,13 +102,14 @@ class SegBatchSampler:
             start = crop_start(shape, cfg.patch_size, "random", rng)
         return window(img, start, cfg.patch_size), window(lab, start, cfg.patch_size)
 
-    def batch(self, step: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Training batch number ``step``.
+    def batch(self, step: int, batch_size: int, stream: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Training batch number ``step``; ``stream`` > 0 draws an independent batch for the same step (rank
+        ``stream`` under torchrun).
 
         Returns:
             image float32 (B, C, *patch_size), label int64 (B, 1, *patch_size).
         """
-        rng = np.random.default_rng([self.seed, int(step)])
+        rng = np.random.default_rng([self.seed, int(step)] + ([int(stream)] if stream else []))
         pairs = [self._one(rng) for _ in range(batch_size)]
         img = torch.from_numpy(np.stack([p[0] for p in pairs]).astype(np.float32))
         lab = torch.from_numpy(np.stack([p[1] for p in pairs]).astype(np.int64))[:, None]

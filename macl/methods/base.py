@@ -121,6 +121,9 @@ class Method(nn.Module):
         super().__init__()
         self.net_config, self.cfg = net, cfg
         self.weights: Dict[str, float] = {}
+        #: passed to the contrastive losses as `process_group`: None (this process's batch) or "world" (keys
+        #: from every rank; the trainer sets it under torchrun, see macl/parallel.py)
+        self.process_group: Optional[str] = None
 
     def check_batch(self, batch: Batch) -> None:
         """Raise ValueError naming any required view that is missing or whose batch size differs."""

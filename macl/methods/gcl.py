@@ -168,9 +168,10 @@ class GCL(Method):
             for m, v, zc in zip(self.labels, values, mitigate(z, T, cfg.gcl_mitigator)):
                 if m == POSITION:
                     loss = positional_sup_con(zc, v, threshold=cfg.threshold, temperature=cfg.temperature,
-                                              impl=cfg.impl)
+                                              impl=cfg.impl, process_group=self.process_group)
                 else:
-                    loss = sup_con(zc, v.round().long(), temperature=cfg.temperature, impl=cfg.impl)
+                    loss = sup_con(zc, v.round().long(), temperature=cfg.temperature, impl=cfg.impl,
+                                   process_group=self.process_group)
                 terms[f"L_img_{m}"] = loss * cfg.contrast_scale
         if cfg.lambda_d != 0:
             maps = self.model.pixel(torch.cat([batch.img1, batch.img2]))           # (2B, C, *S')

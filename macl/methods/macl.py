@@ -31,24 +31,30 @@ from ..nets.macl_model import MACLModel, resize
 from .base import Batch, Method, register_method
 
 
-def global_loss(z_aux: torch.Tensor, z_dom: torch.Tensor, positions: torch.Tensor, cfg: MethodConfig) -> torch.Tensor:
-    """L_g: positional SupCon over the image projections [z_aux, z_dom] (each (B, D)); positions (B,). Scalar."""
+def global_loss(z_aux: torch.Tensor, z_dom: torch.Tensor, positions: torch.Tensor, cfg: MethodConfig,
+                process_group=None) -> torch.Tensor:
+    """L_g: positional SupCon over the image projections [z_aux, z_dom] (each (B, D)); positions (B,). Scalar.
+    process_group: None, or "world" to contrast against every rank's projections (torchrun)."""
     features = torch.stack([z_aux, z_dom], dim=1)  # (B, 2, D)
     loss = positional_sup_con(features, positions, threshold=cfg.threshold, temperature=cfg.temperature,
-                              impl=cfg.impl)
+                              impl=cfg.impl, process_group=process_group)
     return loss * cfg.contrast_scale
 
 
-def dense_loss(p_aux: torch.Tensor, p_dom: torch.Tensor, positions: torch.Tensor, cfg: MethodConfig) -> torch.Tensor:
-    """L_d over aligned pixel maps p_aux, p_dom (B, C, *S'); positions (B,). Scalar. See the module docstring."""
+def dense_loss(p_aux: torch.Tensor, p_dom: torch.Tensor, positions: torch.Tensor, cfg: MethodConfig,
+               process_group=None) -> torch.Tensor:
+    """L_d over aligned pixel maps p_aux, p_dom (B, C, *S'); positions (B,). Scalar. See the module docstring.
+    process_group: None, or "world" (torchrun): "location" and "voxel" with negatives "batch" then take their
+    keys from every rank's images; "image" keeps each image's keys to itself."""
     if p_aux.shape != p_dom.shape:
         raise ValueError(f"L_d needs aligned pixel maps, got {tuple(p_aux.shape)} and {tuple(p_dom.shape)}")
     if cfg.dense_mode == "location":
         loss = dense_info_nce(p_aux, p_dom, negatives="location", temperature=cfg.temperature,
-                              positions=positions, threshold=cfg.threshold, impl=cfg.impl)
+                              positions=positions, threshold=cfg.threshold, impl=cfg.impl,
+                              process_group=process_group)
     elif cfg.dense_mode == "voxel":
         loss = dense_info_nce(p_aux, p_dom, negatives=cfg.dense_negatives, temperature=cfg.temperature,
-                              symmetric=cfg.dense_symmetric, impl=cfg.impl)
+                              symmetric=cfg.dense_symmetric, impl=cfg.impl, process_group=process_group)
     else:
         raise ValueError(f"dense_mode must be location|voxel, got {cfg.dense_mode!r}")
     return loss * cfg.contrast_scale
@@ -84,9 +90,9 @@ class MACL(Method):
         out = self.model(batch.img1, batch.img2, batch.img3 if want_g else None, batch.img4 if want_g else None)
         terms: Dict[str, torch.Tensor] = {}
         if want_g:
-            terms["L_g"] = global_loss(out.aux_image, out.dom_image, pos, self.cfg)
+            terms["L_g"] = global_loss(out.aux_image, out.dom_image, pos, self.cfg, self.process_group)
         if self.cfg.lambda_d != 0:
-            terms["L_d"] = dense_loss(out.aux_pixel, out.dom_pixel, pos, self.cfg)
+            terms["L_d"] = dense_loss(out.aux_pixel, out.dom_pixel, pos, self.cfg, self.process_group)
         if self.cfg.lambda_er != 0:
             terms["L_ER"] = equivariance_loss(out.aux_bottleneck, out.dom_bottleneck)
         return terms

@@ -33,5 +33,6 @@ class PCL(Method):
         self.check_batch(batch)
         features = torch.stack([self.model(batch.img3), self.model(batch.img4)], dim=1)  # (B, 2, D)
         loss = positional_sup_con(features, self.positions(batch), threshold=self.cfg.threshold,
-                                  temperature=self.cfg.temperature, impl=self.cfg.impl)
+                                  temperature=self.cfg.temperature, impl=self.cfg.impl,
+                                  process_group=self.process_group)
         return {"L_g": loss * self.cfg.contrast_scale}
