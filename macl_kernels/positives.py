@@ -32,6 +32,7 @@ class PositiveOperator:
         self.G, self.N, self.M = G, N, M
         dev = p.q.device
         self.kv = p.k_valid if p.k_valid is not None else torch.ones(G, M, dtype=torch.bool, device=dev)
+        self.all_kv = p.k_valid is None  # no column mask: skip the multiplications by kv (no N×F temporaries)
         if p.rule == "label":
             # One id space for anchors' and keys' labels of all groups: id = unique(group, label).
             g_q = torch.arange(G, device=dev)[:, None].expand(G, N)
@@ -55,6 +56,7 @@ class PositiveOperator:
             if p.exclude_self:
                 ok = ok & (idx != torch.arange(N, device=dev)[None, :])
             self.index_ok = ok
+            self.all_ok = bool(ok.all())
         else:
             raise ValueError(f"unknown positive rule {p.rule!r}")
 
@@ -73,10 +75,10 @@ class PositiveOperator:
         """Y @ x: (G, M, F) -> (G, N, F), in x's dtype (radius sums in float64, then cast)."""
         p, G, N, M = self.p, self.G, self.N, self.M
         F = x.shape[-1]
-        xv = x * self.kv[..., None]
-        if p.rule == "index":
-            idx = p.q_meta[..., None].expand(G, N, F)
-            return torch.gather(xv, 1, idx) * self.index_ok[..., None]
+        if p.rule == "index":  # index_ok already holds k_valid (and j ≠ i)
+            out = torch.gather(x, 1, p.q_meta[..., None].expand(G, N, F))
+            return out if self.all_ok else out.mul_(self.index_ok[..., None])
+        xv = x if self.all_kv else x * self.kv[..., None]
         if p.rule == "label":
             sums = x.new_zeros(self.n_classes, F).index_add_(0, self.k_class, xv.reshape(G * M, F))
             out = sums[self.q_class].reshape(G, N, F)
@@ -94,7 +96,7 @@ class PositiveOperator:
         if p.rule == "index":
             out = w.new_zeros(G, M, F)
             idx = p.q_meta[..., None].expand(G, N, F)
-            return out.scatter_add_(1, idx, w * self.index_ok[..., None])
+            return out.scatter_add_(1, idx, w if self.all_ok else w * self.index_ok[..., None])
         if p.rule == "label":
             sums = w.new_zeros(self.n_classes, F).index_add_(0, self.q_class, w.reshape(G * N, F))
             out = sums[self.k_class].reshape(G, M, F)
@@ -103,7 +105,7 @@ class PositiveOperator:
         d, diag = self._diagonal()
         if d:
             out[:, :d] -= w[:, :d] * diag[..., None]
-        return out * self.kv[..., None]
+        return out if self.all_kv else out.mul_(self.kv[..., None])
 
 
 def _radius_runs(centres: torch.Tensor, sorted_pos: torch.Tensor, threshold: float):

@@ -1,8 +1,11 @@
 """Chunked PyTorch implementation: exact, any device, extra memory O(tile + (N + M)·D).
 
-Forward, per tile of (groups × BR anchors × BC keys):
-    z    = s·q kᵀ                       one batched GEMM
-    LSE  = logaddexp(LSE, logsumexp(z))  over valid keys (torch.logsumexp reads the tile twice, writes nothing)
+Forward, with a per-row bound B_i = s·‖q_i‖·max_j ‖k_j‖ ≥ max_j z_ij (Cauchy–Schwarz, valid keys only):
+    e    = exp(s·q kᵀ − B)               one baddbmm with −B folded in, one in-place exp (never overflows)
+    S_i += Σ_j e_ij                      over valid keys; after all tiles LSE_i = B_i + log S_i
+One GEMM and one exp pass per tile, with no running max (torch.logsumexp would add a max pass, a
+subtraction pass and a temporary). Rows whose S_i underflows (every logit more than ~69 below B_i, e.g.
+unnormalised features or τ ≲ 0.007) are recomputed exactly with a running log-sum-exp.
 The positive term Σ_{p∈P(i)} z_ip = s·⟨q_i, (Y k)_i⟩ never touches a tile (see positives.py).
 
 Backward recomputes each tile once and uses it twice (4 GEMM units and 2 exp passes in all):
@@ -70,21 +73,79 @@ def tile_positives(p: ContrastProblem, g0, g1, r0, r1, c0, c1) -> torch.Tensor:
     return pos
 
 
-def _forward_tiles(qs, k, p: ContrastProblem, in_tile: bool):
+#: S_i below this is treated as underflowed (its largest term < e^-69): the row is recomputed exactly
+UNDERFLOW = 1e-30
+
+
+def row_bound(q: torch.Tensor, k: torch.Tensor, p: ContrastProblem, scale: float) -> torch.Tensor:
+    """B (G, N) with B_i ≥ z_ij = s·⟨q_i, k_j⟩ for every valid key j of the group (0 when there is none)."""
+    kn = k.norm(dim=-1)
+    if p.k_valid is not None:
+        kn = kn.masked_fill(~p.k_valid, 0.0)
+    kmax = kn.amax(dim=1, keepdim=True) if k.shape[1] else kn.new_zeros(k.shape[0], 1)
+    return q.norm(dim=-1) * (kmax * scale)
+
+
+def _valid_keys(p: ContrastProblem) -> torch.Tensor:
+    """|V(i)| (G, N): valid keys of each anchor's group, minus the anchor itself under exclude_self."""
+    G, N, M, _ = p.shape
+    dev = p.q.device
+    n = (p.k_valid.sum(1, keepdim=True) if p.k_valid is not None
+         else torch.full((G, 1), M, device=dev)).expand(G, N).clone()
+    if p.exclude_self:
+        d = min(N, M)
+        self_valid = p.k_valid[:, :d] if p.k_valid is not None else torch.ones(G, d, dtype=torch.bool, device=dev)
+        n[:, :d] -= self_valid.to(n.dtype)
+    return n
+
+
+def _exact_lse_rows(q, k, p: ContrastProblem, scale: float, rows: torch.Tensor) -> torch.Tensor:
+    """Running log-sum-exp for the anchors `rows` ((R, 2) of (group, anchor)), key block by key block."""
+    out = q.new_full((rows.shape[0],), -math.inf)
+    for g in rows[:, 0].unique().tolist():
+        sel = (rows[:, 0] == g).nonzero()[:, 0]
+        idx = rows[sel, 1]
+        lse = q.new_full((idx.shape[0],), -math.inf)
+        for c0 in range(0, k.shape[1], KEY_BLOCK):
+            c1 = min(k.shape[1], c0 + KEY_BLOCK)
+            z = (q[g, idx] * scale) @ k[g, c0:c1].T
+            if p.k_valid is not None:
+                z.masked_fill_(~p.k_valid[g, None, c0:c1], -math.inf)
+            if p.exclude_self:
+                hit = (idx >= c0) & (idx < c1)
+                z[hit.nonzero()[:, 0], idx[hit] - c0] = -math.inf
+            torch.logaddexp(lse, torch.logsumexp(z, -1), out=lse)
+        out[sel] = lse
+    return out
+
+
+def _forward_tiles(qf, k, p: ContrastProblem, scale: float, in_tile: bool):
     """LSE_i (G, N), −inf where V(i) is empty; with in_tile also Σ_{P(i)} z and |P(i)| from tile masks."""
-    G, N, M = qs.shape[0], qs.shape[1], k.shape[1]
-    lse = qs.new_full((G, N), -math.inf)
-    pos_sum = qs.new_zeros(G, N) if in_tile else None
-    count = torch.zeros(G, N, dtype=torch.int32, device=qs.device) if in_tile else None
+    G, N, M = qf.shape[0], qf.shape[1], k.shape[1]
+    bound = row_bound(qf, k, p, scale)
+    if not bool(torch.isfinite(bound).all()):  # inf/nan features: no bound, every row the exact way
+        rows = torch.stack(torch.meshgrid(torch.arange(G), torch.arange(N), indexing="ij"), -1).reshape(-1, 2)
+        bound = qf.new_zeros(G, N)
+    else:
+        rows = None
+    total = qf.new_zeros(G, N)
+    pos_sum = qf.new_zeros(G, N) if in_tile else None
+    count = torch.zeros(G, N, dtype=torch.int32, device=qf.device) if in_tile else None
     for g0, g1, r0, r1, c0, c1 in tiles(G, N, M):
-        z = torch.bmm(qs[g0:g1, r0:r1], k[g0:g1, c0:c1].transpose(1, 2))
-        _mask_tile(z, p, g0, g1, r0, r1, c0, c1, -math.inf)
+        e = torch.baddbmm(-bound[g0:g1, r0:r1, None], qf[g0:g1, r0:r1] * scale, k[g0:g1, c0:c1].transpose(1, 2))
+        _mask_tile(e, p, g0, g1, r0, r1, c0, c1, -math.inf)
         if in_tile:
             pos = tile_positives(p, g0, g1, r0, r1, c0, c1)
-            pos_sum[g0:g1, r0:r1] += torch.where(pos, z, 0.0).sum(-1)
+            pos_sum[g0:g1, r0:r1] += torch.where(pos, e, 0.0).sum(-1)
             count[g0:g1, r0:r1] += pos.sum(-1, dtype=torch.int32)
-        part = lse[g0:g1, r0:r1]
-        torch.logaddexp(part, torch.logsumexp(z, -1), out=part)
+        total[g0:g1, r0:r1] += e.exp_().sum(-1)
+    lse = bound + total.log()
+    if in_tile:
+        pos_sum += count * bound
+    if rows is None:
+        rows = ((total < UNDERFLOW) & (_valid_keys(p) > 0)).nonzero()
+    if rows.shape[0]:
+        lse[rows[:, 0], rows[:, 1]] = _exact_lse_rows(qf, k, p, scale, rows.to(qf.device))
     return lse, pos_sum, count
 
 
@@ -94,17 +155,15 @@ class _ChunkedInfoNCE(torch.autograd.Function):
         sdt = stats_dtype(q.dtype)
         qf, kf = q.detach().to(sdt), k.detach().to(sdt)
         s = float(scale)
-        qs = qf * s
         # Few keys per group (MACL's per-location groups): masks inside the tile are cheapest. Many keys:
         # the positives go through the linear operator Y, in O((N + M)·D), never through a tile.
         in_tile = kf.shape[1] <= IN_TILE_MAX_KEYS
-        lse, pos_sum, count = _forward_tiles(qs, kf, p, in_tile)
-        ops = pos_k = None
+        lse, pos_sum, count = _forward_tiles(qf, kf, p, s, in_tile)
+        ops = None
         if not in_tile:
             ops = PositiveOperator(p)
             count = ops.apply(kf.new_ones(kf.shape[0], kf.shape[1], 1))[..., 0].round().to(torch.int32)
-            pos_k = ops.apply(kf)                               # Σ_{p∈P(i)} k_p   (G, N, D)
-            pos_sum = (qs * pos_k).sum(-1)
+            pos_sum = torch.linalg.vecdot(qf, ops.apply(kf)) * s  # s·⟨q_i, Σ_{p∈P(i)} k_p⟩
         counted = count > 0
         if p.q_valid is not None:
             counted &= p.q_valid
@@ -115,13 +174,13 @@ class _ChunkedInfoNCE(torch.autograd.Function):
         ctx.same = q is k
         ctx.dtypes = (q.dtype, k.dtype)
         ctx.scale_dtype = scale.dtype if isinstance(scale, torch.Tensor) else None
-        ctx.save_for_backward(qf, kf, lse, count, counted, pos_k)
+        ctx.save_for_backward(qf, kf, lse, count, counted)
         ctx.mark_non_differentiable(lse, count)
         return loss, lse, count
 
     @staticmethod
     def backward(ctx, g_loss, _g_lse, _g_count):
-        qf, kf, lse, count, counted, pos_k = ctx.saved_tensors
+        qf, kf, lse, count, counted = ctx.saved_tensors
         p, ops, s, in_tile = ctx.p, ctx.ops, ctx.s, ctx.in_tile
         need_q = ctx.needs_input_grad[0] or ctx.needs_input_grad[2]
         need_k = ctx.needs_input_grad[1]
@@ -139,8 +198,6 @@ class _ChunkedInfoNCE(torch.autograd.Function):
         w = gs / count.clamp(min=1)                             # s·g_i/|P(i)|
         # In-tile positives: s·g·(P − Y) = f·(E − c·Y) with c = w/f.
         c = torch.where(active, w.double() / torch.where(active, f64, 1.0), 0.0).to(qf.dtype)[..., None]
-        qs = qf * s
-        q_f = qf * f
         dq = torch.zeros_like(qf) if need_q else None
         # q is k (self-contrast) and no temperature gradient: one buffer takes both contributions.
         merged = ctx.same and need_q and need_k and not ctx.needs_input_grad[2]
@@ -150,7 +207,8 @@ class _ChunkedInfoNCE(torch.autograd.Function):
             kt = kf[g0:g1, c0:c1]
             # The GEMM accumulates onto −shift: partial sums stay near z − shift, which keeps large logits
             # accurate (alpha=s would round s·⟨q, k⟩ first; measurably worse for |z| ~ 1e4).
-            e = torch.baddbmm(-shift[g0:g1, r0:r1, None], qs[g0:g1, r0:r1], kt.transpose(1, 2))
+            qt = qf[g0:g1, r0:r1]   # s·q and f·q per tile: no (N, D) copies
+            e = torch.baddbmm(-shift[g0:g1, r0:r1, None], qt * s, kt.transpose(1, 2))
             _mask_tile(e, p, g0, g1, r0, r1, c0, c1, -math.inf)
             e.exp_()
             if in_tile:
@@ -158,11 +216,11 @@ class _ChunkedInfoNCE(torch.autograd.Function):
             if need_q:
                 dq[g0:g1, r0:r1] += torch.bmm(e, kt).mul_(f[g0:g1, r0:r1])
             if need_k:
-                dk[g0:g1, c0:c1].baddbmm_(e.transpose(1, 2), q_f[g0:g1, r0:r1])
+                dk[g0:g1, c0:c1].baddbmm_(e.transpose(1, 2), qt * f[g0:g1, r0:r1])
         if not in_tile:
             w = w[..., None]
             if need_q:
-                dq -= w * pos_k
+                dq.addcmul_(w, ops.apply(kf), value=-1.0)        # − w_i Σ_{p∈P(i)} k_p
             if need_k:
                 dk -= ops.apply_t(w * qf)
         ds = None

@@ -132,3 +132,19 @@ def test_radius_ties_at_threshold_match_float32_comparison():
         r = grouped_info_nce(q, q_positions=pos, threshold=0.1, exclude_self=True, impl=impl)
         expect = [sum(1 for j in range(4) if j != i and bool((pos[i] - pos[j]).abs() < torch.tensor(0.1))) for i in range(4)]
         assert r.pos_count.tolist() == expect, impl
+
+
+@pytest.mark.parametrize("unnormalised, tau, redone", [(True, 0.01, True), (False, 0.1, False)])
+def test_forward_bound_shift_and_its_exact_fallback(monkeypatch, unnormalised, tau, redone):
+    """The forward shifts each row by the bound B_i = s·|q_i|·max|k_j|; rows whose every logit lies far below
+    it (unnormalised features, small τ) underflow and are recomputed exactly. Both paths match the reference."""
+    import macl_kernels.torch_tiled as tt
+    calls = []
+    exact = tt._exact_lse_rows
+    monkeypatch.setattr(tt, "_exact_lse_rows", lambda *a: calls.append(a[-1].shape[0]) or exact(*a))
+    case = make_case("label", G=2, N=64, M=96, D=32, unnormalised=unnormalised, masks=True, seed=13)
+    truth = run("reference", case, torch.float64, tau)
+    low = run("reference", case, torch.float32, tau)
+    got = run("torch", case, torch.float32, tau)
+    assert_matches_truth(got, truth, low, torch.float32, f"unnormalised={unnormalised}")
+    assert bool(calls) == redone and (not redone or sum(calls) > 0)
