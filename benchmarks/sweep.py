@@ -1,6 +1,7 @@
 """The benchmark sweep: every case in a fresh subprocess, one CSV row per case.
 
-    python -m benchmarks.sweep                          # CPU: the full preset (< 20 min on 2 cores)
+    python -m benchmarks.sweep                          # CPU: the full preset (< 20 min on 2 cores: cases not
+                                                        # started within 18 min are recorded as skipped)
     python -m benchmarks.sweep --preset quick           # a couple of minutes
     python -m benchmarks.sweep --loss nt_xent --impl torch monai --list
     benchmarks/.peers-env/bin/python -m benchmarks.sweep   # with the peers (see make_peers_env.sh)
@@ -37,6 +38,8 @@ COLUMNS = ["sweep_id", "machine", "cpu", "cpu_count", "threads", "python", "torc
            "status", "median_s", "p20_s", "p80_s", "reps", "warmup_s", "peak_mb", "extra_mb", "limit_s", "x_limit",
            "gflops_per_unit", "loss_value", "check_err", "check_grad_err", "budget_s", "wall_s", "load_avg", "detail"]
 FAILED = ("out of memory", "too slow")
+#: the full CPU preset stops starting cases after this many minutes (the target-bearing cases run first)
+DEFAULT_CPU_LIMIT_MIN = 18.0
 #: seconds a child may spend outside its budget (start-up, imports, the small-input check, compiles)
 STARTUP_ALLOWANCE = 120.0
 
@@ -273,7 +276,9 @@ def main(argv=None) -> int:
     ap.add_argument("--budget-scale", type=float, default=1.0, help="multiply every case's time budget")
     ap.add_argument("--mem-cap-gb", type=float, default=16.0,
                     help="extra memory a CPU case may allocate before it counts as out of memory (default 16)")
-    ap.add_argument("--time-limit-min", type=float, help="record cases not started by then as skipped")
+    ap.add_argument("--time-limit-min", type=float,
+                    help="record cases not started by then as skipped (default: 18 for the full CPU preset, so the "
+                         "sweep ends within 20 minutes; 0: no limit)")
     ap.add_argument("--threads", type=int, help="CPU threads per case (OMP_NUM_THREADS); default: all cores")
     ap.add_argument("--csv", help="output (default benchmarks/results/sweep_<device>.csv)")
     ap.add_argument("--list", action="store_true", help="print the cases and exit")
@@ -287,6 +292,8 @@ def main(argv=None) -> int:
             print(f"{c.loss:20s} {c.shape:22s} {c.dtype:9s} {c.impl:10s} {c.phase:17s} budget {c.budget_s:g} s")
         print(f"{len(cases)} cases")
         return 0
+    if a.time_limit_min is None and a.device == "cpu" and a.preset == "full":
+        a.time_limit_min = DEFAULT_CPU_LIMIT_MIN
     path = a.csv or os.path.join(RESULTS, f"sweep_{a.device}.csv")
     sweep(cases, path, a.device, a.mem_cap_gb, a.budget_scale, a.threads,
           a.time_limit_min * 60 if a.time_limit_min else None, log=lambda s: print(s, flush=True))

@@ -1,8 +1,8 @@
 """Ahead-of-time compile of every shipped Triton configuration for sm_80 and sm_90, with no GPU.
 
-One report per session (about 360 compiles on 2 cores: a few minutes cold, much less with Triton's cache
+One report per session (about 430 compiles on 2 cores: a few minutes cold, much less with Triton's cache
 warm): every configuration `choose_config` can return, for fp32 (IEEE and TF32), fp16 and bf16 and
-D ∈ {16, 64, 128, 256, 1024}. Asserts: it compiles, no local memory and no spill instructions, tensor-core
+D ∈ {16, 64, 128, 256, 512, 1024}. Asserts: it compiles, no local memory and no spill instructions, tensor-core
 instructions where they must be (HMMA on sm_80 for 16-bit and TF32, HGMMA on sm_90 for large 16-bit tiles).
 """
 from __future__ import annotations

@@ -68,7 +68,7 @@ def check_spatial(x: torch.Tensor, dims: int, multiple: int, what: str = "input"
                          f"got shape {tuple(x.shape)}")
     spatial = tuple(x.shape[2:])
     if any(s % multiple for s in spatial):
-        raise ValueError(f"{what} spatial size {spatial} must be divisible by {multiple} (2^depth)")
+        raise ValueError(f"{what} spatial size {spatial} must be divisible by {multiple}")
 
 
 class UNetEncoder(nn.Module):
@@ -92,7 +92,7 @@ class UNetEncoder(nn.Module):
         self.out_channels = top
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, List[torch.Tensor]]:
-        check_spatial(x, self.dims, 2 ** self.depth)
+        check_spatial(x, self.dims, 2 ** self.depth, "input (divisible by 2^depth)")
         skips = []
         for stage in self.stages:
             x = stage(x)
