@@ -68,17 +68,6 @@ class World:
         dist.all_reduce(out, op=dist.ReduceOp.SUM)
         return out / self.size
 
-    def any(self, flag: bool) -> bool:
-        """True on every rank when `flag` is true on at least one rank."""
-        if not self.distributed:
-            return bool(flag)
-        t = torch.tensor([1.0 if flag else 0.0], device=self._device())
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item() > 0)
-
-    def _device(self) -> torch.device:
-        return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-
 
 SINGLE = World()
 
