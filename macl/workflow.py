@@ -250,23 +250,20 @@ def run_pretrain(spec: PretrainSpec, run_dir: str | os.PathLike, resume: Optiona
     elif resume not in (None, "auto"):
         resumed_from = str(resume)
     world.barrier()  # every rank has checked run_dir before rank 0 writes into it
-    if not world.is_main:
-        result = pretrain(spec.config, functools.partial(batches_from_step, ds, bs, world=world), str(run),
-                          resume=resume, world=world)
-        return {"step": result.step, "checkpoint": result.checkpoint, "weights": str(run / WEIGHTS),
-                "record": result.record, "resumed_from": resumed_from, "seconds": time.perf_counter() - t0}
-    run.mkdir(parents=True, exist_ok=True)
-    resolved = spec.to_dict()
-    resolved["data_summary"] = {"source": index.source, "root": str(index.root), "n_volumes": len(volumes),
-                                "n_cases_listed": len(index.cases), "samples_per_epoch": len(ds),
-                                "batches_per_epoch": batches_per_epoch(ds, bs),
-                                "views": json.loads(json.dumps(dataclasses.asdict(dcfg.views)))}
-    resolved["world_size"] = world.size
-    write_json_atomic(run / RESOLVED, resolved)
+    if world.is_main:
+        run.mkdir(parents=True, exist_ok=True)
+        resolved = spec.to_dict()
+        resolved["data_summary"] = {"source": index.source, "root": str(index.root), "n_volumes": len(volumes),
+                                    "n_cases_listed": len(index.cases), "samples_per_epoch": len(ds),
+                                    "batches_per_epoch": batches_per_epoch(ds, bs),
+                                    "views": json.loads(json.dumps(dataclasses.asdict(dcfg.views)))}
+        resolved["world_size"] = world.size
+        write_json_atomic(run / RESOLVED, resolved)
     result = pretrain(spec.config, functools.partial(batches_from_step, ds, bs, world=world), str(run),
-                      resume=resume, progress=progress, world=world)
+                      resume=resume, progress=progress, world=world)  # pretrain drops progress off rank 0
     weights = run / WEIGHTS
-    export_weights(result.checkpoint, str(weights))
+    if world.is_main:
+        export_weights(result.checkpoint, str(weights))
     return {"step": result.step, "checkpoint": result.checkpoint, "weights": str(weights), "record": result.record,
             "resumed_from": resumed_from, "seconds": time.perf_counter() - t0}
 
