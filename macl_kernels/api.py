@@ -5,6 +5,7 @@ implementations can assume clean inputs.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from typing import NamedTuple, Optional, Union
@@ -44,6 +45,7 @@ def grouped_info_nce(
     reduction: str = "mean",
     impl: str = "auto",
     allow_tf32: bool = False,
+    normalize: bool = False,
 ) -> ContrastResult:
     """Grouped multi-positive InfoNCE: ℓ_i = log Σ_{j∈V(i)} exp(z_ij) − mean_{p∈P(i)} z_ij, z = ⟨q_i, k_j⟩/τ.
 
@@ -64,6 +66,7 @@ def grouped_info_nce(
         impl: "auto" (triton for CUDA tensors when Triton can launch there, else torch), "torch",
             "triton", "reference" (materialises the N×M logits: small inputs only).
         allow_tf32: let the Triton kernels use TF32 dots for float32 inputs.
+        normalize: L2-normalise q and k along D inside the core (gradients flow through it).
 
     Returns:
         ContrastResult(loss, per_anchor, lse, pos_count); per-anchor tensors are (G, N), or (N,) when q
@@ -80,6 +83,10 @@ def grouped_info_nce(
     unbatched = isinstance(q, torch.Tensor) and q.dim() == 2
     p, scale_tensor = _build_problem(q, k, temperature, pos_index, q_labels, k_labels, q_positions,
                                      k_positions, threshold, exclude_self, q_valid, k_valid)
+    if not isinstance(normalize, bool):
+        raise TypeError(f"normalize must be a bool, got {normalize!r}")
+    if normalize:
+        p = dataclasses.replace(p, normalize=True)
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     rows = _dispatch(p, impl, allow_tf32)
@@ -123,8 +130,16 @@ def _triton_reason(device: torch.device) -> Optional[str]:
     return triton_unavailable_reason(device)
 
 
+# Implementations that normalise inside their own autograd function; the others get normalised inputs.
+NATIVE_NORMALIZE: frozenset = frozenset()
+
+
 def _dispatch(p: ContrastProblem, impl: str, allow_tf32: bool) -> RowOutputs:
     impl = resolve_impl(impl, p.q.device, p.q.dtype)
+    if p.normalize and impl not in NATIVE_NORMALIZE:
+        q = torch.nn.functional.normalize(p.q, dim=-1)
+        k = q if p.k is p.q else torch.nn.functional.normalize(p.k, dim=-1)
+        p = dataclasses.replace(p, q=q, k=k, normalize=False)
     if impl == "reference":
         from .reference import reference_rows
         return reference_rows(p)

@@ -15,6 +15,9 @@ Conventions fixed here (see KERNELS.md §1):
             threshold > 0. P(i) = {j ∈ V(i) : |q_pos_i − k_pos_j| < threshold}.
 - exclude_self: key j == anchor i (same index within a group) is in neither the denominator nor P(i).
 - q_valid (G, N) bool or None (all valid); k_valid (G, M) bool or None (all valid).
+- normalize: q and k are L2-normalised along D by the implementation itself (fused, so that no normalised
+  (N, D) copy has to be kept for autograd); the gradient flows through the normalisation. An implementation
+  that does not fuse it yet gets pre-normalised inputs from `api._dispatch` (see `NATIVE_NORMALIZE` there).
   All metadata tensors are contiguous and on the features' device.
 
 Every implementation returns `RowOutputs(loss, lse, count)`:
@@ -45,6 +48,7 @@ class ContrastProblem:
     exclude_self: bool = False
     q_valid: Optional[torch.Tensor] = None
     k_valid: Optional[torch.Tensor] = None
+    normalize: bool = False
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
