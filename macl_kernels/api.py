@@ -12,6 +12,7 @@ from typing import NamedTuple, Optional, Union
 
 import torch
 
+from .input_checks import checks_enabled, guarded_scale
 from .problem import ContrastProblem, RowOutputs
 
 IMPLS = ("auto", "torch", "triton", "reference")
@@ -44,8 +45,9 @@ def grouped_info_nce(
     k_valid: Optional[torch.Tensor] = None,
     reduction: str = "mean",
     impl: str = "auto",
-    allow_tf32: bool = False,
+    allow_tf32: Optional[bool] = None,
     normalize: bool = False,
+    check_inputs: Optional[bool] = None,
 ) -> ContrastResult:
     """Grouped multi-positive InfoNCE: ℓ_i = log Σ_{j∈V(i)} exp(z_ij) − mean_{p∈P(i)} z_ij, z = ⟨q_i, k_j⟩/τ.
 
@@ -65,8 +67,14 @@ def grouped_info_nce(
         reduction: "mean" over counted anchors (valid, ≥ 1 positive; 0 if none), "sum", or "none".
         impl: "auto" (triton for CUDA tensors when Triton can launch there, else torch), "torch",
             "triton", "reference" (materialises the N×M logits: small inputs only).
-        allow_tf32: let the Triton kernels use TF32 dots for float32 inputs.
+        allow_tf32: TF32 dots for float32 features in the Triton kernels: True / False, or None (default)
+            for torch's own setting (`torch.backends.cuda.matmul.fp32_precision` / `allow_tf32`). Inside
+            `torch.autocast` the Triton kernels take the autocast dtype instead (`macl_kernels.precision`).
         normalize: L2-normalise q and k along D inside the core (gradients flow through it).
+        check_inputs: run the checks that read tensor values (τ > 0 and finite for a tensor τ, pos_index in
+            range, finite positions): None (default) = on unless the features are on a CUDA device, where
+            they would synchronise with the host; True / False force them. With them off, an invalid τ
+            gives a NaN loss; see `macl_kernels.input_checks`.
 
     Returns:
         ContrastResult(loss, per_anchor, lse, pos_count); per-anchor tensors are (G, N), or (N,) when q
@@ -82,7 +90,7 @@ def grouped_info_nce(
     """
     unbatched = isinstance(q, torch.Tensor) and q.dim() == 2
     p, scale_tensor = _build_problem(q, k, temperature, pos_index, q_labels, k_labels, q_positions,
-                                     k_positions, threshold, exclude_self, q_valid, k_valid)
+                                     k_positions, threshold, exclude_self, q_valid, k_valid, check_inputs)
     if not isinstance(normalize, bool):
         raise TypeError(f"normalize must be a bool, got {normalize!r}")
     if normalize:
@@ -131,10 +139,10 @@ def _triton_reason(device: torch.device) -> Optional[str]:
 
 
 # Implementations that normalise inside their own autograd function; the others get normalised inputs.
-NATIVE_NORMALIZE: frozenset = frozenset()
+NATIVE_NORMALIZE: frozenset = frozenset({"triton"})
 
 
-def _dispatch(p: ContrastProblem, impl: str, allow_tf32: bool) -> RowOutputs:
+def _dispatch(p: ContrastProblem, impl: str, allow_tf32: Optional[bool]) -> RowOutputs:
     impl = resolve_impl(impl, p.q.device, p.q.dtype)
     if p.normalize and impl not in NATIVE_NORMALIZE:
         q = torch.nn.functional.normalize(p.q, dim=-1)
@@ -153,8 +161,9 @@ def _dispatch(p: ContrastProblem, impl: str, allow_tf32: bool) -> RowOutputs:
 # ----------------------------------------------------------------------------------------- validation
 
 def _build_problem(q, k, temperature, pos_index, q_labels, k_labels, q_positions, k_positions,
-                   threshold, exclude_self, q_valid, k_valid):
+                   threshold, exclude_self, q_valid, k_valid, check_inputs=None):
     _check_features("q", q)
+    checks = checks_enabled(check_inputs, q.device)
     self_contrast = k is None
     if self_contrast:
         k = q
@@ -176,7 +185,7 @@ def _build_problem(q, k, temperature, pos_index, q_labels, k_labels, q_positions
     dev = q.device
     batched = lambda t: t if t.dim() == 2 else t[None]
 
-    scale = _scale(temperature, dev)
+    scale = _scale(temperature, dev, checks)
     rules = [name for name, v in (("pos_index", pos_index), ("labels", q_labels),
                                   ("positions", q_positions)) if v is not None]
     if len(rules) > 1:
@@ -202,8 +211,8 @@ def _build_problem(q, k, temperature, pos_index, q_labels, k_labels, q_positions
                 or not math.isfinite(threshold) or threshold <= 0:
             raise ValueError(f"threshold must be a finite number > 0 for positional positives, got {threshold!r}")
         thr = float(threshold)
-        q_meta = batched(_check_meta("q_positions", q_positions, (G, N), dev, integer=False))
-        k_meta = batched(_check_meta("k_positions", k_positions, (G, M), dev, integer=False))
+        q_meta = batched(_check_meta("q_positions", q_positions, (G, N), dev, integer=False, values=checks))
+        k_meta = batched(_check_meta("k_positions", k_positions, (G, M), dev, integer=False, values=checks))
         q_meta, k_meta = q_meta.float().contiguous(), k_meta.float().contiguous()
     else:
         rule = "index"
@@ -216,7 +225,7 @@ def _build_problem(q, k, temperature, pos_index, q_labels, k_labels, q_positions
             q_meta = torch.arange(N, device=dev).expand(G, N).contiguous()
         else:
             q_meta = batched(_check_meta("pos_index", pos_index, (G, N), dev, integer=True)).long().contiguous()
-            if q_meta.numel() and (int(q_meta.min()) < 0 or int(q_meta.max()) >= M):
+            if checks and q_meta.numel() and (int(q_meta.min()) < 0 or int(q_meta.max()) >= M):
                 raise ValueError(f"pos_index must lie in [0, M={M}), got values in "
                                  f"[{int(q_meta.min())}, {int(q_meta.max())}]")
     if threshold is not None and rule != "radius":
@@ -241,8 +250,9 @@ def _check_features(name: str, x) -> None:
         raise ValueError(f"{name} has feature dimension D = 0 (shape {tuple(x.shape)})")
 
 
-def _scale(temperature, device) -> Union[float, torch.Tensor]:
-    """1/τ as a float, or as a 0-d tensor when τ is a tensor (so a learnable τ gets its gradient)."""
+def _scale(temperature, device, checks: bool = True) -> Union[float, torch.Tensor]:
+    """1/τ as a float, or as a 0-d tensor when τ is a tensor (so a learnable τ gets its gradient).
+    A tensor τ's value is checked only when `checks` (a sync on CUDA); else an invalid τ gives NaN."""
     if isinstance(temperature, torch.Tensor):
         if temperature.dim() != 0:
             raise ValueError(f"temperature tensor must be 0-d, got shape {tuple(temperature.shape)}")
@@ -250,6 +260,8 @@ def _scale(temperature, device) -> Union[float, torch.Tensor]:
             raise TypeError(f"temperature tensor must be floating point, got {temperature.dtype}")
         if temperature.device != device and temperature.device.type != "cpu":
             raise ValueError(f"temperature is on {temperature.device}, features on {device}")
+        if not checks:
+            return guarded_scale(temperature)
         value = float(temperature.detach())
         if not math.isfinite(value) or value <= 0:
             raise ValueError(f"temperature must be finite and > 0, got {value}")
@@ -261,8 +273,9 @@ def _scale(temperature, device) -> Union[float, torch.Tensor]:
     return 1.0 / float(temperature)
 
 
-def _check_meta(name, t, shape_g, device, integer: Optional[bool]) -> torch.Tensor:
-    """Check a per-row tensor: integer=True (labels, indices), False (positions), None (bool masks)."""
+def _check_meta(name, t, shape_g, device, integer: Optional[bool], values: bool = True) -> torch.Tensor:
+    """Check a per-row tensor: integer=True (labels, indices), False (positions), None (bool masks).
+    values=False skips the finiteness check of positions (it reads the tensor back: a sync on CUDA)."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if integer is True and (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool):
@@ -275,7 +288,7 @@ def _check_meta(name, t, shape_g, device, integer: Optional[bool]) -> torch.Tens
         raise ValueError(f"{name} must have shape {want}, got {tuple(t.shape)}")
     if t.device != device:
         raise ValueError(f"{name} is on {t.device}, features on {device}")
-    if integer is False and not bool(torch.isfinite(t).all()):
+    if integer is False and values and not bool(torch.isfinite(t).all()):
         raise ValueError(f"{name} contains non-finite values")
     return t
 

@@ -36,7 +36,7 @@ def contrast(q: torch.Tensor, k: Optional[torch.Tensor] = None, *, group=None, g
         gather_keys: False when the keys never cross ranks (e.g. dense negatives="image"): only the mean
             becomes global.
         reduction, impl, **kw: as `grouped_info_nce` (temperature, pos_index, labels, positions, threshold,
-            exclude_self, q_valid, k_valid, allow_tf32). pos_index indexes this rank's own keys.
+            exclude_self, q_valid, k_valid, allow_tf32, check_inputs). pos_index indexes this rank's own keys.
 
     Returns:
         The loss as described in the module docstring (0-d, or this rank's per-anchor rows for "none").
@@ -81,7 +81,7 @@ def _check_locally(q, k, reduction, impl, kw) -> Optional[BaseException]:
         p, _ = _build_problem(q, k, kw.get("temperature", 0.1), kw.get("pos_index"), kw.get("q_labels"),
                               kw.get("k_labels"), kw.get("q_positions"), kw.get("k_positions"),
                               kw.get("threshold"), kw.get("exclude_self", False), kw.get("q_valid"),
-                              kw.get("k_valid"))
+                              kw.get("k_valid"), kw.get("check_inputs"))
         resolve_impl(impl, p.q.device, p.q.dtype)
     except (TypeError, ValueError) as e:
         return e
@@ -89,7 +89,7 @@ def _check_locally(q, k, reduction, impl, kw) -> Optional[BaseException]:
 
 
 _CORE_ARGS = {"temperature", "pos_index", "q_labels", "k_labels", "q_positions", "k_positions", "threshold",
-              "exclude_self", "q_valid", "k_valid", "allow_tf32"}
+              "exclude_self", "q_valid", "k_valid", "allow_tf32", "check_inputs"}
 
 
 def _local_keys(q, k, group, W, reduction, impl, kw) -> torch.Tensor:

@@ -2,7 +2,9 @@
 
 Common arguments: `temperature` τ (float or 0-d tensor), `normalize` (L2-normalise features first),
 `reduction` ("mean" over counted anchors, "sum", "none"), `impl` ("auto", "torch", "triton", "reference"),
-`process_group` (cross-device negatives, below).
+`process_group` (cross-device negatives, below), `allow_tf32` (None: torch's TF32 setting; True / False: TF32 /
+IEEE dots for float32 features in the Triton kernels; under `torch.autocast` they take the autocast dtype,
+see `macl_kernels.precision`).
 The reduced loss is float32 (float64 for float64 inputs) whatever the feature dtype.
 
 Cross-device negatives: `process_group="world"` (every rank of the default group) or a
@@ -46,7 +48,8 @@ def _check_tensor(name: str, x) -> None:
 
 def info_nce(query: torch.Tensor, keys: torch.Tensor, pos_index: Optional[torch.Tensor] = None, *,
              temperature: Temperature = 0.07, normalize: bool = True, reduction: str = "mean",
-             impl: str = "auto", process_group: GroupArg = None) -> torch.Tensor:
+             impl: str = "auto", process_group: GroupArg = None, allow_tf32: Optional[bool] = None
+             ) -> torch.Tensor:
     """InfoNCE: row i's positive is keys[pos_index[i]] (default i); its denominator is all keys.
 
     query (N, D), keys (M, D) (or batched (G, N, D) / (G, M, D)); keys may be a no-grad memory bank.
@@ -58,11 +61,13 @@ def info_nce(query: torch.Tensor, keys: torch.Tensor, pos_index: Optional[torch.
     _check_tensor("query", query)
     _check_tensor("keys", keys)
     return contrast(_prep(query, normalize), _prep(keys, normalize), group=resolve_group(process_group),
-                    temperature=temperature, pos_index=pos_index, reduction=reduction, impl=impl)
+                    temperature=temperature, pos_index=pos_index, reduction=reduction, impl=impl,
+                    allow_tf32=allow_tf32)
 
 
 def nt_xent(z1: torch.Tensor, z2: torch.Tensor, *, temperature: Temperature = 0.1, normalize: bool = True,
-            reduction: str = "mean", impl: str = "auto", process_group: GroupArg = None) -> torch.Tensor:
+            reduction: str = "mean", impl: str = "auto", process_group: GroupArg = None,
+            allow_tf32: Optional[bool] = None) -> torch.Tensor:
     """SimCLR's NT-Xent. z1, z2 (B, D): two views of B samples. The 2B embeddings are anchors; each
     anchor's denominator is the other 2B − 1; its positive is the other view of its sample.
     Returns a 0-d loss (mean over 2B anchors) or (2, B) per anchor for reduction="none".
@@ -76,7 +81,7 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, *, temperature: Temperature = 0.
     z = _prep(torch.cat([z1, z2]), normalize)
     i = torch.arange(2 * B, device=z.device)
     out = contrast(z, group=resolve_group(process_group), temperature=temperature, pos_index=(i + B) % (2 * B),
-                   exclude_self=True, reduction=reduction, impl=impl)
+                   exclude_self=True, reduction=reduction, impl=impl, allow_tf32=allow_tf32)
     return out.reshape(2, B) if reduction == "none" else out
 
 
@@ -108,7 +113,7 @@ def _per_anchor_shape(out: torch.Tensor, features: torch.Tensor, reduction: str)
 
 def sup_con(features: torch.Tensor, labels: torch.Tensor, *, temperature: Temperature = 0.1,
             normalize: bool = True, reduction: str = "mean", impl: str = "auto",
-            process_group: GroupArg = None) -> torch.Tensor:
+            process_group: GroupArg = None, allow_tf32: Optional[bool] = None) -> torch.Tensor:
     """Supervised contrastive loss L_out (Khosla et al. 2020), without the τ/τ_base rescale.
 
     features (N, D) or (B, V, D) (V views per sample; every view is an anchor); labels (N,) or (B,) int.
@@ -118,13 +123,14 @@ def sup_con(features: torch.Tensor, labels: torch.Tensor, *, temperature: Temper
     """
     flat, lab, _ = _views_first(features, labels, "labels")
     out = contrast(_prep(flat, normalize), group=resolve_group(process_group), temperature=temperature,
-                   q_labels=lab, exclude_self=True, reduction=reduction, impl=impl)
+                   q_labels=lab, exclude_self=True, reduction=reduction, impl=impl, allow_tf32=allow_tf32)
     return _per_anchor_shape(out, features, reduction)
 
 
 def positional_sup_con(features: torch.Tensor, positions: torch.Tensor, threshold: float = 0.1, *,
                        temperature: Temperature = 0.1, normalize: bool = True, reduction: str = "mean",
-                       impl: str = "auto", process_group: GroupArg = None) -> torch.Tensor:
+                       impl: str = "auto", process_group: GroupArg = None,
+                       allow_tf32: Optional[bool] = None) -> torch.Tensor:
     """Positional SupCon (PCL, MACL): `sup_con` whose positives are features whose positions differ by
     less than `threshold` (compared in float32). The other view of the same sample always counts.
 
@@ -133,7 +139,8 @@ def positional_sup_con(features: torch.Tensor, positions: torch.Tensor, threshol
     """
     flat, pos, _ = _views_first(features, positions, "positions")
     out = contrast(_prep(flat, normalize), group=resolve_group(process_group), temperature=temperature,
-                   q_positions=pos, threshold=threshold, exclude_self=True, reduction=reduction, impl=impl)
+                   q_positions=pos, threshold=threshold, exclude_self=True, reduction=reduction, impl=impl,
+                   allow_tf32=allow_tf32)
     return _per_anchor_shape(out, features, reduction)
 
 
@@ -141,7 +148,8 @@ def dense_info_nce(f1: torch.Tensor, f2: torch.Tensor, mask: Optional[torch.Tens
                    negatives: str = "image", temperature: Temperature = 0.1,
                    positions: Optional[torch.Tensor] = None, threshold: Optional[float] = None,
                    symmetric: bool = False, normalize: bool = True, reduction: str = "mean",
-                   impl: str = "auto", process_group: GroupArg = None) -> torch.Tensor:
+                   impl: str = "auto", process_group: GroupArg = None,
+                   allow_tf32: Optional[bool] = None) -> torch.Tensor:
     """Pixel/voxel-level contrast between two feature maps aligned voxel-for-voxel.
 
     f1, f2: (B, C, *spatial), 2D or 3D, same shape. mask: (B, *spatial) bool, voxels that take part (as
@@ -182,7 +190,7 @@ def dense_info_nce(f1: torch.Tensor, f2: torch.Tensor, mask: Optional[torch.Tens
     b = _prep(f2.reshape(B, C, L).transpose(1, 2), normalize)
     valid = mask.reshape(B, L) if mask is not None else None
     group = resolve_group(process_group)
-    common = dict(temperature=temperature, reduction=reduction, impl=impl, group=group)
+    common = dict(temperature=temperature, reduction=reduction, impl=impl, group=group, allow_tf32=allow_tf32)
 
     if negatives == "location":
         feats = torch.cat([a, b]).transpose(0, 1)                # (L, 2B, C): group = location
@@ -219,10 +227,11 @@ def dense_info_nce(f1: torch.Tensor, f2: torch.Tensor, mask: Optional[torch.Tens
 
 class _LossModule(nn.Module):
     """Holds τ (a buffer, or a learnable parameter with learn_temperature=True) and the common options
-    (normalize, reduction, impl, process_group: see the functions)."""
+    (normalize, reduction, impl, process_group, allow_tf32: see the functions)."""
 
     def __init__(self, temperature: float, normalize: bool = True, reduction: str = "mean",
-                 impl: str = "auto", learn_temperature: bool = False, process_group: GroupArg = None):
+                 impl: str = "auto", learn_temperature: bool = False, process_group: GroupArg = None,
+                 allow_tf32: Optional[bool] = None):
         super().__init__()
         t = torch.tensor(float(temperature))
         if learn_temperature:
@@ -233,9 +242,14 @@ class _LossModule(nn.Module):
         self.opts = dict(normalize=normalize, reduction=reduction, impl=impl)
         if process_group is not None:   # resolved at each call: the group may be initialised later
             self.opts["process_group"] = process_group
+        if allow_tf32 is not None:
+            self.opts["allow_tf32"] = allow_tf32
 
     def _tau(self):
-        return self.temperature if self.learn_temperature else float(self.temperature)
+        # a fixed τ on a CUDA device stays a tensor: float() of it would synchronise with the host every step
+        if self.learn_temperature or self.temperature.device.type == "cuda":
+            return self.temperature
+        return float(self.temperature)
 
     def extra_repr(self) -> str:
         return f"temperature={float(self.temperature):g}, learn_temperature={self.learn_temperature}, {self.opts}"

@@ -46,17 +46,22 @@ def triton_unavailable_reason(device: torch.device) -> Optional[str]:
     return None
 
 
-def triton_rows(p: ContrastProblem, *, allow_tf32: bool = False) -> RowOutputs:
+def triton_rows(p: ContrastProblem, *, allow_tf32: Optional[bool] = None) -> RowOutputs:
     """Per-anchor loss, LSE and positive count of problem `p` with the fused Triton kernels.
 
     Shapes (see problem.py): q (G, N, D), k (G, M, D) -> loss (G, N) float32 (differentiable w.r.t. q, k
     and a tensor scale), lse (G, N) float32 (−inf where no key is valid), count (G, N) int32.
-    allow_tf32: float32 inputs use TF32 tensor-core dots (default: IEEE fp32). float16/bfloat16 inputs
-    always use their own dtype in the dots, with float32 accumulation and statistics.
+    Operand dtype (`macl_kernels.precision.operand_precision`): inside `torch.autocast` for the features'
+    device type, the autocast dtype (float16/bfloat16); otherwise the features' dtype, float32 with TF32
+    dots when allow_tf32 is True, IEEE when False, torch's setting when None. Statistics are float32;
+    gradients come back in the features' dtype. `p.normalize`: q and k are L2-normalised while their operand
+    copies are made (`entry.NormalizeCast`). No host-device synchronisation (see entry.py).
     Raises TypeError for an unsupported dtype (float64 included: use impl "torch" or "reference"),
     RuntimeError when Triton cannot launch on the tensors' device (see `triton_unavailable_reason`).
     """
+    from ..precision import operand_precision
     from .autograd import TritonContrast, check_dtype, launch_options
+    from .entry import prepare_operands
     check_dtype(p.q.dtype)
     if p.k.dtype != p.q.dtype:
         raise TypeError(f"q and k must have the same dtype, got {p.q.dtype} and {p.k.dtype}")
@@ -64,6 +69,8 @@ def triton_rows(p: ContrastProblem, *, allow_tf32: bool = False) -> RowOutputs:
     if reason is not None:
         raise RuntimeError(reason)
     from .kernels_fwd import interpreting
-    opts = launch_options(p, allow_tf32, interpreting())
+    prec = operand_precision(p.q.dtype, p.q.device.type, allow_tf32)
+    p = prepare_operands(p, prec.dtype)
+    opts = launch_options(p, prec.tf32, interpreting())
     loss, lse, cnt = TritonContrast.apply(p.q, p.k, p.scale, opts)
     return RowOutputs(loss, lse, cnt)
