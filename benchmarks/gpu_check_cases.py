@@ -280,6 +280,7 @@ def naive_bytes(N: int, M: int) -> int:
 def run_speed(N: int, D: int, phase: str, impl: str) -> dict:
     import torch
     M = N
+    torch.cuda.empty_cache()    # the previous case's blocks: free memory is what this case can have
     if impl in ("naive", "compile"):
         free, _ = torch.cuda.mem_get_info()
         need = naive_bytes(N, M)
