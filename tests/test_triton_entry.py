@@ -252,3 +252,29 @@ def test_tau_reaches_kernels_once_as_float32(launches):
     assert len(scales) == 3 and all(s is scales[0] for s in scales)
     assert scales[0].dtype == F32 and scales[0].device == q.device
     assert tau.grad is not None and tau.grad.dtype == F64 and torch.isfinite(tau.grad)
+
+
+def test_modules_pass_allow_tf32(launches, tf32_setting):
+    from macl_kernels.losses import InfoNCELoss, SupConLoss
+    tf32_setting("highest")
+    q, k = torch.randn(10, 8), torch.randn(12, 8)
+    InfoNCELoss(impl="triton", allow_tf32=True)(q, k)
+    SupConLoss(impl="triton", allow_tf32=False)(torch.randn(6, 2, 8), torch.arange(6) % 2)
+    InfoNCELoss(impl="triton")(q, k)
+    assert [pr for _, _, _, pr, *_ in launches] == ["tf32", "ieee", "ieee"]
+
+
+def test_macl_terms_reach_16bit_kernels_under_autocast(launches):
+    """MACL's L_g and L_d (location, with positions) of float32 maps under autocast fp16: every launch fp16."""
+    from macl.config import MethodConfig
+    from macl.methods.macl import dense_loss, global_loss
+    cfg = MethodConfig(name="macl", impl="triton")
+    g = torch.Generator().manual_seed(7)
+    z1, z2 = torch.randn(4, 16, generator=g, requires_grad=True), torch.randn(4, 16, generator=g)
+    p1, p2 = torch.randn(4, 8, 2, 3, generator=g, requires_grad=True), torch.randn(4, 8, 2, 3, generator=g)
+    pos = torch.rand(4, generator=g)
+    with torch.autocast("cpu", dtype=F16):
+        total = global_loss(z1, z2, pos, cfg) + dense_loss(p1, p2, pos, cfg)
+    total.backward()
+    assert len(launches) >= 4 and all(qd == F16 and kd == F16 for _, qd, kd, *_ in launches)
+    assert z1.grad.dtype == F32 and p1.grad.dtype == F32 and torch.isfinite(p1.grad).all()
