@@ -249,11 +249,15 @@ def _bind(fn, **kw):
 
 # ------------------------------------------------------------------------------------------------ speed
 
-def naive_loss(q, k, scale: float = 10.0):
-    """Naive PyTorch: the N×M logits, then cross-entropy with positive i for anchor i."""
+def naive_loss_fn():
+    """Naive PyTorch at τ = 0.1: the N×M logits, then cross-entropy with positive i for anchor i (no imports
+    inside the function, so that torch.compile traces it plainly)."""
     import torch
     import torch.nn.functional as F
-    return F.cross_entropy((q @ k.t()).float() * scale, torch.arange(q.shape[0], device=q.device))
+
+    def naive_loss(q, k):
+        return F.cross_entropy((q @ k.t()).float() * 10.0, torch.arange(q.shape[0], device=q.device))
+    return naive_loss
 
 
 _COMPILED: dict = {}
@@ -264,10 +268,10 @@ def _loss_fn(impl: str):
         from macl_kernels import grouped_info_nce
         return lambda q, k: grouped_info_nce(q, k, temperature=0.1, impl="triton").loss
     if impl == "naive":
-        return naive_loss
+        return naive_loss_fn()
     if "fn" not in _COMPILED:   # one compile for every shape (dynamic=True), timed in its first row
         import torch
-        _COMPILED["fn"] = torch.compile(naive_loss, dynamic=True)
+        _COMPILED["fn"] = torch.compile(naive_loss_fn(), dynamic=True)
     return _COMPILED["fn"]
 
 
