@@ -30,7 +30,9 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
 
+from macl import runfolder
 from macl.config import NetConfig, PretrainConfig, apply_overrides, from_dict, to_dict
+from macl.config_types import require_yaml
 from macl.data import (DataError, PreprocessConfig, PretrainDataConfig, PretrainDataset, ViewConfig,
                        batches_from_step, batches_per_epoch, load_volumes, open_dataset)
 from macl.data.metrics import write_json_atomic
@@ -67,6 +69,8 @@ def read_config_file(path: str | os.PathLike) -> dict:
     if not p.is_file():
         raise FileNotFoundError(f"config file not found: {p}")
     ext = p.suffix.lower()
+    if ext in (".yaml", ".yml"):
+        require_yaml(p)  # the optional extra macl[yaml]: a one-line error when it is missing
     try:
         if ext == ".toml":
             import tomllib
@@ -217,10 +221,11 @@ def run_pretrain(spec: PretrainSpec, run_dir: str | os.PathLike, resume: Optiona
         DataError: bad data (named file). ValueError: bad settings, or a fresh run into a folder with
         checkpoints. FileNotFoundError: a resume checkpoint that does not exist. NonFiniteLossError.
     """
-    from macl.train import export_weights, pretrain
+    from macl.train import export_weights, pretrain, resolve_device
     world = world or SINGLE
     t0 = time.perf_counter()
     run = Path(run_dir)
+    resolve_device(spec.config.train.device)  # an unavailable device fails before anything is read or written
     if resume is None and has_checkpoint(run):
         raise ValueError(f"{run} already holds checkpoints; pass --resume auto to continue it or choose a new --out")
     if resume not in (None, "auto") and not Path(resume).is_file():
@@ -244,11 +249,7 @@ def run_pretrain(spec: PretrainSpec, run_dir: str | os.PathLike, resume: Optiona
         logger.info("net.in_channels set to %d to match the data", channels)
         spec.config.net = dataclasses.replace(spec.config.net, in_channels=channels)
     _dry_run(spec, ds)
-    resumed_from = None
-    if resume == "auto" and has_checkpoint(run):
-        resumed_from = str(run / "checkpoints" / "latest.pt")
-    elif resume not in (None, "auto"):
-        resumed_from = str(resume)
+    resumed_from = _resume_checkpoint(spec, run, resume)  # settings that contradict the checkpoint fail here
     world.barrier()  # every rank has checked run_dir before rank 0 writes into it
     if world.is_main:
         run.mkdir(parents=True, exist_ok=True)
@@ -260,12 +261,39 @@ def run_pretrain(spec: PretrainSpec, run_dir: str | os.PathLike, resume: Optiona
         resolved["world_size"] = world.size
         write_json_atomic(run / RESOLVED, resolved)
     result = pretrain(spec.config, functools.partial(batches_from_step, ds, bs, world=world), str(run),
-                      resume=resume, progress=progress, world=world)  # pretrain drops progress off rank 0
+                      resume=resumed_from, progress=progress, world=world)  # pretrain drops progress off rank 0
     weights = run / WEIGHTS
     if world.is_main:
         export_weights(result.checkpoint, str(weights))
     return {"step": result.step, "checkpoint": result.checkpoint, "weights": str(weights), "record": result.record,
             "resumed_from": resumed_from, "seconds": time.perf_counter() - t0}
+
+
+def _resume_checkpoint(spec: PretrainSpec, run: Path, resume: Optional[str]) -> Optional[str]:
+    """The checkpoint a resume will load (``latest.pt``, else the newest loadable ``step_*.pt``), checked
+    against the new settings before the run folder is touched.
+
+    Raises:
+        ValueError: no loadable checkpoint among existing ones, or net / method settings that differ from the
+        checkpoint's (named), which would otherwise overwrite the run's saved settings with unusable ones.
+    """
+    if resume is None:
+        return None
+    if resume == "auto":
+        found = runfolder.find_resume_checkpoint(run / "checkpoints")
+        if found is None:
+            return None
+        path, ckpt = str(found[0]), found[1]
+    else:
+        path, ckpt = str(resume), runfolder.load_checkpoint_safe(resume)
+    saved = from_dict(ckpt.get("config") or {})
+    for part in ("net", "method"):
+        old, new = dataclasses.asdict(getattr(saved, part)), dataclasses.asdict(getattr(spec.config, part))
+        diff = [f"{part}.{k} {old[k]!r} -> {new[k]!r}" for k in old if old[k] != new.get(k)]
+        if diff:
+            raise ValueError(f"cannot resume {path} with other settings ({', '.join(diff)}); drop those flags to "
+                             f"continue the run, or choose a new --out")
+    return path
 
 
 # -------------------------------------------------------------------------------------- fine-tuning
@@ -343,7 +371,7 @@ def run_finetune(data: str, run_dir: str | os.PathLike, cfg, net: Mapping[str, A
     world = world or SINGLE
     t0 = time.perf_counter()
     run = Path(run_dir)
-    existed = run.exists()
+    existed = run.exists() and not runfolder.created_by_this_process(run)  # a lock may have just made it
     factory = model_factory(net)
     if cfg.dims != int(net.get("dims", 2)):
         raise ValueError(f"fine-tuning dims={cfg.dims} but the network is {net.get('dims')}D")
@@ -351,18 +379,23 @@ def run_finetune(data: str, run_dir: str | os.PathLike, cfg, net: Mapping[str, A
     if not (run / "checkpoint_latest.pt").is_file():
         # check the data set before the run folder exists
         open_dataset(data)
+    resolved = {"data": str(data), "pretrained": source,
+                "net": {k: v for k, v in dict(net).items() if k != "in_channels"}, "finetune": cfg.to_dict()}
+    _check_finetune_rerun(run, resolved)
     started = []
 
+    def write_resolved() -> None:  # once the run has started: a failed start leaves the old settings in place
+        if world.is_main and not started:
+            write_json_atomic(run / RESOLVED, resolved)
+
     def on_step(step: int, total: int, info: dict) -> None:
+        write_resolved()
         started.append(step)
         if progress is not None:
             progress(step, total, info)
     world.barrier()  # every rank has looked at run_dir before rank 0 writes into it
     if world.is_main:
         run.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(run / RESOLVED, {"data": str(data), "pretrained": source,
-                                           "net": {k: v for k, v in dict(net).items() if k != "in_channels"},
-                                           "finetune": cfg.to_dict()})
     try:
         res = finetune(data, run, factory, cfg, pretrained=source, progress=on_step, evaluate_test=evaluate_test,
                        world=world)
@@ -370,12 +403,33 @@ def run_finetune(data: str, run_dir: str | os.PathLike, cfg, net: Mapping[str, A
         if world.is_main and not existed and not started and not (run / "checkpoint_latest.pt").is_file():
             shutil.rmtree(run, ignore_errors=True)
         raise
+    if not started:  # a finished run re-run: no step was left to do
+        write_resolved()
     summary = None
     if (run / "summary.json").is_file() and evaluate_test and world.is_main:
         summary = json.loads((run / "summary.json").read_text())
     return {"labelled": res.labelled, "train": res.train, "test": res.test, "loaded_pretrained": res.loaded_pretrained,
             "last_loss": res.last_loss, "summary": summary, "class_names": res.class_names, "model": res.model,
             "seconds": time.perf_counter() - t0}
+
+
+def _check_finetune_rerun(run: Path, resolved: Mapping[str, Any]) -> None:
+    """A fine-tuning run folder that holds a checkpoint or a final model continues only with its own network.
+
+    Raises:
+        ValueError: the saved network settings differ (named), before anything in ``run`` is rewritten.
+    """
+    if not ((run / "checkpoint_latest.pt").is_file() or (run / "model_final.pt").is_file()):
+        return
+    try:
+        saved = json.loads((run / RESOLVED).read_text())
+    except (OSError, ValueError):
+        return
+    old, new = dict(saved.get("net") or {}), dict(resolved["net"])
+    diff = [f"net.{k} {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    if diff:
+        raise ValueError(f"{run} holds a fine-tuning run with other network settings ({', '.join(diff)}); rerun "
+                         f"it with its own settings, or choose a new --out")
 
 
 def run_evaluate(run_dir: str | os.PathLike, data: str, cases: Optional[Sequence[str]] = None,
@@ -397,12 +451,18 @@ def run_evaluate(run_dir: str | os.PathLike, data: str, cases: Optional[Sequence
     return evaluate_run(run, data, model_factory(saved["net"]), progress=progress, cases=cases)
 
 
+def _float(x: Any) -> float:
+    """A summary value as a float: None (JSON's null for an undefined metric) becomes NaN."""
+    return float("nan") if x is None else float(x)
+
+
 def dice_table(summary: Mapping[str, Any]) -> list[tuple[str, float, float]]:
-    """(class name, mean Dice, mean HD95) per foreground class, then ("mean", ...) from a summary dict."""
+    """(class name, mean Dice, mean HD95) per foreground class, then ("mean", ...) from a summary dict.
+    An undefined mean (a class absent from every test case's reference and prediction) is NaN."""
     names = summary.get("class_names", {})
-    rows = [(names.get(k, k), float(v["Dice"]), float(v["HD95"])) for k, v in summary["mean"].items()]
+    rows = [(names.get(k, k), _float(v["Dice"]), _float(v["HD95"])) for k, v in summary["mean"].items()]
     fg = summary["foreground_mean"]
-    return rows + [("mean", float(fg["Dice"]), float(fg["HD95"]))]
+    return rows + [("mean", _float(fg["Dice"]), _float(fg["HD95"]))]
 
 
 def _num(x: Optional[float], fmt: str) -> str:
@@ -410,9 +470,14 @@ def _num(x: Optional[float], fmt: str) -> str:
 
 
 def format_summary(summary: Mapping[str, Any]) -> str:
-    """A small text table of a summary.json: Dice and HD95 (mm) per class and their mean."""
+    """A small text table of a summary.json: Dice and HD95 (mm) per class and their mean; a class with no
+    defined Dice in any case is shown as "not evaluable"."""
     lines = [f"{'class':<14}{'Dice':>8}{'HD95 mm':>10}"]
-    lines += [f"{name:<14}{_num(d, '.3f'):>8}{_num(h, '.2f'):>10}" for name, d, h in dice_table(summary)]
+    for name, d, h in dice_table(summary):
+        if d != d and name != "mean":
+            lines.append(f"{name:<14}  not evaluable (absent from every test case's reference and prediction)")
+        else:
+            lines.append(f"{name:<14}{_num(d, '.3f'):>8}{_num(h, '.2f'):>10}")
     return "\n".join(lines) + f"\n({summary.get('n_cases', '?')} test case(s))"
 
 
