@@ -90,6 +90,13 @@ def coerce(value: Any, tp: Any, name: str) -> Any:
         raise _reject(name, "an integer", value)
     if tp is float:
         v = _scalar(value)
+        if isinstance(v, str):  # "inf" / "nan" / "1e-3" from a command line
+            try:
+                v = float(v)
+            except ValueError:
+                raise _reject(name, "a number", value) from None
+            if not math.isfinite(v):
+                raise _reject(name, "a finite number", value)
         if isinstance(v, bool) or not isinstance(v, numbers.Real):
             raise _reject(name, "a number", value)
         if not math.isfinite(float(v)):

@@ -2,10 +2,8 @@
 
 What every command that writes a run folder relies on:
 
-- :class:`RunLock`: ``RUN/.macl.lock`` holds the writer's pid, host and command while it runs (an exclusive
-  ``flock`` on it marks the holder alive). A second command into the same folder fails with
-  :class:`RunLockedError` naming the lock and its holder; a lock left by a dead process (same host) is taken over
-  with a warning.
+- :class:`RunLock` (:mod:`macl.runlock`, re-exported here): ``RUN/.macl.lock`` with the writer's pid, host and
+  command; a second command into the same folder fails naming it; a dead holder's lock is taken over.
 - :func:`atomic_write` / :func:`save_torch_atomic`: a temporary ``PATH.tmpPID`` beside the target, fsync,
   ``os.replace``; the target is never half-written, the temporary file is removed on failure, and a full disk
   raises :class:`DiskFullError` (``<path>: no space left on device``) naming the target.
@@ -22,22 +20,17 @@ full disk.
 from __future__ import annotations
 
 import errno
-import io
 import json
 import logging
 import os
 import re
-import socket
-import time
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Optional
 
 logger = logging.getLogger(__name__)
 
-LOCK_NAME = ".macl.lock"
 _TMP_RE = re.compile(r"\.tmp(\d+)$")
 _STEP_RE = re.compile(r"^step_(\d+)\.pt$")
-_CREATED: set = set()  # run folders a lock of this process created (removed again when left empty)
 
 
 class DiskFullError(OSError):
@@ -48,10 +41,6 @@ class DiskFullError(OSError):
 
     def __str__(self) -> str:
         return f"{self.filename}: no space left on device"
-
-
-class RunLockedError(OSError):
-    """Another live process holds the run folder's lock (message names the lock file and the holder)."""
 
 
 def _is_enospc(exc: BaseException) -> bool:
@@ -271,8 +260,8 @@ def describe_load_error(exc: BaseException) -> str:
         return "it holds objects the safe loader (weights_only=True) refuses; not a macl checkpoint"
     if isinstance(exc, EOFError) or any(s in text for s in ("zip", "central directory", "EOF", "stream")):
         return "truncated or not a checkpoint"
-    first = text.splitlines()[0] if text else ""
-    return f"{type(exc).__name__}: {first[:120]}" if first else type(exc).__name__
+    first = text.splitlines()[0][:100] if text else ""
+    return f"truncated or corrupt: {type(exc).__name__}{': ' + first if first else ''}"
 
 
 def load_checkpoint_safe(path: Any, map_location: Any = "cpu") -> dict:
@@ -299,7 +288,8 @@ def step_checkpoints(ckpt_dir: Any) -> list[Path]:
 
 
 def find_resume_checkpoint(ckpt_dir: Any, map_location: Any = "cpu") -> Optional[tuple[Path, dict]]:
-    """The checkpoint to resume from: ``latest.pt``, else the newest loadable ``step_*.pt``.
+    """The checkpoint to resume from: ``latest.pt``, else ``final.pt`` (a finished run), else the newest
+    loadable ``step_*.pt``.
 
     Returns (path, loaded checkpoint), or None when the folder holds no checkpoint at all. A fallback is
     announced with a warning naming the damaged file and the one used.
@@ -308,7 +298,7 @@ def find_resume_checkpoint(ckpt_dir: Any, map_location: Any = "cpu") -> Optional
         ValueError: checkpoints exist but none loads (names ``latest.pt`` and why).
     """
     d = Path(ckpt_dir)
-    candidates = ([d / "latest.pt"] if (d / "latest.pt").is_file() else []) + step_checkpoints(d)
+    candidates = [d / n for n in ("latest.pt", "final.pt") if (d / n).is_file()] + step_checkpoints(d)
     if not candidates:
         return None
     failures = []
@@ -328,18 +318,6 @@ def find_resume_checkpoint(ckpt_dir: Any, map_location: Any = "cpu") -> Optional
 
 
 # ------------------------------------------------------------------------------------------------ temp files
-def _pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def clean_temp(folder: Any) -> list[Path]:
     """Remove ``*.tmpPID`` files under ``folder`` whose process is gone; returns what was removed."""
     removed = []
@@ -349,7 +327,7 @@ def clean_temp(folder: Any) -> list[Path]:
     for dirpath, _, files in os.walk(root):
         for name in files:
             m = _TMP_RE.search(name)
-            if m and (int(m.group(1)) == os.getpid() or not _pid_alive(int(m.group(1)))):
+            if m and (int(m.group(1)) == os.getpid() or not pid_alive(int(m.group(1)))):
                 p = Path(dirpath) / name
                 _remove_quietly(p)
                 removed.append(p)
@@ -359,154 +337,8 @@ def clean_temp(folder: Any) -> list[Path]:
     return removed
 
 
-# ------------------------------------------------------------------------------------------------ the lock
-def has_content(folder: Any) -> bool:
-    """Whether ``folder`` exists and holds anything besides the lock file."""
-    try:
-        return any(p.name != LOCK_NAME for p in Path(folder).iterdir())
-    except OSError:
-        return False
-
-
-def created_by_this_process(folder: Any) -> bool:
-    """Whether a :class:`RunLock` of this process created ``folder`` (it did not exist before the command)."""
-    return str(Path(folder).resolve()) in _CREATED
-
-
-def _holder_text(info: dict) -> str:
-    since = info.get("since")
-    when = time.strftime(" since %Y-%m-%d %H:%M:%S", time.localtime(since)) if isinstance(since, (int, float)) else ""
-    cmd = f" (macl {info['command']})" if info.get("command") else ""
-    return f"pid {info.get('pid', '?')} on host {info.get('host', '?')}{cmd}{when}"
-
-
-class RunLock:
-    """An exclusive lock on a run folder: ``RUN/.macl.lock`` with the holder's pid, host and command.
-
-    Args:
-        folder: the run folder. create: create it (and parents) when missing; a folder created here and still
-            holding nothing but the lock at :meth:`release` is removed again. With ``create=False`` and no folder,
-            nothing is locked.
-        command: recorded in the lock for the message another process shows.
-
-    Raises (from :meth:`acquire`):
-        RunLockedError: a live process holds the lock (or one on another host: it cannot be checked).
-        DiskFullError: the lock cannot be written.
-    """
-
-    def __init__(self, folder: Any, command: str = "", create: bool = True) -> None:
-        self.folder, self.command, self.create = Path(folder), command, create
-        self.path = self.folder / LOCK_NAME
-        self.fh = None
-        self.created = False
-
-    def acquire(self) -> "RunLock":
-        if not self.folder.is_dir():
-            if not self.create:
-                return self
-            self.folder.mkdir(parents=True, exist_ok=True)
-            self.created = True
-            _CREATED.add(str(self.folder.resolve()))
-        for _ in range(5):
-            fh = open(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644), "r+b")
-            locked = self._flock(fh)
-            try:
-                same = os.fstat(fh.fileno()).st_ino == os.stat(self.path).st_ino
-            except FileNotFoundError:
-                same = False
-            if not same:  # the holder removed the file between our open and flock: try the new one
-                fh.close()
-                continue
-            try:
-                self._check_holder(fh, locked)
-                self._write_info(fh)
-            except BaseException:
-                fh.close()
-                self._drop_created()
-                raise
-            self.fh = fh
-            return self
-        raise RunLockedError(f"{self.path}: could not take the run folder's lock (it keeps changing)")
-
-    @staticmethod
-    def _flock(fh: Any) -> Optional[bool]:
-        """True: locked; False: another process holds it; None: the file system has no flock."""
-        try:
-            import fcntl
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return True
-        except (BlockingIOError, PermissionError):
-            return False
-        except (ImportError, OSError):
-            return None
-
-    def _check_holder(self, fh: Any, locked: Optional[bool]) -> None:
-        fh.seek(0)
-        raw = fh.read()
-        try:
-            info = json.loads(raw) if raw.strip() else {}
-        except ValueError:
-            info = {}
-        info = info if isinstance(info, dict) else {}
-        host = socket.gethostname()
-        pid = int(info.get("pid", 0) or 0) if str(info.get("pid", "0")).isdigit() else 0
-        if locked is False:
-            raise RunLockedError(f"{self.path}: the run folder is in use by {_holder_text(info)}; wait for it to "
-                                 f"finish or choose another --out")
-        if not info:
-            return
-        if info.get("host") not in (None, host):
-            raise RunLockedError(f"{self.path}: the run folder is locked by {_holder_text(info)} (another machine, "
-                                 f"cannot check it); delete the lock file if that run is gone")
-        if locked is None and pid != os.getpid() and _pid_alive(pid):  # no flock here: trust the pid
-            raise RunLockedError(f"{self.path}: the run folder is in use by {_holder_text(info)}; wait for it to "
-                                 f"finish or choose another --out")
-        logger.warning("%s: taking over the stale lock of %s (no longer running)", self.path, _holder_text(info))
-
-    def _write_info(self, fh: Any) -> None:
-        info = {"pid": os.getpid(), "host": socket.gethostname(), "command": self.command, "since": time.time()}
-        try:
-            fh.seek(0)
-            fh.truncate()
-            _write_all(fh, (json.dumps(info) + "\n").encode())
-            fh.flush()
-        except OSError as e:
-            if _is_enospc(e):
-                raise DiskFullError(self.path) from e
-            raise
-
-    def _drop_created(self) -> None:
-        if self.created and not has_content(self.folder):
-            _remove_quietly(self.path)
-            try:
-                self.folder.rmdir()
-            except OSError:
-                pass
-            _CREATED.discard(str(self.folder.resolve()))
-
-    def release(self) -> None:
-        """Remove the lock (and a folder this lock created that holds nothing else)."""
-        if self.fh is None:
-            return
-        _remove_quietly(self.path)
-        self.fh.close()
-        self.fh = None
-        self._drop_created()
-
-    def __enter__(self) -> "RunLock":
-        return self.acquire()
-
-    def __exit__(self, *exc: Any) -> None:
-        self.release()
-
-
-def read_lock(folder: Any) -> Optional[dict]:
-    """The holder recorded in ``folder``'s lock file, or None."""
-    try:
-        return json.loads((Path(folder) / LOCK_NAME).read_text())
-    except (OSError, ValueError):
-        return None
-
+from macl.runlock import (LOCK_NAME, RunLock, RunLockedError, created_by_this_process, has_content,  # noqa: E402
+                          pid_alive, read_lock)
 
 __all__ = ["DiskFullError", "RunLockedError", "RunLock", "atomic_write", "write_json", "save_torch_atomic",
            "append_text", "fsync_file", "JsonlAppender", "repair_log", "repair_tail", "load_checkpoint_safe",

@@ -32,7 +32,7 @@ import torch
 
 from macl import runfolder
 from macl.config import NetConfig, PretrainConfig, apply_overrides, from_dict, to_dict
-from macl.config_types import require_yaml
+from macl.config_types import coerce, require_yaml
 from macl.data import (DataError, PreprocessConfig, PretrainDataConfig, PretrainDataset, ViewConfig,
                        batches_from_step, batches_per_epoch, load_volumes, open_dataset)
 from macl.data.metrics import write_json_atomic
@@ -115,6 +115,7 @@ class PretrainSpec:
         self.sampling = {"batch_size": 16, "patch_size": None, "views": "code", "meta_csv": None,
                          **dict(self.sampling)}
         _check_keys("data", self.sampling, DATA_KEYS)
+        self.sampling["batch_size"] = coerce(self.sampling["batch_size"], int, "data.batch_size")
         _check_keys("preprocess", self.preprocess, [f.name for f in dataclasses.fields(PreprocessConfig)])
         if int(self.sampling["batch_size"]) < 2:
             raise ValueError(f"data.batch_size must be >= 2 (contrastive losses need negatives), "
@@ -470,12 +471,13 @@ def _num(x: Optional[float], fmt: str) -> str:
 
 
 def format_summary(summary: Mapping[str, Any]) -> str:
-    """A small text table of a summary.json: Dice and HD95 (mm) per class and their mean; a class with no
-    defined Dice in any case is shown as "not evaluable"."""
+    """A small text table of a summary.json: Dice and HD95 (mm) per class and their mean; a class absent from
+    every test case's reference (summary "not_evaluable"), or with no defined Dice, is shown as "not evaluable"."""
     lines = [f"{'class':<14}{'Dice':>8}{'HD95 mm':>10}"]
+    absent = set(dict(summary.get("not_evaluable") or {}).values())
     for name, d, h in dice_table(summary):
-        if d != d and name != "mean":
-            lines.append(f"{name:<14}  not evaluable (absent from every test case's reference and prediction)")
+        if name != "mean" and (name in absent or d != d):
+            lines.append(f"{name:<14}  not evaluable (absent from every test case's reference)")
         else:
             lines.append(f"{name:<14}{_num(d, '.3f'):>8}{_num(h, '.2f'):>10}")
     return "\n".join(lines) + f"\n({summary.get('n_cases', '?')} test case(s))"

@@ -11,8 +11,8 @@ Per case and class, in the voxel grid of the reference with its spacing (mm):
   percentile=95, spacing=...)``. NaN when either mask is empty (MONAI: inf / NaN).
 
 Summaries keep nnU-Net's layout (``metric_per_case``, ``mean`` per class, ``foreground_mean``);
-means skip NaN; JSON on disk writes NaN as null; ``not_evaluable`` lists the classes (id -> name) whose Dice is
-undefined in every case (declared, but absent from every reference and prediction).
+means skip NaN; JSON on disk writes NaN as null; ``not_evaluable`` lists the classes (id -> name) absent from
+every case's reference (declared but never present: their Dice is undefined, or 0 from false positives).
 """
 from __future__ import annotations
 
@@ -95,8 +95,10 @@ def summarize(per_case: list[dict[str, Any]], class_names: Mapping[int, str]) ->
     for m in ("Dice", "HD95", "IoU"):
         vals = [mean[k][m] for k in classes if math.isfinite(mean[k][m])]
         fg[m] = float(np.mean(vals)) if vals else float("nan")
-    # a class whose Dice is undefined in every case (absent from reference and prediction): no mean to report
-    not_evaluable = {k: str(class_names.get(int(k), k)) for k in classes if not math.isfinite(mean[k]["Dice"])}
+    # a class absent from every case's reference (declared, never present): its Dice is undefined, or 0 from
+    # false positives, and says nothing about how well it is segmented
+    not_evaluable = {k: str(class_names.get(int(k), k)) for k in classes
+                     if per_case and all(c["metrics"][k]["n_ref"] == 0 for c in per_case)}
     return {"metric_per_case": per_case, "mean": mean, "foreground_mean": fg,
             "class_names": {str(k): v for k, v in class_names.items()}, "n_cases": len(per_case),
             "not_evaluable": not_evaluable}
