@@ -140,7 +140,7 @@ def _pretrained_state(pretrained: str | Path | Mapping[str, Any]) -> dict[str, t
             p = p / "checkpoints" / "final.pt" if (p / "checkpoints" / "final.pt").is_file() else p / "checkpoints" / "latest.pt"
         if not p.is_file():
             raise FileNotFoundError(f"pre-trained weights not found: {p}")
-        obj = torch.load(p, map_location="cpu", weights_only=True)
+        obj = runfolder.load_checkpoint_safe(p)
     if isinstance(obj, Mapping) and "state_dict" in obj:
         return dict(obj["state_dict"])
     if isinstance(obj, Mapping) and "model" in obj and isinstance(obj["model"], Mapping):
@@ -407,5 +407,5 @@ def evaluate_run(run_dir: str | Path, data: str | Path | DatasetIndex, model_fac
         raise ValueError(f"cases not among the labelled cases of {index.root}: {missing[:10]}")
     volumes = load_volumes(index, cfg.preprocess, cases=[known[c] for c in wanted], skip_bad=cfg.skip_bad)
     model = model_factory(volumes[0].image.shape[0], len(class_names)).to(cfg.device)
-    model.load_state_dict(torch.load(run / "model_final.pt", map_location=cfg.device, weights_only=True))
+    model.load_state_dict(runfolder.load_checkpoint_safe(run / "model_final.pt", cfg.device))
     return evaluate(model, volumes, cfg, run / "summary.json", class_names, progress)
