@@ -11,7 +11,8 @@ What every command that writes a run folder relies on:
   truncated back), flushed per line and fsynced by :meth:`JsonlAppender.sync` at checkpoint time.
 - :func:`repair_log`: on resume, drops a trailing partial (or unparsable) line with a warning and the entries
   past the checkpoint's step.
-- :func:`find_resume_checkpoint`: ``latest.pt``, else the newest loadable ``step_*.pt``, saying which.
+- :func:`find_resume_checkpoint`: ``latest.pt``, else ``final.pt``, else the newest loadable ``step_*.pt``,
+  saying which.
 - :func:`clean_temp`: removes ``*.tmpPID`` files of processes that are gone (a SIGKILL mid-write leaves them).
 
 Every byte written into a run folder goes through :func:`_write_all`: the one place a test patches to inject a

@@ -105,8 +105,14 @@ class RunLock:
                 continue
             try:
                 self._check_holder(fh, locked)
-                self._write_info(fh)
             except BaseException:
+                fh.close()
+                self._drop_created()
+                raise
+            try:
+                self._write_info(fh)
+            except BaseException:  # the lock is ours but says nothing: take it away again
+                _rf()._remove_quietly(self.path)
                 fh.close()
                 self._drop_created()
                 raise

@@ -257,6 +257,14 @@ def test_a_full_disk_at_start_is_one_line_naming_the_file_and_leaves_nothing(dat
     assert _pretrain(data, run, steps=1) == 1
     assert _one_error(capsys) == f"macl: error: {run / 'resolved_config.json'}: no space left on device"
     assert not run.exists()
+    monkeypatch.setattr(runfolder, "_write_all", _REAL_WRITE)
+    assert _pretrain(data, run, steps=1) == 0
+    capsys.readouterr()
+    before, events = _files(run), (run / "events.jsonl").read_bytes()
+    _full_disk(monkeypatch, lambda name, fh: True)  # a full disk under a used folder: the error event cannot go in
+    assert _pretrain(data, run, "--resume", "auto", steps=2) == 1
+    assert _one_error(capsys) == f"macl: error: {run / '.macl.lock'}: no space left on device"
+    assert _files(run) == before and (run / "events.jsonl").read_bytes() == events  # no half line either
 
 
 # ------------------------------------------------------------------------------------------ item 11
