@@ -63,6 +63,8 @@ def _holder_text(info: dict) -> str:
     since = info.get("since")
     when = time.strftime(" since %Y-%m-%d %H:%M:%S", time.localtime(since)) if isinstance(since, (int, float)) else ""
     cmd = f" (macl {info['command']})" if info.get("command") else ""
+    if not info.get("pid"):
+        return "another process (just starting)"
     return f"pid {info.get('pid', '?')} on host {info.get('host', '?')}{cmd}{when}"
 
 
@@ -90,9 +92,13 @@ class RunLock:
         if not self.folder.is_dir():
             if not self.create:
                 return self
-            self.folder.mkdir(parents=True, exist_ok=True)
-            self.created = True
-            _CREATED.add(str(self.folder.resolve()))
+            self.folder.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                self.folder.mkdir()  # exclusive: of two racing commands only one "created" the folder
+                self.created = True
+                _CREATED.add(str(self.folder.resolve()))
+            except FileExistsError:
+                pass
         for _ in range(5):
             fh = open(self.path, "a+b")  # created when missing, never truncated here
             locked = self._flock(fh)
@@ -105,9 +111,8 @@ class RunLock:
                 continue
             try:
                 self._check_holder(fh, locked)
-            except BaseException:
+            except BaseException:  # someone else's lock: leave it (and their folder) alone
                 fh.close()
-                self._drop_created()
                 raise
             try:
                 self._write_info(fh)

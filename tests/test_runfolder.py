@@ -266,3 +266,17 @@ def test_malformed_dataset_json_fields_are_one_line_naming_file_and_key(tmp_path
     listed.write_text(json.dumps({"training": [{"image": "a.nii.gz", "label": 5}]}))
     with pytest.raises(DataError, match=r"list.json: 'training\[0\].label' must be a file path, got 5"):
         open_dataset(listed)
+
+
+def test_a_full_cache_disk_names_the_cache_folder(tmp_path, monkeypatch):
+    from macl.data.preprocess import Volume, VolumeCache
+    from macl.data.readers import CaseRecord
+    cache = VolumeCache(tmp_path / "cache")
+    vol = Volume("c0", np.zeros((1, 4, 4, 4), np.float32), None, (1.0, 1.0, 1.0), np.eye(4), "c0.nii.gz")
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(np, "save", full)
+    with pytest.raises(runfolder.DiskFullError, match=f"^{tmp_path / 'cache'}: no space left on device$"):
+        cache.put(CaseRecord("c0", (tmp_path / "c0.nii.gz",)), "k", vol)
+    assert list((tmp_path / "cache").iterdir()) == []  # no half-written entry

@@ -245,6 +245,11 @@ class VolumeCache:
                 os.rename(tmp, self._dir(record, key))
             except OSError:  # another process stored it first
                 pass
+        except OSError as e:
+            from macl.runfolder import DiskFullError, error_message
+            if error_message(e):  # a full disk: one line naming the cache folder, nothing half-written kept
+                raise DiskFullError(self.folder) from e
+            raise
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
