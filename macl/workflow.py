@@ -31,6 +31,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import torch
 
 from macl import runfolder
+from macl.rerun_checks import check_finetune_rerun, resume_checkpoint
 from macl.config import NetConfig, PretrainConfig, apply_overrides, from_dict, to_dict
 from macl.config_types import coerce, require_yaml
 from macl.data import (DataError, PreprocessConfig, PretrainDataConfig, PretrainDataset, ViewConfig,
@@ -250,7 +251,7 @@ def run_pretrain(spec: PretrainSpec, run_dir: str | os.PathLike, resume: Optiona
         logger.info("net.in_channels set to %d to match the data", channels)
         spec.config.net = dataclasses.replace(spec.config.net, in_channels=channels)
     _dry_run(spec, ds)
-    resumed_from = _resume_checkpoint(spec, run, resume)  # settings that contradict the checkpoint fail here
+    resumed_from = resume_checkpoint(spec.config, run, resume)  # settings that contradict the checkpoint fail here
     world.barrier()  # every rank has checked run_dir before rank 0 writes into it
     if world.is_main:
         run.mkdir(parents=True, exist_ok=True)
@@ -268,33 +269,6 @@ def run_pretrain(spec: PretrainSpec, run_dir: str | os.PathLike, resume: Optiona
         export_weights(result.checkpoint, str(weights))
     return {"step": result.step, "checkpoint": result.checkpoint, "weights": str(weights), "record": result.record,
             "resumed_from": resumed_from, "seconds": time.perf_counter() - t0}
-
-
-def _resume_checkpoint(spec: PretrainSpec, run: Path, resume: Optional[str]) -> Optional[str]:
-    """The checkpoint a resume will load (``latest.pt``, else the newest loadable ``step_*.pt``), checked
-    against the new settings before the run folder is touched.
-
-    Raises:
-        ValueError: no loadable checkpoint among existing ones, or net / method settings that differ from the
-        checkpoint's (named), which would otherwise overwrite the run's saved settings with unusable ones.
-    """
-    if resume is None:
-        return None
-    if resume == "auto":
-        found = runfolder.find_resume_checkpoint(run / "checkpoints")
-        if found is None:
-            return None
-        path, ckpt = str(found[0]), found[1]
-    else:
-        path, ckpt = str(resume), runfolder.load_checkpoint_safe(resume)
-    saved = from_dict(ckpt.get("config") or {})
-    for part in ("net", "method"):
-        old, new = dataclasses.asdict(getattr(saved, part)), dataclasses.asdict(getattr(spec.config, part))
-        diff = [f"{part}.{k} {old[k]!r} -> {new[k]!r}" for k in old if old[k] != new.get(k)]
-        if diff:
-            raise ValueError(f"cannot resume {path} with other settings ({', '.join(diff)}); drop those flags to "
-                             f"continue the run, or choose a new --out")
-    return path
 
 
 # -------------------------------------------------------------------------------------- fine-tuning
@@ -382,7 +356,7 @@ def run_finetune(data: str, run_dir: str | os.PathLike, cfg, net: Mapping[str, A
         open_dataset(data)
     resolved = {"data": str(data), "pretrained": source,
                 "net": {k: v for k, v in dict(net).items() if k != "in_channels"}, "finetune": cfg.to_dict()}
-    _check_finetune_rerun(run, resolved)
+    check_finetune_rerun(run, resolved, RESOLVED)
     started = []
 
     def write_resolved() -> None:  # once the run has started: a failed start leaves the old settings in place
@@ -412,25 +386,6 @@ def run_finetune(data: str, run_dir: str | os.PathLike, cfg, net: Mapping[str, A
     return {"labelled": res.labelled, "train": res.train, "test": res.test, "loaded_pretrained": res.loaded_pretrained,
             "last_loss": res.last_loss, "summary": summary, "class_names": res.class_names, "model": res.model,
             "seconds": time.perf_counter() - t0}
-
-
-def _check_finetune_rerun(run: Path, resolved: Mapping[str, Any]) -> None:
-    """A fine-tuning run folder that holds a checkpoint or a final model continues only with its own network.
-
-    Raises:
-        ValueError: the saved network settings differ (named), before anything in ``run`` is rewritten.
-    """
-    if not ((run / "checkpoint_latest.pt").is_file() or (run / "model_final.pt").is_file()):
-        return
-    try:
-        saved = json.loads((run / RESOLVED).read_text())
-    except (OSError, ValueError):
-        return
-    old, new = dict(saved.get("net") or {}), dict(resolved["net"])
-    diff = [f"net.{k} {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
-    if diff:
-        raise ValueError(f"{run} holds a fine-tuning run with other network settings ({', '.join(diff)}); rerun "
-                         f"it with its own settings, or choose a new --out")
 
 
 def run_evaluate(run_dir: str | os.PathLike, data: str, cases: Optional[Sequence[str]] = None,
