@@ -310,8 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--meta-csv", type=Path, metavar="FILE", help="gcl: per-volume attributes (CSV with a case_id "
                    "column) usable as meta-labels via --set method.meta_labels=position,volume,COLUMN")
     p.add_argument("--dims", type=int, choices=(2, 3), help="2: slices, 3: patches (default 2)")
-    p.add_argument("--config", type=Path, metavar="FILE", help="settings file (.toml/.json/.yaml) with sections net, "
-                   "method, optim, train, data, preprocess")
+    p.add_argument("--config", type=Path, metavar="FILE", help="settings file (.toml, .json, or .yaml with "
+                   "pip install macl[yaml]) with sections net, method, optim, train, data, preprocess")
     p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
                    help="override one setting, e.g. --set method.threshold=0.05 --set data.crop='centre' (repeatable)")
     p.add_argument("--resume", metavar="auto|PATH", help="continue an interrupted run: 'auto' = RUN's latest "
