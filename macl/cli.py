@@ -31,6 +31,14 @@ def _one_line(exc: BaseException) -> str:
     return text or type(exc).__name__
 
 
+def _quiet_event(log: EventLog, kind: str, **fields: Any) -> None:
+    """An event from the error path: a write failure there (a full disk) must not hide the real message."""
+    try:
+        log.event(kind, **fields)
+    except OSError:
+        pass
+
+
 def _float_list(n: int):
     def parse(text: str) -> tuple:
         parts = [float(p) for p in text.replace(",", " ").split()]
@@ -302,8 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--meta-csv", type=Path, metavar="FILE", help="gcl: per-volume attributes (CSV with a case_id "
                    "column) usable as meta-labels via --set method.meta_labels=position,volume,COLUMN")
     p.add_argument("--dims", type=int, choices=(2, 3), help="2: slices, 3: patches (default 2)")
-    p.add_argument("--config", type=Path, metavar="FILE", help="settings file (.toml/.json/.yaml) with sections net, "
-                   "method, optim, train, data, preprocess")
+    p.add_argument("--config", type=Path, metavar="FILE", help="settings file (.toml, .json, or .yaml with "
+                   "pip install macl[yaml]) with sections net, method, optim, train, data, preprocess")
     p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
                    help="override one setting, e.g. --set method.threshold=0.05 --set data.crop='centre' (repeatable)")
     p.add_argument("--resume", metavar="auto|PATH", help="continue an interrupted run: 'auto' = RUN's latest "
@@ -451,26 +459,35 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         import torch
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    log.event("start", argv=argv, cwd=os.getcwd())
+    lock = None
     try:
+        if folder is not None and main_rank:  # one writer per run folder; stale temporary files go first
+            from macl import runfolder
+            lock = runfolder.RunLock(Path(folder), args.command, create=args.command != "evaluate").acquire()
+            runfolder.clean_temp(folder)
+            runfolder.repair_tail(Path(folder) / "events.jsonl")
+        log.event("start", argv=argv, cwd=os.getcwd())
         status = args.func(args, log, bars)
         log.event("end", status=status, seconds=round(time.perf_counter() - t0, 3))
         return status
     except KeyboardInterrupt:
         bars.close()
-        log.event("interrupted", seconds=round(time.perf_counter() - t0, 3))
+        _quiet_event(log, "interrupted", seconds=round(time.perf_counter() - t0, 3))
         print("macl: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception as e:  # every failure ends in one line (the traceback only with --debug)
         bars.close()
+        from macl.runfolder import error_message
         known = any(c.__name__ in KNOWN_ERRORS for c in type(e).__mro__)
-        message = _one_line(e) if known else f"{type(e).__name__}: {_one_line(e)}"
-        log.event("error", type=type(e).__name__, message=message, traceback=traceback.format_exc())
+        message = error_message(e) or (_one_line(e) if known else f"{type(e).__name__}: {_one_line(e)}")
+        _quiet_event(log, "error", type=type(e).__name__, message=message, traceback=traceback.format_exc())
         if args.debug:
             traceback.print_exc()
         print(f"macl: error: {message}", file=sys.stderr)
         return EXIT_ERROR
     finally:
+        if lock is not None:
+            lock.release()
         pkg.removeHandler(log)
         pkg.removeHandler(console)
         pkg.setLevel(old_level)

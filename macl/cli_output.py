@@ -16,8 +16,9 @@ from typing import Any, Callable, Optional
 class EventLog(logging.Handler):
     """JSON lines in ``folder/events.jsonl``: explicit events plus the ``macl`` logger's records.
 
-    Lines are kept in memory until the folder exists (a command must not create its run folder before its
-    data have been checked), then appended and flushed one by one.
+    Lines are kept in memory until the folder holds something besides its lock (a command must not leave a run
+    folder behind before its data have been checked), then appended and flushed one by one; a failed append is
+    cut back, so the file never keeps half a line.
     """
 
     def __init__(self, folder: Optional[Path], command: str) -> None:
@@ -28,8 +29,11 @@ class EventLog(logging.Handler):
         self._write({"time": round(time.time(), 3), "command": self.command, "event": kind, **fields})
 
     def emit(self, record: logging.LogRecord) -> None:
-        self._write({"time": round(record.created, 3), "command": self.command, "event": "log",
-                     "level": record.levelname.lower(), "logger": record.name, "message": record.getMessage()})
+        try:  # a full disk must not turn a warning into a traceback; the line stays pending
+            self._write({"time": round(record.created, 3), "command": self.command, "event": "log",
+                         "level": record.levelname.lower(), "logger": record.name, "message": record.getMessage()})
+        except OSError:
+            pass
 
     def _write(self, obj: dict) -> None:
         self.pending.append(json.dumps(obj, default=str))
@@ -37,10 +41,14 @@ class EventLog(logging.Handler):
 
     def sync(self) -> None:
         """Append the pending lines if the folder exists by now."""
-        if self.pending and self.folder is not None and self.folder.is_dir():
-            with open(self.folder / "events.jsonl", "a") as fh:
-                fh.write("".join(line + "\n" for line in self.pending))
-            self.pending = []
+        from macl.runfolder import append_text, has_content
+        if self.pending and self.folder is not None and has_content(self.folder):
+            text, self.pending = "".join(line + "\n" for line in self.pending), []
+            try:
+                append_text(self.folder / "events.jsonl", text)
+            except OSError:
+                self.pending = text.splitlines() + self.pending
+                raise
 
 
 class Bars:

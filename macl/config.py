@@ -23,6 +23,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Sequence
 
+from .config_types import coerce_fields, require_yaml
+
 NORMS = ("batch", "instance", "none")
 DENSE_MODES = ("location", "voxel")
 DENSE_NEGATIVES = ("image", "batch")
@@ -54,6 +56,7 @@ class NetConfig:
     norm: str = "batch"
 
     def __post_init__(self) -> None:
+        coerce_fields(self, 'net.')  # types first: the checks below compare numbers
         _check(self.dims in (2, 3), f"net.dims must be 2 or 3, got {self.dims!r}")
         _check(int(self.in_channels) >= 1, f"net.in_channels must be >= 1, got {self.in_channels!r}")
         _check(int(self.base_width) >= 1, f"net.base_width must be >= 1, got {self.base_width!r}")
@@ -120,6 +123,7 @@ class MethodConfig:
     pixel_dim: Optional[int] = None
 
     def __post_init__(self) -> None:
+        coerce_fields(self, 'method.')  # types first: the checks below compare numbers
         _check(isinstance(self.name, str) and self.name != "", f"method.name must be a non-empty string, got {self.name!r}")
         if isinstance(self.meta_labels, str):
             self.meta_labels = [x.strip() for x in self.meta_labels.split(",") if x.strip()]
@@ -171,6 +175,7 @@ class OptimConfig:
     grad_clip_norm: Optional[float] = None
 
     def __post_init__(self) -> None:
+        coerce_fields(self, 'optim.')  # types first: the checks below compare numbers
         _check(self.lr > 0, f"optim.lr must be > 0, got {self.lr!r}")
         _check(0 <= self.momentum < 1, f"optim.momentum must be in [0, 1), got {self.momentum!r}")
         _check(self.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {self.weight_decay!r}")
@@ -206,6 +211,7 @@ class TrainConfig:
     sync_batchnorm: bool = False
 
     def __post_init__(self) -> None:
+        coerce_fields(self, 'train.')  # types first: the checks below compare numbers
         _check(int(self.steps) >= 1, f"train.steps must be >= 1, got {self.steps!r}")
         _check(self.amp_dtype in AMP_DTYPES, f"train.amp_dtype must be one of {AMP_DTYPES}, got {self.amp_dtype!r}")
         _check(int(self.log_every) >= 1, f"train.log_every must be >= 1, got {self.log_every!r}")
@@ -267,7 +273,8 @@ def load_config(path: str | os.PathLike) -> PretrainConfig:
         with open(path) as fh:
             data = json.load(fh)
     elif ext in (".yaml", ".yml"):
-        import yaml  # optional dependency
+        require_yaml(path)
+        import yaml  # optional dependency: macl[yaml]
 
         with open(path) as fh:
             data = yaml.safe_load(fh) or {}

@@ -27,7 +27,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +36,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from macl import runfolder
+from macl.config_types import check_labels_fraction, coerce_fields
 from macl.data.errors import DataError
+from macl.data.value_checks import classes_from_values
 from macl.parallel import SINGLE, World, local_device, wrap_ddp
 from macl.data.metrics import case_metrics, dice_score, hd95, summarize, write_json_atomic
 from macl.data.preprocess import PreprocessConfig, Volume, load_volumes
@@ -85,6 +87,8 @@ class FinetuneConfig:
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
 
     def __post_init__(self) -> None:
+        coerce_fields(self)
+        check_labels_fraction(self.labels_fraction)
         if isinstance(self.preprocess, Mapping):
             self.preprocess = PreprocessConfig(**self.preprocess)
         self.patch_size = tuple(int(s) for s in self.patch_size)
@@ -124,13 +128,7 @@ class FinetuneResult:
 # ------------------------------------------------------------------------------------------ files
 def save_checkpoint(obj: Any, path: str | Path) -> None:
     """``torch.save`` to a temporary file beside ``path``, fsync, ``os.replace``: never half-written."""
-    path = Path(path)
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        torch.save(obj, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    runfolder.save_torch_atomic(obj, path)  # a full disk: DiskFullError naming `path`, the old file kept
 
 
 def _pretrained_state(pretrained: str | Path | Mapping[str, Any]) -> dict[str, torch.Tensor]:
@@ -142,7 +140,7 @@ def _pretrained_state(pretrained: str | Path | Mapping[str, Any]) -> dict[str, t
             p = p / "checkpoints" / "final.pt" if (p / "checkpoints" / "final.pt").is_file() else p / "checkpoints" / "latest.pt"
         if not p.is_file():
             raise FileNotFoundError(f"pre-trained weights not found: {p}")
-        obj = torch.load(p, map_location="cpu", weights_only=True)
+        obj = runfolder.load_checkpoint_safe(p)
     if isinstance(obj, Mapping) and "state_dict" in obj:
         return dict(obj["state_dict"])
     if isinstance(obj, Mapping) and "model" in obj and isinstance(obj["model"], Mapping):
@@ -155,9 +153,9 @@ def _pretrained_state(pretrained: str | Path | Mapping[str, Any]) -> dict[str, t
 def _classes(index: DatasetIndex, volumes: Sequence[Volume]) -> dict[int, str]:
     if index.labels is not None:
         names = dict(sorted(index.labels.items()))
-    else:
-        top = max(int(np.asarray(v.label).max()) for v in volumes if v.label is not None)
-        names = {k: ("background" if k == 0 else f"class_{k}") for k in range(top + 1)}
+    else:  # no declared classes: the values must be 0..K, K <= 255 (macl.data.value_checks)
+        names = classes_from_values(set().union(*(np.unique(v.label).tolist() for v in volumes
+                                                  if v.label is not None)), index.root)
     if sorted(names) != list(range(len(names))):
         raise DataError(index.root, f"label values must be consecutive 0..K-1, got {sorted(names)}")
     return names
@@ -176,7 +174,7 @@ def prepare_split(case_ids: Sequence[str], cfg: FinetuneConfig) -> dict[str, Any
     if cfg.labelled_cases is not None:
         labelled = select_labelled(train, cases=cfg.labelled_cases, seed=cfg.seed)
     else:
-        labelled = select_labelled(train, fraction=cfg.labels_fraction or 1.0, seed=cfg.seed)
+        labelled = select_labelled(train, fraction=1.0 if cfg.labels_fraction is None else cfg.labels_fraction, seed=cfg.seed)
     return {"seed": cfg.seed, "labels_fraction": cfg.labels_fraction, "train": train, "test": test,
             "labelled": labelled}
 
@@ -226,7 +224,7 @@ def finetune(data: str | Path | DatasetIndex, out_dir: str | Path, model_factory
     run = Path(out_dir)
     run.mkdir(parents=True, exist_ok=True)
     ckpt_path = run / "checkpoint_latest.pt"
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True) if resume and ckpt_path.is_file() else None
+    ckpt = runfolder.load_checkpoint_safe(ckpt_path) if resume and ckpt_path.is_file() else None
     if ckpt is not None and ckpt["split"] != split:
         raise ValueError(f"{ckpt_path} was trained on another split/label selection; use a new out_dir")
     lo, hi = world.shard(cfg.batch_size)
@@ -266,11 +264,11 @@ def finetune(data: str | Path | DatasetIndex, out_dir: str | Path, model_factory
                                                 cfg.mirror), seed=cfg.seed)
     loss_fn = _loss_fn(cfg.loss)
     log_path = run / "finetune_log.jsonl"
-    kept = []  # on resume, drop the log lines of steps the interrupted run did after its checkpoint
-    if start > 0 and log_path.is_file():
-        kept = [ln for ln in log_path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= start]
-    if world.is_main:
-        log_path.write_text("".join(ln + "\n" for ln in kept))
+    if world.is_main:  # on resume, drop a partial last line and the lines of steps after the checkpoint
+        if start > 0:
+            runfolder.repair_log(log_path, start)
+        else:
+            runfolder.atomic_write(log_path, "")
 
     def checkpoint(step: int) -> None:
         if not world.is_main:
@@ -299,10 +297,11 @@ def finetune(data: str | Path | DatasetIndex, out_dir: str | Path, model_factory
         done = step + 1
         lr = float(opt.param_groups[0]["lr"])
         if world.is_main and (done % cfg.log_every == 0 or done == cfg.steps):
-            with open(log_path, "a") as fh:
-                fh.write(json.dumps({"step": done, "loss": loss_value, "lr": lr,
-                                     "seconds": round(time.perf_counter() - t0, 3)}) + "\n")
+            runfolder.append_text(log_path, json.dumps({"step": done, "loss": loss_value, "lr": lr,
+                                                        "seconds": round(time.perf_counter() - t0, 3)}) + "\n")
         if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+            if world.is_main:
+                runfolder.fsync_file(log_path)  # the log reaches the disk before the checkpoint vouching for it
             checkpoint(done)
         if progress is not None:
             progress(done, cfg.steps, {"loss": loss_value, "lr": lr})
@@ -408,5 +407,5 @@ def evaluate_run(run_dir: str | Path, data: str | Path | DatasetIndex, model_fac
         raise ValueError(f"cases not among the labelled cases of {index.root}: {missing[:10]}")
     volumes = load_volumes(index, cfg.preprocess, cases=[known[c] for c in wanted], skip_bad=cfg.skip_bad)
     model = model_factory(volumes[0].image.shape[0], len(class_names)).to(cfg.device)
-    model.load_state_dict(torch.load(run / "model_final.pt", map_location=cfg.device, weights_only=True))
+    model.load_state_dict(runfolder.load_checkpoint_safe(run / "model_final.pt", cfg.device))
     return evaluate(model, volumes, cfg, run / "summary.json", class_names, progress)

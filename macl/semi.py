@@ -42,7 +42,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from macl import runfolder
 from macl.config import NetConfig
+from macl.config_types import check_labels_fraction, coerce_fields
 from macl.data.metrics import write_json_atomic
 from macl.data.preprocess import PreprocessConfig, load_volumes
 from macl.data.readers import DatasetIndex, open_dataset
@@ -126,6 +128,8 @@ class SemiConfig:
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
 
     def __post_init__(self) -> None:
+        coerce_fields(self)
+        check_labels_fraction(self.labels_fraction)
         if self.net is None:
             self.net = NetConfig(dims=self.dims)
         elif isinstance(self.net, Mapping):
@@ -283,7 +287,7 @@ def train_semi(data: str | Path | DatasetIndex, out_dir: str | Path, cfg: Option
     run = Path(out_dir)
     run.mkdir(parents=True, exist_ok=True)
     ckpt_path = run / "checkpoint_latest.pt"
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True) if resume and ckpt_path.is_file() else None
+    ckpt = runfolder.load_checkpoint_safe(ckpt_path) if resume and ckpt_path.is_file() else None
     if ckpt is not None and (ckpt["split"] != split or ckpt["config"] != cfg.to_dict()):
         raise ValueError(f"{ckpt_path} was trained with another split or other settings; use a new out_dir")
     bu = cfg.unlabelled_batch_size or cfg.batch_size
@@ -319,11 +323,11 @@ def train_semi(data: str | Path | DatasetIndex, out_dir: str | Path, cfg: Option
     dice_ce = DiceCELoss(to_onehot_y=True, softmax=True)
     weights = {"L_sup": 1.0, "L_contrast": cfg.lambda_contrast, "L_unsup": cfg.lambda_unsup, "L_nn": cfg.lambda_nn}
     log_path = run / "semi_log.jsonl"
-    kept = []
-    if start > 0 and log_path.is_file():
-        kept = [ln for ln in log_path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= start]
-    if world.is_main:
-        log_path.write_text("".join(ln + "\n" for ln in kept))
+    if world.is_main:  # on resume, drop a partial last line and the lines of steps after the checkpoint
+        if start > 0:
+            runfolder.repair_log(log_path, start)
+        else:
+            runfolder.atomic_write(log_path, "")
 
     def checkpoint(step: int) -> None:
         if not world.is_main:
@@ -357,9 +361,10 @@ def train_semi(data: str | Path | DatasetIndex, out_dir: str | Path, cfg: Option
         done = step + 1
         record = {"step": done, **values, "lr": lr, "seconds": round(time.perf_counter() - t0, 3)}
         if world.is_main and (done % cfg.log_every == 0 or done == cfg.steps):
-            with open(log_path, "a") as fh:
-                fh.write(json.dumps(record) + "\n")
+            runfolder.append_text(log_path, json.dumps(record) + "\n")
         if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+            if world.is_main:
+                runfolder.fsync_file(log_path)
             checkpoint(done)
         if progress is not None:
             progress(done, cfg.steps, record)

@@ -39,6 +39,7 @@ from typing import Any, Callable, Dict, Iterable, Iterator, Optional, Union
 import numpy as np
 import torch
 
+from . import runfolder
 from .config import OptimConfig, PretrainConfig, from_dict, to_dict
 from .methods import Batch, Method, build_method
 from .parallel import SINGLE, World, local_device, loss_group, wrap_ddp
@@ -129,29 +130,19 @@ def seed_everything(seed: int) -> None:
 
 def save_atomic(obj: Any, path: str) -> None:
     """torch.save to a temporary file beside `path`, fsync, then os.replace: `path` is never half-written."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as fh:
-        torch.save(obj, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    runfolder.save_torch_atomic(obj, path)  # a full disk: DiskFullError naming `path`, the old file kept
 
 
 def write_text_atomic(text: str, path: str) -> None:
     """Write text to `path` atomically (temporary file + os.replace)."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    runfolder.atomic_write(path, text)
 
 
 def load_checkpoint(path: str, map_location: Union[str, torch.device] = "cpu") -> Dict[str, Any]:
-    """torch.load(path, weights_only=True). Raises FileNotFoundError naming the path."""
+    """torch.load(path, weights_only=True). Raises FileNotFoundError / ValueError (unreadable) naming the path."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    return torch.load(path, map_location=map_location, weights_only=True)
+    return runfolder.load_checkpoint_safe(path, map_location)
 
 
 def export_weights(checkpoint: Union[str, Dict[str, Any]], out_path: Optional[str] = None) -> Dict[str, Any]:
@@ -182,12 +173,9 @@ def _open_batches(batches: Batches, start_step: int) -> Iterator[Any]:
 
 
 def _trim_log(path: str, last_step: int) -> None:
-    """Keep only records with step <= last_step (the interrupted run's later lines are replaced on resume)."""
-    if not os.path.exists(path):
-        return
-    with open(path) as fh:
-        kept = [line for line in fh if line.strip() and json.loads(line).get("step", 0) <= last_step]
-    write_text_atomic("".join(kept), path)
+    """Keep only records with step <= last_step (the interrupted run's later lines are replaced on resume); a
+    partial last line left by a crash is dropped with a warning."""
+    runfolder.repair_log(path, last_step)
 
 
 # ----------------------------------------------------------------------------------------- the loop
@@ -217,9 +205,10 @@ def pretrain(config: PretrainConfig, batches: Batches, run_dir: str, *, resume: 
     ckpt_dir = os.path.join(run_dir, "checkpoints")
     latest = os.path.join(ckpt_dir, "latest.pt")
     os.makedirs(ckpt_dir, exist_ok=True)
-    resume_from = None
-    if resume == "auto":
-        resume_from = latest if os.path.exists(latest) else None
+    resume_from, ckpt = None, None
+    if resume == "auto":  # latest.pt, else the newest loadable step_*.pt (a warning says which)
+        found = runfolder.find_resume_checkpoint(ckpt_dir, map_location="cpu")
+        resume_from, ckpt = (str(found[0]), found[1]) if found else (None, None)
     elif isinstance(resume, str) and resume:
         resume_from = resume
     elif resume not in (None, False):
@@ -244,7 +233,7 @@ def pretrain(config: PretrainConfig, batches: Batches, run_dir: str, *, resume: 
         scaler = torch.amp.GradScaler(device.type, enabled=use_amp and amp_dtype == torch.float16)
         step, epoch = 0, 0
         if resume_from is not None:
-            ckpt = load_checkpoint(resume_from, map_location=device)
+            ckpt = ckpt if ckpt is not None else load_checkpoint(resume_from, map_location="cpu")
             saved = from_dict(ckpt["config"])
             for part in ("net", "method"):
                 if getattr(saved, part) != getattr(config, part):
@@ -283,7 +272,7 @@ def pretrain(config: PretrainConfig, batches: Batches, run_dir: str, *, resume: 
         fresh_pass = True
         method.train()
         tick = time.perf_counter()
-        with open(log_path, "a") if world.is_main else contextlib.nullcontext() as log_file:
+        with runfolder.JsonlAppender(log_path) if world.is_main else contextlib.nullcontext() as log_file:
             while step < total:
                 try:
                     raw = next(it)
@@ -325,8 +314,9 @@ def pretrain(config: PretrainConfig, batches: Batches, run_dir: str, *, resume: 
                           "samples_per_s": batch.size * world.size / dt if dt > 0 else float("inf")}
                 if log_file is not None and (step % config.train.log_every == 0 or step == total):
                     log_file.write(json.dumps(record) + "\n")
-                    log_file.flush()
                 if config.train.checkpoint_every and step % config.train.checkpoint_every == 0 and step < total:
+                    if log_file is not None:
+                        log_file.sync()  # the log reaches the disk before the checkpoint that vouches for it
                     checkpoint(os.path.join(ckpt_dir, f"step_{step:07d}.pt"))
                     checkpoint(latest)
                     last_good = latest
@@ -334,6 +324,8 @@ def pretrain(config: PretrainConfig, batches: Batches, run_dir: str, *, resume: 
                     progress(step, total, record)
                 tick = time.perf_counter()  # throughput counts data + compute, not checkpoints or callbacks
         final = os.path.join(ckpt_dir, "final.pt")
+        if world.is_main:
+            runfolder.fsync_file(log_path)
         checkpoint(final)
         checkpoint(latest)
         world.barrier()  # every rank returns once the final checkpoint exists

@@ -30,7 +30,10 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
 
+from macl import runfolder
+from macl.rerun_checks import check_finetune_rerun, resume_checkpoint
 from macl.config import NetConfig, PretrainConfig, apply_overrides, from_dict, to_dict
+from macl.config_types import coerce, require_yaml
 from macl.data import (DataError, PreprocessConfig, PretrainDataConfig, PretrainDataset, ViewConfig,
                        batches_from_step, batches_per_epoch, load_volumes, open_dataset)
 from macl.data.metrics import write_json_atomic
@@ -67,6 +70,8 @@ def read_config_file(path: str | os.PathLike) -> dict:
     if not p.is_file():
         raise FileNotFoundError(f"config file not found: {p}")
     ext = p.suffix.lower()
+    if ext in (".yaml", ".yml"):
+        require_yaml(p)  # the optional extra macl[yaml]: a one-line error when it is missing
     try:
         if ext == ".toml":
             import tomllib
@@ -111,6 +116,7 @@ class PretrainSpec:
         self.sampling = {"batch_size": 16, "patch_size": None, "views": "code", "meta_csv": None,
                          **dict(self.sampling)}
         _check_keys("data", self.sampling, DATA_KEYS)
+        self.sampling["batch_size"] = coerce(self.sampling["batch_size"], int, "data.batch_size")
         _check_keys("preprocess", self.preprocess, [f.name for f in dataclasses.fields(PreprocessConfig)])
         if int(self.sampling["batch_size"]) < 2:
             raise ValueError(f"data.batch_size must be >= 2 (contrastive losses need negatives), "
@@ -217,10 +223,11 @@ def run_pretrain(spec: PretrainSpec, run_dir: str | os.PathLike, resume: Optiona
         DataError: bad data (named file). ValueError: bad settings, or a fresh run into a folder with
         checkpoints. FileNotFoundError: a resume checkpoint that does not exist. NonFiniteLossError.
     """
-    from macl.train import export_weights, pretrain
+    from macl.train import export_weights, pretrain, resolve_device
     world = world or SINGLE
     t0 = time.perf_counter()
     run = Path(run_dir)
+    resolve_device(spec.config.train.device)  # an unavailable device fails before anything is read or written
     if resume is None and has_checkpoint(run):
         raise ValueError(f"{run} already holds checkpoints; pass --resume auto to continue it or choose a new --out")
     if resume not in (None, "auto") and not Path(resume).is_file():
@@ -244,11 +251,7 @@ def run_pretrain(spec: PretrainSpec, run_dir: str | os.PathLike, resume: Optiona
         logger.info("net.in_channels set to %d to match the data", channels)
         spec.config.net = dataclasses.replace(spec.config.net, in_channels=channels)
     _dry_run(spec, ds)
-    resumed_from = None
-    if resume == "auto" and has_checkpoint(run):
-        resumed_from = str(run / "checkpoints" / "latest.pt")
-    elif resume not in (None, "auto"):
-        resumed_from = str(resume)
+    resumed_from = resume_checkpoint(spec.config, run, resume)  # settings that contradict the checkpoint fail here
     world.barrier()  # every rank has checked run_dir before rank 0 writes into it
     if world.is_main:
         run.mkdir(parents=True, exist_ok=True)
@@ -260,7 +263,7 @@ def run_pretrain(spec: PretrainSpec, run_dir: str | os.PathLike, resume: Optiona
         resolved["world_size"] = world.size
         write_json_atomic(run / RESOLVED, resolved)
     result = pretrain(spec.config, functools.partial(batches_from_step, ds, bs, world=world), str(run),
-                      resume=resume, progress=progress, world=world)  # pretrain drops progress off rank 0
+                      resume=resumed_from, progress=progress, world=world)  # pretrain drops progress off rank 0
     weights = run / WEIGHTS
     if world.is_main:
         export_weights(result.checkpoint, str(weights))
@@ -343,7 +346,7 @@ def run_finetune(data: str, run_dir: str | os.PathLike, cfg, net: Mapping[str, A
     world = world or SINGLE
     t0 = time.perf_counter()
     run = Path(run_dir)
-    existed = run.exists()
+    existed = run.exists() and not runfolder.created_by_this_process(run)  # a lock may have just made it
     factory = model_factory(net)
     if cfg.dims != int(net.get("dims", 2)):
         raise ValueError(f"fine-tuning dims={cfg.dims} but the network is {net.get('dims')}D")
@@ -351,18 +354,23 @@ def run_finetune(data: str, run_dir: str | os.PathLike, cfg, net: Mapping[str, A
     if not (run / "checkpoint_latest.pt").is_file():
         # check the data set before the run folder exists
         open_dataset(data)
+    resolved = {"data": str(data), "pretrained": source,
+                "net": {k: v for k, v in dict(net).items() if k != "in_channels"}, "finetune": cfg.to_dict()}
+    check_finetune_rerun(run, resolved, RESOLVED)
     started = []
 
+    def write_resolved() -> None:  # once the run has started: a failed start leaves the old settings in place
+        if world.is_main and not started:
+            write_json_atomic(run / RESOLVED, resolved)
+
     def on_step(step: int, total: int, info: dict) -> None:
+        write_resolved()
         started.append(step)
         if progress is not None:
             progress(step, total, info)
     world.barrier()  # every rank has looked at run_dir before rank 0 writes into it
     if world.is_main:
         run.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(run / RESOLVED, {"data": str(data), "pretrained": source,
-                                           "net": {k: v for k, v in dict(net).items() if k != "in_channels"},
-                                           "finetune": cfg.to_dict()})
     try:
         res = finetune(data, run, factory, cfg, pretrained=source, progress=on_step, evaluate_test=evaluate_test,
                        world=world)
@@ -370,6 +378,8 @@ def run_finetune(data: str, run_dir: str | os.PathLike, cfg, net: Mapping[str, A
         if world.is_main and not existed and not started and not (run / "checkpoint_latest.pt").is_file():
             shutil.rmtree(run, ignore_errors=True)
         raise
+    if not started:  # a finished run re-run: no step was left to do
+        write_resolved()
     summary = None
     if (run / "summary.json").is_file() and evaluate_test and world.is_main:
         summary = json.loads((run / "summary.json").read_text())
@@ -397,12 +407,18 @@ def run_evaluate(run_dir: str | os.PathLike, data: str, cases: Optional[Sequence
     return evaluate_run(run, data, model_factory(saved["net"]), progress=progress, cases=cases)
 
 
+def _float(x: Any) -> float:
+    """A summary value as a float: None (JSON's null for an undefined metric) becomes NaN."""
+    return float("nan") if x is None else float(x)
+
+
 def dice_table(summary: Mapping[str, Any]) -> list[tuple[str, float, float]]:
-    """(class name, mean Dice, mean HD95) per foreground class, then ("mean", ...) from a summary dict."""
+    """(class name, mean Dice, mean HD95) per foreground class, then ("mean", ...) from a summary dict.
+    An undefined mean (a class absent from every test case's reference and prediction) is NaN."""
     names = summary.get("class_names", {})
-    rows = [(names.get(k, k), float(v["Dice"]), float(v["HD95"])) for k, v in summary["mean"].items()]
+    rows = [(names.get(k, k), _float(v["Dice"]), _float(v["HD95"])) for k, v in summary["mean"].items()]
     fg = summary["foreground_mean"]
-    return rows + [("mean", float(fg["Dice"]), float(fg["HD95"]))]
+    return rows + [("mean", _float(fg["Dice"]), _float(fg["HD95"]))]
 
 
 def _num(x: Optional[float], fmt: str) -> str:
@@ -410,9 +426,15 @@ def _num(x: Optional[float], fmt: str) -> str:
 
 
 def format_summary(summary: Mapping[str, Any]) -> str:
-    """A small text table of a summary.json: Dice and HD95 (mm) per class and their mean."""
+    """A small text table of a summary.json: Dice and HD95 (mm) per class and their mean; a class absent from
+    every test case's reference (summary "not_evaluable"), or with no defined Dice, is shown as "not evaluable"."""
     lines = [f"{'class':<14}{'Dice':>8}{'HD95 mm':>10}"]
-    lines += [f"{name:<14}{_num(d, '.3f'):>8}{_num(h, '.2f'):>10}" for name, d, h in dice_table(summary)]
+    absent = set(dict(summary.get("not_evaluable") or {}).values())
+    for name, d, h in dice_table(summary):
+        if name != "mean" and (name in absent or d != d):
+            lines.append(f"{name:<14}  not evaluable (absent from every test case's reference)")
+        else:
+            lines.append(f"{name:<14}{_num(d, '.3f'):>8}{_num(h, '.2f'):>10}")
     return "\n".join(lines) + f"\n({summary.get('n_cases', '?')} test case(s))"
 
 

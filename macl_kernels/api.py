@@ -207,6 +207,8 @@ def _build_problem(q, k, temperature, pos_index, q_labels, k_labels, q_positions
             if not self_contrast:
                 raise ValueError("k_positions is required when k is given (positions of the keys)")
             k_positions = q_positions
+        if getattr(threshold, "ndim", None) == 0 and hasattr(threshold, "item"):
+            threshold = threshold.item()  # a NumPy scalar (np.float32) or a 0-d tensor
         if threshold is None or not isinstance(threshold, (int, float)) or isinstance(threshold, bool) \
                 or not math.isfinite(threshold) or threshold <= 0:
             raise ValueError(f"threshold must be a finite number > 0 for positional positives, got {threshold!r}")

@@ -16,6 +16,8 @@ import nibabel as nib
 import numpy as np
 
 from macl.data.errors import DataError
+from macl.data.nifti_check import check_nifti_size
+from macl.data.value_checks import check_label_values
 from macl.data.readers import CaseRecord
 
 logger = logging.getLogger(__name__)
@@ -56,11 +58,16 @@ def read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray]:
         DataError: the file is missing, not NIfTI, truncated or otherwise unreadable.
     """
     try:
-        img = nib.load(str(path))
+        img = nib.load(str(path))  # lazy: the header only
+        check_nifti_size(path, img)  # a header claiming more than the file holds fails before allocating
         data = np.asanyarray(img.dataobj)
         affine = np.asarray(img.affine, dtype=np.float64)
     except FileNotFoundError as e:
         raise DataError(path, "file not found") from e
+    except DataError:
+        raise
+    except MemoryError as e:
+        raise DataError(path, "not enough memory to read this volume") from e
     except Exception as e:  # nibabel raises EOFError, zlib.error, ImageFileError, OSError...
         raise DataError(path, f"cannot read NIfTI ({type(e).__name__}: {e}); the file may be "
                               "truncated or corrupt") from e
@@ -98,6 +105,7 @@ def _check_label(label: np.ndarray, path: Path, shape: tuple[int, ...], image_pa
         if not np.all(np.isfinite(label)) or np.any(label != np.round(label)):
             raise DataError(path, "label volume holds non-integer values")
     values = np.unique(label).astype(np.int64)
+    check_label_values(values, path)
     if allowed is not None:
         allowed_set = set(int(v) for v in allowed)
         bad = [int(v) for v in values if int(v) not in allowed_set]

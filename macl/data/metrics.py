@@ -11,13 +11,13 @@ Per case and class, in the voxel grid of the reference with its spacing (mm):
   percentile=95, spacing=...)``. NaN when either mask is empty (MONAI: inf / NaN).
 
 Summaries keep nnU-Net's layout (``metric_per_case``, ``mean`` per class, ``foreground_mean``);
-means skip NaN; JSON on disk writes NaN as null.
+means skip NaN; JSON on disk writes NaN as null; ``not_evaluable`` lists the classes (id -> name) absent from
+every case's reference (declared but never present: their Dice is undefined, or 0 from false positives).
 """
 from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -34,13 +34,8 @@ def write_json_atomic(path: str | Path, obj: Any) -> None:
         if isinstance(o, (list, tuple)):
             return [clean(v) for v in o]
         return o
-    path = Path(path)
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as fh:
-        json.dump(clean(obj), fh, indent=2, allow_nan=False)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    from macl import runfolder
+    runfolder.atomic_write(path, json.dumps(clean(obj), indent=2, allow_nan=False))
 
 
 def dice_score(pred: np.ndarray, ref: np.ndarray) -> float:
@@ -100,5 +95,10 @@ def summarize(per_case: list[dict[str, Any]], class_names: Mapping[int, str]) ->
     for m in ("Dice", "HD95", "IoU"):
         vals = [mean[k][m] for k in classes if math.isfinite(mean[k][m])]
         fg[m] = float(np.mean(vals)) if vals else float("nan")
+    # a class absent from every case's reference (declared, never present): its Dice is undefined, or 0 from
+    # false positives, and says nothing about how well it is segmented
+    not_evaluable = {k: str(class_names.get(int(k), k)) for k in classes
+                     if per_case and all(c["metrics"][k]["n_ref"] == 0 for c in per_case)}
     return {"metric_per_case": per_case, "mean": mean, "foreground_mean": fg,
-            "class_names": {str(k): v for k, v in class_names.items()}, "n_cases": len(per_case)}
+            "class_names": {str(k): v for k, v in class_names.items()}, "n_cases": len(per_case),
+            "not_evaluable": not_evaluable}

@@ -24,7 +24,9 @@ import torch
 import torch.nn.functional as F
 from nibabel import orientations as nio
 
+from macl.config_types import coerce_fields
 from macl.data.errors import DataError
+from macl.data.value_checks import check_intensities
 from macl.data.loading import RawCase, load_case
 from macl.data.readers import CaseRecord, DatasetIndex
 
@@ -58,6 +60,7 @@ class PreprocessConfig:
     cache_dir: str | None = None
 
     def __post_init__(self) -> None:
+        coerce_fields(self, "preprocess.")
         if self.spacing is not None:
             self.spacing = tuple(float(s) for s in self.spacing)  # type: ignore[assignment]
             if len(self.spacing) != 3 or min(self.spacing) <= 0:
@@ -157,7 +160,8 @@ def zscore(image: np.ndarray, nonzero: bool = False, eps: float = 1e-8) -> np.nd
         vals = image[c][image[c] != 0] if nonzero else image[c]
         if vals.size == 0:
             vals = image[c]
-        mean, std = float(vals.mean()), float(vals.std())
+        # float64 statistics: float32 overflows for |x| >~ 1e19 and would turn the whole volume into zeros
+        mean, std = float(vals.mean(dtype=np.float64)), float(vals.std(dtype=np.float64))
         out[c] = (image[c] - mean) / max(std, eps)
     return out
 
@@ -173,6 +177,7 @@ def preprocess(raw: RawCase, cfg: PreprocessConfig) -> Volume:
     if cfg.ct_window is not None:
         image = np.clip(image, cfg.ct_window[0], cfg.ct_window[1])
     if cfg.zscore:
+        check_intensities(image, raw.image_paths[0] if raw.image_paths else raw.case_id)
         image = zscore(image, cfg.zscore_nonzero)
     spacing = tuple(float(v) for v in np.linalg.norm(affine[:3, :3], axis=0))
     return Volume(raw.case_id, np.ascontiguousarray(image, dtype=np.float32), label,
@@ -240,6 +245,11 @@ class VolumeCache:
                 os.rename(tmp, self._dir(record, key))
             except OSError:  # another process stored it first
                 pass
+        except OSError as e:
+            from macl.runfolder import DiskFullError, error_message
+            if error_message(e):  # a full disk: one line naming the cache folder, nothing half-written kept
+                raise DiskFullError(self.folder) from e
+            raise
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 

@@ -21,6 +21,7 @@ from typing import Iterator, Optional, Sequence
 import numpy as np
 import torch
 
+from macl.config_types import coerce_fields
 from macl.data.preprocess import Volume
 from macl.data.sampling import crop_start, enumerate_slices, extract_slice, patch_position, window
 from macl.data.views import ViewConfig, make_views
@@ -54,6 +55,7 @@ class PretrainDataConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        coerce_fields(self, "data.")
         self.patch_size = tuple(int(s) for s in self.patch_size)
         if self.dims not in (2, 3):
             raise ValueError(f"dims must be 2 or 3, got {self.dims}")

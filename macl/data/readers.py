@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from macl.data.errors import DataError
+from macl.data.meta_check import check_datalist_entries, check_msd_meta
 
 logger = logging.getLogger(__name__)
 
@@ -225,6 +226,7 @@ def read_msd(root: str | Path, include_unlabelled: bool = True) -> DatasetIndex:
     meta: dict[str, Any] = _read_json(meta_path) if meta_path.is_file() else {}
     if not isinstance(meta, dict):
         raise DataError(meta_path, "must hold a JSON object")
+    check_msd_meta(meta, meta_path)  # malformed fields: one line naming the file and the key
     labels = _parse_labels(meta["labels"], meta_path) if "labels" in meta else None
     chan = meta.get("channel_names", meta.get("modality"))
     channel_names = [str(chan[k]) for k in sorted(chan, key=int)] if isinstance(chan, dict) else None
@@ -284,6 +286,7 @@ def read_datalist(path: str | Path, key: str = "training", base_dir: str | Path 
         raise DataError(path, f"no '{key}' list in the datalist (keys: {keys})")
     if not data[key]:
         raise DataError(path, f"the '{key}' list is empty")
+    check_datalist_entries(data[key], key, path)
     base = Path(base_dir) if base_dir is not None else path.parent
     rows: list[tuple[tuple[Path, ...], Path | None]] = []
     for i, entry in enumerate(data[key]):
