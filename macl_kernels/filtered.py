@@ -15,19 +15,26 @@ Interpretation choices (GCL has no public code):
 - ties at the k_i-th value are all kept (|K(i)| ≥ k_i + |P(i)|; with continuous features ties do not occur);
 - the selection is a constant for autograd (no gradient flows through which pairs were kept).
 
-How it is computed without an N×M tensor:
-1. per-anchor threshold t_i = the k_i-th largest negative logit, exactly:
-   - up to `FULL_ROW_MAX_KEYS` keys per group ("rows" tiling): tiles are blocks of R anchors × all M keys,
-     R·M ≤ `TILE_BUDGET` (memory O(TILE_BUDGET), never N×M); one pass, `torch.topk` of max_i k_i per block;
-   - more keys ("radix" tiling, the usual anchor × key-chunk tiles): a radix select on the order-preserving
-     integer image of the float logits, 4 passes for float32 (8 for float64), each recomputing the tiles and
-     building a 256-bin histogram per anchor of the next 8 bits among the negatives whose higher bits match
-     the prefix chosen so far; all passes run per block of anchors (memory O(tile + block·256));
-2. one forward pass over the tiles: LSE over {j ∈ V(i) : j ∈ P(i) or z_ij ≥ t_i}, Σ_P z and |P| in-tile;
-3. the backward recomputes each tile and applies dz_ij = g_i·(P^F_ij − Y_ij) on the kept pairs.
-Every pass computes a tile's logits with the same batched GEMM on the same slices, so the selection made in
-(1) is reproduced bit for bit in (2) and (3). Runs on any device with PyTorch ops (no Triton kernel).
-Cost on CPU (benchmarks/bench_filter.py): see docs/gcl.md.
+How it is computed without an N×M tensor (every pass streams tiles; memory O(tile + block·bins)):
+Logits are taken shifted by a per-anchor upper bound b_i = s·‖q_i‖·max_j ‖k_j‖ ≥ z_ij (Cauchy–Schwarz):
+z'_ij = z_ij − b_i ≤ 0, one `baddbmm` per tile, the ONE way every pass computes a tile (bit-identical
+across passes, so the selection made once is reproduced exactly later). Per block of anchors:
+1. histogram pass: each allowed pair goes to a slot of its anchor's row: the non-negatives to slot 0, the
+   positives to the top slot, a negative to one of `NUM_BINS` (+2 guard) bins that cut [−2b_i, 0] into equal
+   widths (⌊z'·NUM_BINS/(2b_i)⌋, a monotone map, so bins are ordered like the logits). One `bincount` counts
+   the pairs per slot and a second sums exp(z') per slot (no overflow: z' ≤ 0).
+   From the counts: |negatives|, k_i = ⌈ρ·|negatives|⌉ and the bin that holds the k_i-th largest negative;
+2. member pass: the logits of that one bin are gathered, sorted per anchor, and the exact k_i-th largest
+   value t_i is read off (ties at t_i are all kept). The forward statistics need no further pass:
+   Σ_kept exp(z') = Σ_{slots above the bin} (positives included) + Σ_{members ≥ t_i} exp(z').
+   In the "rows" tiling a tile holds all keys of a block of anchors, so both passes read the same tile
+   (one GEMM); in the "chunks" tiling (more keys than FULL_ROW_MAX_KEYS) the member pass recomputes the tiles.
+3. the backward recomputes each tile and applies dz_ij = g_i·(P^F_ij − Y_ij) on the kept pairs
+   {positives} ∪ {allowed : z' ≥ t_i}.
+Anchors whose kept sum underflows (every kept logit more than ~69 below b_i) are recomputed exactly.
+The member buffer of a block holds the logits of one bin per anchor: a few per anchor for spread logits, at
+most a tile in the "rows" tiling; only logits collapsed into one bin (all features nearly equal) make it large.
+Runs on any device with PyTorch ops (no Triton kernel). Cost on CPU: docs/gcl.md.
 """
 from __future__ import annotations
 
@@ -38,15 +45,16 @@ import torch
 
 from .api import REDUCTIONS, Temperature, _build_problem
 from .problem import ContrastProblem, stats_dtype
-from .torch_tiled import tiles, tile_positives
+from . import torch_tiled as tt
+from .torch_tiled import tile_positives
 
-__all__ = ["filtered_info_nce", "FilteredResult", "negative_thresholds", "filter_tiles", "tiling_mode"]
+__all__ = ["filtered_info_nce", "FilteredResult", "filter_tiles", "tiling_mode", "TILINGS"]
 
 
 class FilteredResult(NamedTuple):
     """loss: reduced loss (0-d), or per anchor (G, N) / (N,) for reduction="none".
-    per_anchor, threshold (the k_i-th largest negative logit, +inf where nothing is kept), kept (number of
-    negatives kept, int32) and pos_count (int32): (G, N), or (N,) when q was 2-D."""
+    per_anchor, threshold (the k_i-th largest negative logit z, +inf where nothing is kept), kept (k_i, the
+    number of negatives kept without ties, int32) and pos_count (int32): (G, N), or (N,) when q was 2-D."""
     loss: torch.Tensor
     per_anchor: torch.Tensor
     threshold: torch.Tensor
@@ -54,60 +62,124 @@ class FilteredResult(NamedTuple):
     pos_count: torch.Tensor
 
 
-TILE_BUDGET = 1 << 22          # logits per tile in the "rows" tiling (16 MiB of float32)
-FULL_ROW_MAX_KEYS = 1 << 18    # above this many keys per group, thresholds come from the radix select
+TILE_BUDGET = 1 << 20          # logits per tile in the "rows" tiling (4 MiB of float32)
+FULL_ROW_MAX_KEYS = 1 << 18    # above this many keys per group, the "chunks" tiling
+NUM_BINS = 1024                # histogram bins per anchor over [−2b_i, 0]
+UNDERFLOW = 1e-30              # a kept sum below this is recomputed with a running max
+TILINGS = ("rows", "chunks")
+MAX_BLOCK_ROWS = 1024          # anchors per block: slot ids (< 2^20) stay exact in float32
 
 
 # ------------------------------------------------------------------------------------------ tiles
 def filter_tiles(G: int, N: int, M: int, mode: str):
-    """(g0, g1, r0, r1, c0, c1) tiles: "rows" = anchor blocks × all keys; "radix" = torch_tiled's tiles."""
-    if mode == "radix":
-        yield from tiles(G, N, M)
-        return
-    r = max(1, min(N, TILE_BUDGET // max(M, 1)))
-    gc = max(1, min(G, TILE_BUDGET // max(r * M, 1)))
+    """(g0, g1, r0, r1, c0, c1) tiles, grouped by anchor block (all key chunks of a block in a row):
+    "rows" = anchor blocks × all keys (≤ TILE_BUDGET logits); "chunks" = blocks of ROW_BLOCK anchors ×
+    KEY_BLOCK keys (torch_tiled's sizes). A block holds at most MAX_BLOCK_ROWS anchors (its histogram's
+    slot ids stay exact integers in float32)."""
+    if mode == "chunks":
+        br, bc = min(N, tt.ROW_BLOCK), min(M, tt.KEY_BLOCK)
+        gc = max(1, min(G, MAX_BLOCK_ROWS // br, tt.TILE_ELEMENTS // (br * bc)))
+    else:
+        br, bc = max(1, min(N, TILE_BUDGET // max(M, 1), MAX_BLOCK_ROWS)), M
+        gc = max(1, min(G, TILE_BUDGET // max(br * M, 1), MAX_BLOCK_ROWS // br))
     for g0 in range(0, G, gc):
-        for r0 in range(0, N, r):
-            yield g0, min(G, g0 + gc), r0, min(N, r0 + r), 0, M
+        for r0 in range(0, N, br):
+            for c0 in range(0, max(M, 1), max(bc, 1)):
+                yield g0, min(G, g0 + gc), r0, min(N, r0 + br), c0, min(M, c0 + bc)
 
 
 def tiling_mode(M: int) -> str:
-    """"rows" when all M keys of a block of anchors fit one tile's budget, else "radix"."""
-    return "rows" if M <= FULL_ROW_MAX_KEYS else "radix"
+    """"rows" when all M keys of a block of anchors fit one tile's budget, else "chunks"."""
+    return "rows" if M <= FULL_ROW_MAX_KEYS else "chunks"
 
 
-def _tile_logits(qs, k, g0, g1, r0, r1, c0, c1):
-    """z for one tile: the ONE way every pass computes logits (bit-identical across passes)."""
-    return torch.bmm(qs[g0:g1, r0:r1], k[g0:g1, c0:c1].transpose(1, 2))
+def _blocks(G, N, M, mode):
+    """{(g0, g1, r0, r1): [(c0, c1), ...]} in tile order."""
+    out: dict = {}
+    for g0, g1, r0, r1, c0, c1 in filter_tiles(G, N, M, mode):
+        out.setdefault((g0, g1, r0, r1), []).append((c0, c1))
+    return out
 
 
-def _allowed(p: ContrastProblem, g0, g1, r0, r1, c0, c1, device) -> torch.Tensor:
-    """V restricted to a tile: (g, r, c) bool (valid keys, not self)."""
-    allowed = torch.ones(g1 - g0, r1 - r0, c1 - c0, dtype=torch.bool, device=device)
-    if p.k_valid is not None:
-        allowed &= p.k_valid[g0:g1, None, c0:c1]
+def _shifted_logits(qs, k, bound, g0, g1, r0, r1, c0, c1):
+    """z' = z − b for one tile: the ONE way every pass computes logits (bit-identical across passes)."""
+    return torch.baddbmm(-bound[g0:g1, r0:r1, None], qs[g0:g1, r0:r1], k[g0:g1, c0:c1].transpose(1, 2))
+
+
+def _clear_self(p: ContrastProblem, x: torch.Tensor, value, r0, r1, c0, c1) -> None:
+    """In place: with exclude_self, the pairs (i, i) of a tile get `value` ((g, r, 1) tensor or scalar)."""
     if p.exclude_self:
         lo, hi = max(r0, c0), min(r1, c1)
         if lo < hi:
-            idx = torch.arange(lo, hi, device=device)
-            allowed[:, idx - r0, idx - c0] = False
-    return allowed
+            idx = torch.arange(lo, hi, device=x.device)
+            if isinstance(value, torch.Tensor):
+                value = value[:, idx - r0, 0]
+            x[:, idx - r0, idx - c0] = value
 
 
-def _order_keys(z: torch.Tensor) -> torch.Tensor:
-    """int64 keys whose signed order is the float order of z (float32 or float64)."""
-    if z.dtype == torch.float64:
-        i = z.contiguous().view(torch.int64)
-        return torch.where(i < 0, i ^ 0x7FFFFFFFFFFFFFFF, i)
-    i = z.to(torch.float32).contiguous().view(torch.int32).long()
-    return torch.where(i < 0, i ^ 0x7FFFFFFF, i)
+def _bound(p: ContrastProblem, qs: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """b (G, N) ≥ every z_ij of the anchor's valid keys (0 without valid keys)."""
+    kn = k.norm(dim=-1)
+    if p.k_valid is not None:
+        kn = kn.masked_fill(~p.k_valid, 0.0)
+    kmax = kn.amax(dim=1, keepdim=True) if k.shape[1] else kn.new_zeros(k.shape[0], 1)
+    return qs.norm(dim=-1) * kmax
 
 
-def _keys_to_float(key: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    if dtype == torch.float64:
-        return torch.where(key < 0, key ^ 0x7FFFFFFFFFFFFFFF, key).view(torch.float64)
-    k32 = torch.where(key < 0, key ^ 0x7FFFFFFF, key).to(torch.int32)
-    return k32.view(torch.float32).to(dtype)
+class _Block:
+    """Histogram state of one block of anchors (g, r). Slots of a row: 0 = not a negative (invalid key, the
+    anchor itself), 1..NUM_BINS+2 = negative bins (low to high; the outer two only catch rounding),
+    NUM_BINS+3 = unused, NUM_BINS+4 = positives."""
+
+    def __init__(self, bound, g0, g1, r0, r1):
+        self.shape = (g1 - g0, r1 - r0)
+        b = bound[g0:g1, r0:r1]
+        dev, dt = b.device, b.dtype
+        self.width = NUM_BINS + 5
+        rows = torch.arange(b.numel(), device=dev).reshape(self.shape)
+        self.base = (rows * self.width).to(torch.int32)                           # (g, r) first slot
+        base = (rows * self.width).to(dt)[..., None]
+        self.inv = torch.where(b > 0, NUM_BINS / (2 * b).clamp(min=1e-30), torch.zeros_like(b))[..., None]
+        # slot = ⌊base + NUM_BINS + 2 + z'·inv⌋ ∈ [base + 1, base + NUM_BINS + 2] for z' ∈ [−2b, 0] (± rounding)
+        self.off, self.lo, self.hi = base + (NUM_BINS + 2), base, base + (NUM_BINS + 4)
+        n = b.numel() * self.width
+        self.count = torch.zeros(n, dtype=torch.int64, device=dev)
+        self.esum = torch.zeros(n, dtype=dt, device=dev)
+        self.pos_sum = torch.zeros(self.shape, dtype=dt, device=dev)
+
+    def slots(self, p: ContrastProblem, zp, pos, g0, g1, r0, r1, c0, c1):
+        """(g, r, c) int32 flat slot of every pair of a tile."""
+        x = torch.addcmul(self.off, zp, self.inv)
+        x.masked_fill_(pos, math.inf)
+        if p.k_valid is not None:
+            x.masked_fill_(~p.k_valid[g0:g1, None, c0:c1], -math.inf)
+        _clear_self(p, x, -math.inf, r0, r1, c0, c1)
+        return x.clamp_(self.lo, self.hi).to(torch.int32)
+
+    def add(self, zp, slot, pos):
+        flat = slot.reshape(-1)
+        n = self.count.numel()
+        self.count += torch.bincount(flat, minlength=n)
+        self.esum += torch.bincount(flat, weights=torch.exp(zp).reshape(-1), minlength=n)
+        self.pos_sum += torch.where(pos, zp, 0.0).sum(-1)
+
+    def select(self, rho: float):
+        """After the histogram pass: k_i, |negatives|, the target slot (flat, −1 where k_i = 0), the rank r_i
+        inside it, the number of negatives strictly above it, the exp-sum of the slots above it (positives
+        included) and |P|."""
+        cnt = self.count.reshape(*self.shape, self.width)
+        neg = cnt[..., 1:NUM_BINS + 3]
+        n_neg = neg.sum(-1)
+        k_i = _k_of(n_neg, rho)
+        above = neg.flip(-1).cumsum(-1).flip(-1)                     # above[j] = Σ_{j' ≥ j}
+        j = ((above >= k_i[..., None]).sum(-1) - 1).clamp_(min=0)
+        strictly = above.gather(-1, j[..., None])[..., 0] - neg.gather(-1, j[..., None])[..., 0]
+        es = self.esum.reshape(*self.shape, self.width)
+        e_above = es.flip(-1).cumsum(-1).flip(-1)                     # Σ over slots ≥ j (positives at the top)
+        e_strict = e_above.gather(-1, (j + 2)[..., None])[..., 0]     # slots above the target bin (j + 1)
+        target = torch.where(k_i > 0, self.base + j + 1, torch.full_like(j, -1)).to(torch.int32)
+        e_strict = torch.where(k_i > 0, e_strict, es[..., NUM_BINS + 4])
+        return k_i, n_neg, target, k_i - strictly, strictly, e_strict, cnt[..., NUM_BINS + 4]
 
 
 def _k_of(n_neg: torch.Tensor, rho: float) -> torch.Tensor:
@@ -115,112 +187,116 @@ def _k_of(n_neg: torch.Tensor, rho: float) -> torch.Tensor:
     return torch.minimum(torch.ceil(n_neg.double() * rho - 1e-9).long().clamp_(min=0), n_neg)
 
 
+def _kth_of_members(vals, rows, n_rows, rank):
+    """Exact rank-th largest member per row and Σ exp over members ≥ it.
+
+    vals (T,) member logits, rows (T,) their row in [0, n_rows); rank (n_rows,) ≥ 1 where the row has
+    members. Returns (t (n_rows,), esum (n_rows,)); t = +inf for rows without members."""
+    dev, dt = vals.device, vals.dtype
+    counts = torch.bincount(rows, minlength=n_rows)
+    width = int(counts.max()) if counts.numel() and vals.numel() else 0
+    t = torch.full((n_rows,), math.inf, dtype=dt, device=dev)
+    es = torch.zeros(n_rows, dtype=dt, device=dev)
+    if width == 0:
+        return t, es
+    order = torch.argsort(rows, stable=True)
+    rows_s, vals_s = rows[order], vals[order]
+    start = torch.cumsum(counts, 0) - counts
+    col = torch.arange(rows_s.numel(), device=dev) - start[rows_s]
+    padded = torch.full((n_rows, width), -math.inf, dtype=dt, device=dev)
+    padded[rows_s, col] = vals_s
+    ranked = padded.sort(dim=1, descending=True).values
+    has = counts > 0
+    kth = ranked.gather(1, (rank.clamp(min=1, max=width) - 1)[:, None])[:, 0]
+    t = torch.where(has, kth, t)
+    es = torch.where(padded >= t[:, None], torch.exp(padded), 0.0).sum(1)
+    return t, es
+
+
 @torch.no_grad()
-def negative_thresholds(p: ContrastProblem, qs: torch.Tensor, k: torch.Tensor, rho: float, mode: str):
-    """Per anchor: (t (G, N) the k_i-th largest negative logit or +inf, k_i (G, N) int64, |negatives| (G, N)).
+def _forward_stats(p: ContrastProblem, qs, k, bound, rho: float, mode: str):
+    """Thresholds and forward statistics (module docstring, steps 1–2).
 
-    qs = q·s and k in the statistics dtype; mode "rows" or "radix" (see the module docstring).
-    """
-    if mode == "radix":
-        return _radix_thresholds(p, qs, k, rho)
+    Returns t' (G, N) (on the z' scale, +inf where nothing is kept), k_i, lse (G, N) of the kept pairs,
+    pos_sum (Σ_P z, G, N) and count (|P|, G, N int64)."""
     G, N, M = qs.shape[0], qs.shape[1], k.shape[1]
-    t = qs.new_full((G, N), math.inf)
-    k_all = torch.zeros(G, N, dtype=torch.int64, device=qs.device)
-    n_all = torch.zeros(G, N, dtype=torch.int64, device=qs.device)
-    for g0, g1, r0, r1, c0, c1 in filter_tiles(G, N, M, "rows"):
-        z = _tile_logits(qs, k, g0, g1, r0, r1, c0, c1)
-        neg = _allowed(p, g0, g1, r0, r1, c0, c1, qs.device) & ~tile_positives(p, g0, g1, r0, r1, c0, c1)
-        n_neg = neg.sum(-1)
-        k_i = _k_of(n_neg, rho)
-        k_max = int(k_i.max()) if k_i.numel() else 0
-        if k_max > 0:
-            top = torch.topk(z.masked_fill_(~neg, -math.inf), k_max, dim=-1, sorted=True).values
-            kth = top.gather(-1, (k_i - 1).clamp(min=0)[..., None])[..., 0]
-            t[g0:g1, r0:r1] = torch.where(k_i > 0, kth, torch.full_like(kth, math.inf))
-        k_all[g0:g1, r0:r1] = k_i
-        n_all[g0:g1, r0:r1] = n_neg
-    return t, k_all, n_all
-
-
-@torch.no_grad()
-def _radix_thresholds(p: ContrastProblem, qs: torch.Tensor, k: torch.Tensor, rho: float):
-    """`negative_thresholds` by an exact radix select (module docstring). Per block of anchors, every pass
-    streams torch_tiled's key blocks, so the per-anchor state is a (g, R, 256) histogram of one block."""
-    G, N, M = qs.shape[0], qs.shape[1], k.shape[1]
-    dev = qs.device
+    dev, dt = qs.device, qs.dtype
     t = qs.new_full((G, N), math.inf)
     k_all = torch.zeros(G, N, dtype=torch.int64, device=dev)
-    n_all = torch.zeros(G, N, dtype=torch.int64, device=dev)
-    blocks = sorted({(g0, g1, r0, r1) for g0, g1, r0, r1, _, _ in tiles(G, N, M)})
-    key_blocks = sorted({(c0, c1) for *_, c0, c1 in tiles(G, N, M)})
-    for g0, g1, r0, r1 in blocks:
-        t[g0:g1, r0:r1], k_all[g0:g1, r0:r1], n_all[g0:g1, r0:r1] = _radix_block(
-            p, qs, k, rho, g0, g1, r0, r1, key_blocks)
-    return t, k_all, n_all
+    lse = qs.new_full((G, N), -math.inf)
+    pos_sum = qs.new_zeros(G, N)
+    count = torch.zeros(G, N, dtype=torch.int64, device=dev)
+    for (g0, g1, r0, r1), chunks in _blocks(G, N, M, mode).items():
+        blk = _Block(bound, g0, g1, r0, r1)
+        kept_tiles = []
+        for c0, c1 in chunks:
+            zp = _shifted_logits(qs, k, bound, g0, g1, r0, r1, c0, c1)
+            pos = tile_positives(p, g0, g1, r0, r1, c0, c1)
+            slot = blk.slots(p, zp, pos, g0, g1, r0, r1, c0, c1)
+            blk.add(zp, slot, pos)
+            if len(chunks) == 1:  # "rows": the member pass reads the same tile
+                kept_tiles.append((zp, slot))
+        k_i, _, target, rank, _, e_strict, cnt_pos = blk.select(rho)
+        vals, rows = [], []
+        for ci, (c0, c1) in enumerate(chunks):
+            if kept_tiles:
+                zp, slot = kept_tiles[0]
+            else:
+                zp = _shifted_logits(qs, k, bound, g0, g1, r0, r1, c0, c1)
+                pos = tile_positives(p, g0, g1, r0, r1, c0, c1)
+                slot = blk.slots(p, zp, pos, g0, g1, r0, r1, c0, c1)
+            hit = slot == target[..., None]
+            vals.append(zp[hit])
+            rows.append(hit.sum(-1).reshape(-1))
+        n_rows = k_i.numel()
+        per_chunk = torch.stack(rows)                                   # (chunks, rows) member counts
+        row_ids = torch.cat([torch.repeat_interleave(torch.arange(n_rows, device=dev), c) for c in per_chunk])
+        tb, e_mem = _kth_of_members(torch.cat(vals), row_ids, n_rows, rank.reshape(-1))
+        tb, e_mem = tb.reshape(blk.shape), e_mem.reshape(blk.shape)
+        total = e_strict + e_mem
+        t[g0:g1, r0:r1] = tb
+        k_all[g0:g1, r0:r1] = k_i
+        lse[g0:g1, r0:r1] = torch.log(total)
+        pos_sum[g0:g1, r0:r1] = blk.pos_sum
+        count[g0:g1, r0:r1] = cnt_pos
+        low = (total < UNDERFLOW) & ((k_i > 0) | (cnt_pos > 0))
+        if bool(low.any()):
+            lse[g0:g1, r0:r1] = torch.where(low, _exact_lse(p, qs, k, bound, tb, g0, g1, r0, r1, chunks),
+                                            lse[g0:g1, r0:r1])
+    return t, k_all, lse + bound, pos_sum + count * bound, count
 
 
-def _radix_block(p, qs, k, rho, g0, g1, r0, r1, key_blocks):
-    bits = 64 if qs.dtype == torch.float64 else 32
-    dev = qs.device
-    shape = (g1 - g0, r1 - r0)
-    prefix = torch.zeros(shape, dtype=torch.int64, device=dev)
-    for pas in range(bits // 8):
-        shift = bits - 8 * (pas + 1)
-        hist = torch.zeros(shape + (256,), dtype=torch.int32, device=dev)
-        for c0, c1 in key_blocks:
-            z = _tile_logits(qs, k, g0, g1, r0, r1, c0, c1)
-            neg = _allowed(p, g0, g1, r0, r1, c0, c1, dev) & ~tile_positives(p, g0, g1, r0, r1, c0, c1)
-            key = _order_keys(z)
-            del z
-            if pas > 0:
-                neg &= (key >> (shift + 8)) == prefix[..., None]
-            digit = (key >> shift) & 0xFF
-            del key
-            if pas == 0:
-                digit ^= 0x80  # the top byte carries the sign: offset-binary order
-            hist.scatter_add_(2, digit, neg.int())
-        if pas == 0:
-            n_neg = hist.sum(-1, dtype=torch.int64)
-            k_rem = _k_of(n_neg, rho)
-            k_i = k_rem.clone()
-        above = hist.flip(-1).cumsum(-1).flip(-1)              # above[d] = Σ_{d' ≥ d} hist
-        d_star = ((above >= k_rem[..., None]).sum(-1) - 1).clamp_(min=0)
-        strictly_above = above.gather(-1, d_star[..., None])[..., 0] - hist.gather(-1, d_star[..., None])[..., 0]
-        k_rem = k_rem - strictly_above
-        if pas == 0:
-            raw = d_star ^ 0x80
-            prefix = torch.where(raw >= 128, raw - 256, raw)    # the signed top byte
-        else:
-            prefix = prefix * 256 + d_star
-    t = _keys_to_float(prefix, qs.dtype)
-    return torch.where(k_i > 0, t, torch.full_like(t, math.inf)), k_i, n_neg
-
-
-def _kept(p, z, t, g0, g1, r0, r1, c0, c1):
-    """(kept (g, r, c) bool, positives (g, r, c) bool) for one tile."""
+def _kept(p, zp, t, g0, g1, r0, r1, c0, c1):
+    """(kept (g, r, c) bool, positives (g, r, c) bool) for one tile: positives ∪ {allowed: z' ≥ t'}."""
     pos = tile_positives(p, g0, g1, r0, r1, c0, c1)
-    keep = _allowed(p, g0, g1, r0, r1, c0, c1, z.device) & (pos | (z >= t[g0:g1, r0:r1, None]))
-    return keep, pos
+    keep = zp >= t[g0:g1, r0:r1, None]
+    if p.k_valid is not None:
+        keep &= p.k_valid[g0:g1, None, c0:c1]
+    _clear_self(p, keep, False, r0, r1, c0, c1)
+    return keep.logical_or_(pos), pos
+
+
+def _exact_lse(p, qs, k, bound, tb, g0, g1, r0, r1, chunks):
+    """log Σ_kept exp(z') of one block with a running max (for the rare underflowing anchors)."""
+    out = qs.new_full((g1 - g0, r1 - r0), -math.inf)
+    tt = torch.full_like(bound, math.inf)
+    tt[g0:g1, r0:r1] = tb
+    for c0, c1 in chunks:
+        zp = _shifted_logits(qs, k, bound, g0, g1, r0, r1, c0, c1)
+        keep, _ = _kept(p, zp, tt, g0, g1, r0, r1, c0, c1)
+        torch.logaddexp(out, torch.logsumexp(zp.masked_fill(~keep, -math.inf), -1), out=out)
+    return out
 
 
 class _FilteredInfoNCE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, scale, p: ContrastProblem, t: torch.Tensor, mode: str):
+    def forward(ctx, q, k, scale, p: ContrastProblem, rho: float, mode: str):
         sdt = stats_dtype(q.dtype)
         qf, kf = q.detach().to(sdt), k.detach().to(sdt)
         s = float(scale)
         qs = qf * s
-        G, N, M = qf.shape[0], qf.shape[1], kf.shape[1]
-        lse = qs.new_full((G, N), -math.inf)
-        pos_sum = qs.new_zeros(G, N)
-        count = torch.zeros(G, N, dtype=torch.int64, device=qs.device)
-        for g0, g1, r0, r1, c0, c1 in filter_tiles(G, N, M, mode):
-            z = _tile_logits(qs, kf, g0, g1, r0, r1, c0, c1)
-            keep, pos = _kept(p, z, t, g0, g1, r0, r1, c0, c1)
-            pos_sum[g0:g1, r0:r1] += torch.where(pos, z, 0.0).sum(-1)
-            count[g0:g1, r0:r1] += pos.sum(-1)
-            part = lse[g0:g1, r0:r1]
-            torch.logaddexp(part, torch.logsumexp(z.masked_fill(~keep, -math.inf), -1), out=part)
+        bound = _bound(p, qs, kf)
+        t, k_i, lse, pos_sum, count = _forward_stats(p, qs, kf, bound, rho, mode)
         counted = count > 0
         if p.q_valid is not None:
             counted &= p.q_valid
@@ -229,29 +305,32 @@ class _FilteredInfoNCE(torch.autograd.Function):
         ctx.p, ctx.s, ctx.mode = p, s, mode
         ctx.dtypes = (q.dtype, k.dtype)
         ctx.scale_dtype = scale.dtype if isinstance(scale, torch.Tensor) else None
-        ctx.save_for_backward(qf, kf, t, lse, count, counted)
-        ctx.mark_non_differentiable(count)
-        return loss, count.to(torch.int32)
+        ctx.save_for_backward(qf, kf, t, lse, count, counted, bound)
+        threshold = t + bound
+        ctx.mark_non_differentiable(count, threshold, k_i)
+        return loss, count.to(torch.int32), threshold, k_i
 
     @staticmethod
-    def backward(ctx, g_loss, _g_count):
-        qf, kf, t, lse, count, counted = ctx.saved_tensors
+    def backward(ctx, g_loss, _g_count, _g_t, _g_k):
+        qf, kf, t, lse, count, counted, bound = ctx.saved_tensors
         p, s = ctx.p, ctx.s
         need_q = ctx.needs_input_grad[0] or ctx.needs_input_grad[2]
         need_k = ctx.needs_input_grad[1]
         g = torch.where(counted, g_loss.to(qf.dtype), torch.zeros_like(lse))
         y = (g / count.clamp(min=1))[..., None]
-        lse_safe = torch.where(counted, lse, torch.zeros_like(lse))[..., None]
+        shift = torch.where(counted, lse - bound, torch.zeros_like(lse))[..., None]   # log Σ_kept on the z' scale
         qs = qf * s
         dq = torch.zeros_like(qf) if need_q else None
         dk = torch.zeros_like(kf) if need_k else None
         dzz = qf.new_zeros(())
         G, N, M = qf.shape[0], qf.shape[1], kf.shape[1]
         for g0, g1, r0, r1, c0, c1 in filter_tiles(G, N, M, ctx.mode):
-            z = _tile_logits(qs, kf, g0, g1, r0, r1, c0, c1)
-            keep, pos = _kept(p, z, t, g0, g1, r0, r1, c0, c1)
-            prob = torch.exp(z - lse_safe[g0:g1, r0:r1]).masked_fill_(~keep, 0.0)
-            dz = prob.mul_(g[g0:g1, r0:r1, None]).sub_(pos * y[g0:g1, r0:r1])   # g·P^F − g·Y
+            zp = _shifted_logits(qs, kf, bound, g0, g1, r0, r1, c0, c1)
+            keep, pos = _kept(p, zp, t, g0, g1, r0, r1, c0, c1)
+            if ctx.needs_input_grad[2]:
+                z = zp + bound[g0:g1, r0:r1, None]
+            dz = torch.sub(zp, shift[g0:g1, r0:r1]).exp_().mul_(keep)
+            dz.mul_(g[g0:g1, r0:r1, None]).sub_(pos * y[g0:g1, r0:r1])               # g·P^F − g·Y
             if ctx.needs_input_grad[2]:
                 dzz = dzz + (dz * z).sum()
             if need_q:
@@ -288,25 +367,23 @@ def filtered_info_nce(
     self-contrast; one positive rule; exclude_self; q_valid / k_valid; reduction "mean" over counted anchors,
     "sum", "none"), plus rho ∈ (0, 1]: the fraction of each anchor's negatives kept (ρ = 1 gives exactly
     the unfiltered loss). Features are used as given (normalise them first for cosine logits).
-    tiling: None (automatic: "rows" up to FULL_ROW_MAX_KEYS keys per group, else "radix"), or force one.
+    tiling: None (automatic: "rows" up to FULL_ROW_MAX_KEYS keys per group, else "chunks"), or force one
+    ("radix", the former name of "chunks", is accepted).
 
-    Returns a `FilteredResult`. Raises ValueError for rho outside (0, 1] and every error
+    Returns a `FilteredResult`. Raises ValueError for rho outside (0, 1], an unknown tiling and every error
     `grouped_info_nce` raises for bad inputs.
     """
     if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not 0 < rho <= 1:
         raise ValueError(f"rho must be a number in (0, 1], got {rho!r}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if tiling not in (None, "rows", "chunks", "radix"):
+        raise ValueError(f"tiling must be None, 'rows' or 'chunks', got {tiling!r}")
     unbatched = isinstance(q, torch.Tensor) and q.dim() == 2
     p, _ = _build_problem(q, k, temperature, pos_index, q_labels, k_labels, q_positions, k_positions,
                           threshold, exclude_self, q_valid, k_valid)
-    if tiling not in (None, "rows", "radix"):
-        raise ValueError(f"tiling must be None, 'rows' or 'radix', got {tiling!r}")
-    mode = tiling or tiling_mode(p.k.shape[1])
-    sdt = stats_dtype(p.q.dtype)
-    s = float(p.scale)
-    t, kept, _ = negative_thresholds(p, p.q.detach().to(sdt) * s, p.k.detach().to(sdt), float(rho), mode)
-    per_anchor, count = _FilteredInfoNCE.apply(p.q, p.k, p.scale, p, t, mode)
+    mode = {"radix": "chunks"}.get(tiling, tiling) or tiling_mode(p.k.shape[1])
+    per_anchor, count, t, kept = _FilteredInfoNCE.apply(p.q, p.k, p.scale, p, float(rho), mode)
     if p.q_valid is not None:
         count = count * p.q_valid
         kept = kept * p.q_valid

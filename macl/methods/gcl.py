@@ -46,6 +46,7 @@ from ..nets.heads import ImageHead, PixelHead
 from ..nets.unet import UNetDecoder, UNetEncoder, he_init
 from .base import Batch, Method, register_method
 from .gcl_mitigator import mitigate
+from .gcl_sampling import ALL, pixel_rows
 
 POSITION = "position"
 
@@ -124,8 +125,19 @@ def pixel_labels(groups: torch.Tensor, locations: int, views: int = 2) -> torch.
     return lab.reshape(-1).repeat(views)
 
 
-def pixel_loss(maps: torch.Tensor, groups: torch.Tensor, cfg: MethodConfig) -> torch.Tensor:
-    """Filtered pixel SupCon (see the module docstring). maps (2B, C, *S') = [view 1 | view 2]; groups (B,) int64."""
+def pixel_loss(maps: torch.Tensor, groups: torch.Tensor, cfg: MethodConfig,
+               generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Filtered pixel SupCon (see the module docstring). maps (2B, C, *S') = [view 1 | view 2]; groups (B,) int64.
+
+    With cfg.gcl_pixel_anchors / gcl_pixel_keys = "all" every pixel is an anchor and a key (the exact
+    formula); with counts, `gcl_sampling.pixel_rows` draws per meta-label bin (anchors ⊆ keys, both views).
+    """
+    if cfg.gcl_pixel_anchors != ALL or cfg.gcl_pixel_keys != ALL:
+        r = pixel_rows(maps, groups, cfg.gcl_pixel_anchors, cfg.gcl_pixel_keys, cfg.gcl_pixel_sampler,
+                       generator=generator)
+        res = filtered_info_nce(r.q, r.k, rho=float(cfg.gcl_rho), temperature=cfg.temperature,
+                                q_labels=r.q_labels, k_labels=r.k_labels, exclude_self=True)
+        return res.loss * cfg.contrast_scale
     n2, C = maps.shape[:2]
     L = maps[0, 0].numel()
     rows = F.normalize(maps.reshape(n2, C, L).transpose(1, 2).reshape(n2 * L, C), dim=1)
