@@ -20,9 +20,9 @@ Logits are taken shifted by a per-anchor upper bound b_i = s·‖q_i‖·max_j �
 z'_ij = z_ij − b_i ≤ 0, one `baddbmm` per tile, the ONE way every pass computes a tile (bit-identical
 across passes, so the selection made once is reproduced exactly later). Per block of anchors:
 1. histogram pass: each allowed pair goes to a slot of its anchor's row: the non-negatives to slot 0, the
-   positives to the top slot, a negative to one of `NUM_BINS` (+2 guard) bins that cut [−2b_i, 0] into equal
-   widths (⌊z'·NUM_BINS/(2b_i)⌋, a monotone map, so bins are ordered like the logits). One `bincount` counts
-   the pairs per slot and a second sums exp(z') per slot (no overflow: z' ≤ 0).
+   positives to the top slot, a negative to one of nb (+2 guard) bins that cut [−2b_i, 0] into equal widths
+   (⌊z'·nb/(2b_i)⌋, a monotone map, so bins are ordered like the logits; nb = min(NUM_BINS, M/8)). One pass counts
+   the pairs per slot (`index_add_`) and a second sums exp(z') per slot (no overflow: z' ≤ 0).
    From the counts: |negatives|, k_i = ⌈ρ·|negatives|⌉ and the bin that holds the k_i-th largest negative;
 2. member pass: the logits of that one bin are gathered, sorted per anchor, and the exact k_i-th largest
    value t_i is read off (ties at t_i are all kept). The forward statistics need no further pass:
@@ -128,47 +128,49 @@ def _bound(p: ContrastProblem, qs: torch.Tensor, k: torch.Tensor) -> torch.Tenso
 
 class _Block:
     """Histogram state of one block of anchors (g, r). Slots of a row: 0 = not a negative (invalid key, the
-    anchor itself), 1..NUM_BINS+2 = negative bins (low to high; the outer two only catch rounding),
-    NUM_BINS+3 = unused, NUM_BINS+4 = positives."""
+    anchor itself), 1..nb+2 = negative bins (low to high; the outer two only catch rounding), nb+3 = unused,
+    nb+4 = positives; nb = `num_bins(M)`."""
 
-    def __init__(self, bound, g0, g1, r0, r1):
+    def __init__(self, bound, g0, g1, r0, r1, nb: int):
         self.shape = (g1 - g0, r1 - r0)
+        self.nb = NB = nb
         b = bound[g0:g1, r0:r1]
         dev, dt = b.device, b.dtype
-        self.width = NUM_BINS + 5
+        self.width = NB + 5
         rows = torch.arange(b.numel(), device=dev).reshape(self.shape)
         self.base = (rows * self.width).to(torch.int32)                           # (g, r) first slot
         base = (rows * self.width).to(dt)[..., None]
-        self.inv = torch.where(b > 0, NUM_BINS / (2 * b).clamp(min=1e-30), torch.zeros_like(b))[..., None]
-        # slot = ⌊base + NUM_BINS + 2 + z'·inv⌋ ∈ [base + 1, base + NUM_BINS + 2] for z' ∈ [−2b, 0] (± rounding)
-        self.off, self.lo, self.hi = base + (NUM_BINS + 2), base, base + (NUM_BINS + 4)
+        self.inv = torch.where(b > 0, NB / (2 * b).clamp(min=1e-30), torch.zeros_like(b))[..., None]
+        # slot = ⌊base + NB + 2 + z'·inv⌋ ∈ [base + 1, base + NB + 2] for z' ∈ [−2b, 0] (± rounding)
+        self.off, self.lo, self.hi = base + (NB + 2), base, base + (NB + 4)
         n = b.numel() * self.width
-        self.count = torch.zeros(n, dtype=torch.int64, device=dev)
+        self.count = torch.zeros(n, dtype=torch.int32, device=dev)
         self.esum = torch.zeros(n, dtype=dt, device=dev)
         self.pos_sum = torch.zeros(self.shape, dtype=dt, device=dev)
 
-    def slots(self, p: ContrastProblem, zp, pos, g0, g1, r0, r1, c0, c1):
-        """(g, r, c) int32 flat slot of every pair of a tile."""
+    def slots(self, p: ContrastProblem, zp, pidx, g0, g1, r0, r1, c0, c1):
+        """(g, r, c) int32 flat slot of every pair of a tile; pidx: the positives' (g, r, c) indices."""
         x = torch.addcmul(self.off, zp, self.inv)
-        x.masked_fill_(pos, math.inf)
+        x[pidx] = math.inf
         if p.k_valid is not None:
             x.masked_fill_(~p.k_valid[g0:g1, None, c0:c1], -math.inf)
         _clear_self(p, x, -math.inf, r0, r1, c0, c1)
         return x.clamp_(self.lo, self.hi).to(torch.int32)
 
-    def add(self, zp, slot, pos):
+    def add(self, zp, slot, pidx):
+        # index_add_ rather than bincount: bincount scans its input twice more for min and max
         flat = slot.reshape(-1)
-        n = self.count.numel()
-        self.count += torch.bincount(flat, minlength=n)
-        self.esum += torch.bincount(flat, weights=torch.exp(zp).reshape(-1), minlength=n)
-        self.pos_sum += torch.where(pos, zp, 0.0).sum(-1)
+        self.count.index_add_(0, flat, _ones(flat.numel(), self.count.dtype, flat.device))
+        self.esum.index_add_(0, flat, torch.exp(zp).reshape(-1))
+        self.pos_sum.index_put_(pidx[:2], zp[pidx], accumulate=True)
 
     def select(self, rho: float):
+        NB = self.nb
         """After the histogram pass: k_i, |negatives|, the target slot (flat, −1 where k_i = 0), the rank r_i
         inside it, the number of negatives strictly above it, the exp-sum of the slots above it (positives
         included) and |P|."""
         cnt = self.count.reshape(*self.shape, self.width)
-        neg = cnt[..., 1:NUM_BINS + 3]
+        neg = cnt[..., 1:NB + 3]
         n_neg = neg.sum(-1)
         k_i = _k_of(n_neg, rho)
         above = neg.flip(-1).cumsum(-1).flip(-1)                     # above[j] = Σ_{j' ≥ j}
@@ -178,8 +180,26 @@ class _Block:
         e_above = es.flip(-1).cumsum(-1).flip(-1)                     # Σ over slots ≥ j (positives at the top)
         e_strict = e_above.gather(-1, (j + 2)[..., None])[..., 0]     # slots above the target bin (j + 1)
         target = torch.where(k_i > 0, self.base + j + 1, torch.full_like(j, -1)).to(torch.int32)
-        e_strict = torch.where(k_i > 0, e_strict, es[..., NUM_BINS + 4])
-        return k_i, n_neg, target, k_i - strictly, strictly, e_strict, cnt[..., NUM_BINS + 4]
+        e_strict = torch.where(k_i > 0, e_strict, es[..., NB + 4])
+        return k_i, n_neg, target, k_i - strictly, strictly, e_strict, cnt[..., NB + 4]
+
+
+_ONES: dict = {}
+
+
+def _ones(n: int, dtype, device) -> torch.Tensor:
+    """A cached read-only ones vector of length ≥ n (the counts' increments)."""
+    key = (dtype, str(device))
+    buf = _ONES.get(key)
+    if buf is None or buf.numel() < n:
+        buf = _ONES[key] = torch.ones(n, dtype=dtype, device=device)
+    return buf[:n]
+
+
+def num_bins(M: int) -> int:
+    """Bins per anchor: about 8 keys per bin for small M (a histogram never larger than the tile), at most
+    NUM_BINS."""
+    return int(max(16, min(NUM_BINS, M // 8)))
 
 
 def _k_of(n_neg: torch.Tensor, rho: float) -> torch.Tensor:
@@ -187,11 +207,12 @@ def _k_of(n_neg: torch.Tensor, rho: float) -> torch.Tensor:
     return torch.minimum(torch.ceil(n_neg.double() * rho - 1e-9).long().clamp_(min=0), n_neg)
 
 
-def _kth_of_members(vals, rows, n_rows, rank):
+def _kth_of_members(vals, rows, n_rows, rank, grouped: bool = False):
     """Exact rank-th largest member per row and Σ exp over members ≥ it.
 
     vals (T,) member logits, rows (T,) their row in [0, n_rows); rank (n_rows,) ≥ 1 where the row has
-    members. Returns (t (n_rows,), esum (n_rows,)); t = +inf for rows without members."""
+    members; grouped: rows is already non-decreasing. Returns (t (n_rows,), esum (n_rows,)); t = +inf for
+    rows without members."""
     dev, dt = vals.device, vals.dtype
     counts = torch.bincount(rows, minlength=n_rows)
     width = int(counts.max()) if counts.numel() and vals.numel() else 0
@@ -199,8 +220,11 @@ def _kth_of_members(vals, rows, n_rows, rank):
     es = torch.zeros(n_rows, dtype=dt, device=dev)
     if width == 0:
         return t, es
-    order = torch.argsort(rows, stable=True)
-    rows_s, vals_s = rows[order], vals[order]
+    if grouped:
+        rows_s, vals_s = rows, vals
+    else:
+        order = torch.argsort(rows, stable=True)
+        rows_s, vals_s = rows[order], vals[order]
     start = torch.cumsum(counts, 0) - counts
     col = torch.arange(rows_s.numel(), device=dev) - start[rows_s]
     padded = torch.full((n_rows, width), -math.inf, dtype=dt, device=dev)
@@ -227,13 +251,13 @@ def _forward_stats(p: ContrastProblem, qs, k, bound, rho: float, mode: str):
     pos_sum = qs.new_zeros(G, N)
     count = torch.zeros(G, N, dtype=torch.int64, device=dev)
     for (g0, g1, r0, r1), chunks in _blocks(G, N, M, mode).items():
-        blk = _Block(bound, g0, g1, r0, r1)
+        blk = _Block(bound, g0, g1, r0, r1, num_bins(M))
         kept_tiles = []
         for c0, c1 in chunks:
             zp = _shifted_logits(qs, k, bound, g0, g1, r0, r1, c0, c1)
-            pos = tile_positives(p, g0, g1, r0, r1, c0, c1)
-            slot = blk.slots(p, zp, pos, g0, g1, r0, r1, c0, c1)
-            blk.add(zp, slot, pos)
+            pidx = _positives(p, g0, g1, r0, r1, c0, c1)
+            slot = blk.slots(p, zp, pidx, g0, g1, r0, r1, c0, c1)
+            blk.add(zp, slot, pidx)
             if len(chunks) == 1:  # "rows": the member pass reads the same tile
                 kept_tiles.append((zp, slot))
         k_i, _, target, rank, _, e_strict, cnt_pos = blk.select(rho)
@@ -243,15 +267,13 @@ def _forward_stats(p: ContrastProblem, qs, k, bound, rho: float, mode: str):
                 zp, slot = kept_tiles[0]
             else:
                 zp = _shifted_logits(qs, k, bound, g0, g1, r0, r1, c0, c1)
-                pos = tile_positives(p, g0, g1, r0, r1, c0, c1)
-                slot = blk.slots(p, zp, pos, g0, g1, r0, r1, c0, c1)
-            hit = slot == target[..., None]
+                slot = blk.slots(p, zp, _positives(p, g0, g1, r0, r1, c0, c1), g0, g1, r0, r1, c0, c1)
+            hit = (slot == target[..., None]).nonzero(as_tuple=True)    # row-major: grouped by anchor
             vals.append(zp[hit])
-            rows.append(hit.sum(-1).reshape(-1))
+            rows.append(hit[0] * (r1 - r0) + hit[1])
         n_rows = k_i.numel()
-        per_chunk = torch.stack(rows)                                   # (chunks, rows) member counts
-        row_ids = torch.cat([torch.repeat_interleave(torch.arange(n_rows, device=dev), c) for c in per_chunk])
-        tb, e_mem = _kth_of_members(torch.cat(vals), row_ids, n_rows, rank.reshape(-1))
+        tb, e_mem = _kth_of_members(torch.cat(vals), torch.cat(rows), n_rows, rank.reshape(-1),
+                                    grouped=len(chunks) == 1)
         tb, e_mem = tb.reshape(blk.shape), e_mem.reshape(blk.shape)
         total = e_strict + e_mem
         t[g0:g1, r0:r1] = tb
@@ -266,14 +288,19 @@ def _forward_stats(p: ContrastProblem, qs, k, bound, rho: float, mode: str):
     return t, k_all, lse + bound, pos_sum + count * bound, count
 
 
+def _positives(p, g0, g1, r0, r1, c0, c1):
+    """The positives of one tile as (g, r, c) index tensors (few per anchor in the pixel losses)."""
+    return tile_positives(p, g0, g1, r0, r1, c0, c1).nonzero(as_tuple=True)
+
+
 def _kept(p, zp, t, g0, g1, r0, r1, c0, c1):
-    """(kept (g, r, c) bool, positives (g, r, c) bool) for one tile: positives ∪ {allowed: z' ≥ t'}."""
+    """kept (g, r, c) bool for one tile: positives ∪ {allowed: z' ≥ t'}."""
     pos = tile_positives(p, g0, g1, r0, r1, c0, c1)
     keep = zp >= t[g0:g1, r0:r1, None]
     if p.k_valid is not None:
         keep &= p.k_valid[g0:g1, None, c0:c1]
     _clear_self(p, keep, False, r0, r1, c0, c1)
-    return keep.logical_or_(pos), pos
+    return keep.logical_or_(pos)
 
 
 def _exact_lse(p, qs, k, bound, tb, g0, g1, r0, r1, chunks):
@@ -283,7 +310,7 @@ def _exact_lse(p, qs, k, bound, tb, g0, g1, r0, r1, chunks):
     tt[g0:g1, r0:r1] = tb
     for c0, c1 in chunks:
         zp = _shifted_logits(qs, k, bound, g0, g1, r0, r1, c0, c1)
-        keep, _ = _kept(p, zp, tt, g0, g1, r0, r1, c0, c1)
+        keep = _kept(p, zp, tt, g0, g1, r0, r1, c0, c1)
         torch.logaddexp(out, torch.logsumexp(zp.masked_fill(~keep, -math.inf), -1), out=out)
     return out
 
@@ -317,26 +344,36 @@ class _FilteredInfoNCE(torch.autograd.Function):
         need_q = ctx.needs_input_grad[0] or ctx.needs_input_grad[2]
         need_k = ctx.needs_input_grad[1]
         g = torch.where(counted, g_loss.to(qf.dtype), torch.zeros_like(lse))
-        y = (g / count.clamp(min=1))[..., None]
-        shift = torch.where(counted, lse - bound, torch.zeros_like(lse))[..., None]   # log Σ_kept on the z' scale
+        # dz = g·(P^F − Y) = sign(g)·w with w = exp(z' − (LSE' − log|g|)) on the kept pairs − |g|/|P| on P:
+        # |g| is folded into the exponent and sign(g) applied on the (N, D) side, never on a tile.
+        sign = torch.sign(g)
+        shift = (lse - bound - torch.log(g.abs())).masked_fill_(g == 0, math.inf)
+        y = g.abs() / count.clamp(min=1)
         qs = qf * s
         dq = torch.zeros_like(qf) if need_q else None
         dk = torch.zeros_like(kf) if need_k else None
+        q_signed = qf * sign[..., None] if need_k else None
         dzz = qf.new_zeros(())
         G, N, M = qf.shape[0], qf.shape[1], kf.shape[1]
         for g0, g1, r0, r1, c0, c1 in filter_tiles(G, N, M, ctx.mode):
             zp = _shifted_logits(qs, kf, bound, g0, g1, r0, r1, c0, c1)
-            keep, pos = _kept(p, zp, t, g0, g1, r0, r1, c0, c1)
+            pidx = _positives(p, g0, g1, r0, r1, c0, c1)
+            keep = zp >= t[g0:g1, r0:r1, None]
+            sh = shift[g0:g1, r0:r1]
+            # multiplying by the bool mask: masked_fill_/where branch on each element (~8× slower at 50%)
+            w = torch.sub(zp, sh[..., None]).exp_().mul_(keep)
+            if p.k_valid is not None:
+                w.mul_(p.k_valid[g0:g1, None, c0:c1])
+            _clear_self(p, w, 0.0, r0, r1, c0, c1)
+            gi, ri, _ = pidx
+            w[pidx] = torch.exp(zp[pidx] - sh[gi, ri]) - y[g0:g1, r0:r1][gi, ri]
             if ctx.needs_input_grad[2]:
                 z = zp + bound[g0:g1, r0:r1, None]
-            dz = torch.sub(zp, shift[g0:g1, r0:r1]).exp_().mul_(keep)
-            dz.mul_(g[g0:g1, r0:r1, None]).sub_(pos * y[g0:g1, r0:r1])               # g·P^F − g·Y
-            if ctx.needs_input_grad[2]:
-                dzz = dzz + (dz * z).sum()
+                dzz = dzz + ((w * z).sum(-1) * sign[g0:g1, r0:r1]).sum()
             if need_q:
-                dq[g0:g1, r0:r1] += torch.bmm(dz, kf[g0:g1, c0:c1]) * s
+                dq[g0:g1, r0:r1] += torch.bmm(w, kf[g0:g1, c0:c1]) * (sign[g0:g1, r0:r1, None] * s)
             if need_k:
-                dk[g0:g1, c0:c1] += torch.bmm(dz.transpose(1, 2), qf[g0:g1, r0:r1]) * s
+                dk[g0:g1, c0:c1] += torch.bmm(w.transpose(1, 2), q_signed[g0:g1, r0:r1]) * s
         ds = (dzz / s).to(ctx.scale_dtype) if ctx.needs_input_grad[2] else None
         dq_out = dq.to(ctx.dtypes[0]) if ctx.needs_input_grad[0] else None
         dk_out = dk.to(ctx.dtypes[1]) if need_k else None

@@ -54,7 +54,8 @@ class PixelRows(NamedTuple):
 
 
 def _draw(kind: str, coords: torch.Tensor, n: int, grid: int, generator) -> torch.Tensor:
-    """n distinct indices into coords (fewer when "sag" reflects a point onto an already drawn one)."""
+    """min(n, N) distinct indices into coords. "sag" can reflect a point onto one already drawn: the
+    duplicates are dropped and the draw topped up uniformly from the points not drawn."""
     if n >= coords.shape[0]:
         return torch.randperm(coords.shape[0], generator=generator, device=coords.device) \
             if generator is not None else torch.randperm(coords.shape[0], device=coords.device)
@@ -64,6 +65,13 @@ def _draw(kind: str, coords: torch.Tensor, n: int, grid: int, generator) -> torc
         pos = torch.full((seen.numel(),), idx.numel(), dtype=torch.long, device=idx.device)
         pos.scatter_reduce_(0, first, torch.arange(idx.numel(), device=idx.device), "amin")
         idx = idx[pos.sort().values]
+        if idx.numel() < n:
+            free = torch.ones(coords.shape[0], dtype=torch.bool, device=idx.device)
+            free[idx] = False
+            rest = free.nonzero()[:, 0]
+            pick = torch.randperm(rest.numel(), generator=generator, device=idx.device)[: n - idx.numel()] \
+                if generator is not None else torch.randperm(rest.numel(), device=idx.device)[: n - idx.numel()]
+            idx = torch.cat([idx, rest[pick]])
     return idx
 
 
@@ -72,9 +80,8 @@ def sample_locations(groups: torch.Tensor, spatial_shape: Sequence[int], n_ancho
     """Per group, key locations K_g and anchor locations A_g ⊆ K_g (module docstring).
 
     groups (B,) int64; spatial_shape: the pixel grid S' (L = Π S'). Counts above L mean all L locations.
-    Returns (anchor_loc (B, a) int64, key_loc (B, m) int64) with key_loc[:, :a] == anchor_loc; a and m are the
-    smallest counts drawn over the groups (equal for "ns"/"sg"; "sag" can lose a few to duplicate
-    reflections), so every image has the same number of rows.
+    Returns (anchor_loc (B, a) int64, key_loc (B, m) int64) with key_loc[:, :a] == anchor_loc, a = min(n_anchors,
+    L), m = min(n_keys, L): every image has the same number of rows.
     Raises ValueError for a bad count, a sampler outside PIXEL_SAMPLERS, or n_anchors > n_keys.
     """
     check_count("gcl_pixel_anchors", n_anchors)
