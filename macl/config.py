@@ -121,8 +121,8 @@ class MethodConfig:
     gcl_rho: float = 0.5
     gcl_mitigator: bool = True
     pixel_dim: Optional[int] = None
-    gcl_pixel_anchors: Union[int, str] = 64
-    gcl_pixel_keys: Union[int, str] = 256
+    gcl_pixel_anchors: Union[int, str] = 32
+    gcl_pixel_keys: Union[int, str] = 64
     gcl_pixel_sampler: str = "sg"
 
     def __post_init__(self) -> None:

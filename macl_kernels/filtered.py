@@ -131,7 +131,7 @@ class _Block:
     anchor itself), 1..nb+2 = negative bins (low to high; the outer two only catch rounding), nb+3 = unused,
     nb+4 = positives; nb = `num_bins(M)`."""
 
-    def __init__(self, bound, g0, g1, r0, r1, nb: int):
+    def __init__(self, bound, g0, g1, r0, r1, nb: int, depth: int):
         self.shape = (g1 - g0, r1 - r0)
         self.nb = NB = nb
         b = bound[g0:g1, r0:r1]
@@ -143,6 +143,10 @@ class _Block:
         self.inv = torch.where(b > 0, NB / (2 * b).clamp(min=1e-30), torch.zeros_like(b))[..., None]
         # slot = ⌊base + NB + 2 + z'·inv⌋ ∈ [base + 1, base + NB + 2] for z' ∈ [−2b, 0] (± rounding)
         self.off, self.lo, self.hi = base + (NB + 2), base, base + (NB + 4)
+        self.top = self.base + (NB + 4)                                            # positives' slot
+        # rounding of z' (≤ D·eps·b) and of the slot arithmetic must stay below one bin for the guard bins
+        eps = torch.finfo(dt).eps
+        self.clamp = not bool(torch.isfinite(b).all()) or depth * eps * NB > 0.25
         n = b.numel() * self.width
         self.count = torch.zeros(n, dtype=torch.int32, device=dev)
         self.esum = torch.zeros(n, dtype=dt, device=dev)
@@ -150,12 +154,15 @@ class _Block:
 
     def slots(self, p: ContrastProblem, zp, pidx, g0, g1, r0, r1, c0, c1):
         """(g, r, c) int32 flat slot of every pair of a tile; pidx: the positives' (g, r, c) indices."""
-        x = torch.addcmul(self.off, zp, self.inv)
-        x[pidx] = math.inf
+        x = zp.mul(self.inv).add_(self.off)        # faster than addcmul with (g, r, 1) operands
+        if self.clamp:                             # else z' ∈ [−2b, 0] up to rounding (< 1 bin): no clamp needed
+            x.nan_to_num_(nan=0.0).clamp_(self.lo + 1, self.hi - 2)
+        slot = x.to(torch.int32)
+        slot[pidx] = self.top[pidx[0], pidx[1]]
         if p.k_valid is not None:
-            x.masked_fill_(~p.k_valid[g0:g1, None, c0:c1], -math.inf)
-        _clear_self(p, x, -math.inf, r0, r1, c0, c1)
-        return x.clamp_(self.lo, self.hi).to(torch.int32)
+            slot = torch.where(p.k_valid[g0:g1, None, c0:c1], slot, self.base[..., None])
+        _clear_self(p, slot, self.base[..., None], r0, r1, c0, c1)
+        return slot
 
     def add(self, zp, slot, pidx):
         # index_add_ rather than bincount: bincount scans its input twice more for min and max
@@ -238,24 +245,25 @@ def _kth_of_members(vals, rows, n_rows, rank, grouped: bool = False):
 
 
 @torch.no_grad()
-def _forward_stats(p: ContrastProblem, qs, k, bound, rho: float, mode: str):
+def _forward_stats(p: ContrastProblem, qs, k, bound, rho: float, mode: str, positives=None):
     """Thresholds and forward statistics (module docstring, steps 1–2).
 
     Returns t' (G, N) (on the z' scale, +inf where nothing is kept), k_i, lse (G, N) of the kept pairs,
     pos_sum (Σ_P z, G, N) and count (|P|, G, N int64)."""
     G, N, M = qs.shape[0], qs.shape[1], k.shape[1]
-    dev, dt = qs.device, qs.dtype
+    positives = positives if positives is not None else _Positives(p)
+    dev = qs.device
     t = qs.new_full((G, N), math.inf)
     k_all = torch.zeros(G, N, dtype=torch.int64, device=dev)
     lse = qs.new_full((G, N), -math.inf)
     pos_sum = qs.new_zeros(G, N)
     count = torch.zeros(G, N, dtype=torch.int64, device=dev)
     for (g0, g1, r0, r1), chunks in _blocks(G, N, M, mode).items():
-        blk = _Block(bound, g0, g1, r0, r1, num_bins(M))
+        blk = _Block(bound, g0, g1, r0, r1, num_bins(M), qs.shape[-1])
         kept_tiles = []
         for c0, c1 in chunks:
             zp = _shifted_logits(qs, k, bound, g0, g1, r0, r1, c0, c1)
-            pidx = _positives(p, g0, g1, r0, r1, c0, c1)
+            pidx = positives.tile(g0, g1, r0, r1, c0, c1)
             slot = blk.slots(p, zp, pidx, g0, g1, r0, r1, c0, c1)
             blk.add(zp, slot, pidx)
             if len(chunks) == 1:  # "rows": the member pass reads the same tile
@@ -267,7 +275,7 @@ def _forward_stats(p: ContrastProblem, qs, k, bound, rho: float, mode: str):
                 zp, slot = kept_tiles[0]
             else:
                 zp = _shifted_logits(qs, k, bound, g0, g1, r0, r1, c0, c1)
-                slot = blk.slots(p, zp, _positives(p, g0, g1, r0, r1, c0, c1), g0, g1, r0, r1, c0, c1)
+                slot = blk.slots(p, zp, positives.tile(g0, g1, r0, r1, c0, c1), g0, g1, r0, r1, c0, c1)
             hit = (slot == target[..., None]).nonzero(as_tuple=True)    # row-major: grouped by anchor
             vals.append(zp[hit])
             rows.append(hit[0] * (r1 - r0) + hit[1])
@@ -288,9 +296,65 @@ def _forward_stats(p: ContrastProblem, qs, k, bound, rho: float, mode: str):
     return t, k_all, lse + bound, pos_sum + count * bound, count
 
 
-def _positives(p, g0, g1, r0, r1, c0, c1):
-    """The positives of one tile as (g, r, c) index tensors (few per anchor in the pixel losses)."""
-    return tile_positives(p, g0, g1, r0, r1, c0, c1).nonzero(as_tuple=True)
+class _Positives:
+    """The positive pairs of a problem, listed once (rule "label" / "index"), so that a tile finds its
+    positives by slicing instead of comparing every pair; None-like (`pairs is None`) for the radius rule or
+    when positives are dense (more than N·M/8), where each tile compares labels as `tile_positives` does."""
+
+    def __init__(self, p: ContrastProblem):
+        self.p = p
+        self.pairs = None
+        G, N, M, _ = p.shape
+        if p.rule == "radius" or N == 0 or M == 0:
+            return
+        dev = p.q.device
+        out = []
+        total = 0
+        for g in range(G):
+            keys = torch.arange(M, device=dev)
+            if p.k_valid is not None:
+                keys = keys[p.k_valid[g]]
+            if p.rule == "index":
+                cols = p.q_meta[g]
+                ok = torch.isin(cols, keys)
+                rows, cols = torch.arange(N, device=dev)[ok], cols[ok]
+            else:
+                kl = p.k_meta[g][keys]
+                order = torch.argsort(kl, stable=True)
+                sk, sid = kl[order], keys[order]
+                lo = torch.searchsorted(sk, p.q_meta[g], right=False)
+                cnt = torch.searchsorted(sk, p.q_meta[g], right=True) - lo
+                total += int(cnt.sum())
+                if total > N * M * G // 8:
+                    return
+                rows = torch.repeat_interleave(torch.arange(N, device=dev), cnt)
+                first = torch.repeat_interleave(lo - (torch.cumsum(cnt, 0) - cnt), cnt)
+                cols = sid[first + torch.arange(rows.numel(), device=dev)]
+            if p.exclude_self:
+                keep = rows != cols
+                rows, cols = rows[keep], cols[keep]
+            ptr = torch.zeros(N + 1, dtype=torch.long, device=dev)
+            ptr[1:] = torch.cumsum(torch.bincount(rows, minlength=N), 0)
+            out.append((ptr.tolist(), rows, cols))
+        self.pairs = out
+
+    def tile(self, g0, g1, r0, r1, c0, c1):
+        """(gi, ri, ci) local indices of the positives of one tile, row-major within each group."""
+        if self.pairs is None:
+            return tile_positives(self.p, g0, g1, r0, r1, c0, c1).nonzero(as_tuple=True)
+        gs, rs, cs = [], [], []
+        full = c0 == 0 and c1 == self.p.k.shape[1]
+        for g in range(g0, g1):
+            ptr, rows, cols = self.pairs[g]
+            a, b = ptr[r0], ptr[r1]
+            rr, cc = rows[a:b] - r0, cols[a:b]
+            if not full:
+                inside = (cc >= c0) & (cc < c1)
+                rr, cc = rr[inside], cc[inside] - c0
+            gs.append(torch.full_like(rr, g - g0))
+            rs.append(rr)
+            cs.append(cc)
+        return torch.cat(gs), torch.cat(rs), torch.cat(cs)
 
 
 def _kept(p, zp, t, g0, g1, r0, r1, c0, c1):
@@ -323,13 +387,14 @@ class _FilteredInfoNCE(torch.autograd.Function):
         s = float(scale)
         qs = qf * s
         bound = _bound(p, qs, kf)
-        t, k_i, lse, pos_sum, count = _forward_stats(p, qs, kf, bound, rho, mode)
+        positives = _Positives(p)
+        t, k_i, lse, pos_sum, count = _forward_stats(p, qs, kf, bound, rho, mode, positives)
         counted = count > 0
         if p.q_valid is not None:
             counted &= p.q_valid
         loss = torch.where(counted, lse.masked_fill(~counted, 0.0) - pos_sum / count.clamp(min=1),
                            torch.zeros_like(lse))
-        ctx.p, ctx.s, ctx.mode = p, s, mode
+        ctx.p, ctx.s, ctx.mode, ctx.positives = p, s, mode, positives
         ctx.dtypes = (q.dtype, k.dtype)
         ctx.scale_dtype = scale.dtype if isinstance(scale, torch.Tensor) else None
         ctx.save_for_backward(qf, kf, t, lse, count, counted, bound)
@@ -357,7 +422,7 @@ class _FilteredInfoNCE(torch.autograd.Function):
         G, N, M = qf.shape[0], qf.shape[1], kf.shape[1]
         for g0, g1, r0, r1, c0, c1 in filter_tiles(G, N, M, ctx.mode):
             zp = _shifted_logits(qs, kf, bound, g0, g1, r0, r1, c0, c1)
-            pidx = _positives(p, g0, g1, r0, r1, c0, c1)
+            pidx = ctx.positives.tile(g0, g1, r0, r1, c0, c1)
             keep = zp >= t[g0:g1, r0:r1, None]
             sh = shift[g0:g1, r0:r1]
             # multiplying by the bool mask: masked_fill_/where branch on each element (~8× slower at 50%)
