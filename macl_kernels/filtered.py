@@ -67,6 +67,7 @@ FULL_ROW_MAX_KEYS = 1 << 18    # above this many keys per group, the "chunks" ti
 NUM_BINS = 1024                # histogram bins per anchor over [−2b_i, 0]
 UNDERFLOW = 1e-30              # a kept sum below this is recomputed with a running max
 TILINGS = ("rows", "chunks")
+SLOT_ERROR_LIMIT = 0.25        # above this worst-case rounding (in bins) slots are clamped into the guard bins
 MAX_BLOCK_ROWS = 1024          # anchors per block: slot ids (< 2^20) stay exact in float32
 
 
@@ -146,7 +147,7 @@ class _Block:
         self.top = self.base + (NB + 4)                                            # positives' slot
         # rounding of z' (≤ D·eps·b) and of the slot arithmetic must stay below one bin for the guard bins
         eps = torch.finfo(dt).eps
-        self.clamp = not bool(torch.isfinite(b).all()) or depth * eps * NB > 0.25
+        self.clamp = not bool(torch.isfinite(b).all()) or depth * eps * NB > SLOT_ERROR_LIMIT
         n = b.numel() * self.width
         self.count = torch.zeros(n, dtype=torch.int32, device=dev)
         self.esum = torch.zeros(n, dtype=dt, device=dev)

@@ -226,6 +226,20 @@ def test_filter_keeps_exactly_the_pairs_of_a_float64_brute_force(rho, ties, tili
         assert torch.allclose(a, b, rtol=1e-9, atol=1e-12)
 
 
+def test_filter_clamped_slot_path_keeps_the_same_pairs(monkeypatch):
+    """Slots are clamped into the guard bins when rounding could exceed a bin (huge D, non-finite bounds):
+    forcing that path changes nothing."""
+    import macl_kernels.filtered as flt
+    gen = torch.Generator().manual_seed(5)
+    q, k = torch.randn(60, 7, generator=gen, dtype=torch.float64), torch.randn(90, 7, generator=gen, dtype=torch.float64)
+    lq, lk = torch.randint(0, 5, (60,), generator=gen), torch.randint(0, 5, (90,), generator=gen)
+    plain, _ = our_kept(q, k, 0.4, 3.0, "rows", q_labels=lq, k_labels=lk)
+    monkeypatch.setattr(flt, "SLOT_ERROR_LIMIT", -1.0)
+    clamped, _ = our_kept(q, k, 0.4, 3.0, "rows", q_labels=lq, k_labels=lk)
+    ref, _ = brute_kept((q @ k.T)[None] * 3.0, (lq[:, None] == lk[None])[None], torch.ones(1, 60, 90, dtype=torch.bool), 0.4)
+    assert torch.equal(plain, ref) and torch.equal(clamped, ref)
+
+
 def test_filter_float32_big_enough_for_the_histogram_path_matches_float64_selection():
     """N = M = 700 float32 rows (bins hold several logits each): same kept pairs as a float64 brute force on
     the float32 logits the filter computes."""
