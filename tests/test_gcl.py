@@ -481,3 +481,25 @@ def test_cli_pretrain_gcl_with_sampled_pixels_end_to_end(phantom_root, tmp_path)
     assert all(math.isfinite(r["L_pix_volume"]) and math.isfinite(r["L_pix_position"]) for r in log)
     resolved = json.loads((run / "resolved_config.json").read_text())
     assert resolved["pretrain"]["method"]["gcl_pixel_anchors"] == 16
+
+
+def test_step_benchmark_runs_and_splits_each_step_into_its_terms(tmp_path):
+    """benchmarks/bench_gcl_step.py at a tiny size (a subprocess: it wraps the methods' loss functions): one row
+    per method step, per term and per filter impl; the terms of a step add up to it (no timing claims)."""
+    import csv
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "bench.csv"
+    subprocess.run([sys.executable, os.path.join(root, "benchmarks", "bench_gcl_step.py"), "--batch", "4", "--size", "32",
+                    "--width", "4", "--depth", "2", "--reps", "1", "--filter-n", "256", "--filter-reps", "1",
+                    "--threads", "1", "--pixel-anchors", "8", "--pixel-keys", "16", "--csv", str(out)],
+                   check=True, capture_output=True, env=dict(os.environ, PYTHONPATH=root))
+    rows = list(csv.DictReader(open(out)))
+    step = {r["impl"]: float(r["median_s"]) for r in rows if r["what"] == "step"}
+    terms = {r["impl"]: float(r["median_s"]) for r in rows if r["what"] == "term"}
+    assert set(step) == {"macl", "gcl"} and {"filtered", "core"} == {r["impl"] for r in rows if r["what"] == "filter"}
+    assert {"gcl:L_img", "gcl:L_pix", "gcl:rest", "macl:L_g", "macl:L_d", "macl:L_ER", "macl:rest"} == set(terms)
+    for m in step:
+        parts = [v for k, v in terms.items() if k.startswith(m + ":")]
+        assert all(v > 0 for v in parts) and math.isclose(sum(parts), step[m], rel_tol=1e-6)
