@@ -502,4 +502,4 @@ def test_step_benchmark_runs_and_splits_each_step_into_its_terms(tmp_path):
     assert {"gcl:L_img", "gcl:L_pix", "gcl:rest", "macl:L_g", "macl:L_d", "macl:L_ER", "macl:rest"} == set(terms)
     for m in step:
         parts = [v for k, v in terms.items() if k.startswith(m + ":")]
-        assert all(v > 0 for v in parts) and math.isclose(sum(parts), step[m], rel_tol=1e-6)
+        assert all(v > 0 for v in parts) and math.isclose(sum(parts), step[m], abs_tol=1e-3)   # CSV rounds to 0.1 ms
