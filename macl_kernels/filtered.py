@@ -21,7 +21,7 @@ z'_ij = z_ij − b_i ≤ 0, one `baddbmm` per tile, the ONE way every pass compu
 across passes, so the selection made once is reproduced exactly later). Per block of anchors:
 1. histogram pass: each allowed pair goes to a slot of its anchor's row: the non-negatives to slot 0, the
    positives to the top slot, a negative to one of nb (+2 guard) bins that cut [−2b_i, 0] into equal widths
-   (⌊z'·nb/(2b_i)⌋, a monotone map, so bins are ordered like the logits; nb = min(NUM_BINS, M/8)). One pass counts
+   (⌊z'·nb/(2b_i)⌋, a monotone map, so bins are ordered like the logits; nb = min(NUM_BINS, M/16)). One pass counts
    the pairs per slot (`index_add_`) and a second sums exp(z') per slot (no overflow: z' ≤ 0).
    From the counts: |negatives|, k_i = ⌈ρ·|negatives|⌉ and the bin that holds the k_i-th largest negative;
 2. member pass: the logits of that one bin are gathered, sorted per anchor, and the exact k_i-th largest
@@ -32,6 +32,9 @@ across passes, so the selection made once is reproduced exactly later). Per bloc
 3. the backward recomputes each tile and applies dz_ij = g_i·(P^F_ij − Y_ij) on the kept pairs
    {positives} ∪ {allowed : z' ≥ t_i}.
 Anchors whose kept sum underflows (every kept logit more than ~69 below b_i) are recomputed exactly.
+CPU notes (measured): tile temporaries live in a per-call `Workspace` (fresh multi-MiB tensors page-fault on
+first touch), masks are multiplied in as 0/1 floats (masked_fill_/where branch per element), and the positive
+pairs of the label/index rules are listed once per call instead of compared in every tile.
 The member buffer of a block holds the logits of one bin per anchor: a few per anchor for spread logits, at
 most a tile in the "rows" tiling; only logits collapsed into one bin (all features nearly equal) make it large.
 Runs on any device with PyTorch ops (no Triton kernel). Cost on CPU: docs/gcl.md.
@@ -64,7 +67,7 @@ class FilteredResult(NamedTuple):
 
 TILE_BUDGET = 1 << 20          # logits per tile in the "rows" tiling (4 MiB of float32)
 FULL_ROW_MAX_KEYS = 1 << 18    # above this many keys per group, the "chunks" tiling
-NUM_BINS = 1024                # histogram bins per anchor over [−2b_i, 0]
+NUM_BINS = 512                 # histogram bins per anchor over [−2b_i, 0] (at most)
 UNDERFLOW = 1e-30              # a kept sum below this is recomputed with a running max
 TILINGS = ("rows", "chunks")
 SLOT_ERROR_LIMIT = 0.25        # above this worst-case rounding (in bins) slots are clamped into the guard bins
@@ -102,9 +105,26 @@ def _blocks(G, N, M, mode):
     return out
 
 
-def _shifted_logits(qs, k, bound, g0, g1, r0, r1, c0, c1):
-    """z' = z − b for one tile: the ONE way every pass computes logits (bit-identical across passes)."""
-    return torch.baddbmm(-bound[g0:g1, r0:r1, None], qs[g0:g1, r0:r1], k[g0:g1, c0:c1].transpose(1, 2))
+class Workspace:
+    """Reusable tile-sized scratch tensors of one call. Fresh multi-MiB tensors come from mmap on Linux and
+    every first touch of a page faults: allocating each tile's temporaries anew made elementwise passes
+    several times slower than the same pass into a reused buffer."""
+
+    def __init__(self):
+        self.bufs: dict = {}
+
+    def get(self, name: str, shape, dtype, device) -> torch.Tensor:
+        buf = self.bufs.get(name)
+        if buf is None or buf.shape != tuple(shape) or buf.dtype != dtype or buf.device != device:
+            buf = self.bufs[name] = torch.empty(shape, dtype=dtype, device=device)
+        return buf
+
+
+def _shifted_logits(qs, k, bound, g0, g1, r0, r1, c0, c1, ws: Optional[Workspace] = None):
+    """z' = z − b for one tile: the ONE way every pass computes logits (bit-identical across passes).
+    With a workspace the result lives in its "z" buffer (valid until the next call)."""
+    out = None if ws is None else ws.get("z", (g1 - g0, r1 - r0, c1 - c0), qs.dtype, qs.device)
+    return torch.baddbmm(-bound[g0:g1, r0:r1, None], qs[g0:g1, r0:r1], k[g0:g1, c0:c1].transpose(1, 2), out=out)
 
 
 def _clear_self(p: ContrastProblem, x: torch.Tensor, value, r0, r1, c0, c1) -> None:
@@ -132,8 +152,9 @@ class _Block:
     anchor itself), 1..nb+2 = negative bins (low to high; the outer two only catch rounding), nb+3 = unused,
     nb+4 = positives; nb = `num_bins(M)`."""
 
-    def __init__(self, bound, g0, g1, r0, r1, nb: int, depth: int):
+    def __init__(self, bound, g0, g1, r0, r1, nb: int, depth: int, ws: Workspace):
         self.shape = (g1 - g0, r1 - r0)
+        self.ws = ws
         self.nb = NB = nb
         b = bound[g0:g1, r0:r1]
         dev, dt = b.device, b.dtype
@@ -155,10 +176,11 @@ class _Block:
 
     def slots(self, p: ContrastProblem, zp, pidx, g0, g1, r0, r1, c0, c1):
         """(g, r, c) int32 flat slot of every pair of a tile; pidx: the positives' (g, r, c) indices."""
-        x = zp.mul(self.inv).add_(self.off)        # faster than addcmul with (g, r, 1) operands
+        ws = self.ws
+        x = torch.mul(zp, self.inv, out=ws.get("x", zp.shape, zp.dtype, zp.device)).add_(self.off)
         if self.clamp:                             # else z' ∈ [−2b, 0] up to rounding (< 1 bin): no clamp needed
             x.nan_to_num_(nan=0.0).clamp_(self.lo + 1, self.hi - 2)
-        slot = x.to(torch.int32)
+        slot = ws.get("slot", zp.shape, torch.int32, zp.device).copy_(x)
         slot[pidx] = self.top[pidx[0], pidx[1]]
         if p.k_valid is not None:
             slot = torch.where(p.k_valid[g0:g1, None, c0:c1], slot, self.base[..., None])
@@ -169,24 +191,27 @@ class _Block:
         # index_add_ rather than bincount: bincount scans its input twice more for min and max
         flat = slot.reshape(-1)
         self.count.index_add_(0, flat, _ones(flat.numel(), self.count.dtype, flat.device))
-        self.esum.index_add_(0, flat, torch.exp(zp).reshape(-1))
+        e = torch.exp(zp, out=self.ws.get("x", zp.shape, zp.dtype, zp.device))      # x is free again
+        self.esum.index_add_(0, flat, e.reshape(-1))
         self.pos_sum.index_put_(pidx[:2], zp[pidx], accumulate=True)
 
     def select(self, rho: float):
-        NB = self.nb
         """After the histogram pass: k_i, |negatives|, the target slot (flat, −1 where k_i = 0), the rank r_i
         inside it, the number of negatives strictly above it, the exp-sum of the slots above it (positives
         included) and |P|."""
+        NB = self.nb
         cnt = self.count.reshape(*self.shape, self.width)
         neg = cnt[..., 1:NB + 3]
         n_neg = neg.sum(-1)
         k_i = _k_of(n_neg, rho)
-        above = neg.flip(-1).cumsum(-1).flip(-1)                     # above[j] = Σ_{j' ≥ j}
+        above = n_neg[..., None] - neg.cumsum(-1) + neg              # above[j] = Σ_{j' ≥ j} (exact integers)
         j = ((above >= k_i[..., None]).sum(-1) - 1).clamp_(min=0)
         strictly = above.gather(-1, j[..., None])[..., 0] - neg.gather(-1, j[..., None])[..., 0]
         es = self.esum.reshape(*self.shape, self.width)
-        e_above = es.flip(-1).cumsum(-1).flip(-1)                     # Σ over slots ≥ j (positives at the top)
-        e_strict = e_above.gather(-1, (j + 2)[..., None])[..., 0]     # slots above the target bin (j + 1)
+        slots = torch.arange(self.width, device=es.device)
+        # Σ over the slots above the target bin (slot j + 1), positives' slot included; a masked sum, not a
+        # difference of prefix sums, so that a small kept sum is not lost to cancellation
+        e_strict = (es * (slots > (j + 1)[..., None])).sum(-1)
         target = torch.where(k_i > 0, self.base + j + 1, torch.full_like(j, -1)).to(torch.int32)
         e_strict = torch.where(k_i > 0, e_strict, es[..., NB + 4])
         return k_i, n_neg, target, k_i - strictly, strictly, e_strict, cnt[..., NB + 4]
@@ -205,9 +230,9 @@ def _ones(n: int, dtype, device) -> torch.Tensor:
 
 
 def num_bins(M: int) -> int:
-    """Bins per anchor: about 8 keys per bin for small M (a histogram never larger than the tile), at most
+    """Bins per anchor: about 16 keys per bin for small M (a histogram never larger than the tile), at most
     NUM_BINS."""
-    return int(max(16, min(NUM_BINS, M // 8)))
+    return int(max(16, min(NUM_BINS, M // 16)))
 
 
 def _k_of(n_neg: torch.Tensor, rho: float) -> torch.Tensor:
@@ -254,16 +279,17 @@ def _forward_stats(p: ContrastProblem, qs, k, bound, rho: float, mode: str, posi
     G, N, M = qs.shape[0], qs.shape[1], k.shape[1]
     positives = positives if positives is not None else _Positives(p)
     dev = qs.device
+    ws = Workspace()
     t = qs.new_full((G, N), math.inf)
     k_all = torch.zeros(G, N, dtype=torch.int64, device=dev)
     lse = qs.new_full((G, N), -math.inf)
     pos_sum = qs.new_zeros(G, N)
     count = torch.zeros(G, N, dtype=torch.int64, device=dev)
     for (g0, g1, r0, r1), chunks in _blocks(G, N, M, mode).items():
-        blk = _Block(bound, g0, g1, r0, r1, num_bins(M), qs.shape[-1])
+        blk = _Block(bound, g0, g1, r0, r1, num_bins(M), qs.shape[-1], ws)
         kept_tiles = []
         for c0, c1 in chunks:
-            zp = _shifted_logits(qs, k, bound, g0, g1, r0, r1, c0, c1)
+            zp = _shifted_logits(qs, k, bound, g0, g1, r0, r1, c0, c1, ws)
             pidx = positives.tile(g0, g1, r0, r1, c0, c1)
             slot = blk.slots(p, zp, pidx, g0, g1, r0, r1, c0, c1)
             blk.add(zp, slot, pidx)
@@ -275,9 +301,10 @@ def _forward_stats(p: ContrastProblem, qs, k, bound, rho: float, mode: str, posi
             if kept_tiles:
                 zp, slot = kept_tiles[0]
             else:
-                zp = _shifted_logits(qs, k, bound, g0, g1, r0, r1, c0, c1)
+                zp = _shifted_logits(qs, k, bound, g0, g1, r0, r1, c0, c1, ws)
                 slot = blk.slots(p, zp, positives.tile(g0, g1, r0, r1, c0, c1), g0, g1, r0, r1, c0, c1)
-            hit = (slot == target[..., None]).nonzero(as_tuple=True)    # row-major: grouped by anchor
+            eq = torch.eq(slot, target[..., None], out=ws.get("hit", slot.shape, torch.bool, slot.device))
+            hit = eq.nonzero(as_tuple=True)                                # row-major: grouped by anchor
             vals.append(zp[hit])
             rows.append(hit[0] * (r1 - r0) + hit[1])
         n_rows = k_i.numel()
@@ -421,20 +448,23 @@ class _FilteredInfoNCE(torch.autograd.Function):
         q_signed = qf * sign[..., None] if need_k else None
         dzz = qf.new_zeros(())
         G, N, M = qf.shape[0], qf.shape[1], kf.shape[1]
+        ws = Workspace()
         for g0, g1, r0, r1, c0, c1 in filter_tiles(G, N, M, ctx.mode):
-            zp = _shifted_logits(qs, kf, bound, g0, g1, r0, r1, c0, c1)
+            zp = _shifted_logits(qs, kf, bound, g0, g1, r0, r1, c0, c1, ws)
             pidx = ctx.positives.tile(g0, g1, r0, r1, c0, c1)
-            keep = zp >= t[g0:g1, r0:r1, None]
+            # the mask as 0/1 in the tile's dtype, multiplied in: masked_fill_/where branch per element and
+            # a bool operand is converted first (each several times slower than this on CPU)
+            keep = torch.ge(zp, t[g0:g1, r0:r1, None], out=ws.get("mask", zp.shape, zp.dtype, zp.device))
             sh = shift[g0:g1, r0:r1]
-            # multiplying by the bool mask: masked_fill_/where branch on each element (~8× slower at 50%)
-            w = torch.sub(zp, sh[..., None]).exp_().mul_(keep)
+            gi, ri, _ = pidx
+            w_pos = torch.exp(zp[pidx] - sh[gi, ri]) - y[g0:g1, r0:r1][gi, ri]
+            z = zp + bound[g0:g1, r0:r1, None] if ctx.needs_input_grad[2] else None
+            w = zp.sub_(sh[..., None]).exp_().mul_(keep)                       # in place: zp is not needed again
             if p.k_valid is not None:
                 w.mul_(p.k_valid[g0:g1, None, c0:c1])
             _clear_self(p, w, 0.0, r0, r1, c0, c1)
-            gi, ri, _ = pidx
-            w[pidx] = torch.exp(zp[pidx] - sh[gi, ri]) - y[g0:g1, r0:r1][gi, ri]
-            if ctx.needs_input_grad[2]:
-                z = zp + bound[g0:g1, r0:r1, None]
+            w[pidx] = w_pos
+            if z is not None:
                 dzz = dzz + ((w * z).sum(-1) * sign[g0:g1, r0:r1]).sum()
             if need_q:
                 dq[g0:g1, r0:r1] += torch.bmm(w, kf[g0:g1, c0:c1]) * (sign[g0:g1, r0:r1, None] * s)
