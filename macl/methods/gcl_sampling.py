@@ -128,16 +128,15 @@ def pixel_rows(maps: torch.Tensor, groups: torch.Tensor, n_anchors: Count, n_key
     L = maps[0, 0].numel()
     anchor_loc, key_loc = sample_locations(groups, spatial, n_anchors, n_keys, sampler, grid, generator)
     a = anchor_loc.shape[1]
-    feats = torch.nn.functional.normalize(maps.reshape(V, B, C, L), dim=2).transpose(2, 3)   # (V, B, L, C)
+    # gather the sampled locations first, then normalise only those rows (normalisation is per pixel
+    # vector, so the order does not matter, and the full maps are 2·L/(2·m) times larger)
+    m = key_loc.shape[1]
+    raw = maps.reshape(V, B, C, L).gather(3, key_loc[None, :, None, :].expand(V, B, C, m))      # (V, B, C, m)
+    feats = torch.nn.functional.normalize(raw, dim=2).transpose(2, 3)                          # (V, B, m, C)
     _, codes = torch.unique(groups, return_inverse=True)
     labels = codes[:, None] * L + key_loc                                                     # (B, m)
-
-    def take(loc):  # (B, n) → rows (V·B·n, C), view-major
-        idx = loc[None, :, :, None].expand(V, B, loc.shape[1], C)
-        return feats.gather(2, idx).reshape(-1, C)
-
-    q = take(anchor_loc)
-    rest = take(key_loc[:, a:])
+    q = feats[:, :, :a].reshape(-1, C)
+    rest = feats[:, :, a:].reshape(-1, C)
     q_lab = labels[:, :a].reshape(-1).repeat(V)
     k_lab = torch.cat([q_lab, labels[:, a:].reshape(-1).repeat(V)])
     return PixelRows(q, torch.cat([q, rest]), q_lab, k_lab, anchor_loc, key_loc)
