@@ -15,7 +15,8 @@ Interpretation choices (GCL has no public code):
 - ties at the k_i-th value are all kept (|K(i)| ≥ k_i + |P(i)|; with continuous features ties do not occur);
 - the selection is a constant for autograd (no gradient flows through which pairs were kept).
 
-How it is computed without an N×M tensor (every pass streams tiles; memory O(tile + block·bins)):
+How it is computed without an N×M tensor (every pass streams tiles; memory O(tile + block·bins + the list of
+positive pairs, at most PAIR_BUDGET)):
 Logits are taken shifted by a per-anchor upper bound b_i = s·‖q_i‖·max_j ‖k_j‖ ≥ z_ij (Cauchy–Schwarz):
 z'_ij = z_ij − b_i ≤ 0, one `baddbmm` per tile, the ONE way every pass computes a tile (bit-identical
 across passes, so the selection made once is reproduced exactly later). Per block of anchors:
@@ -70,6 +71,7 @@ FULL_ROW_MAX_KEYS = 1 << 18    # above this many keys per group, the "chunks" ti
 NUM_BINS = 512                 # histogram bins per anchor over [−2b_i, 0] (at most)
 UNDERFLOW = 1e-30              # a kept sum below this is recomputed with a running max
 TILINGS = ("rows", "chunks")
+PAIR_BUDGET = 1 << 22          # at most this many positive pairs are listed (two int64 vectors: 64 MiB)
 SLOT_ERROR_LIMIT = 0.25        # above this worst-case rounding (in bins) slots are clamped into the guard bins
 MAX_BLOCK_ROWS = 1024          # anchors per block: slot ids (< 2^20) stay exact in float32
 
@@ -326,8 +328,9 @@ def _forward_stats(p: ContrastProblem, qs, k, bound, rho: float, mode: str, posi
 
 class _Positives:
     """The positive pairs of a problem, listed once (rule "label" / "index"), so that a tile finds its
-    positives by slicing instead of comparing every pair; None-like (`pairs is None`) for the radius rule or
-    when positives are dense (more than N·M/8), where each tile compares labels as `tile_positives` does."""
+    positives by slicing instead of comparing every pair; not listed (`pairs is None`) for the radius rule or
+    when positives are dense (more than N·M/8, or PAIR_BUDGET), where each tile compares labels as
+    `tile_positives` does."""
 
     def __init__(self, p: ContrastProblem):
         self.p = p
@@ -353,7 +356,7 @@ class _Positives:
                 lo = torch.searchsorted(sk, p.q_meta[g], right=False)
                 cnt = torch.searchsorted(sk, p.q_meta[g], right=True) - lo
                 total += int(cnt.sum())
-                if total > N * M * G // 8:
+                if total > min(N * M * G // 8, PAIR_BUDGET):
                     return
                 rows = torch.repeat_interleave(torch.arange(N, device=dev), cnt)
                 first = torch.repeat_interleave(lo - (torch.cumsum(cnt, 0) - cnt), cnt)
