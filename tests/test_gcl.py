@@ -229,12 +229,12 @@ def test_filter_keeps_exactly_the_pairs_of_a_float64_brute_force(rho, ties, tili
 def test_filter_clamped_slot_path_keeps_the_same_pairs(monkeypatch):
     """Slots are clamped into the guard bins when rounding could exceed a bin (huge D, non-finite bounds):
     forcing that path changes nothing."""
-    import macl_kernels.filtered as flt
+    import macl_kernels.filter_select as fsel
     gen = torch.Generator().manual_seed(5)
     q, k = torch.randn(60, 7, generator=gen, dtype=torch.float64), torch.randn(90, 7, generator=gen, dtype=torch.float64)
     lq, lk = torch.randint(0, 5, (60,), generator=gen), torch.randint(0, 5, (90,), generator=gen)
     plain, _ = our_kept(q, k, 0.4, 3.0, "rows", q_labels=lq, k_labels=lk)
-    monkeypatch.setattr(flt, "SLOT_ERROR_LIMIT", -1.0)
+    monkeypatch.setattr(fsel, "SLOT_ERROR_LIMIT", -1.0)
     clamped, _ = our_kept(q, k, 0.4, 3.0, "rows", q_labels=lq, k_labels=lk)
     ref, _ = brute_kept((q @ k.T)[None] * 3.0, (lq[:, None] == lk[None])[None], torch.ones(1, 60, 90, dtype=torch.bool), 0.4)
     assert torch.equal(plain, ref) and torch.equal(clamped, ref)
@@ -270,12 +270,13 @@ class LargestTensor(TorchDispatchMode):
 
 @pytest.mark.parametrize("tiling", ["rows", "radix"])
 def test_filter_never_allocates_n_by_m(tiling, monkeypatch):
+    import macl_kernels.filter_select as fsel
     import macl_kernels.filtered as flt
     import macl_kernels.torch_tiled as tt
     monkeypatch.setattr(flt, "TILE_BUDGET", 4096)          # rows tiling: 8 anchors × 512 keys per tile
     monkeypatch.setattr(tt, "ROW_BLOCK", 32)               # radix tiling: 32 anchors × 64 keys per tile
     monkeypatch.setattr(tt, "KEY_BLOCK", 64)
-    monkeypatch.setattr(flt, "NUM_BINS", 128)              # histograms: 8 (32) anchors × 133 slots
+    monkeypatch.setattr(fsel, "NUM_BINS", 128)             # at most 128 bins per anchor
     N, M, D = 256, 512, 8
     gen = torch.Generator().manual_seed(0)
     q = F.normalize(torch.randn(N, D, generator=gen), dim=1).requires_grad_()
