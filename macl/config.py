@@ -21,7 +21,7 @@ import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence, Union
 
 from .config_types import coerce_fields, require_yaml
 
@@ -98,6 +98,9 @@ class MethodConfig:
     gcl_mitigator: GCL's Gradient Mitigator (PCGrad projection of conflicting per-meta-label gradients on
         each branch's features); False sums the per-label gradients unchanged.
     pixel_dim: width of GCL's pixel head; None = the width of the last decoder block it runs.
+    gcl_pixel_anchors, gcl_pixel_keys: GCL's pixel branch: anchor and key locations per image, drawn per
+        meta-label bin (anchors ⊆ keys, both views; docs/gcl.md), or "all" (every pixel, the exact formula).
+    gcl_pixel_sampler: how those locations are drawn: "sg" (stratified over a 4×4(×4) grid), "sag", "ns".
     """
 
     name: str = "macl"
@@ -121,6 +124,9 @@ class MethodConfig:
     gcl_rho: float = 0.5
     gcl_mitigator: bool = True
     pixel_dim: Optional[int] = None
+    gcl_pixel_anchors: Union[int, str] = 32
+    gcl_pixel_keys: Union[int, str] = 64
+    gcl_pixel_sampler: str = "sg"
 
     def __post_init__(self) -> None:
         coerce_fields(self, 'method.')  # types first: the checks below compare numbers
@@ -133,6 +139,16 @@ class MethodConfig:
                f"method.meta_labels must be distinct non-empty names, got {self.meta_labels!r}")
         _check(isinstance(self.gcl_rho, (int, float)) and 0 < self.gcl_rho <= 1,
                f"method.gcl_rho must be in (0, 1], got {self.gcl_rho!r}")
+        for name in ("gcl_pixel_anchors", "gcl_pixel_keys"):
+            v = getattr(self, name)
+            _check(v == "all" if isinstance(v, str) else (type(v) is int and v >= 1),
+                   f"method.{name} must be 'all' or an int >= 1, got {v!r}")
+        _check(not (type(self.gcl_pixel_anchors) is int and type(self.gcl_pixel_keys) is int)
+               or self.gcl_pixel_anchors <= self.gcl_pixel_keys,
+               f"method.gcl_pixel_anchors ({self.gcl_pixel_anchors}) must not exceed method.gcl_pixel_keys "
+               f"({self.gcl_pixel_keys}): anchors are drawn among the keys")
+        _check(self.gcl_pixel_sampler in ("ns", "sg", "sag"),
+               f"method.gcl_pixel_sampler must be ns|sg|sag, got {self.gcl_pixel_sampler!r}")
         _check(self.pixel_dim is None or int(self.pixel_dim) >= 1, f"method.pixel_dim must be >= 1 or None, got {self.pixel_dim!r}")
         _check(self.temperature > 0, f"method.temperature must be > 0, got {self.temperature!r}")
         _check(self.threshold > 0, f"method.threshold must be > 0, got {self.threshold!r}")

@@ -15,19 +15,31 @@ Interpretation choices (GCL has no public code):
 - ties at the k_i-th value are all kept (|K(i)| ≥ k_i + |P(i)|; with continuous features ties do not occur);
 - the selection is a constant for autograd (no gradient flows through which pairs were kept).
 
-How it is computed without an N×M tensor:
-1. per-anchor threshold t_i = the k_i-th largest negative logit, exactly:
-   - up to `FULL_ROW_MAX_KEYS` keys per group ("rows" tiling): tiles are blocks of R anchors × all M keys,
-     R·M ≤ `TILE_BUDGET` (memory O(TILE_BUDGET), never N×M); one pass, `torch.topk` of max_i k_i per block;
-   - more keys ("radix" tiling, the usual anchor × key-chunk tiles): a radix select on the order-preserving
-     integer image of the float logits, 4 passes for float32 (8 for float64), each recomputing the tiles and
-     building a 256-bin histogram per anchor of the next 8 bits among the negatives whose higher bits match
-     the prefix chosen so far; all passes run per block of anchors (memory O(tile + block·256));
-2. one forward pass over the tiles: LSE over {j ∈ V(i) : j ∈ P(i) or z_ij ≥ t_i}, Σ_P z and |P| in-tile;
-3. the backward recomputes each tile and applies dz_ij = g_i·(P^F_ij − Y_ij) on the kept pairs.
-Every pass computes a tile's logits with the same batched GEMM on the same slices, so the selection made in
-(1) is reproduced bit for bit in (2) and (3). Runs on any device with PyTorch ops (no Triton kernel).
-Cost on CPU (benchmarks/bench_filter.py): see docs/gcl.md.
+How it is computed without an N×M tensor (every pass streams tiles; memory O(tile + block·bins + the list of
+positive pairs, at most PAIR_BUDGET)):
+Logits are taken shifted by a per-anchor upper bound b_i = s·‖q_i‖·max_j ‖k_j‖ ≥ z_ij (Cauchy–Schwarz):
+z'_ij = z_ij − b_i ≤ 0, one `baddbmm` per tile, the ONE way every pass computes a tile (bit-identical
+across passes, so the selection made once is reproduced exactly later). Per block of anchors:
+1. histogram pass: each allowed pair goes to a slot of its anchor's row: the non-negatives to slot 0, the
+   positives to the top slot, a negative to one of nb (+2 guard) bins that cut [−2b_i, 0] into equal widths
+   (⌊z'·nb/(2b_i)⌋, a monotone map, so bins are ordered like the logits; nb = min(NUM_BINS, M/16)). One pass counts
+   the pairs per slot (`index_add_`) and a second sums exp(z') per slot (no overflow: z' ≤ 0).
+   From the counts: |negatives|, k_i = ⌈ρ·|negatives|⌉ and the bin that holds the k_i-th largest negative;
+2. member pass: the logits of that one bin are gathered, sorted per anchor, and the exact k_i-th largest
+   value t_i is read off (ties at t_i are all kept). The forward statistics need no further pass:
+   Σ_kept exp(z') = Σ_{slots above the bin} (positives included) + Σ_{members ≥ t_i} exp(z').
+   In the "rows" tiling a tile holds all keys of a block of anchors, so both passes read the same tile
+   (one GEMM); in the "chunks" tiling (more keys than FULL_ROW_MAX_KEYS) the member pass recomputes the tiles.
+3. the backward recomputes each tile and applies dz_ij = g_i·(P^F_ij − Y_ij) on the kept pairs
+   {positives} ∪ {allowed : z' ≥ t_i}.
+Anchors whose kept sum underflows (every kept logit more than ~69 below b_i) are recomputed exactly.
+CPU notes (measured): tile temporaries live in a per-call `Workspace` (fresh multi-MiB tensors page-fault on
+first touch), masks are multiplied in as 0/1 floats (masked_fill_/where branch per element), and the positive
+pairs of the label/index rules are listed once per call instead of compared in every tile. The histogram, the
+member selection, the pair list and the workspace are in `filter_select.py`.
+The member buffer of a block holds the logits of one bin per anchor: a few per anchor for spread logits, at
+most a tile in the "rows" tiling; only logits collapsed into one bin (all features nearly equal) make it large.
+Runs on any device with PyTorch ops (no Triton kernel). Cost on CPU: docs/gcl.md.
 """
 from __future__ import annotations
 
@@ -38,15 +50,17 @@ import torch
 
 from .api import REDUCTIONS, Temperature, _build_problem
 from .problem import ContrastProblem, stats_dtype
-from .torch_tiled import tiles, tile_positives
+from . import torch_tiled as tt
+from .filter_select import Histogram, PositivePairs, Workspace, _clear_self, _kth_of_members, num_bins
+from .torch_tiled import tile_positives
 
-__all__ = ["filtered_info_nce", "FilteredResult", "negative_thresholds", "filter_tiles", "tiling_mode"]
+__all__ = ["filtered_info_nce", "FilteredResult", "filter_tiles", "tiling_mode", "TILINGS"]
 
 
 class FilteredResult(NamedTuple):
     """loss: reduced loss (0-d), or per anchor (G, N) / (N,) for reduction="none".
-    per_anchor, threshold (the k_i-th largest negative logit, +inf where nothing is kept), kept (number of
-    negatives kept, int32) and pos_count (int32): (G, N), or (N,) when q was 2-D."""
+    per_anchor, threshold (the k_i-th largest negative logit z, +inf where nothing is kept), kept (k_i, the
+    number of negatives kept without ties, int32) and pos_count (int32): (G, N), or (N,) when q was 2-D."""
     loss: torch.Tensor
     per_anchor: torch.Tensor
     threshold: torch.Tensor
@@ -54,210 +68,203 @@ class FilteredResult(NamedTuple):
     pos_count: torch.Tensor
 
 
-TILE_BUDGET = 1 << 22          # logits per tile in the "rows" tiling (16 MiB of float32)
-FULL_ROW_MAX_KEYS = 1 << 18    # above this many keys per group, thresholds come from the radix select
+TILE_BUDGET = 1 << 20          # logits per tile in the "rows" tiling (4 MiB of float32)
+FULL_ROW_MAX_KEYS = 1 << 18    # above this many keys per group, the "chunks" tiling
+UNDERFLOW = 1e-30              # a kept sum below this is recomputed with a running max
+TILINGS = ("rows", "chunks")
+MAX_BLOCK_ROWS = 1024          # anchors per block: slot ids (< 2^20) stay exact in float32
 
 
 # ------------------------------------------------------------------------------------------ tiles
 def filter_tiles(G: int, N: int, M: int, mode: str):
-    """(g0, g1, r0, r1, c0, c1) tiles: "rows" = anchor blocks × all keys; "radix" = torch_tiled's tiles."""
-    if mode == "radix":
-        yield from tiles(G, N, M)
-        return
-    r = max(1, min(N, TILE_BUDGET // max(M, 1)))
-    gc = max(1, min(G, TILE_BUDGET // max(r * M, 1)))
+    """(g0, g1, r0, r1, c0, c1) tiles, grouped by anchor block (all key chunks of a block in a row):
+    "rows" = anchor blocks × all keys (≤ TILE_BUDGET logits); "chunks" = blocks of ROW_BLOCK anchors ×
+    KEY_BLOCK keys (torch_tiled's sizes). A block holds at most MAX_BLOCK_ROWS anchors (its histogram's
+    slot ids stay exact integers in float32)."""
+    if mode == "chunks":
+        br, bc = min(N, tt.ROW_BLOCK), min(M, tt.KEY_BLOCK)
+        gc = max(1, min(G, MAX_BLOCK_ROWS // br, tt.TILE_ELEMENTS // (br * bc)))
+    else:
+        br, bc = max(1, min(N, TILE_BUDGET // max(M, 1), MAX_BLOCK_ROWS)), M
+        gc = max(1, min(G, TILE_BUDGET // max(br * M, 1), MAX_BLOCK_ROWS // br))
     for g0 in range(0, G, gc):
-        for r0 in range(0, N, r):
-            yield g0, min(G, g0 + gc), r0, min(N, r0 + r), 0, M
+        for r0 in range(0, N, br):
+            for c0 in range(0, max(M, 1), max(bc, 1)):
+                yield g0, min(G, g0 + gc), r0, min(N, r0 + br), c0, min(M, c0 + bc)
 
 
 def tiling_mode(M: int) -> str:
-    """"rows" when all M keys of a block of anchors fit one tile's budget, else "radix"."""
-    return "rows" if M <= FULL_ROW_MAX_KEYS else "radix"
+    """"rows" when all M keys of a block of anchors fit one tile's budget, else "chunks"."""
+    return "rows" if M <= FULL_ROW_MAX_KEYS else "chunks"
 
 
-def _tile_logits(qs, k, g0, g1, r0, r1, c0, c1):
-    """z for one tile: the ONE way every pass computes logits (bit-identical across passes)."""
-    return torch.bmm(qs[g0:g1, r0:r1], k[g0:g1, c0:c1].transpose(1, 2))
+def _blocks(G, N, M, mode):
+    """{(g0, g1, r0, r1): [(c0, c1), ...]} in tile order."""
+    out: dict = {}
+    for g0, g1, r0, r1, c0, c1 in filter_tiles(G, N, M, mode):
+        out.setdefault((g0, g1, r0, r1), []).append((c0, c1))
+    return out
 
 
-def _allowed(p: ContrastProblem, g0, g1, r0, r1, c0, c1, device) -> torch.Tensor:
-    """V restricted to a tile: (g, r, c) bool (valid keys, not self)."""
-    allowed = torch.ones(g1 - g0, r1 - r0, c1 - c0, dtype=torch.bool, device=device)
+def _shifted_logits(qs, k, bound, g0, g1, r0, r1, c0, c1, ws: Optional[Workspace] = None):
+    """z' = z − b for one tile: the ONE way every pass computes logits (bit-identical across passes).
+    With a workspace the result lives in its "z" buffer (valid until the next call)."""
+    out = None if ws is None else ws.get("z", (g1 - g0, r1 - r0, c1 - c0), qs.dtype, qs.device)
+    return torch.baddbmm(-bound[g0:g1, r0:r1, None], qs[g0:g1, r0:r1], k[g0:g1, c0:c1].transpose(1, 2), out=out)
+
+
+def _bound(p: ContrastProblem, qs: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """b (G, N) ≥ every z_ij of the anchor's valid keys (0 without valid keys)."""
+    kn = k.norm(dim=-1)
     if p.k_valid is not None:
-        allowed &= p.k_valid[g0:g1, None, c0:c1]
-    if p.exclude_self:
-        lo, hi = max(r0, c0), min(r1, c1)
-        if lo < hi:
-            idx = torch.arange(lo, hi, device=device)
-            allowed[:, idx - r0, idx - c0] = False
-    return allowed
-
-
-def _order_keys(z: torch.Tensor) -> torch.Tensor:
-    """int64 keys whose signed order is the float order of z (float32 or float64)."""
-    if z.dtype == torch.float64:
-        i = z.contiguous().view(torch.int64)
-        return torch.where(i < 0, i ^ 0x7FFFFFFFFFFFFFFF, i)
-    i = z.to(torch.float32).contiguous().view(torch.int32).long()
-    return torch.where(i < 0, i ^ 0x7FFFFFFF, i)
-
-
-def _keys_to_float(key: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    if dtype == torch.float64:
-        return torch.where(key < 0, key ^ 0x7FFFFFFFFFFFFFFF, key).view(torch.float64)
-    k32 = torch.where(key < 0, key ^ 0x7FFFFFFF, key).to(torch.int32)
-    return k32.view(torch.float32).to(dtype)
-
-
-def _k_of(n_neg: torch.Tensor, rho: float) -> torch.Tensor:
-    """k_i = ⌈ρ·|negatives|⌉ (a 1e-9 guard keeps 0.3·10 at 3), at most |negatives|."""
-    return torch.minimum(torch.ceil(n_neg.double() * rho - 1e-9).long().clamp_(min=0), n_neg)
+        kn = kn.masked_fill(~p.k_valid, 0.0)
+    kmax = kn.amax(dim=1, keepdim=True) if k.shape[1] else kn.new_zeros(k.shape[0], 1)
+    return qs.norm(dim=-1) * kmax
 
 
 @torch.no_grad()
-def negative_thresholds(p: ContrastProblem, qs: torch.Tensor, k: torch.Tensor, rho: float, mode: str):
-    """Per anchor: (t (G, N) the k_i-th largest negative logit or +inf, k_i (G, N) int64, |negatives| (G, N)).
+def _forward_stats(p: ContrastProblem, qs, k, bound, rho: float, mode: str, positives=None):
+    """Thresholds and forward statistics (module docstring, steps 1–2).
 
-    qs = q·s and k in the statistics dtype; mode "rows" or "radix" (see the module docstring).
-    """
-    if mode == "radix":
-        return _radix_thresholds(p, qs, k, rho)
+    Returns t' (G, N) (on the z' scale, +inf where nothing is kept), k_i, lse (G, N) of the kept pairs,
+    pos_sum (Σ_P z, G, N) and count (|P|, G, N int64)."""
     G, N, M = qs.shape[0], qs.shape[1], k.shape[1]
-    t = qs.new_full((G, N), math.inf)
-    k_all = torch.zeros(G, N, dtype=torch.int64, device=qs.device)
-    n_all = torch.zeros(G, N, dtype=torch.int64, device=qs.device)
-    for g0, g1, r0, r1, c0, c1 in filter_tiles(G, N, M, "rows"):
-        z = _tile_logits(qs, k, g0, g1, r0, r1, c0, c1)
-        neg = _allowed(p, g0, g1, r0, r1, c0, c1, qs.device) & ~tile_positives(p, g0, g1, r0, r1, c0, c1)
-        n_neg = neg.sum(-1)
-        k_i = _k_of(n_neg, rho)
-        k_max = int(k_i.max()) if k_i.numel() else 0
-        if k_max > 0:
-            top = torch.topk(z.masked_fill_(~neg, -math.inf), k_max, dim=-1, sorted=True).values
-            kth = top.gather(-1, (k_i - 1).clamp(min=0)[..., None])[..., 0]
-            t[g0:g1, r0:r1] = torch.where(k_i > 0, kth, torch.full_like(kth, math.inf))
-        k_all[g0:g1, r0:r1] = k_i
-        n_all[g0:g1, r0:r1] = n_neg
-    return t, k_all, n_all
-
-
-@torch.no_grad()
-def _radix_thresholds(p: ContrastProblem, qs: torch.Tensor, k: torch.Tensor, rho: float):
-    """`negative_thresholds` by an exact radix select (module docstring). Per block of anchors, every pass
-    streams torch_tiled's key blocks, so the per-anchor state is a (g, R, 256) histogram of one block."""
-    G, N, M = qs.shape[0], qs.shape[1], k.shape[1]
+    positives = positives if positives is not None else PositivePairs(p)
     dev = qs.device
+    ws = Workspace()
     t = qs.new_full((G, N), math.inf)
     k_all = torch.zeros(G, N, dtype=torch.int64, device=dev)
-    n_all = torch.zeros(G, N, dtype=torch.int64, device=dev)
-    blocks = sorted({(g0, g1, r0, r1) for g0, g1, r0, r1, _, _ in tiles(G, N, M)})
-    key_blocks = sorted({(c0, c1) for *_, c0, c1 in tiles(G, N, M)})
-    for g0, g1, r0, r1 in blocks:
-        t[g0:g1, r0:r1], k_all[g0:g1, r0:r1], n_all[g0:g1, r0:r1] = _radix_block(
-            p, qs, k, rho, g0, g1, r0, r1, key_blocks)
-    return t, k_all, n_all
+    lse = qs.new_full((G, N), -math.inf)
+    pos_sum = qs.new_zeros(G, N)
+    count = torch.zeros(G, N, dtype=torch.int64, device=dev)
+    for (g0, g1, r0, r1), chunks in _blocks(G, N, M, mode).items():
+        blk = Histogram(bound, g0, g1, r0, r1, num_bins(M), qs.shape[-1], ws)
+        kept_tiles = []
+        for c0, c1 in chunks:
+            zp = _shifted_logits(qs, k, bound, g0, g1, r0, r1, c0, c1, ws)
+            pidx = positives.tile(g0, g1, r0, r1, c0, c1)
+            slot = blk.slots(p, zp, pidx, g0, g1, r0, r1, c0, c1)
+            blk.add(zp, slot, pidx)
+            if len(chunks) == 1:  # "rows": the member pass reads the same tile
+                kept_tiles.append((zp, slot))
+        k_i, in_bin, target, rank, _, e_strict, cnt_pos = blk.select(rho)
+        vals, rows = [], []
+        n_rows = k_i.numel()
+        for ci, (c0, c1) in enumerate(chunks):
+            if kept_tiles:  # one chunk: the members in row-major order, their anchors from the bin counts
+                zp, slot = kept_tiles[0]
+                eq = torch.eq(slot, target[..., None], out=ws.get("hit", slot.shape, torch.bool, slot.device))
+                vals.append(torch.masked_select(zp, eq))
+                rows.append(torch.repeat_interleave(torch.arange(n_rows, device=dev), in_bin.reshape(-1)))
+                continue
+            else:
+                zp = _shifted_logits(qs, k, bound, g0, g1, r0, r1, c0, c1, ws)
+                slot = blk.slots(p, zp, positives.tile(g0, g1, r0, r1, c0, c1), g0, g1, r0, r1, c0, c1)
+            eq = torch.eq(slot, target[..., None], out=ws.get("hit", slot.shape, torch.bool, slot.device))
+            hit = eq.nonzero(as_tuple=True)                                # row-major: grouped by anchor
+            vals.append(zp[hit])
+            rows.append(hit[0] * (r1 - r0) + hit[1])
+        tb, e_mem = _kth_of_members(torch.cat(vals), torch.cat(rows), n_rows, rank.reshape(-1),
+                                    grouped=len(chunks) == 1)
+        tb, e_mem = tb.reshape(blk.shape), e_mem.reshape(blk.shape)
+        total = e_strict + e_mem
+        t[g0:g1, r0:r1] = tb
+        k_all[g0:g1, r0:r1] = k_i
+        lse[g0:g1, r0:r1] = torch.log(total)
+        pos_sum[g0:g1, r0:r1] = blk.pos_sum
+        count[g0:g1, r0:r1] = cnt_pos
+        low = (total < UNDERFLOW) & ((k_i > 0) | (cnt_pos > 0))
+        if bool(low.any()):
+            lse[g0:g1, r0:r1] = torch.where(low, _exact_lse(p, qs, k, bound, tb, g0, g1, r0, r1, chunks),
+                                            lse[g0:g1, r0:r1])
+    return t, k_all, lse + bound, pos_sum + count * bound, count
 
 
-def _radix_block(p, qs, k, rho, g0, g1, r0, r1, key_blocks):
-    bits = 64 if qs.dtype == torch.float64 else 32
-    dev = qs.device
-    shape = (g1 - g0, r1 - r0)
-    prefix = torch.zeros(shape, dtype=torch.int64, device=dev)
-    for pas in range(bits // 8):
-        shift = bits - 8 * (pas + 1)
-        hist = torch.zeros(shape + (256,), dtype=torch.int32, device=dev)
-        for c0, c1 in key_blocks:
-            z = _tile_logits(qs, k, g0, g1, r0, r1, c0, c1)
-            neg = _allowed(p, g0, g1, r0, r1, c0, c1, dev) & ~tile_positives(p, g0, g1, r0, r1, c0, c1)
-            key = _order_keys(z)
-            del z
-            if pas > 0:
-                neg &= (key >> (shift + 8)) == prefix[..., None]
-            digit = (key >> shift) & 0xFF
-            del key
-            if pas == 0:
-                digit ^= 0x80  # the top byte carries the sign: offset-binary order
-            hist.scatter_add_(2, digit, neg.int())
-        if pas == 0:
-            n_neg = hist.sum(-1, dtype=torch.int64)
-            k_rem = _k_of(n_neg, rho)
-            k_i = k_rem.clone()
-        above = hist.flip(-1).cumsum(-1).flip(-1)              # above[d] = Σ_{d' ≥ d} hist
-        d_star = ((above >= k_rem[..., None]).sum(-1) - 1).clamp_(min=0)
-        strictly_above = above.gather(-1, d_star[..., None])[..., 0] - hist.gather(-1, d_star[..., None])[..., 0]
-        k_rem = k_rem - strictly_above
-        if pas == 0:
-            raw = d_star ^ 0x80
-            prefix = torch.where(raw >= 128, raw - 256, raw)    # the signed top byte
-        else:
-            prefix = prefix * 256 + d_star
-    t = _keys_to_float(prefix, qs.dtype)
-    return torch.where(k_i > 0, t, torch.full_like(t, math.inf)), k_i, n_neg
-
-
-def _kept(p, z, t, g0, g1, r0, r1, c0, c1):
-    """(kept (g, r, c) bool, positives (g, r, c) bool) for one tile."""
+def _kept(p, zp, t, g0, g1, r0, r1, c0, c1):
+    """kept (g, r, c) bool for one tile: positives ∪ {allowed: z' ≥ t'}."""
     pos = tile_positives(p, g0, g1, r0, r1, c0, c1)
-    keep = _allowed(p, g0, g1, r0, r1, c0, c1, z.device) & (pos | (z >= t[g0:g1, r0:r1, None]))
-    return keep, pos
+    keep = zp >= t[g0:g1, r0:r1, None]
+    if p.k_valid is not None:
+        keep &= p.k_valid[g0:g1, None, c0:c1]
+    _clear_self(p, keep, False, r0, r1, c0, c1)
+    return keep.logical_or_(pos)
+
+
+def _exact_lse(p, qs, k, bound, tb, g0, g1, r0, r1, chunks):
+    """log Σ_kept exp(z') of one block with a running max (for the rare underflowing anchors)."""
+    out = qs.new_full((g1 - g0, r1 - r0), -math.inf)
+    tt = torch.full_like(bound, math.inf)
+    tt[g0:g1, r0:r1] = tb
+    for c0, c1 in chunks:
+        zp = _shifted_logits(qs, k, bound, g0, g1, r0, r1, c0, c1)
+        keep = _kept(p, zp, tt, g0, g1, r0, r1, c0, c1)
+        torch.logaddexp(out, torch.logsumexp(zp.masked_fill(~keep, -math.inf), -1), out=out)
+    return out
 
 
 class _FilteredInfoNCE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, scale, p: ContrastProblem, t: torch.Tensor, mode: str):
+    def forward(ctx, q, k, scale, p: ContrastProblem, rho: float, mode: str):
         sdt = stats_dtype(q.dtype)
         qf, kf = q.detach().to(sdt), k.detach().to(sdt)
         s = float(scale)
         qs = qf * s
-        G, N, M = qf.shape[0], qf.shape[1], kf.shape[1]
-        lse = qs.new_full((G, N), -math.inf)
-        pos_sum = qs.new_zeros(G, N)
-        count = torch.zeros(G, N, dtype=torch.int64, device=qs.device)
-        for g0, g1, r0, r1, c0, c1 in filter_tiles(G, N, M, mode):
-            z = _tile_logits(qs, kf, g0, g1, r0, r1, c0, c1)
-            keep, pos = _kept(p, z, t, g0, g1, r0, r1, c0, c1)
-            pos_sum[g0:g1, r0:r1] += torch.where(pos, z, 0.0).sum(-1)
-            count[g0:g1, r0:r1] += pos.sum(-1)
-            part = lse[g0:g1, r0:r1]
-            torch.logaddexp(part, torch.logsumexp(z.masked_fill(~keep, -math.inf), -1), out=part)
+        bound = _bound(p, qs, kf)
+        positives = PositivePairs(p)
+        t, k_i, lse, pos_sum, count = _forward_stats(p, qs, kf, bound, rho, mode, positives)
         counted = count > 0
         if p.q_valid is not None:
             counted &= p.q_valid
         loss = torch.where(counted, lse.masked_fill(~counted, 0.0) - pos_sum / count.clamp(min=1),
                            torch.zeros_like(lse))
-        ctx.p, ctx.s, ctx.mode = p, s, mode
+        ctx.p, ctx.s, ctx.mode, ctx.positives = p, s, mode, positives
         ctx.dtypes = (q.dtype, k.dtype)
         ctx.scale_dtype = scale.dtype if isinstance(scale, torch.Tensor) else None
-        ctx.save_for_backward(qf, kf, t, lse, count, counted)
-        ctx.mark_non_differentiable(count)
-        return loss, count.to(torch.int32)
+        ctx.save_for_backward(qf, kf, t, lse, count, counted, bound)
+        threshold = t + bound
+        ctx.mark_non_differentiable(count, threshold, k_i)
+        return loss, count.to(torch.int32), threshold, k_i
 
     @staticmethod
-    def backward(ctx, g_loss, _g_count):
-        qf, kf, t, lse, count, counted = ctx.saved_tensors
+    def backward(ctx, g_loss, _g_count, _g_t, _g_k):
+        qf, kf, t, lse, count, counted, bound = ctx.saved_tensors
         p, s = ctx.p, ctx.s
         need_q = ctx.needs_input_grad[0] or ctx.needs_input_grad[2]
         need_k = ctx.needs_input_grad[1]
         g = torch.where(counted, g_loss.to(qf.dtype), torch.zeros_like(lse))
-        y = (g / count.clamp(min=1))[..., None]
-        lse_safe = torch.where(counted, lse, torch.zeros_like(lse))[..., None]
+        # dz = g·(P^F − Y) = sign(g)·w with w = exp(z' − (LSE' − log|g|)) on the kept pairs − |g|/|P| on P:
+        # |g| is folded into the exponent and sign(g) applied on the (N, D) side, never on a tile.
+        sign = torch.sign(g)
+        shift = (lse - bound - torch.log(g.abs())).masked_fill_(g == 0, math.inf)
+        y = g.abs() / count.clamp(min=1)
         qs = qf * s
         dq = torch.zeros_like(qf) if need_q else None
         dk = torch.zeros_like(kf) if need_k else None
+        q_signed = qf * sign[..., None] if need_k else None
         dzz = qf.new_zeros(())
         G, N, M = qf.shape[0], qf.shape[1], kf.shape[1]
+        ws = Workspace()
         for g0, g1, r0, r1, c0, c1 in filter_tiles(G, N, M, ctx.mode):
-            z = _tile_logits(qs, kf, g0, g1, r0, r1, c0, c1)
-            keep, pos = _kept(p, z, t, g0, g1, r0, r1, c0, c1)
-            prob = torch.exp(z - lse_safe[g0:g1, r0:r1]).masked_fill_(~keep, 0.0)
-            dz = prob.mul_(g[g0:g1, r0:r1, None]).sub_(pos * y[g0:g1, r0:r1])   # g·P^F − g·Y
-            if ctx.needs_input_grad[2]:
-                dzz = dzz + (dz * z).sum()
+            zp = _shifted_logits(qs, kf, bound, g0, g1, r0, r1, c0, c1, ws)
+            pidx = ctx.positives.tile(g0, g1, r0, r1, c0, c1)
+            # the mask as 0/1 in the tile's dtype, multiplied in: masked_fill_/where branch per element and
+            # a bool operand is converted first (each several times slower than this on CPU)
+            keep = torch.ge(zp, t[g0:g1, r0:r1, None], out=ws.get("mask", zp.shape, zp.dtype, zp.device))
+            sh = shift[g0:g1, r0:r1]
+            gi, ri, _ = pidx
+            w_pos = torch.exp(zp[pidx] - sh[gi, ri]) - y[g0:g1, r0:r1][gi, ri]
+            z = zp + bound[g0:g1, r0:r1, None] if ctx.needs_input_grad[2] else None
+            w = zp.sub_(sh[..., None]).exp_().mul_(keep)                       # in place: zp is not needed again
+            if p.k_valid is not None:
+                w.mul_(p.k_valid[g0:g1, None, c0:c1])
+            _clear_self(p, w, 0.0, r0, r1, c0, c1)
+            w[pidx] = w_pos
+            if z is not None:
+                dzz = dzz + ((w * z).sum(-1) * sign[g0:g1, r0:r1]).sum()
             if need_q:
-                dq[g0:g1, r0:r1] += torch.bmm(dz, kf[g0:g1, c0:c1]) * s
+                dq[g0:g1, r0:r1] += torch.bmm(w, kf[g0:g1, c0:c1]) * (sign[g0:g1, r0:r1, None] * s)
             if need_k:
-                dk[g0:g1, c0:c1] += torch.bmm(dz.transpose(1, 2), qf[g0:g1, r0:r1]) * s
+                dk[g0:g1, c0:c1] += torch.bmm(w.transpose(1, 2), q_signed[g0:g1, r0:r1]) * s
         ds = (dzz / s).to(ctx.scale_dtype) if ctx.needs_input_grad[2] else None
         dq_out = dq.to(ctx.dtypes[0]) if ctx.needs_input_grad[0] else None
         dk_out = dk.to(ctx.dtypes[1]) if need_k else None
@@ -288,25 +295,23 @@ def filtered_info_nce(
     self-contrast; one positive rule; exclude_self; q_valid / k_valid; reduction "mean" over counted anchors,
     "sum", "none"), plus rho ∈ (0, 1]: the fraction of each anchor's negatives kept (ρ = 1 gives exactly
     the unfiltered loss). Features are used as given (normalise them first for cosine logits).
-    tiling: None (automatic: "rows" up to FULL_ROW_MAX_KEYS keys per group, else "radix"), or force one.
+    tiling: None (automatic: "rows" up to FULL_ROW_MAX_KEYS keys per group, else "chunks"), or force one
+    ("radix", the former name of "chunks", is accepted).
 
-    Returns a `FilteredResult`. Raises ValueError for rho outside (0, 1] and every error
+    Returns a `FilteredResult`. Raises ValueError for rho outside (0, 1], an unknown tiling and every error
     `grouped_info_nce` raises for bad inputs.
     """
     if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not 0 < rho <= 1:
         raise ValueError(f"rho must be a number in (0, 1], got {rho!r}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if tiling not in (None, "rows", "chunks", "radix"):
+        raise ValueError(f"tiling must be None, 'rows' or 'chunks', got {tiling!r}")
     unbatched = isinstance(q, torch.Tensor) and q.dim() == 2
     p, _ = _build_problem(q, k, temperature, pos_index, q_labels, k_labels, q_positions, k_positions,
                           threshold, exclude_self, q_valid, k_valid)
-    if tiling not in (None, "rows", "radix"):
-        raise ValueError(f"tiling must be None, 'rows' or 'radix', got {tiling!r}")
-    mode = tiling or tiling_mode(p.k.shape[1])
-    sdt = stats_dtype(p.q.dtype)
-    s = float(p.scale)
-    t, kept, _ = negative_thresholds(p, p.q.detach().to(sdt) * s, p.k.detach().to(sdt), float(rho), mode)
-    per_anchor, count = _FilteredInfoNCE.apply(p.q, p.k, p.scale, p, t, mode)
+    mode = {"radix": "chunks"}.get(tiling, tiling) or tiling_mode(p.k.shape[1])
+    per_anchor, count, t, kept = _FilteredInfoNCE.apply(p.q, p.k, p.scale, p, float(rho), mode)
     if p.q_valid is not None:
         count = count * p.q_valid
         kept = kept * p.q_valid

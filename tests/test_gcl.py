@@ -149,6 +149,110 @@ def test_filter_float32_and_rho_one_is_the_core():
         filtered_info_nce(x, rho=1.5, q_labels=lab)
 
 
+def brute_kept(z, pos, allowed, rho):
+    """float64 brute force of the kept set: positives ∪ {negatives with z ≥ the ⌈ρ·n⌉-th largest negative}
+    (ties at the threshold all kept). z, pos, allowed (G, N, M). Returns (kept (G, N, M) bool, k (G, N))."""
+    neg = allowed & ~pos
+    n = neg.sum(-1)
+    k = torch.ceil(n.double() * rho - 1e-9).long()
+    zs = z.double().masked_fill(~neg, -math.inf).sort(-1, descending=True).values
+    t = zs.gather(-1, (k - 1).clamp(min=0)[..., None]).masked_fill((k == 0)[..., None], math.inf)
+    return pos | (neg & (z.double() >= t)), k
+
+
+def old_topk_kept(z, pos, allowed, rho):
+    """The pre-issue-16 threshold (`negative_thresholds`, "rows" tiling): torch.topk of max_i k_i per row,
+    the k_i-th value as threshold. Kept here only as a reference for the new selection."""
+    neg = allowed & ~pos
+    k_i = torch.minimum(torch.ceil(neg.sum(-1).double() * rho - 1e-9).long().clamp_(min=0), neg.sum(-1))
+    top = torch.topk(z.masked_fill(~neg, -math.inf), int(k_i.max()), dim=-1, sorted=True).values
+    t = torch.where(k_i > 0, top.gather(-1, (k_i - 1).clamp(min=0)[..., None])[..., 0], torch.full_like(top[..., 0], math.inf))
+    return pos | (neg & (z >= t[..., None]))
+
+
+def our_kept(q, k, rho, s, tiling, **kw):
+    """The pairs the filter keeps, assembled from the same tiles and thresholds its passes use."""
+    import macl_kernels.filtered as flt
+    from macl_kernels.api import _build_problem
+    p, _ = _build_problem(q, k, 1.0 / s, kw.get("pos_index"), kw.get("q_labels"), kw.get("k_labels"), None, None,
+                          None, kw.get("exclude_self", False), None, kw.get("k_valid"))
+    qs, kf = p.q.double() * s, p.k.double()
+    bound = flt._bound(p, qs, kf)
+    t, k_i, *_ = flt._forward_stats(p, qs, kf, bound, rho, tiling)
+    G, N, M = qs.shape[0], qs.shape[1], kf.shape[1]
+    kept = torch.zeros(G, N, M, dtype=torch.bool)
+    for g0, g1, r0, r1, c0, c1 in flt.filter_tiles(G, N, M, tiling):
+        zp = flt._shifted_logits(qs, kf, bound, g0, g1, r0, r1, c0, c1)
+        kept[g0:g1, r0:r1, c0:c1] = flt._kept(p, zp, t, g0, g1, r0, r1, c0, c1)
+    return kept, k_i
+
+
+@pytest.mark.parametrize("tiling", ["rows", "chunks"])
+@pytest.mark.parametrize("ties", [False, True])
+@pytest.mark.parametrize("rho", [0.05, 0.3, 0.5, 0.77, 1.0])
+def test_filter_keeps_exactly_the_pairs_of_a_float64_brute_force(rho, ties, tiling, monkeypatch):
+    """Several ρ; ties: integer features make many logits exactly equal (every tie at the threshold kept)."""
+    import macl_kernels.torch_tiled as tt
+    monkeypatch.setattr(tt, "KEY_BLOCK", 48)                 # "chunks": several key chunks per anchor block
+    monkeypatch.setattr(tt, "ROW_BLOCK", 40)
+    gen = torch.Generator().manual_seed(int(rho * 100) + 7 * ties)
+    N, M, D, s = 90, 130, 5, 2.0
+    if ties:
+        q = torch.randint(-1, 2, (N, D), generator=gen).double()
+        k = torch.randint(-1, 2, (M, D), generator=gen).double()
+    else:
+        q, k = torch.randn(N, D, generator=gen, dtype=torch.float64), torch.randn(M, D, generator=gen, dtype=torch.float64)
+    lq, lk = torch.randint(0, 6, (N,), generator=gen), torch.randint(0, 6, (M,), generator=gen)
+    kv = torch.rand(M, generator=gen) > 0.1
+    kept, k_i = our_kept(q, k, rho, s, tiling, q_labels=lq, k_labels=lk, k_valid=kv)
+    pos = ((lq[:, None] == lk[None]) & kv[None])[None]
+    allowed = kv[None, None].expand(1, N, M)
+    ref, k_ref = brute_kept((q @ k.T)[None] * s, pos, allowed, rho)
+    assert torch.equal(kept, ref) and torch.equal(k_i, k_ref)
+    if not ties:
+        assert torch.equal(kept, old_topk_kept((q @ k.T)[None] * s, pos, allowed, rho))
+    elif rho < 1:
+        assert int((kept & ~pos).sum()) > int(k_ref.sum())   # ties at the threshold did occur and were kept
+    # the loss over the brute-force kept set (values and gradients)
+    qg, kg = q.clone().requires_grad_(), k.clone().requires_grad_()
+    res = filtered_info_nce(qg, kg, rho=rho, temperature=1 / s, q_labels=lq, k_labels=lk, k_valid=kv, tiling=tiling)
+    z = (qg @ kg.T) * s
+    lse = torch.logsumexp(z.masked_fill(~ref[0], -math.inf), -1)
+    cnt = pos[0].sum(-1)
+    per = torch.where(cnt > 0, lse - (z * pos[0]).sum(-1) / cnt.clamp(min=1), torch.zeros_like(lse))
+    ref_loss = per.sum() / (cnt > 0).sum()
+    assert torch.allclose(res.loss, ref_loss, rtol=1e-10, atol=1e-12)
+    for a, b in zip(torch.autograd.grad(res.loss, (qg, kg)), torch.autograd.grad(ref_loss, (qg, kg))):
+        assert torch.allclose(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_filter_clamped_slot_path_keeps_the_same_pairs(monkeypatch):
+    """Slots are clamped into the guard bins when rounding could exceed a bin (huge D, non-finite bounds):
+    forcing that path changes nothing."""
+    import macl_kernels.filter_select as fsel
+    gen = torch.Generator().manual_seed(5)
+    q, k = torch.randn(60, 7, generator=gen, dtype=torch.float64), torch.randn(90, 7, generator=gen, dtype=torch.float64)
+    lq, lk = torch.randint(0, 5, (60,), generator=gen), torch.randint(0, 5, (90,), generator=gen)
+    plain, _ = our_kept(q, k, 0.4, 3.0, "rows", q_labels=lq, k_labels=lk)
+    monkeypatch.setattr(fsel, "SLOT_ERROR_LIMIT", -1.0)
+    clamped, _ = our_kept(q, k, 0.4, 3.0, "rows", q_labels=lq, k_labels=lk)
+    ref, _ = brute_kept((q @ k.T)[None] * 3.0, (lq[:, None] == lk[None])[None], torch.ones(1, 60, 90, dtype=torch.bool), 0.4)
+    assert torch.equal(plain, ref) and torch.equal(clamped, ref)
+
+
+def test_filter_float32_big_enough_for_the_histogram_path_matches_float64_selection():
+    """N = M = 700 float32 rows (bins hold several logits each): same kept pairs as a float64 brute force on
+    the float32 logits the filter computes."""
+    gen = torch.Generator().manual_seed(3)
+    x = F.normalize(torch.randn(700, 24, generator=gen), dim=1)
+    lab = torch.randint(0, 40, (700,), generator=gen)
+    kept, k_i = our_kept(x.double(), None, 0.5, 10.0, "rows", q_labels=lab, exclude_self=True)
+    eye = torch.eye(700, dtype=torch.bool)
+    pos = ((lab[:, None] == lab[None]) & ~eye)[None]
+    ref, k_ref = brute_kept((x.double() @ x.double().T)[None] * 10.0, pos, ~eye[None], 0.5)
+    assert torch.equal(kept, ref) and torch.equal(k_i, k_ref)
+
+
 class LargestTensor(TorchDispatchMode):
     """Records the largest number of elements of any tensor an aten op returns (forward and backward)."""
 
@@ -166,11 +270,13 @@ class LargestTensor(TorchDispatchMode):
 
 @pytest.mark.parametrize("tiling", ["rows", "radix"])
 def test_filter_never_allocates_n_by_m(tiling, monkeypatch):
+    import macl_kernels.filter_select as fsel
     import macl_kernels.filtered as flt
     import macl_kernels.torch_tiled as tt
     monkeypatch.setattr(flt, "TILE_BUDGET", 4096)          # rows tiling: 8 anchors × 512 keys per tile
     monkeypatch.setattr(tt, "ROW_BLOCK", 32)               # radix tiling: 32 anchors × 64 keys per tile
     monkeypatch.setattr(tt, "KEY_BLOCK", 64)
+    monkeypatch.setattr(fsel, "NUM_BINS", 128)             # at most 128 bins per anchor
     N, M, D = 256, 512, 8
     gen = torch.Generator().manual_seed(0)
     q = F.normalize(torch.randn(N, D, generator=gen), dim=1).requires_grad_()
@@ -179,8 +285,10 @@ def test_filter_never_allocates_n_by_m(tiling, monkeypatch):
     with LargestTensor() as mode:
         loss = filtered_info_nce(q, k, rho=0.3, q_labels=lq, k_labels=lk, tiling=tiling).loss
         loss.backward()
-    # the largest tensors: a tile (4096 or 2048), a block's 32×256 histogram (8192), q / k / dq / dk (4096)
-    assert mode.largest <= 8192 < N * M // 8, mode.largest
+    # the largest tensors: a tile (4096 or 2048), a block's 32×69 histogram, q / k / dq / dk (4096), and the list
+    # of positive pairs (Σ|P(i)| ≈ N·M/30, kept only while ≤ N·M/8)
+    n_pairs = int((lq[:, None] == lk[None]).sum())
+    assert mode.largest <= max(4096, n_pairs) < N * M // 8, (mode.largest, n_pairs)
     ref, _ = dense_filtered(q[None].double(), k[None].double(), 0.3, 0.1, (lq[:, None] == lk[None])[None],
                             torch.ones(1, N, M, dtype=torch.bool))
     assert torch.allclose(loss.double(), ref, rtol=1e-5)
@@ -218,6 +326,62 @@ def test_pixel_positives_are_same_location_and_same_meta_label():
     g1, = torch.autograd.grad(ours, maps)
     g2, = torch.autograd.grad(ref, maps)
     assert torch.allclose(ours, ref) and torch.allclose(g1, g2)
+
+
+# ------------------------------------------------------------------------------------------ sampling
+@pytest.mark.parametrize("sampler", ["ns", "sg", "sag"])
+def test_sampled_anchors_keep_every_positive_of_their_group_and_their_other_view(sampler):
+    from macl.methods.gcl_sampling import pixel_rows
+    torch.manual_seed(0)
+    groups = torch.tensor([3, 1, 3, 0, 1, 1, 7])
+    B, L = 7, 12 * 10
+    maps = torch.randn(2 * B, 4, 12, 10)
+    r = pixel_rows(maps, groups, 20, 50, sampler)
+    a, m = r.anchor_loc.shape[1], r.key_loc.shape[1]
+    assert r.q.shape == (2 * B * a, 4) and r.k.shape == (2 * B * m, 4) and torch.equal(r.k[: len(r.q)], r.q)
+    assert a == 20 and m == 50
+    assert torch.equal(r.key_loc[:, :a], r.anchor_loc)
+    for b in range(B):                                   # one location set per meta-label bin, distinct keys
+        assert len(set(r.key_loc[b].tolist())) == m
+        for b2 in range(B):
+            assert torch.equal(r.key_loc[b], r.key_loc[b2]) == bool(groups[b] == groups[b2])
+    pos = (r.q_labels[:, None] == r.k_labels[None])
+    pos[torch.arange(len(r.q)), torch.arange(len(r.q))] = False
+    size = (groups[:, None] == groups[None]).sum(1)                 # images in each image's bin
+    expect = (2 * size - 1).repeat_interleave(a).repeat(2)           # its other view + 2 per other image of the bin
+    assert torch.equal(pos.sum(1), expect) and bool((pos.sum(1) >= 1).all())
+    # the rows are the right features: anchor (view v, image b, location s) is the normalised maps[v·B + b, :, s]
+    v, b, j = 1, 4, 7
+    s_loc = int(r.anchor_loc[b, j])
+    ref = F.normalize(maps[v * B + b].reshape(4, L)[:, s_loc], dim=0)
+    assert torch.allclose(r.q[(v * B + b) * a + j], ref)
+    code = torch.unique(groups).tolist().index(int(groups[b]))
+    assert int(r.q_labels[(v * B + b) * a + j]) == code * L + s_loc
+
+
+def test_sampling_all_and_counts_above_the_grid_give_the_exact_filtered_loss():
+    """"all" is the unsampled formula (loss and gradients of the plain filtered call); counts ≥ L sample every
+    location (rows permuted), which gives the same loss and gradients."""
+    torch.manual_seed(1)
+    groups = torch.tensor([0, 1, 0, 2])
+    maps = torch.randn(8, 6, 5, 4, dtype=torch.float64, requires_grad=True)
+    base = dict(name="gcl", gcl_rho=0.3, temperature=0.2)
+    ours = pixel_loss(maps, groups, MethodConfig(**base, gcl_pixel_anchors="all", gcl_pixel_keys="all"))
+    rows = F.normalize(maps.reshape(8, 6, 20).transpose(1, 2).reshape(160, 6), dim=1)
+    today = filtered_info_nce(rows, rho=0.3, temperature=0.2, q_labels=pixel_labels(groups, 20),
+                              exclude_self=True).loss * MethodConfig(**base).contrast_scale
+    g1, = torch.autograd.grad(ours, maps)
+    g2, = torch.autograd.grad(today, maps)
+    assert torch.equal(ours, today) and torch.equal(g1, g2)
+    full = pixel_loss(maps, groups, MethodConfig(**base, gcl_pixel_anchors=20, gcl_pixel_keys=500))
+    g3, = torch.autograd.grad(full, maps)
+    assert torch.allclose(full, today, rtol=1e-12) and torch.allclose(g3, g2, rtol=1e-9, atol=1e-13)
+    part = pixel_loss(maps, groups, MethodConfig(**base, gcl_pixel_anchors=5, gcl_pixel_keys=12))
+    assert torch.isfinite(part) and not torch.allclose(part, today)
+    with pytest.raises(ValueError, match="gcl_pixel_anchors"):
+        MethodConfig(**base, gcl_pixel_anchors=30, gcl_pixel_keys=12)
+    with pytest.raises(ValueError, match="gcl_pixel_keys"):
+        MethodConfig(**base, gcl_pixel_keys=0)
 
 
 # ------------------------------------------------------------------------------------------ method
@@ -302,3 +466,41 @@ def test_gcl_pretrain_end_to_end_checkpoint_and_exact_resume(phantom_root, tmp_p
     weights = export_weights(fa)
     loaded = load_pretrained(UNet(NET, 5), weights["state_dict"])
     assert any(k.startswith("encoder.") for k in loaded) and any(k.startswith("decoder.") for k in loaded)
+
+
+def test_cli_pretrain_gcl_with_sampled_pixels_end_to_end(phantom_root, tmp_path):
+    """`macl pretrain --method gcl` (the issue's command at a small size) with sampled pixel anchors: every
+    step runs and logs finite per-label terms."""
+    from macl import cli
+    run = tmp_path / "gcl_cli"
+    assert cli.main(["pretrain", "--data", str(phantom_root), "--out", str(run), "--method", "gcl", "--steps", "3",
+                     "--batch-size", "4", "--patch-size", "16", "--base-width", "4", "--depth", "2", "--threads", "1",
+                     "--set", "method.gcl_pixel_anchors=16", "--set", "method.gcl_pixel_keys=48",
+                     "--no-progress"]) == 0
+    log = [json.loads(x) for x in open(run / "log.jsonl")]
+    assert [r["step"] for r in log] == [1, 2, 3]
+    assert all(math.isfinite(r["L_pix_volume"]) and math.isfinite(r["L_pix_position"]) for r in log)
+    resolved = json.loads((run / "resolved_config.json").read_text())
+    assert resolved["pretrain"]["method"]["gcl_pixel_anchors"] == 16
+
+
+def test_step_benchmark_runs_and_splits_each_step_into_its_terms(tmp_path):
+    """benchmarks/bench_gcl_step.py at a tiny size (a subprocess: it wraps the methods' loss functions): one row
+    per method step, per term and per filter impl; the terms of a step add up to it (no timing claims)."""
+    import csv
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "bench.csv"
+    subprocess.run([sys.executable, os.path.join(root, "benchmarks", "bench_gcl_step.py"), "--batch", "4", "--size", "32",
+                    "--width", "4", "--depth", "2", "--reps", "1", "--filter-n", "256", "--filter-reps", "1",
+                    "--threads", "1", "--pixel-anchors", "8", "--pixel-keys", "16", "--csv", str(out)],
+                   check=True, capture_output=True, env=dict(os.environ, PYTHONPATH=root))
+    rows = list(csv.DictReader(open(out)))
+    step = {r["impl"]: float(r["median_s"]) for r in rows if r["what"] == "step"}
+    terms = {r["impl"]: float(r["median_s"]) for r in rows if r["what"] == "term"}
+    assert set(step) == {"macl", "gcl"} and {"filtered", "core"} == {r["impl"] for r in rows if r["what"] == "filter"}
+    assert {"gcl:L_img", "gcl:L_pix", "gcl:rest", "macl:L_g", "macl:L_d", "macl:L_ER", "macl:rest"} == set(terms)
+    for m in step:
+        parts = [v for k, v in terms.items() if k.startswith(m + ":")]
+        assert all(v > 0 for v in parts) and math.isclose(sum(parts), step[m], abs_tol=1e-3)   # CSV rounds to 0.1 ms

@@ -16,11 +16,13 @@ Losses, one per meta-label m and branch (c = τ/0.07 when the base-temperature r
 - image branch, L_img_m = c · SupCon over the 2B projections [g_g(E(img3)), g_g(E(img4))] (self excluded):
   positives = the other view and every projection whose meta-label agrees: |Δpos| < threshold for
   "position" (`positional_sup_con`), equality for categorical labels (`sup_con`).
-- pixel branch, L_pix_m = c · filtered SupCon over all 2·B·L pixel features of the two voxel-aligned views
+- pixel branch, L_pix_m = c · filtered SupCon over the pixel features of the two voxel-aligned views
   [g_p(D_k(E(img1))), g_p(D_k(E(img2)))] (L locations per image, self excluded): positives of pixel (b, s) are
   the pixels (b', s) at the SAME location s of every image b' whose meta-label agrees (its own other view
   included); for "position" agreement means the same position bin ⌊pos/threshold⌋ (a label, exact, where the
-  image branch uses the radius rule). Negatives: every other pixel of the batch. The Gradient Filter
+  image branch uses the radius rule). Anchors and keys are sampled per meta-label bin (`gcl_pixel_anchors` ⊆
+  `gcl_pixel_keys` locations per image, both views; `gcl_sampling.py`), which keeps every positive of a sampled
+  anchor; "all" contrasts every pixel with every pixel. Negatives: every other key row. The Gradient Filter
   (`macl_kernels.filtered.filtered_info_nce`) keeps, per anchor, all positives and the fraction ρ = `gcl_rho`
   of the negatives with the largest gradient magnitude |P_ij − Y_ij| (the hardest ones); ρ = 1 is plain SupCon.
 - Gradient Mitigator (`gcl_mitigator`): the T per-label losses of a branch read T copies of the branch's
@@ -46,6 +48,7 @@ from ..nets.heads import ImageHead, PixelHead
 from ..nets.unet import UNetDecoder, UNetEncoder, he_init
 from .base import Batch, Method, register_method
 from .gcl_mitigator import mitigate
+from .gcl_sampling import ALL, pixel_rows
 
 POSITION = "position"
 
@@ -124,8 +127,19 @@ def pixel_labels(groups: torch.Tensor, locations: int, views: int = 2) -> torch.
     return lab.reshape(-1).repeat(views)
 
 
-def pixel_loss(maps: torch.Tensor, groups: torch.Tensor, cfg: MethodConfig) -> torch.Tensor:
-    """Filtered pixel SupCon (see the module docstring). maps (2B, C, *S') = [view 1 | view 2]; groups (B,) int64."""
+def pixel_loss(maps: torch.Tensor, groups: torch.Tensor, cfg: MethodConfig,
+               generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Filtered pixel SupCon (see the module docstring). maps (2B, C, *S') = [view 1 | view 2]; groups (B,) int64.
+
+    With cfg.gcl_pixel_anchors / gcl_pixel_keys = "all" every pixel is an anchor and a key (the exact
+    formula); with counts, `gcl_sampling.pixel_rows` draws per meta-label bin (anchors ⊆ keys, both views).
+    """
+    if cfg.gcl_pixel_anchors != ALL or cfg.gcl_pixel_keys != ALL:
+        r = pixel_rows(maps, groups, cfg.gcl_pixel_anchors, cfg.gcl_pixel_keys, cfg.gcl_pixel_sampler,
+                       generator=generator)
+        res = filtered_info_nce(r.q, r.k, rho=float(cfg.gcl_rho), temperature=cfg.temperature,
+                                q_labels=r.q_labels, k_labels=r.k_labels, exclude_self=True)
+        return res.loss * cfg.contrast_scale
     n2, C = maps.shape[:2]
     L = maps[0, 0].numel()
     rows = F.normalize(maps.reshape(n2, C, L).transpose(1, 2).reshape(n2 * L, C), dim=1)
