@@ -131,11 +131,13 @@ def _triton_reason(device: torch.device) -> Optional[str]:
 
 
 # Implementations that normalise inside their own autograd function; the others get normalised inputs.
-NATIVE_NORMALIZE: frozenset = frozenset()
+NATIVE_NORMALIZE: frozenset = frozenset({"torch", "reference"})
 
 
 def _dispatch(p: ContrastProblem, impl: str, allow_tf32: bool) -> RowOutputs:
     impl = resolve_impl(impl, p.q.device, p.q.dtype)
+    if p.q.shape[0] * p.q.shape[1] * p.k.shape[1] == 0:
+        impl = "reference"   # empty batch (no anchor or no key): zero loss, zero gradients, on any device
     if p.normalize and impl not in NATIVE_NORMALIZE:
         q = torch.nn.functional.normalize(p.q, dim=-1)
         k = q if p.k is p.q else torch.nn.functional.normalize(p.k, dim=-1)
