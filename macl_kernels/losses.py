@@ -75,8 +75,8 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, *, temperature: Temperature = 0.
                          f"{tuple(z2.shape)}")
     B = z1.shape[0]
     z = _prep(torch.cat([z1, z2]))
-    i = torch.arange(2 * B, device=z.device)
-    out = contrast(z, group=resolve_group(process_group), temperature=temperature, pos_index=(i + B) % (2 * B),
+    pos = torch.arange(B, 3 * B, device=z.device) % max(2 * B, 1)   # the other view: i + B mod 2B
+    out = contrast(z, group=resolve_group(process_group), temperature=temperature, pos_index=pos,
                    exclude_self=True, reduction=reduction, impl=impl, normalize=normalize)
     return out.reshape(2, B) if reduction == "none" else out
 
