@@ -83,6 +83,7 @@ class _DenseInfoNCE(torch.autograd.Function):
             else:
                 k_inv = inv_norms(kf)
                 kh = kf * k_inv[..., None]
+        # (alpha=s inside the GEMM rounds differently and measurably worsens the float32 τ gradient)
         z = torch.bmm(qh, kh.transpose(1, 2)).mul_(s)
         if p.k_valid is not None:
             z.masked_fill_(~p.k_valid[:, None, :], -math.inf)
@@ -93,22 +94,23 @@ class _DenseInfoNCE(torch.autograd.Function):
         prob = lsm.exp()
         y = None
         if p.rule == "index":
-            ok = index_ok(p)
-            count = (torch.ones_like(p.q_meta, dtype=torch.int32) if ok is None else ok.to(torch.int32))
-            pos_term = lsm.gather(2, p.q_meta[..., None])[..., 0]            # λ_ip (−inf if invalid)
+            counted = index_ok(p)    # None: every anchor's positive is valid
+            count = (torch.ones_like(p.q_meta, dtype=torch.int32) if counted is None
+                     else counted.to(torch.int32))
+            pos_term = lsm.gather(2, p.q_meta.unsqueeze(-1)).squeeze(-1)      # λ_ip (−inf if invalid)
         else:
             y = positive_mask(p)
             count = y.sum(-1, dtype=torch.int32)
+            counted = count > 0
             pos_term = torch.where(y, lsm, 0.0).sum(-1) / count.clamp(min=1)
         if p.k_valid is not None or z.shape[2] <= int(p.exclude_self):
             # rows without any valid key: λ = NaN; their P is 0 and their LSE −inf
             prob.nan_to_num_(0.0)
             lse.nan_to_num_(-math.inf)
-        counted = count > 0
         if p.q_valid is not None:
-            counted &= p.q_valid
+            counted = p.q_valid.clone() if counted is None else counted.logical_and_(p.q_valid)
             count = count * p.q_valid
-        loss = torch.where(counted, pos_term.neg_(), 0.0)
+        loss = pos_term.neg_() if counted is None else torch.where(counted, pos_term.neg_(), 0.0)
 
         ctx.s, ctx.same, ctx.normalize, ctx.p = s, same, p.normalize, p
         ctx.dtypes = (q.dtype, k.dtype)
@@ -124,12 +126,13 @@ class _DenseInfoNCE(torch.autograd.Function):
         need_q, need_k, need_s = ctx.needs_input_grad[:3]
         if g_loss is None:
             return None, None, None, None
-        gs = torch.where(counted, g_loss.to(prob.dtype), 0.0).mul_(s)        # s·g_i (0 if not counted)
-        dz = prob * gs[..., None]                                            # s·g·P
+        g = g_loss.to(prob.dtype)
+        gs = g * s if counted is None else torch.where(counted, g, 0.0).mul_(s)   # s·g_i (0 if not counted)
+        dz = prob * gs.unsqueeze(-1)                                              # s·g·P
         if y is None:   # index rule: |P(i)| = 1 where counted
-            dz.scatter_add_(2, ctx.p.q_meta[..., None], gs.neg_()[..., None])
+            dz.scatter_add_(2, ctx.p.q_meta.unsqueeze(-1), gs.neg_().unsqueeze(-1))
         else:
-            dz.sub_(y * (gs / count.clamp(min=1))[..., None])
+            dz.sub_(y * (gs / count.clamp(min=1)).unsqueeze(-1))
         dq = dk = ds = None
         if same and need_q and not need_s:
             if dz.shape[1] * dz.shape[2] <= 1 << 16:   # tiny: one transposed add beats a second GEMM
