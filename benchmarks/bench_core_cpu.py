@@ -18,6 +18,8 @@ What is timed: forward + backward, float32, τ = 0.1, normalize=True, raw random
   this run (benchmarks/limits.py), next to each size; for the small sizes it is far below any eager code's
   fixed costs and only shows how far they dominate.
 Every row carries the host (benchmarks/host.py): CPU model, ISA flags, threads, the load average at that moment.
+Wall time and CPU time (time.process_time, all threads of the process) are both reported: on a shared machine a
+process may get a fraction of a core, and CPU time is then the steadier measure of the work done.
 """
 from __future__ import annotations
 
@@ -82,13 +84,17 @@ def time_small(loss: str, B: int, D: int, min_time: float) -> dict:
     if abs(a - b) > 1e-4 * max(1.0, abs(b)):
         raise SystemExit(f"{loss} B={B}: ours {a} != naive {b}")
     times = {"ours": [], "naive": []}
+    cpu = {"ours": [], "naive": []}
     t_end = time.perf_counter() + min_time
     while len(times["ours"]) < 5 or (time.perf_counter() < t_end and len(times["ours"]) < 500):
         for name, fn in (("ours", ours), ("naive", naive)):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             step(fn)
             times[name].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()} | {"reps": len(times["ours"])}
+            cpu[name].append(time.process_time() - c0)
+    out = {k: statistics.median(v) for k, v in times.items()}
+    out.update({f"{k}_cpu": statistics.median(v) for k, v in cpu.items()})
+    return out | {"reps": len(times["ours"])}
 
 
 def time_monai(B: int, D: int) -> float:
@@ -135,13 +141,14 @@ def run_large(impl: str, N: int, D: int, reps: int) -> dict:
     t0 = time.perf_counter()
     loss = step()   # warm-up (first touch of every buffer: its memory is counted, its time is not)
     warm = time.perf_counter() - t0
-    times = []
+    times, cpu = [], []
     for _ in range(reps):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         step()
         times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
     extra = (_status_kb("VmHWM") - base) * 1024
-    return dict(impl=impl, loss=loss, times=times, warm_s=warm, extra_bytes=extra)
+    return dict(impl=impl, loss=loss, times=times, cpu=cpu, warm_s=warm, extra_bytes=extra)
 
 
 def _status_kb(key: str) -> int:
@@ -166,19 +173,21 @@ def large(N: int, D: int, rounds: int, reps: int, info: dict, rows: list, csv_pa
                 raise SystemExit(f"{impl} N={N} D={D} failed:\n{out.stderr}")
             res = json.loads(out.stdout.strip().splitlines()[-1])
             results[impl].append(res)
-            print(f"  round {r + 1} {impl}: {min(res['times']):.3f} s (min of {reps}), extra "
+            print(f"  round {r + 1} {impl}: {min(res['times']):.3f} s (min of {reps}; CPU {min(res['cpu']):.3f} s), extra "
                   f"{res['extra_bytes'] / 2**20:.0f} MiB, load {os.getloadavg()[0]:.1f}", flush=True)
     limit = min(limits)
     losses = {impl: results[impl][0]["loss"] for impl in LARGE_IMPLS}
     assert max(losses.values()) - min(losses.values()) < 1e-4, losses
     med = {impl: statistics.median(min(x["times"]) for x in results[impl]) for impl in LARGE_IMPLS}
+    cpu = {impl: statistics.median(min(x["cpu"]) for x in results[impl]) for impl in LARGE_IMPLS}
     mem = {impl: max(x["extra_bytes"] for x in results[impl]) for impl in LARGE_IMPLS}
     line = f"info_nce N=M={N} D={D} normalize=True fwd+bwd: limit {limit:.3f} s"
     for impl in LARGE_IMPLS:
         line += (f" | {impl} {med[impl]:.3f} s = {med[impl] / limit:.2f}x limit, {med[impl] / med['naive']:.2f}x "
-                 f"naive, {mem[impl] / 2**20:.0f} MiB = {100 * mem[impl] / mem['naive']:.2f}% of naive's memory")
+                 f"naive (CPU time {cpu[impl]:.3f} s, {cpu[impl] / cpu['naive']:.2f}x naive), "
+                 f"{mem[impl] / 2**20:.0f} MiB = {100 * mem[impl] / mem['naive']:.2f}% of naive's memory")
         rows.append(dict(info, host_load_end=os.getloadavg()[0], loss="info_nce", size=f"N=M={N},D={D}",
-                         impl=impl, median_s=med[impl], limit_s=limit, x_limit=med[impl] / limit,
+                         impl=impl, median_s=med[impl], cpu_s=cpu[impl], limit_s=limit, x_limit=med[impl] / limit,
                          x_naive_time=med[impl] / med["naive"], extra_mb=mem[impl] / 2**20,
                          x_naive_mem=mem[impl] / mem["naive"], reps=f"{rounds} rounds x {reps}"))
     print(line, flush=True)
@@ -230,12 +239,14 @@ def main(argv=None) -> int:
             load = os.getloadavg()[0]
             t = time_small(loss, B, D, args.min_time)
             print(f"{loss:18s} B={B:5d} (2B={N}) fwd+bwd: ours {t['ours'] * 1e3:8.2f} ms, naive "
-                  f"{t['naive'] * 1e3:8.2f} ms, ours/naive {t['ours'] / t['naive']:.2f}, limit {limit * 1e3:.3f} ms "
-                  f"(ours {t['ours'] / limit:.0f}x), {t['reps']} interleaved calls each, load {load:.1f}", flush=True)
+                  f"{t['naive'] * 1e3:8.2f} ms, ours/naive {t['ours'] / t['naive']:.2f} (CPU time "
+                  f"{t['ours_cpu'] / t['naive_cpu']:.2f}), limit {limit * 1e3:.3f} ms (ours {t['ours'] / limit:.0f}x), "
+                  f"{t['reps']} interleaved calls each, load {load:.1f}", flush=True)
             for impl in ("ours", "naive"):
                 rows.append(dict(info, load_1min=load, loss=loss, size=f"B={B},D={D}", impl=impl,
-                                 median_s=t[impl], limit_s=limit, x_limit=t[impl] / limit,
-                                 x_naive_time=t[impl] / t["naive"], reps=t["reps"]))
+                                 median_s=t[impl], cpu_s=t[f"{impl}_cpu"], limit_s=limit, x_limit=t[impl] / limit,
+                                 x_naive_time=t[impl] / t["naive"],
+                                 x_naive_cpu=t[f"{impl}_cpu"] / t["naive_cpu"], reps=t["reps"]))
             _write(rows, args.csv)
     if args.monai and 1024 in args.batches:
         ours = next(r["median_s"] for r in rows if r["loss"] == "nt_xent" and r["size"].startswith("B=1024,")

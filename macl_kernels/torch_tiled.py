@@ -26,7 +26,7 @@ import math
 
 import torch
 
-from . import torch_dense
+from . import index_terms, torch_dense
 from .positives import PositiveOperator
 from .problem import ContrastProblem, RowOutputs, stats_dtype
 from .rownorm import EPS, project_, rowdot
@@ -215,9 +215,12 @@ class _ChunkedInfoNCE(torch.autograd.Function):
         if not in_tile:
             pos_op = PositiveOperator(p)
             count = pos_op.apply(kf.new_ones(kf.shape[0], kf.shape[1], 1))[..., 0].round().to(torch.int32)
-            pos_sum = rowdot(qf, pos_op.apply(ops.k_hat())) * s  # s·⟨q_i, Σ_{p∈P(i)} k_p⟩ (q̂, k̂)
-            if ops.q_inv is not None:
-                pos_sum *= ops.q_inv
+            if p.rule == "index":   # one positive: in row chunks, no (N, D) gather
+                pos_sum = index_terms.pos_dot(qf, kf, p.q_meta, ops.q_inv, ops.k_inv) * s
+            else:
+                pos_sum = rowdot(qf, pos_op.apply(ops.k_hat())) * s  # s·⟨q_i, Σ_{p∈P(i)} k_p⟩ (q̂, k̂)
+                if ops.q_inv is not None:
+                    pos_sum *= ops.q_inv
         counted = count > 0
         if p.q_valid is not None:
             counted &= p.q_valid
@@ -274,7 +277,11 @@ class _ChunkedInfoNCE(torch.autograd.Function):
                 dq[g0:g1, r0:r1] += torch.bmm(e, kt).mul_(f[g0:g1, r0:r1])
             if need_k:
                 dk[g0:g1, c0:c1].baddbmm_(e.transpose(1, 2), ops.q_tile(g0, g1, r0, r1, f[g0:g1, r0:r1]))
-        if not in_tile:
+        if not in_tile and p.rule == "index":
+            coef = w if pos_op.all_ok else w * pos_op.index_ok   # c_i = s·g_i (|P(i)| = 1 where counted)
+            index_terms.sub_pos_grads_(dq if need_q else None, dk if need_k else None, qf, kf, p.q_meta, coef,
+                                       ops.q_inv, ops.k_inv)
+        elif not in_tile:
             w = w[..., None]
             if need_q:
                 dq.addcmul_(w, pos_op.apply(ops.k_hat()), value=-1.0)   # − w_i Σ_{p∈P(i)} k_p

@@ -90,3 +90,20 @@ def test_gradcheck_float64(strategy):
     fn = lambda q_, k_: grouped_info_nce(q_, k_, temperature=0.5, impl="torch", normalize=True,
                                          **case["kw"]).loss
     assert torch.autograd.gradcheck(fn, (q, k))
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("self_contrast", [False, True])
+def test_index_rule_in_row_chunks(monkeypatch, normalize, self_contrast):
+    """The tiled path's index-rule positives go in row chunks (index_terms.py): chunks of 5 rows, ragged."""
+    import macl_kernels.index_terms as it
+    import macl_kernels.torch_dense as td
+    import macl_kernels.torch_tiled as tt
+    monkeypatch.setattr(td, "DENSE_MAX_BYTES", -1)
+    monkeypatch.setattr(tt, "IN_TILE_MAX_KEYS", 0)
+    monkeypatch.setattr(it, "CHUNK", 5)
+    case = make_case("index", G=2, N=23, M=31, D=6, self_contrast=self_contrast, masks=True, unnormalised=True,
+                     seed=24)
+    truth = run("reference", case, torch.float64, normalize=normalize)
+    got = run("torch", case, torch.float64, normalize=normalize)
+    assert_matches_truth(got, truth, None, torch.float64, f"normalize={normalize} self={self_contrast}")
