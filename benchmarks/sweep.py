@@ -33,7 +33,7 @@ from .grids import grid
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
-COLUMNS = ["sweep_id", "machine", "cpu", "cpu_count", "threads", "python", "torch", "triton", "numpy", "macl_kernels",
+COLUMNS = ["sweep_id", "machine", "cpu", "isa", "cpu_count", "threads", "python", "torch", "triton", "numpy", "macl_kernels",
            "impl_version", "device", "device_name", "loss", "shape", "x", "G", "N", "M", "D", "dtype", "impl", "phase",
            "status", "median_s", "p20_s", "p80_s", "reps", "warmup_s", "peak_mb", "extra_mb", "limit_s", "x_limit",
            "gflops_per_unit", "loss_value", "check_err", "check_grad_err", "budget_s", "wall_s", "load_avg", "detail"]
@@ -62,7 +62,9 @@ def environment(device: str) -> dict:
     except OSError:
         pass
     name = torch.cuda.get_device_name() if device == "cuda" and torch.cuda.is_available() else cpu
-    return dict(machine=platform.machine(), cpu=cpu, cpu_count=os.cpu_count(), threads=torch.get_num_threads(),
+    from .host import host_info
+    return dict(machine=platform.machine(), cpu=cpu, isa=host_info()["isa"], cpu_count=os.cpu_count(),
+                threads=torch.get_num_threads(),
                 python=platform.python_version(), torch=torch.__version__, triton=tv, numpy=numpy.__version__,
                 macl_kernels=macl_kernels.__version__, device=device, device_name=name)
 

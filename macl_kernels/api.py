@@ -89,18 +89,16 @@ def grouped_info_nce(
             where Triton cannot run (the message says why).
     """
     unbatched = isinstance(q, torch.Tensor) and q.dim() == 2
-    p, scale_tensor = _build_problem(q, k, temperature, pos_index, q_labels, k_labels, q_positions,
-                                     k_positions, threshold, exclude_self, q_valid, k_valid, check_inputs)
     if not isinstance(normalize, bool):
         raise TypeError(f"normalize must be a bool, got {normalize!r}")
-    if normalize:
-        p = dataclasses.replace(p, normalize=True)
+    p, scale_tensor = _build_problem(q, k, temperature, pos_index, q_labels, k_labels, q_positions,
+                                     k_positions, threshold, exclude_self, q_valid, k_valid, check_inputs,
+                                     normalize)
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     rows = _dispatch(p, impl, allow_tf32)
-    counted = rows.count > 0
-    if reduction == "mean":
-        loss = rows.loss.sum() / counted.sum().clamp(min=1).to(rows.loss.dtype)
+    if reduction == "mean":   # over counted anchors (count > 0): few eager ops, since small calls pay per op
+        loss = rows.loss.sum() / torch.count_nonzero(rows.count).clamp_(min=1)
     elif reduction == "sum":
         loss = rows.loss.sum()
     else:
@@ -139,11 +137,13 @@ def _triton_reason(device: torch.device) -> Optional[str]:
 
 
 # Implementations that normalise inside their own autograd function; the others get normalised inputs.
-NATIVE_NORMALIZE: frozenset = frozenset({"triton"})
+NATIVE_NORMALIZE: frozenset = frozenset({"triton", "torch", "reference"})
 
 
 def _dispatch(p: ContrastProblem, impl: str, allow_tf32: Optional[bool]) -> RowOutputs:
     impl = resolve_impl(impl, p.q.device, p.q.dtype)
+    if p.q.shape[0] * p.q.shape[1] * p.k.shape[1] == 0:
+        impl = "reference"   # empty batch (no anchor or no key): zero loss, zero gradients, on any device
     if p.normalize and impl not in NATIVE_NORMALIZE:
         q = torch.nn.functional.normalize(p.q, dim=-1)
         k = q if p.k is p.q else torch.nn.functional.normalize(p.k, dim=-1)
@@ -161,7 +161,7 @@ def _dispatch(p: ContrastProblem, impl: str, allow_tf32: Optional[bool]) -> RowO
 # ----------------------------------------------------------------------------------------- validation
 
 def _build_problem(q, k, temperature, pos_index, q_labels, k_labels, q_positions, k_positions,
-                   threshold, exclude_self, q_valid, k_valid, check_inputs=None):
+                   threshold, exclude_self, q_valid, k_valid, check_inputs=None, normalize: bool = False):
     _check_features("q", q)
     checks = checks_enabled(check_inputs, q.device)
     self_contrast = k is None
@@ -175,8 +175,9 @@ def _build_problem(q, k, temperature, pos_index, q_labels, k_labels, q_positions
         raise TypeError(f"q and k must have the same dtype, got {q.dtype} and {k.dtype}")
     if q.device != k.device:
         raise ValueError(f"q and k must be on the same device, got {q.device} and {k.device}")
-    if q.dim() == 2:
-        q, k = q[None], k[None]
+    if q.dim() == 2:   # self-contrast keeps k the same object as q (the torch path then merges gradients)
+        q = q[None]
+        k = q if self_contrast else k[None]
     G, N, D = q.shape
     if k.shape[0] != G or k.shape[2] != D:
         raise ValueError(f"q (G, N, D) = {tuple(q.shape)} and k (G, M, D) = {tuple(k.shape)} must agree "
@@ -227,9 +228,10 @@ def _build_problem(q, k, temperature, pos_index, q_labels, k_labels, q_positions
             q_meta = torch.arange(N, device=dev).expand(G, N).contiguous()
         else:
             q_meta = batched(_check_meta("pos_index", pos_index, (G, N), dev, integer=True)).long().contiguous()
-            if checks and q_meta.numel() and (int(q_meta.min()) < 0 or int(q_meta.max()) >= M):
-                raise ValueError(f"pos_index must lie in [0, M={M}), got values in "
-                                 f"[{int(q_meta.min())}, {int(q_meta.max())}]")
+            if checks and q_meta.numel():
+                lo, hi = (int(v) for v in torch.aminmax(q_meta))
+                if lo < 0 or hi >= M:
+                    raise ValueError(f"pos_index must lie in [0, M={M}), got values in [{lo}, {hi}]")
     if threshold is not None and rule != "radius":
         raise ValueError("threshold is only used with positions (the radius rule)")
     qv = batched(_check_mask("q_valid", q_valid, (G, N), dev)) if q_valid is not None else None
@@ -237,7 +239,7 @@ def _build_problem(q, k, temperature, pos_index, q_labels, k_labels, q_positions
     if not isinstance(exclude_self, bool):
         raise TypeError(f"exclude_self must be a bool, got {exclude_self!r}")
     p = ContrastProblem(q=q, k=k, scale=scale, rule=rule, q_meta=q_meta, k_meta=k_meta, threshold=thr,
-                        exclude_self=exclude_self, q_valid=qv, k_valid=kv)
+                        exclude_self=exclude_self, q_valid=qv, k_valid=kv, normalize=normalize)
     return p, isinstance(scale, torch.Tensor)
 
 

@@ -89,7 +89,7 @@ def _check_locally(q, k, reduction, impl, kw) -> Optional[BaseException]:
 
 
 _CORE_ARGS = {"temperature", "pos_index", "q_labels", "k_labels", "q_positions", "k_positions", "threshold",
-              "exclude_self", "q_valid", "k_valid", "allow_tf32", "check_inputs"}
+              "exclude_self", "q_valid", "k_valid", "allow_tf32", "check_inputs", "normalize"}
 
 
 def _local_keys(q, k, group, W, reduction, impl, kw) -> torch.Tensor:

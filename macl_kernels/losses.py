@@ -21,10 +21,10 @@ raises RuntimeError. See docs/distributed.md and macl_kernels/dist_core.py.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .api import Temperature
@@ -34,11 +34,12 @@ from .distributed import GroupArg, group_rank, resolve_group, world_size
 NEGATIVES = ("image", "batch", "location")
 
 
-def _prep(x: torch.Tensor, normalize: bool) -> torch.Tensor:
+def _prep(x: torch.Tensor) -> torch.Tensor:
+    """x itself, checked; normalisation happens inside the core (normalize=), which keeps no normalised copy."""
     if not x.is_floating_point():
         raise TypeError(f"features must be a floating-point tensor (float16/bfloat16/float32/float64), "
                         f"got {x.dtype}")
-    return F.normalize(x, dim=-1) if normalize else x
+    return x
 
 
 def _check_tensor(name: str, x) -> None:
@@ -60,7 +61,7 @@ def info_nce(query: torch.Tensor, keys: torch.Tensor, pos_index: Optional[torch.
     """
     _check_tensor("query", query)
     _check_tensor("keys", keys)
-    return contrast(_prep(query, normalize), _prep(keys, normalize), group=resolve_group(process_group),
+    return contrast(_prep(query), _prep(keys), group=resolve_group(process_group), normalize=normalize,
                     temperature=temperature, pos_index=pos_index, reduction=reduction, impl=impl,
                     allow_tf32=allow_tf32)
 
@@ -78,10 +79,11 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, *, temperature: Temperature = 0.
         raise ValueError(f"z1 and z2 must both be (B, D) with equal shapes, got {tuple(z1.shape)} and "
                          f"{tuple(z2.shape)}")
     B = z1.shape[0]
-    z = _prep(torch.cat([z1, z2]), normalize)
-    i = torch.arange(2 * B, device=z.device)
-    out = contrast(z, group=resolve_group(process_group), temperature=temperature, pos_index=(i + B) % (2 * B),
-                   exclude_self=True, reduction=reduction, impl=impl, allow_tf32=allow_tf32)
+    z = _prep(torch.cat([z1, z2]))
+    pos = torch.arange(B, 3 * B, device=z.device) % max(2 * B, 1)   # the other view: i + B mod 2B
+    out = contrast(z, group=resolve_group(process_group), temperature=temperature, pos_index=pos,
+                   exclude_self=True, reduction=reduction, impl=impl, normalize=normalize,
+                   allow_tf32=allow_tf32)
     return out.reshape(2, B) if reduction == "none" else out
 
 
@@ -122,8 +124,9 @@ def sup_con(features: torch.Tensor, labels: torch.Tensor, *, temperature: Temper
     With `process_group`, positives and denominators span the features of every rank.
     """
     flat, lab, _ = _views_first(features, labels, "labels")
-    out = contrast(_prep(flat, normalize), group=resolve_group(process_group), temperature=temperature,
-                   q_labels=lab, exclude_self=True, reduction=reduction, impl=impl, allow_tf32=allow_tf32)
+    out = contrast(_prep(flat), group=resolve_group(process_group), temperature=temperature,
+                   q_labels=lab, exclude_self=True, reduction=reduction, impl=impl, normalize=normalize,
+                   allow_tf32=allow_tf32)
     return _per_anchor_shape(out, features, reduction)
 
 
@@ -138,9 +141,9 @@ def positional_sup_con(features: torch.Tensor, positions: torch.Tensor, threshol
     With `process_group`, positives and denominators span the features of every rank.
     """
     flat, pos, _ = _views_first(features, positions, "positions")
-    out = contrast(_prep(flat, normalize), group=resolve_group(process_group), temperature=temperature,
+    out = contrast(_prep(flat), group=resolve_group(process_group), temperature=temperature,
                    q_positions=pos, threshold=threshold, exclude_self=True, reduction=reduction, impl=impl,
-                   allow_tf32=allow_tf32)
+                   normalize=normalize, allow_tf32=allow_tf32)
     return _per_anchor_shape(out, features, reduction)
 
 
@@ -175,7 +178,9 @@ def dense_info_nce(f1: torch.Tensor, f2: torch.Tensor, mask: Optional[torch.Tens
     if negatives not in NEGATIVES:
         raise ValueError(f"negatives must be one of {NEGATIVES}, got {negatives!r}")
     B, C, spatial = f1.shape[0], f1.shape[1], tuple(f1.shape[2:])
-    L = f1[0, 0].numel()
+    if C == 0:
+        raise ValueError(f"f1 and f2 have C = 0 feature channels (shape {tuple(f1.shape)})")
+    L = math.prod(spatial)
     if mask is not None:
         _check_tensor("mask", mask)
         if mask.shape != (B,) + spatial:
@@ -186,11 +191,12 @@ def dense_info_nce(f1: torch.Tensor, f2: torch.Tensor, mask: Optional[torch.Tens
         raise ValueError("negatives='location' takes positions and threshold together (or neither)")
     if positions is not None and negatives != "location":
         raise ValueError(f"positions are only used with negatives='location', got negatives={negatives!r}")
-    a = _prep(f1.reshape(B, C, L).transpose(1, 2), normalize)   # (B, L, C)
-    b = _prep(f2.reshape(B, C, L).transpose(1, 2), normalize)
+    a = _prep(f1.reshape(B, C, L).transpose(1, 2))   # (B, L, C)
+    b = _prep(f2.reshape(B, C, L).transpose(1, 2))
     valid = mask.reshape(B, L) if mask is not None else None
     group = resolve_group(process_group)
-    common = dict(temperature=temperature, reduction=reduction, impl=impl, group=group, allow_tf32=allow_tf32)
+    common = dict(temperature=temperature, reduction=reduction, impl=impl, group=group, normalize=normalize,
+                  allow_tf32=allow_tf32)
 
     if negatives == "location":
         feats = torch.cat([a, b]).transpose(0, 1)                # (L, 2B, C): group = location

@@ -41,7 +41,11 @@ def positive_mask(p: ContrastProblem) -> torch.Tensor:
 def reference_rows(p: ContrastProblem) -> RowOutputs:
     """Per-anchor loss, LSE and positive count by materialising z. Differentiable by autograd."""
     out_dtype = stats_dtype(p.q.dtype)
-    z = torch.einsum("gnd,gmd->gnm", p.q, p.k).to(out_dtype) * p.scale
+    q, k = p.q, p.k
+    if p.normalize:   # plain F.normalize in the input dtype: this file is the ground truth
+        q = torch.nn.functional.normalize(q, dim=-1)
+        k = q if p.k is p.q else torch.nn.functional.normalize(k, dim=-1)
+    z = torch.einsum("gnd,gmd->gnm", q, k).to(out_dtype) * p.scale
     allowed = key_mask(p)
     pos = positive_mask(p)
     lse = torch.logsumexp(z.masked_fill(~allowed, float("-inf")), dim=-1)

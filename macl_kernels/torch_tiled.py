@@ -14,6 +14,11 @@ Backward recomputes each tile once and uses it twice (4 GEMM units and 2 exp pas
                                        applied on the (N, D) side, never on the tile)
     then the −g·Y part through Y, outside the tiles, and ds = (1/s)·Σ_i ⟨dq_i, q_i⟩ (Σ_j dz_ij z_ij = ⟨dq_i, q_i⟩).
 Features of 16-bit dtypes are promoted to float32 once (O((N + M)·D)); gradients are cast back.
+
+normalize=True: q̂ = q/‖q‖ is never stored. Each tile's q rows are scaled by s/‖q_i‖ in the per-tile copy the
+GEMM needs anyway, and each key block by 1/‖k_j‖ (one (KEY_BLOCK, D) copy, reused over the row blocks);
+the accumulators hold dq̂ and dk̂, projected onto the tangent space in place at the end (rownorm.project_).
+Problems whose logits fit 2 MiB take the dense path instead (torch_dense.py).
 """
 from __future__ import annotations
 
@@ -21,8 +26,10 @@ import math
 
 import torch
 
+from . import index_terms, torch_dense
 from .positives import PositiveOperator
 from .problem import ContrastProblem, RowOutputs, stats_dtype
+from .rownorm import EPS, project_, rowdot
 
 TILE_ELEMENTS = 1 << 19  # z-tile size: 2 MiB of float32, sized for the per-core L2 of today's CPUs
 ROW_BLOCK = 512
@@ -31,7 +38,7 @@ KEY_BLOCK = 1024
 
 def tiles(G: int, N: int, M: int, budget: int = TILE_ELEMENTS):
     """Yield (g0, g1, r0, r1, c0, c1): group chunks × row blocks × key blocks covering (G, N, M)."""
-    br, bc = min(N, ROW_BLOCK), min(M, KEY_BLOCK)
+    br, bc = max(1, min(N, ROW_BLOCK)), max(1, min(M, KEY_BLOCK))
     gc = max(1, min(G, budget // (br * bc)))
     for g0 in range(0, G, gc):
         for c0 in range(0, M, bc):
@@ -77,13 +84,53 @@ def tile_positives(p: ContrastProblem, g0, g1, r0, r1, c0, c1) -> torch.Tensor:
 UNDERFLOW = 1e-30
 
 
-def row_bound(q: torch.Tensor, k: torch.Tensor, p: ContrastProblem, scale: float) -> torch.Tensor:
-    """B (G, N) with B_i ≥ z_ij = s·⟨q_i, k_j⟩ for every valid key j of the group (0 when there is none)."""
-    kn = k.norm(dim=-1)
+def row_bound(qn: torch.Tensor, kn: torch.Tensor, p: ContrastProblem, scale: float) -> torch.Tensor:
+    """B (G, N) with B_i ≥ z_ij = s·⟨q_i, k_j⟩ for every valid key j of the group (0 when there is none),
+    from the row norms qn (G, N) and kn (G, M) of the operands (of q̂ and k̂ with normalize)."""
     if p.k_valid is not None:
         kn = kn.masked_fill(~p.k_valid, 0.0)
-    kmax = kn.amax(dim=1, keepdim=True) if k.shape[1] else kn.new_zeros(k.shape[0], 1)
-    return q.norm(dim=-1) * (kmax * scale)
+    kmax = kn.amax(dim=1, keepdim=True) if kn.shape[1] else kn.new_zeros(kn.shape[0], 1)
+    return qn * (kmax * scale)
+
+
+class Operands:
+    """q and k as the tiles see them: raw, or with normalize the rows scaled by 1/max(‖x‖, ε), never
+    materialised. q_inv (G, N), k_inv (G, M) are None without normalize; qn, kn are the operands' norms."""
+
+    def __init__(self, qf: torch.Tensor, kf: torch.Tensor, normalize: bool, same: bool):
+        self.qf, self.kf = qf, kf
+        qn = torch.linalg.vector_norm(qf, dim=-1)
+        kn = qn if same else torch.linalg.vector_norm(kf, dim=-1)
+        self.q_inv = self.k_inv = None
+        if normalize:
+            self.q_inv = qn.clamp(min=EPS).reciprocal_()
+            self.k_inv = self.q_inv if same else kn.clamp(min=EPS).reciprocal_()
+            qn, kn = qn * self.q_inv, kn * self.k_inv
+        self.qn, self.kn = qn, kn
+        self._block = None
+
+    def q_tile(self, g0, g1, r0, r1, factor) -> torch.Tensor:
+        """A copy of q rows [r0, r1) times `factor` (a float or (g, r, 1) tensor), and 1/‖q_i‖."""
+        qt = self.qf[g0:g1, r0:r1]
+        if self.q_inv is not None:
+            factor = self.q_inv[g0:g1, r0:r1, None] * factor
+        return qt * factor
+
+    def k_block(self, g0, g1, c0, c1) -> torch.Tensor:
+        """Keys [c0, c1) (k̂ with normalize: one copy per block, kept while the row blocks pass)."""
+        if self.k_inv is None:
+            return self.kf[g0:g1, c0:c1]
+        if self._block is None or self._block[0] != (g0, g1, c0, c1):
+            self._block = ((g0, g1, c0, c1), self.kf[g0:g1, c0:c1] * self.k_inv[g0:g1, c0:c1, None])
+        return self._block[1]
+
+    def k_hat(self) -> torch.Tensor:
+        """k (or k̂ as one (G, M, D) temporary) for the positive operator."""
+        return self.kf if self.k_inv is None else self.kf * self.k_inv[..., None]
+
+    def q_hat(self, factor) -> torch.Tensor:
+        """factor·q (or factor·q̂) as one (G, N, D) temporary; factor (G, N, 1)."""
+        return self.qf * (factor if self.q_inv is None else factor * self.q_inv[..., None])
 
 
 def _valid_keys(p: ContrastProblem) -> torch.Tensor:
@@ -99,8 +146,9 @@ def _valid_keys(p: ContrastProblem) -> torch.Tensor:
     return n
 
 
-def _exact_lse_rows(q, k, p: ContrastProblem, scale: float, rows: torch.Tensor) -> torch.Tensor:
+def _exact_lse_rows(ops: Operands, p: ContrastProblem, scale: float, rows: torch.Tensor) -> torch.Tensor:
     """Running log-sum-exp for the anchors `rows` ((R, 2) of (group, anchor)), key block by key block."""
+    q, k = ops.qf, ops.kf
     out = q.new_full((rows.shape[0],), -math.inf)
     for g in rows[:, 0].unique().tolist():
         sel = (rows[:, 0] == g).nonzero()[:, 0]
@@ -108,7 +156,8 @@ def _exact_lse_rows(q, k, p: ContrastProblem, scale: float, rows: torch.Tensor) 
         lse = q.new_full((idx.shape[0],), -math.inf)
         for c0 in range(0, k.shape[1], KEY_BLOCK):
             c1 = min(k.shape[1], c0 + KEY_BLOCK)
-            z = (q[g, idx] * scale) @ k[g, c0:c1].T
+            qs = q[g, idx] * (scale if ops.q_inv is None else ops.q_inv[g, idx, None] * scale)
+            z = qs @ ops.k_block(g, g + 1, c0, c1)[0].T
             if p.k_valid is not None:
                 z.masked_fill_(~p.k_valid[g, None, c0:c1], -math.inf)
             if p.exclude_self:
@@ -119,10 +168,11 @@ def _exact_lse_rows(q, k, p: ContrastProblem, scale: float, rows: torch.Tensor) 
     return out
 
 
-def _forward_tiles(qf, k, p: ContrastProblem, scale: float, in_tile: bool):
+def _forward_tiles(ops: Operands, p: ContrastProblem, scale: float, in_tile: bool):
     """LSE_i (G, N), −inf where V(i) is empty; with in_tile also Σ_{P(i)} z and |P(i)| from tile masks."""
-    G, N, M = qf.shape[0], qf.shape[1], k.shape[1]
-    bound = row_bound(qf, k, p, scale)
+    qf = ops.qf
+    G, N, M = qf.shape[0], qf.shape[1], ops.kf.shape[1]
+    bound = row_bound(ops.qn, ops.kn, p, scale)
     if not bool(torch.isfinite(bound).all()):  # inf/nan features: no bound, every row the exact way
         rows = torch.stack(torch.meshgrid(torch.arange(G), torch.arange(N), indexing="ij"), -1).reshape(-1, 2)
         bound = qf.new_zeros(G, N)
@@ -132,7 +182,8 @@ def _forward_tiles(qf, k, p: ContrastProblem, scale: float, in_tile: bool):
     pos_sum = qf.new_zeros(G, N) if in_tile else None
     count = torch.zeros(G, N, dtype=torch.int32, device=qf.device) if in_tile else None
     for g0, g1, r0, r1, c0, c1 in tiles(G, N, M):
-        e = torch.baddbmm(-bound[g0:g1, r0:r1, None], qf[g0:g1, r0:r1] * scale, k[g0:g1, c0:c1].transpose(1, 2))
+        e = torch.baddbmm(-bound[g0:g1, r0:r1, None], ops.q_tile(g0, g1, r0, r1, scale),
+                          ops.k_block(g0, g1, c0, c1).transpose(1, 2))
         _mask_tile(e, p, g0, g1, r0, r1, c0, c1, -math.inf)
         if in_tile:
             pos = tile_positives(p, g0, g1, r0, r1, c0, c1)
@@ -145,7 +196,7 @@ def _forward_tiles(qf, k, p: ContrastProblem, scale: float, in_tile: bool):
     if rows is None:
         rows = ((total < UNDERFLOW) & (_valid_keys(p) > 0)).nonzero()
     if rows.shape[0]:
-        lse[rows[:, 0], rows[:, 1]] = _exact_lse_rows(qf, k, p, scale, rows.to(qf.device))
+        lse[rows[:, 0], rows[:, 1]] = _exact_lse_rows(ops, p, scale, rows.to(qf.device))
     return lse, pos_sum, count
 
 
@@ -155,22 +206,29 @@ class _ChunkedInfoNCE(torch.autograd.Function):
         sdt = stats_dtype(q.dtype)
         qf, kf = q.detach().to(sdt), k.detach().to(sdt)
         s = float(scale)
+        ops = Operands(qf, kf, p.normalize, q is k)
         # Few keys per group (MACL's per-location groups): masks inside the tile are cheapest. Many keys:
         # the positives go through the linear operator Y, in O((N + M)·D), never through a tile.
         in_tile = kf.shape[1] <= IN_TILE_MAX_KEYS
-        lse, pos_sum, count = _forward_tiles(qf, kf, p, s, in_tile)
-        ops = None
+        lse, pos_sum, count = _forward_tiles(ops, p, s, in_tile)
+        pos_op = None
         if not in_tile:
-            ops = PositiveOperator(p)
-            count = ops.apply(kf.new_ones(kf.shape[0], kf.shape[1], 1))[..., 0].round().to(torch.int32)
-            pos_sum = torch.linalg.vecdot(qf, ops.apply(kf)) * s  # s·⟨q_i, Σ_{p∈P(i)} k_p⟩
+            pos_op = PositiveOperator(p)
+            count = pos_op.apply(kf.new_ones(kf.shape[0], kf.shape[1], 1))[..., 0].round().to(torch.int32)
+            if p.rule == "index":   # one positive: in row chunks, no (N, D) gather
+                pos_sum = index_terms.pos_dot(qf, kf, p.q_meta, ops.q_inv, ops.k_inv) * s
+            else:
+                pos_sum = rowdot(qf, pos_op.apply(ops.k_hat())) * s  # s·⟨q_i, Σ_{p∈P(i)} k_p⟩ (q̂, k̂)
+                if ops.q_inv is not None:
+                    pos_sum *= ops.q_inv
         counted = count > 0
         if p.q_valid is not None:
             counted &= p.q_valid
             count = count * p.q_valid
         loss = torch.where(counted, lse - pos_sum / count.clamp(min=1), torch.zeros_like(lse))
 
-        ctx.p, ctx.ops, ctx.s, ctx.in_tile = p, ops, s, in_tile
+        ctx.p, ctx.pos_op, ctx.s, ctx.in_tile = p, pos_op, s, in_tile
+        ctx.inv = (ops.q_inv, ops.k_inv)
         ctx.same = q is k
         ctx.dtypes = (q.dtype, k.dtype)
         ctx.scale_dtype = scale.dtype if isinstance(scale, torch.Tensor) else None
@@ -181,7 +239,9 @@ class _ChunkedInfoNCE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_loss, _g_lse, _g_count):
         qf, kf, lse, count, counted = ctx.saved_tensors
-        p, ops, s, in_tile = ctx.p, ctx.ops, ctx.s, ctx.in_tile
+        p, pos_op, s, in_tile = ctx.p, ctx.pos_op, ctx.s, ctx.in_tile
+        ops = Operands.__new__(Operands)
+        ops.qf, ops.kf, (ops.q_inv, ops.k_inv), ops._block = qf, kf, ctx.inv, None
         need_q = ctx.needs_input_grad[0] or ctx.needs_input_grad[2]
         need_k = ctx.needs_input_grad[1]
         g = torch.where(counted, g_loss.to(qf.dtype), torch.zeros_like(lse))
@@ -204,11 +264,11 @@ class _ChunkedInfoNCE(torch.autograd.Function):
         dk = dq if merged else (torch.zeros_like(kf) if need_k else None)
         G, N, M = qf.shape[0], qf.shape[1], kf.shape[1]
         for g0, g1, r0, r1, c0, c1 in tiles(G, N, M):
-            kt = kf[g0:g1, c0:c1]
+            kt = ops.k_block(g0, g1, c0, c1)
             # The GEMM accumulates onto −shift: partial sums stay near z − shift, which keeps large logits
             # accurate (alpha=s would round s·⟨q, k⟩ first; measurably worse for |z| ~ 1e4).
-            qt = qf[g0:g1, r0:r1]   # s·q and f·q per tile: no (N, D) copies
-            e = torch.baddbmm(-shift[g0:g1, r0:r1, None], qt * s, kt.transpose(1, 2))
+            # s·q and f·q per tile (q̂ with normalize): no (N, D) copies
+            e = torch.baddbmm(-shift[g0:g1, r0:r1, None], ops.q_tile(g0, g1, r0, r1, s), kt.transpose(1, 2))
             _mask_tile(e, p, g0, g1, r0, r1, c0, c1, -math.inf)
             e.exp_()
             if in_tile:
@@ -216,23 +276,36 @@ class _ChunkedInfoNCE(torch.autograd.Function):
             if need_q:
                 dq[g0:g1, r0:r1] += torch.bmm(e, kt).mul_(f[g0:g1, r0:r1])
             if need_k:
-                dk[g0:g1, c0:c1].baddbmm_(e.transpose(1, 2), qt * f[g0:g1, r0:r1])
-        if not in_tile:
+                dk[g0:g1, c0:c1].baddbmm_(e.transpose(1, 2), ops.q_tile(g0, g1, r0, r1, f[g0:g1, r0:r1]))
+        if not in_tile and p.rule == "index":
+            coef = w if pos_op.all_ok else w * pos_op.index_ok   # c_i = s·g_i (|P(i)| = 1 where counted)
+            index_terms.sub_pos_grads_(dq if need_q else None, dk if need_k else None, qf, kf, p.q_meta, coef,
+                                       ops.q_inv, ops.k_inv)
+        elif not in_tile:
             w = w[..., None]
             if need_q:
-                dq.addcmul_(w, ops.apply(kf), value=-1.0)        # − w_i Σ_{p∈P(i)} k_p
+                dq.addcmul_(w, pos_op.apply(ops.k_hat()), value=-1.0)   # − w_i Σ_{p∈P(i)} k_p
             if need_k:
-                dk -= ops.apply_t(w * qf)
+                dk -= pos_op.apply_t(ops.q_hat(w))
         ds = None
-        if ctx.needs_input_grad[2]:
-            ds = ((dq * qf).sum() / s).to(ctx.scale_dtype)
+        if ctx.needs_input_grad[2]:   # Σ_i ⟨dq̂_i, q̂_i⟩ / s
+            qd = rowdot(dq, qf)
+            ds = ((qd if ops.q_inv is None else qd * ops.q_inv).sum() / s).to(ctx.scale_dtype)
+        if ops.q_inv is not None:   # gradients w.r.t. q̂, k̂ -> w.r.t. q, k (merged: one buffer, one x)
+            if dq is not None:
+                project_(dq, qf, ops.q_inv)
+            if dk is not None and dk is not dq:
+                project_(dk, kf, ops.k_inv)
         dq_out = dq.to(ctx.dtypes[0]) if ctx.needs_input_grad[0] else None
         dk_out = dk.to(ctx.dtypes[1]) if need_k and not merged else None
         return dq_out, dk_out, ds, None
 
 
 def torch_rows(p: ContrastProblem) -> RowOutputs:
-    """Per-anchor loss, LSE and positive count, chunked over keys (see module docstring)."""
+    """Per-anchor loss, LSE and positive count: one GEMM when the logits fit 2 MiB (torch_dense.py), else
+    chunked over keys (see module docstring)."""
+    if torch_dense.fits(p):
+        return torch_dense.dense_rows(p)
     scale = p.scale
     loss, lse, count = _ChunkedInfoNCE.apply(p.q, p.k, scale, p)
     return RowOutputs(loss, lse, count)

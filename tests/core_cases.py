@@ -49,8 +49,9 @@ def make_case(rule: str, G: int, N: int, M: int, D: int, *, self_contrast=False,
 
 
 def run(impl: str, case: dict, dtype: torch.dtype, tau: float = 0.1, *, k_grad: bool = True,
-        learn_tau: bool = True, device: str = "cpu") -> dict:
-    """Run the core with per-anchor outputs, backprop a fixed random weighting, return values and grads."""
+        learn_tau: bool = True, device: str = "cpu", normalize: bool = False) -> dict:
+    """Run the core with per-anchor outputs, backprop a fixed random weighting, return values and grads
+    (normalize=True: the core L2-normalises q and k itself; gradients are w.r.t. the raw inputs)."""
     q = case["q"].detach().to(device=device, dtype=dtype).clone().requires_grad_()
     k = None
     if case["k"] is not None:
@@ -58,7 +59,7 @@ def run(impl: str, case: dict, dtype: torch.dtype, tau: float = 0.1, *, k_grad: 
     tau_t = torch.tensor(tau, dtype=torch.float64 if dtype == torch.float64 else torch.float32,
                          device=device, requires_grad=True) if learn_tau else tau
     kw = {n: (v.to(device) if isinstance(v, torch.Tensor) else v) for n, v in case["kw"].items()}
-    res = grouped_info_nce(q, k, temperature=tau_t, reduction="none", impl=impl, **kw)
+    res = grouped_info_nce(q, k, temperature=tau_t, reduction="none", impl=impl, normalize=normalize, **kw)
     w = torch.randn(res.per_anchor.shape, generator=torch.Generator().manual_seed(7),
                     dtype=torch.float64).to(device=device, dtype=res.per_anchor.dtype)
     (res.per_anchor * w).sum().backward()

@@ -8,11 +8,14 @@ from macl_kernels import grouped_info_nce
 RULES = ["index", "label", "radius"]
 
 
-@pytest.fixture(params=["in-tile", "operator"], autouse=True)
+@pytest.fixture(params=["dense", "in-tile", "operator"], autouse=True)
 def positive_strategy(request, monkeypatch):
-    """Run every test with both ways the torch path handles positives: masks inside each tile (few keys
-    per group) and the linear operator Y outside the tiles (many keys)."""
+    """Run every test with the three ways the torch path runs: the whole logit matrix in one GEMM (small
+    problems, torch_dense.py), and tiles with masks inside each tile (few keys per group) or with the
+    linear operator Y outside the tiles (many keys)."""
+    import macl_kernels.torch_dense as td
     import macl_kernels.torch_tiled as tt
+    monkeypatch.setattr(td, "DENSE_MAX_BYTES", 1 << 40 if request.param == "dense" else -1)
     monkeypatch.setattr(tt, "IN_TILE_MAX_KEYS", 1 << 30 if request.param == "in-tile" else 0)
     return request.param
 
@@ -135,9 +138,11 @@ def test_radius_ties_at_threshold_match_float32_comparison():
 
 
 @pytest.mark.parametrize("unnormalised, tau, redone", [(True, 0.01, True), (False, 0.1, False)])
-def test_forward_bound_shift_and_its_exact_fallback(monkeypatch, unnormalised, tau, redone):
+def test_forward_bound_shift_and_its_exact_fallback(monkeypatch, positive_strategy, unnormalised, tau, redone):
     """The forward shifts each row by the bound B_i = s·|q_i|·max|k_j|; rows whose every logit lies far below
     it (unnormalised features, small τ) underflow and are recomputed exactly. Both paths match the reference."""
+    if positive_strategy == "dense":
+        pytest.skip("the tiled path's bound; the dense path takes the exact row maximum")
     import macl_kernels.torch_tiled as tt
     calls = []
     exact = tt._exact_lse_rows

@@ -40,7 +40,7 @@ class NormalizeCast(torch.autograd.Function):
     def forward(ctx, x, op_dtype):
         xf = x if x.dtype == torch.float64 else x.float()
         norm = torch.linalg.vector_norm(xf, dim=-1, keepdim=True).clamp_min(NORM_EPS)
-        y = (xf / norm).to(op_dtype, memory_format=torch.contiguous_format)
+        y = (xf / norm).to(op_dtype).contiguous()   # .to(memory_format=) keeps a same-dtype view strided
         ctx.save_for_backward(y, norm)
         ctx.in_dtype = x.dtype
         return y
