@@ -37,6 +37,15 @@ _SETTINGS = {
 }
 
 
+def stored_config(data: Any) -> Any:
+    """A stored config (nested dict with a "method" section, as `macl.config.to_dict` writes into checkpoints and
+    run folders) written before presets existed gets ``method.preset = "faithful"``: those runs used the public
+    code's heads and augmentation scale. Other input is returned unchanged."""
+    if isinstance(data, dict) and isinstance(data.get("method"), dict) and "preset" not in data["method"]:
+        data = {**data, "method": {**data["method"], "preset": "faithful"}}
+    return data
+
+
 def check_preset(name: Any) -> str:
     """The preset name, or ValueError naming the bad value and the known ones."""
     if name not in PRESETS:

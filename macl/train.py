@@ -44,6 +44,7 @@ import torch
 from .config import OptimConfig, PretrainConfig, from_dict, to_dict
 from .diagnostics import Diagnostics, DiagnosticsConfig
 from .geometry import require_valid_geometry
+from .presets import stored_config
 from .methods import Batch, Method, build_method
 from .parallel import SINGLE, World, local_device, loss_group, wrap_ddp
 
@@ -250,7 +251,7 @@ def pretrain(config: PretrainConfig, batches: Batches, run_dir: str, *, resume: 
         step, epoch = 0, 0
         if resume_from is not None:
             ckpt = load_checkpoint(resume_from, map_location=device)
-            saved = from_dict(ckpt["config"])
+            saved = from_dict(stored_config(ckpt["config"]))
             for part in ("net", "method"):
                 if getattr(saved, part) != getattr(config, part):
                     raise ValueError(f"cannot resume {resume_from}: its {part} config {getattr(saved, part)} "

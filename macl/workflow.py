@@ -36,7 +36,7 @@ from macl.data import (DataError, PreprocessConfig, PretrainDataConfig, Pretrain
 from macl.data.metrics import write_json_atomic
 from macl.geometry import min_patch, require_valid_geometry
 from macl.parallel import SINGLE, World
-from macl.presets import check_reference_size, resolve_reference_size
+from macl.presets import check_reference_size, resolve_reference_size, stored_config
 
 logger = logging.getLogger(__name__)
 Progress = Callable[[int, int, dict], None]
@@ -158,7 +158,8 @@ class PretrainSpec:
         path = sampling.pop("path", None)
         skip = bool(sampling.pop("skip_bad", False))
         sampling.pop("dims", None)
-        return cls(data or path, from_dict(d.get("pretrain") or {}), sampling, dict(d.get("preprocess") or {}), skip)
+        pretrain = stored_config(dict(d.get("pretrain") or {}))  # a run from before the presets: faithful
+        return cls(data or path, from_dict(pretrain), sampling, dict(d.get("preprocess") or {}), skip)
 
     def updated(self, file_sections: Optional[Mapping[str, Any]] = None, overrides: Sequence[str] = ()) -> "PretrainSpec":
         """A copy with a config file's sections (net, method, optim, train, data, preprocess) merged in,

@@ -319,7 +319,7 @@ def test_demo_pipeline_at_a_tiny_size(tmp_path):
     from macl.demo import DemoConfig, run_demo
     cfg = DemoConfig(name="test", n_subjects=5, shape=(32, 32, 16), test_fraction=0.4, labelled=1, base_width=4,
                      depth=2, patch=32, pretrain_steps=3, pretrain_batch=4, finetune_steps=3, finetune_batch=2,
-                     finetune_seeds=(0,))
+                     finetune_seeds=(0, 1))
     stages = []
     res = run_demo(tmp_path / "demo", cfg, progress=lambda stage, d, t, info=None: stages.append(stage))
     assert stages[0] == "phantoms" and {"pretrain", "finetune (pretrained, seed 0)", "finetune (scratch, seed 0)"} <= set(stages)
@@ -330,6 +330,16 @@ def test_demo_pipeline_at_a_tiny_size(tmp_path):
     scr = json.loads((tmp_path / "demo" / "finetune_scratch_seed0" / "summary.json").read_text())
     assert res["table_rows"][0]["scratch"] == pytest.approx(scr["mean"]["1"]["Dice"])
     assert "from scratch" in res["table"] and "MACL pre-trained" in res["table"]
+    # paired tests over the 2 seeds, from the per-seed means the row carries (scipy, independently here)
+    from scipy import stats
+    mean = res["table_rows"][-1]
+    a, b = mean["per_seed"]["scratch"], mean["per_seed"]["pretrained"]
+    if a != b:
+        assert mean["p_t"] == pytest.approx(stats.ttest_rel(b, a).pvalue, nan_ok=True)
+    assert "p (t-test)" in res["table"] and "p (Wilcoxon)" in res["table"] and "of 2 seeds" in res["table"]
+    # the pre-training's per-term verdicts are printed and saved
+    assert "MACL pre-training, per loss term" in res["table"] and [v["term"] for v in res["verdicts"]] == ["L_g", "L_d", "L_ER"]
+    assert all(v["line"] in res["table"] for v in res["verdicts"])
     # pre-training saw only the training volumes
     listed = json.loads((tmp_path / "demo" / "pretrain_datalist.json").read_text())["training"]
     assert len(listed) == len(res["train"]) == 3 and not any(t in json.dumps(listed) for t in res["test"])

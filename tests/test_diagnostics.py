@@ -190,3 +190,16 @@ def test_presets_decide_the_head_and_the_augmentation_scale():
     extra = set(robust.state_dict()) - set(faithful.state_dict())
     assert extra and all(".norm." in k and "image_head" in k for k in extra)
     assert set(faithful.pretrained_state_dict()) == set(robust.pretrained_state_dict())  # same exported tensors
+
+
+def test_runs_stored_before_the_presets_resume_as_faithful():
+    """Configs saved before `method.preset` existed were the public code: they must rebuild its heads."""
+    from macl.config import to_dict
+    from macl.presets import stored_config
+    from macl.workflow import PretrainSpec
+    old = to_dict(PretrainConfig())
+    del old["method"]["preset"], old["method"]["head_norm"]
+    assert stored_config(old)["method"]["preset"] == "faithful" and "preset" not in old["method"]
+    spec = PretrainSpec.from_dict({"data": {"path": "x"}, "pretrain": old})
+    assert spec.config.method.image_head_norm == "none" and spec.data_config().views.spatial.reference_size is None
+    assert PretrainSpec.from_dict({"data": {"path": "x"}}).config.method.preset == "robust"
