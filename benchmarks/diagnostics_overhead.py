@@ -1,49 +1,86 @@
-"""Overhead of the collapse diagnostics (macl.diagnostics) on a pre-training step, measured interleaved.
+"""Overhead of the collapse diagnostics (macl.diagnostics) per pre-training step, measured interleaved.
 
-    python benchmarks/diagnostics_overhead.py                      # the demo's size: 64², depth 3, F=16, B=16
-    python benchmarks/diagnostics_overhead.py --size 32 --depth 2 --width 4 --steps 100 --pairs 3
+    python benchmarks/diagnostics_overhead.py                        # the demo's size: 64², depth 3, F=16, B=16
+    python benchmarks/diagnostics_overhead.py --size 32 --depth 2 --width 4 --pairs 400
 
-Each pair runs `macl.train.pretrain` twice on the same batches and seed, diagnostics off then on (the order
-alternates between pairs), with the default settings (spreads on every logged step, log_every = 1, and the
-per-term encoder-gradient norms every 100 steps). The figure is the ratio of the summed `step_time_s` of the
-two runs (the diagnostics run inside the timed step), the median over pairs. On a shared machine the ratio of
-interleaved runs is what is meaningful; the load is printed next to it.
+One process, one MACL model (the default preset) and SGD; steps alternate between a plain step (forward,
+backward, update: what `macl.train.pretrain` does without diagnostics) and the same step with the diagnostics
+as the trainer runs them at their defaults (spreads on every step, i.e. log_every = 1; the per-term
+encoder-gradient norms on every 100th diagnosed step, one extra backward per term). Which steps are diagnosed
+is a seeded random half of them: interleaving step by step puts both under the same machine load. Reported: the ratio of the mean step times (diagnosed / plain, the
+gradient-share steps included), and its two parts (the median per-step cost of the spreads, the cost of one
+gradient-share step spread over 100 steps); and, more precise on a busy machine, where step times scatter by tens
+of percent, the diagnostics' own calls timed directly in CPU time (time.process_time, which a busy machine does
+not inflate): (mean observe() + mean grad_shares() / 100) / mean plain step.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
-import tempfile
 import time
 
 import torch
 
 
-def _batches(size: int, batch: int, seed: int = 0):
-    from macl.methods import Batch
-
-    def factory(start):
-        step = start
-        while True:
-            g = torch.Generator().manual_seed(seed * 100003 + step)
-            x = torch.rand(batch, 1, size, size, generator=g)
-            yield Batch(torch.rand(batch, generator=g), x, x + 0.05, x.flip(-1), x.flip(-2))
-            step += 1
-    return factory
-
-
-def run(size: int, depth: int, width: int, batch: int, steps: int, diagnostics: bool) -> float:
-    from macl.config import MethodConfig, NetConfig, PretrainConfig, TrainConfig
-    from macl.train import pretrain
-    cfg = PretrainConfig(net=NetConfig(base_width=width, depth=depth), method=MethodConfig(),
-                         train=TrainConfig(steps=steps, device="cpu", checkpoint_every=0, diagnostics=diagnostics))
-    with tempfile.TemporaryDirectory() as d:
-        pretrain(cfg, _batches(size, batch), d)
-        with open(os.path.join(d, "log.jsonl")) as fh:
-            return sum(json.loads(line)["step_time_s"] for line in fh if line.strip())
+def measure(size: int, depth: int, width: int, batch: int, pairs: int, warmup: int = 10) -> dict:
+    from macl.config import MethodConfig, NetConfig
+    from macl.diagnostics import Diagnostics, DiagnosticsConfig
+    from macl.methods import Batch, build_method
+    torch.manual_seed(0)
+    method = build_method(NetConfig(base_width=width, depth=depth), MethodConfig()).train()
+    opt = torch.optim.SGD(method.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-5)
+    cfg = DiagnosticsConfig()
+    diag = Diagnostics(cfg, log_warnings=False)
+    g = torch.Generator().manual_seed(0)
+    plain, spread, grads = [], [], []
+    observe_time, grad_time, plain_cpu = [], [], []  # CPU times: the diagnostics' own calls, the plain steps
+    # which steps are diagnosed: a seeded random half (a strict alternation showed a position bias on a busy machine)
+    order = torch.randperm(warmup + 2 * pairs, generator=torch.Generator().manual_seed(1)) % 2
+    diagnosed = 0
+    for i in range(warmup + 2 * pairs):
+        x = torch.rand(batch, 1, size, size, generator=g)
+        b = Batch(torch.rand(batch, generator=g), x, x + 0.05, x.flip(-1), x.flip(-2))
+        on = bool(order[i])
+        t0, c0 = time.perf_counter(), time.process_time()
+        terms = method(b)
+        loss = method.combine(terms)
+        values = dict(zip(list(terms) + ["loss"], torch.stack([t.detach() for t in terms.values()] + [loss.detach()]).tolist()))
+        with_grads = False
+        if on:
+            diagnosed += 1
+            if diag.due_grad(diagnosed):
+                tg = time.process_time()
+                values.update(diag.grad_shares(method, terms))
+                grad_time.append(time.process_time() - tg)
+                with_grads = True
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if on:
+            to = time.process_time()
+            values.update(diag.observe(diagnosed, method, values, logged=True))
+            if i >= warmup:
+                observe_time.append(time.process_time() - to)
+        dt = time.perf_counter() - t0
+        if i < warmup:
+            continue
+        if not on:
+            plain_cpu.append(time.process_time() - c0)
+        (grads if with_grads else spread if on else plain).append(dt)
+    base = statistics.mean(plain)
+    on_all = spread + grads
+    every = cfg.grad_every
+    return {"plain_mean": base, "on_mean": statistics.mean(on_all), "ratio_of_means": statistics.mean(on_all) / base,
+            "spread_median_overhead": statistics.median(spread) / statistics.median(plain) - 1,
+            "grad_step_overhead_per_step": (statistics.mean(grads) - statistics.median(plain)) / every
+            / statistics.median(plain) if grads else float("nan"),
+            "n_plain": len(plain), "n_on": len(on_all), "n_grad_steps": len(grads),
+            "observe_ms": 1000 * statistics.mean(observe_time), "grad_shares_ms": 1000 * statistics.mean(grad_time),
+            "plain_cpu_ms": 1000 * statistics.mean(plain_cpu),
+            "direct_overhead": (statistics.mean(observe_time) + statistics.mean(grad_time) / every)
+            / statistics.mean(plain_cpu)}
 
 
 def main() -> None:
@@ -52,22 +89,21 @@ def main() -> None:
     ap.add_argument("--depth", type=int, default=3)
     ap.add_argument("--width", type=int, default=16)
     ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--steps", type=int, default=200)
-    ap.add_argument("--pairs", type=int, default=3)
+    ap.add_argument("--pairs", type=int, default=200, help="plain/diagnosed step pairs (grad shares every 100)")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    ratios = []
-    for i in range(args.pairs):
-        order = (False, True) if i % 2 == 0 else (True, False)
-        times = {on: run(args.size, args.depth, args.width, args.batch, args.steps, on) for on in order}
-        ratios.append(times[True] / times[False])
-        print(f"pair {i}: off {times[False]:.2f} s, on {times[True]:.2f} s, on/off {ratios[-1]:.4f}", flush=True)
-    load = os.getloadavg()
-    print(f"{args.size}^2 depth {args.depth} F={args.width} B={args.batch}, {args.steps} steps, {args.threads} thread(s): "
-          f"median on/off = {statistics.median(ratios):.4f} over {args.pairs} pairs "
-          f"(overhead {100 * (statistics.median(ratios) - 1):+.2f}%); host {platform.processor() or platform.machine()}, "
-          f"load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f} at {time.strftime('%H:%M UTC', time.gmtime())}")
+    before = os.getloadavg()
+    r = measure(args.size, args.depth, args.width, args.batch, args.pairs)
+    after = os.getloadavg()
+    print(f"{args.size}^2 depth {args.depth} F={args.width} B={args.batch}, {args.pairs} pairs, {args.threads} thread(s): "
+          f"plain step {1000 * r['plain_mean']:.1f} ms, diagnosed/plain (means, {r['n_grad_steps']} grad-share steps "
+          f"included) = {r['ratio_of_means']:.4f}; spreads {100 * r['spread_median_overhead']:+.2f}% (median), "
+          f"grad shares {100 * r['grad_step_overhead_per_step']:+.2f}% amortised over {100} steps; direct: "
+          f"observe {r['observe_ms']:.2f} ms per step + grad shares {r['grad_shares_ms']:.0f} ms per 100 steps = "
+          f"{100 * r['direct_overhead']:.2f}% of a plain step's {r['plain_cpu_ms']:.1f} ms (CPU times); "
+          f"host {platform.machine()}, load average {before[0]:.1f} before, {after[0]:.1f} after, "
+          f"{time.strftime('%H:%M UTC', time.gmtime())}")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@ For a contrastive term whose anchors each see K keys in their denominator (K = 2
 embedding is C = c·log(K) (4.906 for B = 16): every logit is equal, whatever the positives. A term that stays
 there learns nothing, however long it runs.
 
-Per logged step, for each term t that its method probes (`Method.probes`, filled by the forward pass itself):
+Per logged step, for each term t that its method probes (`Method.probes`, filled by the forward pass itself),
+{t}_const, and on step 1 and every `spread_every` (10) steps the spreads:
     {t}_const   C = c·log(K)
     {t}_std     the std over the batch of the L2-normalised embeddings, averaged over features (and groups)
     {t}_cos     their mean pairwise cosine (1 when every embedding is the same)
@@ -42,6 +43,8 @@ class DiagnosticsConfig:
     rel_tol: "near constant" = within this fraction of the constant-embedding value (0.01).
     spread_threshold: "near constant" also when the embeddings' spread is below this (0.05; see module docstring).
     grad_every: measure each term's share of the encoder gradient every this many steps (0: never).
+    spread_every: measure the spreads on logged steps that are step 1 or a multiple of this (10: at ~0.9 ms of
+        CPU per measurement, every step would cost ~3% of a step of a tiny network; see docs/macl_presets.md).
     tail: the verdict's value is the mean of the last this many steps' losses.
     """
 
@@ -49,6 +52,7 @@ class DiagnosticsConfig:
     rel_tol: float = 0.01
     spread_threshold: float = 0.05
     grad_every: int = 100
+    spread_every: int = 10
     tail: int = 20
 
     def __post_init__(self) -> None:
@@ -72,7 +76,8 @@ def embedding_spread(rows: torch.Tensor) -> Dict[str, float]:
     var = (z - mean.unsqueeze(1)).pow(2).mean(1)  # (G, D)
     sq = mean.pow(2).sum(-1)  # |mean z|² = (n + n(n−1)·cos) / n²
     cos = (n * sq - 1) / max(n - 1, 1)
-    return {"std": float(var.sqrt().mean()), "cos": float(cos.mean()), "spread": float(var.sum(-1).sqrt().mean())}
+    std, cos, spread = torch.stack([var.sqrt().mean(), cos.mean(), var.sum(-1).sqrt().mean()]).tolist()  # one sync
+    return {"std": std, "cos": cos, "spread": spread}
 
 
 class _Term:
@@ -138,7 +143,7 @@ class Diagnostics:
     def observe(self, step: int, method, values: Mapping[str, float], logged: bool) -> Dict[str, Any]:
         """Update every probed term with the 1-based `step`'s loss values; measure spreads when `logged`.
 
-        Returns the fields for the step's log record ({} when not logged).
+        Returns the fields for the step's log record: {t}_const always, the spreads on measured steps.
         """
         self.last_step = step
         fields: Dict[str, Any] = {}
@@ -153,10 +158,11 @@ class Diagnostics:
             if probe is None:
                 continue
             t.const = probe.scale * math.log(max(int(probe.keys_per_anchor), 1))
-            if logged:
+            fields[f"{name}_const"] = t.const
+            if logged and (step == 1 or step % max(1, int(self.cfg.spread_every)) == 0):
                 stats = embedding_spread(probe.rows())
                 t.spread = stats["spread"]
-                fields.update({f"{name}_const": t.const, **{f"{name}_{k}": v for k, v in stats.items()}})
+                fields.update({f"{name}_{k}": v for k, v in stats.items()})
             near = (t.const > 0 and abs(value - t.const) < self.cfg.rel_tol * t.const) or \
                    (t.spread is not None and t.spread < self.cfg.spread_threshold)
             self._update(t, step, near, value)
