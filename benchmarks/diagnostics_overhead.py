@@ -3,15 +3,15 @@
     python benchmarks/diagnostics_overhead.py                        # the demo's size: 64², depth 3, F=16, B=16
     python benchmarks/diagnostics_overhead.py --size 32 --depth 2 --width 4 --pairs 400
 
-One process, one MACL model (the default preset) and SGD; steps alternate between a plain step (forward,
-backward, update: what `macl.train.pretrain` does without diagnostics) and the same step with the diagnostics
-as the trainer runs them at their defaults (spreads on every step, i.e. log_every = 1; the per-term
-encoder-gradient norms on every 100th diagnosed step, one extra backward per term). Which steps are diagnosed
-is a seeded random half of them: interleaving step by step puts both under the same machine load. Reported: the ratio of the mean step times (diagnosed / plain, the
-gradient-share steps included), and its two parts (the median per-step cost of the spreads, the cost of one
-gradient-share step spread over 100 steps); and, more precise on a busy machine, where step times scatter by tens
-of percent, the diagnostics' own calls timed directly in CPU time (time.process_time, which a busy machine does
-not inflate): (mean observe() + mean grad_shares() / 100) / mean plain step.
+One process, one MACL model (the default preset) and SGD; a seeded random half of the steps are plain steps
+(forward, backward, update: what `macl.train.pretrain` does without diagnostics), the other half the same step
+with the diagnostics as the trainer runs them at their defaults with log_every = 1 (constant-embedding values
+every step, spreads on every 10th diagnosed step, the per-term encoder-gradient norms on every 100th: one extra
+backward per term). Interleaving step by step puts both under the same machine load. Reported: the ratio of
+the mean wall step times (diagnosed / plain, gradient-share steps included) with its two parts (median per-step
+cost, gradient-share steps spread over 100 steps); and, more precise on a busy machine, where wall step times
+scatter by tens of percent, the diagnostics' own calls timed in CPU time (time.process_time, which other
+processes do not inflate): (mean observe() + mean grad_shares() / 100) / mean CPU time of a plain step.
 """
 from __future__ import annotations
 
@@ -46,7 +46,8 @@ def measure(size: int, depth: int, width: int, batch: int, pairs: int, warmup: i
         t0, c0 = time.perf_counter(), time.process_time()
         terms = method(b)
         loss = method.combine(terms)
-        values = dict(zip(list(terms) + ["loss"], torch.stack([t.detach() for t in terms.values()] + [loss.detach()]).tolist()))
+        detached = torch.stack([t.detach() for t in terms.values()] + [loss.detach()])
+        values = dict(zip(list(terms) + ["loss"], detached.tolist()))
         with_grads = False
         if on:
             diagnosed += 1

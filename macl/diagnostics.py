@@ -11,7 +11,7 @@ Per logged step, for each term t that its method probes (`Method.probes`, filled
     {t}_const   C = c·log(K)
     {t}_std     the std over the batch of the L2-normalised embeddings, averaged over features (and groups)
     {t}_cos     their mean pairwise cosine (1 when every embedding is the same)
-    {t}_spread  sqrt(Σ_d var_n z_nd) = sqrt(1 − |mean z|²) ∈ [0, 1]: 0 at collapse, ≈ 1 for spread-out embeddings
+    {t}_spread  sqrt(Σ_d var_n z_nd) = sqrt(1 − |mean z|²) ∈ [0, 1]: 0 at collapse, ≈ 1 when spread out
 and every `grad_every` steps, for every term (probed or not), the norm of its weighted gradient on the encoder
 parameters ({t}_grad) and its share of the sum of those norms ({t}_grad_share); this costs one extra backward
 pass per term on that step, and is skipped under torchrun.
@@ -19,8 +19,9 @@ pass per term on that step, and is skipped under torchrun.
 A term is *near constant* on a step when |L_t − C| < rel_tol·C, or when its last measured spread is below
 `spread_threshold`. When it has been near constant for `window` consecutive steps, a warning is logged
 (logger "macl.diagnostics": stderr and events.jsonl under the CLI) and kept as an event (the trainer writes the
-events and verdicts to run_dir/diagnostics.json). At the end, `verdicts()` gives one line per term, e.g. "L_g learned: 3.87 vs 4.91 at a constant
-embedding" or "L_g collapsed at step 21: 4.905 vs 4.906 at a constant embedding (spread 0.03)".
+events and verdicts to run_dir/diagnostics.json). At the end, `verdicts()` gives one line per term, e.g.
+"L_g learned: 3.87 vs 4.91 at a constant embedding" or "L_g collapsed at step 21: 4.905 vs 4.906 at a constant
+embedding, spread 0.030".
 After a resume the diagnostics start afresh from the resumed step.
 """
 from __future__ import annotations
