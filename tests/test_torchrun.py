@@ -25,7 +25,7 @@ from macl.parallel import SINGLE, World, env_world, init_from_env, wrap_ddp
 from macl.train import load_checkpoint, pretrain
 
 REPO = Path(__file__).resolve().parent.parent
-TINY = ["--patch-size", "32", "--batch-size", "4", "--base-width", "4", "--depth", "3", "--device", "cpu",
+TINY = ["--patch-size", "32", "--batch-size", "4", "--base-width", "4", "--depth", "2", "--device", "cpu",
         "--no-progress"]
 
 

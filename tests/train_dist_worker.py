@@ -13,8 +13,10 @@ GLOBAL_BATCH, STEPS = 4, 3
 
 
 def config() -> PretrainConfig:
-    return PretrainConfig(net=NetConfig(dims=2, base_width=4, depth=3, norm="instance"),
-                          method=MethodConfig(name="macl", threshold=0.3, impl="torch"),
+    # 32² at depth 2 (a non-degenerate MACL geometry); the faithful preset's image heads have no BatchNorm, whose
+    # per-rank batch statistics would differ from the one process's
+    return PretrainConfig(net=NetConfig(dims=2, base_width=4, depth=2, norm="instance"),
+                          method=MethodConfig(name="macl", threshold=0.3, impl="torch", preset="faithful"),
                           optim=OptimConfig(lr=0.05), train=TrainConfig(steps=STEPS, device="cpu", log_every=1,
                                                                         checkpoint_every=0, amp=False))
 
