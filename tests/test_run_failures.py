@@ -27,7 +27,7 @@ from macl.data import PhantomConfig, write_phantom_dataset
 
 REPO = Path(__file__).resolve().parent.parent
 # one CPU thread: on a shared machine torch's default (a thread per core) is many times slower at these sizes
-TINY = ["--patch-size", "16", "--batch-size", "2", "--base-width", "4", "--depth", "2", "--device", "cpu",
+TINY = ["--patch-size", "32", "--batch-size", "2", "--base-width", "4", "--depth", "2", "--device", "cpu",
         "--threads", "1", "--no-progress"]
 FT = ["--steps", "2", "--batch-size", "2", "--patch-size", "16", "--base-width", "4", "--depth", "2",
       "--device", "cpu", "--threads", "1", "--no-progress"]
