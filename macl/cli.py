@@ -259,6 +259,13 @@ def cmd_bench(args: argparse.Namespace, log: EventLog, bars: Bars) -> int:
     return subprocess.call([sys.executable, "-m", "benchmarks.sweep", *rest], cwd=str(root), env=env)
 
 
+def _isatty(stream) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):   # closed or replaced streams
+        return False
+
+
 # ------------------------------------------------------------------------------------------ parser
 def _common(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("output")
@@ -412,6 +419,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.set_defaults(func=cmd_demo, folder="out")
 
+    if _repo_with_benchmarks() is None:   # an installed copy: no benchmarks/, no `bench` (main() says why)
+        return ap
     p = sub.add_parser("bench", help="the benchmark sweep (source checkout only)", add_help=True,
                        description="Runs `python -m benchmarks.sweep` of the source checkout with the remaining "
                        "arguments, e.g. `macl bench --preset quick`. See `python -m benchmarks.sweep --help`.")
@@ -423,8 +432,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the command line; returns the exit status (0 ok, 1 error, 2 usage error, 130 interrupted)."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    from macl.extras import command_problem
+    problem = command_problem(argv[0]) if argv else None
+    if problem:   # a workflow command without its extra: one line, even for --help
+        print(f"macl: error: {problem}", file=sys.stderr)
+        return EXIT_ERROR
     parser = build_parser()
-    if argv[:1] == ["bench"] and not set(argv[1:2]) & {"-h", "--help"}:
+    if argv[:1] == ["bench"] and (not set(argv[1:2]) & {"-h", "--help"} or _repo_with_benchmarks() is None):
         args = argparse.Namespace(command="bench", func=cmd_bench, folder=None, no_progress=True, verbose=False,
                                   debug="--debug" in argv, sweep_args=argv[1:])
     else:
@@ -443,7 +457,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     pkg.setLevel(logging.INFO)
     pkg.addHandler(log)
     pkg.addHandler(console)
-    bars = Bars(enabled=not args.no_progress and main_rank, on_update=log.sync)  # lines wait until the run folder exists
+    # bars only into a terminal: redirected stderr (a log file, CI) gets the event lines, not carriage returns
+    bars = Bars(enabled=not args.no_progress and main_rank and _isatty(sys.stderr), on_update=log.sync)  # lines wait until the run folder exists
     if getattr(args, "threads", None) is not None:
         if args.threads < 1:
             print(f"macl: error: --threads must be >= 1, got {args.threads}", file=sys.stderr)

@@ -69,8 +69,8 @@ def read_config_file(path: str | os.PathLike) -> dict:
     ext = p.suffix.lower()
     try:
         if ext == ".toml":
-            import tomllib
-            data = tomllib.loads(p.read_text())
+            from macl.toml_compat import loads  # tomllib, or tomli on Python < 3.11
+            data = loads(p.read_text())
         elif ext == ".json":
             data = json.loads(p.read_text())
         elif ext in (".yaml", ".yml"):
@@ -78,7 +78,7 @@ def read_config_file(path: str | os.PathLike) -> dict:
             data = yaml.safe_load(p.read_text()) or {}
         else:
             raise ValueError(f"config file must end in .toml, .json, .yaml or .yml, got {p}")
-    except (ValueError, SyntaxError) as e:  # tomllib.TOMLDecodeError and json.JSONDecodeError are ValueErrors
+    except (ValueError, SyntaxError) as e:  # TOMLDecodeError and json.JSONDecodeError are ValueErrors
         raise ValueError(f"{p}: cannot parse config ({e})") from e
     if not isinstance(data, dict):
         raise ValueError(f"{p}: config must be a mapping of sections")
