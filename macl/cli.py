@@ -22,7 +22,7 @@ from macl.cli_output import Bars, EventLog, TqdmHandler
 
 EXIT_ERROR, EXIT_INTERRUPTED = 1, 130
 #: errors whose message is shown as it is (others get their type name in front)
-KNOWN_ERRORS = ("ValueError", "OSError", "KeyError", "FloatingPointError", "NonFiniteLossError")
+KNOWN_ERRORS = ("ValueError", "OSError", "KeyError", "FloatingPointError", "NonFiniteLossError", "MissingExtraError")
 
 
 def _one_line(exc: BaseException) -> str:
@@ -83,7 +83,7 @@ def cmd_pretrain(args: argparse.Namespace, log: EventLog, bars: Bars) -> int:
     from macl.parallel import init_from_env, shutdown
     world = init_from_env(spec.config.train.device)  # a process group only under torchrun with WORLD_SIZE > 1
     try:
-        out = run_pretrain(spec, run, resume=args.resume, progress=bars("pretrain"), load_progress=bars("load"),
+        out = run_pretrain(spec, run, resume=args.resume, progress=_tb(args, run, bars("pretrain"), "pretrain"), load_progress=bars("load"),
                            world=world)
     finally:
         shutdown(world)
@@ -152,7 +152,7 @@ def cmd_finetune(args: argparse.Namespace, log: EventLog, bars: Bars) -> int:
     world = init_from_env(cfg.device)  # a process group only under torchrun with WORLD_SIZE > 1
     try:
         out = run_finetune(str(args.data), args.out, cfg, net, pretrained=args.pretrained,
-                           progress=bars("finetune"), evaluate_test=not args.no_evaluate, world=world)
+                           progress=_tb(args, args.out, bars("finetune"), "finetune"), evaluate_test=not args.no_evaluate, world=world)
     finally:
         shutdown(world)
     bars.close()
@@ -209,7 +209,7 @@ def cmd_train_semi(args: argparse.Namespace, log: EventLog, bars: Bars) -> int:
     from macl.parallel import init_from_env, shutdown
     world = init_from_env(cfg.device)  # a process group only under torchrun with WORLD_SIZE > 1
     try:
-        res = train_semi(str(args.data), args.out, cfg, progress=bars("train-semi"), resume=True,
+        res = train_semi(str(args.data), args.out, cfg, progress=_tb(args, args.out, bars("train-semi"), "train-semi"), resume=True,
                          evaluate_test=not args.no_evaluate, world=world)
     finally:
         shutdown(world)
@@ -259,6 +259,13 @@ def cmd_bench(args: argparse.Namespace, log: EventLog, bars: Bars) -> int:
     return subprocess.call([sys.executable, "-m", "benchmarks.sweep", *rest], cwd=str(root), env=env)
 
 
+def _tb(args: argparse.Namespace, run, progress, tag: str):
+    """The progress callback, writing TensorBoard scalars too with --tensorboard (rank 0 only)."""
+    from macl.tensorboard_log import with_tensorboard
+    on = bool(getattr(args, "tensorboard", False)) and os.environ.get("RANK", "0") == "0"
+    return with_tensorboard(on, Path(run), progress, tag)
+
+
 def _isatty(stream) -> bool:
     try:
         return bool(stream.isatty())
@@ -267,13 +274,16 @@ def _isatty(stream) -> bool:
 
 
 # ------------------------------------------------------------------------------------------ parser
-def _common(p: argparse.ArgumentParser) -> None:
+def _common(p: argparse.ArgumentParser, tensorboard: bool = False) -> None:
     g = p.add_argument_group("output")
     g.add_argument("--threads", type=int, metavar="N", help="CPU threads for torch (default: torch's choice, one "
                    "per core; 1 is often faster for small networks or on a busy machine)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g.add_argument("--verbose", action="store_true", help="show info messages on stderr, not only warnings")
     g.add_argument("--debug", action="store_true", help="on error, print the full traceback")
+    if tensorboard:
+        g.add_argument("--tensorboard", action="store_true", help="also log training scalars for TensorBoard "
+                       "into RUN/tensorboard/ (needs pip install \"macl[tensorboard]\")")
 
 
 def _preprocess_flags(p: argparse.ArgumentParser) -> None:
@@ -331,7 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", help="auto (default: CUDA when available, else CPU), cpu, cuda, cuda:1, ...")
     g.add_argument("--checkpoint-every", type=int, metavar="N", help="write a checkpoint every N steps (default 500)")
     _preprocess_flags(p)
-    _common(p)
+    _common(p, tensorboard=True)
     p.set_defaults(func=cmd_pretrain, folder="out")
 
     p = sub.add_parser("finetune", formatter_class=fmt, help="fine-tune a segmentation U-Net on the labelled few",
@@ -368,7 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--set", action="append", metavar="KEY=VALUE", help="any FinetuneConfig field, e.g. "
                    "--set foreground_prob=0.5, or preprocess.KEY=VALUE (repeatable)")
     _preprocess_flags(p)
-    _common(p)
+    _common(p, tensorboard=True)
     p.set_defaults(func=cmd_finetune, folder="out")
 
     p = sub.add_parser("evaluate", formatter_class=fmt, help="score a fine-tuned run: Dice and HD95 -> summary.json",
@@ -401,7 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-evaluate", action="store_true", help="do not evaluate on the test cases at the end")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any SemiConfig field (macl/semi.py), "
                    "e.g. --set lambda_contrast=0.1 (repeatable)")
-    _common(p)
+    _common(p, tensorboard=True)
     p.set_defaults(func=cmd_train_semi, folder="out")
 
     p = sub.add_parser("demo", formatter_class=fmt, help="the built-in demo on generated phantom data (no download)",

@@ -301,7 +301,8 @@ def finetune(data: str | Path | DatasetIndex, out_dir: str | Path, model_factory
         if world.is_main and (done % cfg.log_every == 0 or done == cfg.steps):
             with open(log_path, "a") as fh:
                 fh.write(json.dumps({"step": done, "loss": loss_value, "lr": lr,
-                                     "seconds": round(time.perf_counter() - t0, 3)}) + "\n")
+                                     "seconds": round(time.perf_counter() - t0, 3),
+                                     "time": round(time.time(), 3)}) + "\n")
         if done % cfg.checkpoint_every == 0 or done == cfg.steps:
             checkpoint(done)
         if progress is not None:

@@ -358,7 +358,7 @@ def train_semi(data: str | Path | DatasetIndex, out_dir: str | Path, cfg: Option
         record = {"step": done, **values, "lr": lr, "seconds": round(time.perf_counter() - t0, 3)}
         if world.is_main and (done % cfg.log_every == 0 or done == cfg.steps):
             with open(log_path, "a") as fh:
-                fh.write(json.dumps(record) + "\n")
+                fh.write(json.dumps({**record, "time": round(time.time(), 3)}) + "\n")
         if done % cfg.checkpoint_every == 0 or done == cfg.steps:
             checkpoint(done)
         if progress is not None:

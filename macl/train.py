@@ -308,7 +308,7 @@ def pretrain(config: PretrainConfig, batches: Batches, run_dir: str, *, resume: 
                 if bad is not None:
                     if log_file is not None:
                         log_file.write(json.dumps({"step": step + 1, "event": "non_finite", "term": bad,
-                                                   "value": str(values[bad])}) + "\n")
+                                                   "value": str(values[bad]), "time": round(time.time(), 3)}) + "\n")
                     raise NonFiniteLossError(step + 1, bad, values[bad], last_good)
                 opt.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
@@ -324,7 +324,7 @@ def pretrain(config: PretrainConfig, batches: Batches, run_dir: str, *, resume: 
                 record = {"step": step, "epoch": epoch, **values, "lr": lr, "step_time_s": dt,
                           "samples_per_s": batch.size * world.size / dt if dt > 0 else float("inf")}
                 if log_file is not None and (step % config.train.log_every == 0 or step == total):
-                    log_file.write(json.dumps(record) + "\n")
+                    log_file.write(json.dumps({**record, "time": round(time.time(), 3)}) + "\n")  # unix s
                     log_file.flush()
                 if config.train.checkpoint_every and step % config.train.checkpoint_every == 0 and step < total:
                     checkpoint(os.path.join(ckpt_dir, f"step_{step:07d}.pt"))
