@@ -31,6 +31,17 @@ def _one_line(exc: BaseException) -> str:
     return text or type(exc).__name__
 
 
+def _channel_list(text: str) -> list:
+    try:
+        values = [int(p) for p in text.replace(",", " ").split()]
+    except ValueError:
+        values = []
+    if not values or min(values) < 0:
+        raise argparse.ArgumentTypeError(f"expected channel numbers >= 0 separated by commas, e.g. 0 or 0,1; "
+                                         f"got {text!r}")
+    return values
+
+
 def _float_list(n: int):
     def parse(text: str) -> tuple:
         parts = [float(p) for p in text.replace(",", " ").split()]
@@ -76,6 +87,8 @@ def cmd_pretrain(args: argparse.Namespace, log: EventLog, bars: Bars) -> int:
         flags.append(f"data.patch_size={list(args.patch_size)!r}")
     if args.meta_csv is not None:
         flags.append(f"data.meta_csv={str(args.meta_csv)!r}")
+    if args.channels is not None:
+        flags.append(f"data.channel={args.channels!r}")
     flags += [f"preprocess.{k}={v!r}" for k, v in _preprocess_overrides(args).items()]
     spec = spec.updated(sections, flags + list(args.set or []))
     spec.skip_bad = spec.skip_bad or args.skip_bad
@@ -118,6 +131,8 @@ def cmd_finetune(args: argparse.Namespace, log: EventLog, bars: Bars) -> int:
             kw[name] = getattr(args, name)
     if args.patch_size is not None:
         kw["patch_size"] = args.patch_size
+    if args.channels is not None:
+        kw["channels"] = args.channels
     if args.labels_fraction is not None:
         kw["labels_fraction"] = args.labels_fraction
     if args.labelled_cases is not None:
@@ -336,6 +351,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--norm", choices=("batch", "instance", "none"), help="normalisation layers (default batch)")
     g.add_argument("--views", choices=("code", "paper"), help="view preset: the public code's (default) or the paper's")
     g.add_argument("--slice-axis", type=int, choices=(0, 1, 2), help="axis slices / positions are taken along (default 2)")
+    g.add_argument("--channels", type=_channel_list, metavar="C[,C..]", help="image channels the network sees "
+                   "(default: all channels of the data; fine-tuning from this run follows the choice)")
     g.add_argument("--patches-per-volume", type=int, metavar="N", help="3D: random patches per volume and epoch (default 8)")
     g.add_argument("--seed", type=int, metavar="N", help="seed of the network, the crops and the views (default 0)")
     g.add_argument("--device", help="auto (default: CUDA when available, else CPU), cpu, cuda, cuda:1, ...")
@@ -359,7 +376,9 @@ def build_parser() -> argparse.ArgumentParser:
     budget.add_argument("--labelled-cases", type=Path, metavar="FILE", help="use the labels of exactly these cases "
                         "(JSON list or one case id per line)")
     g = p.add_argument_group("split and training")
-    g.add_argument("--test-fraction", type=float, metavar="F", help="fraction of labelled cases held out for testing (default 0.2)")
+    g.add_argument("--test-fraction", type=float, metavar="F", help="fraction of labelled cases held out for testing "
+                   "(default 0.2; unused when the data declare a split: a datalist's 'validation' list or an "
+                   "nnU-Net splits_final.json, fold --set split_fold=N)")
     g.add_argument("--test-cases", type=Path, metavar="FILE", help="explicit test case ids instead of --test-fraction")
     g.add_argument("--dims", type=int, choices=(2, 3), help="2D slices or 3D patches (default: the pre-trained net's, else 2)")
     g.add_argument("--patch-size", type=int, nargs="+", metavar="N", help="training / sliding-window size (default 64)")
@@ -368,6 +387,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr", type=float, metavar="LR", help="initial Adam learning rate (default 5e-4)")
     g.add_argument("--loss", choices=("dice_ce", "ce"), help="Dice + cross-entropy (default) or cross-entropy")
     g.add_argument("--slice-axis", type=int, choices=(0, 1, 2), help="2D: axis slices are taken along (default 2)")
+    g.add_argument("--channels", type=_channel_list, metavar="C[,C..]", help="image channels to use (default: "
+                   "the pre-training run's choice, else all channels of the data)")
     g.add_argument("--seed", type=int, metavar="N", help="seed of the split, the label selection and training (default 0)")
     g.add_argument("--base-width", type=int, metavar="N", help="U-Net base width F (default: the pre-trained net's, else 32)")
     g.add_argument("--depth", type=int, metavar="N", help="U-Net pooling stages (default: the pre-trained net's, else 4)")

@@ -239,7 +239,8 @@ def run_pretrain(spec: PretrainSpec, run_dir: str | os.PathLike, resume: Optiona
     if batches_per_epoch(ds, bs) < 1:
         raise ValueError(f"batch size {bs} is larger than the {len(ds)} samples per epoch of {index.root}")
     world.shard(bs)  # a global batch that does not split evenly over the ranks fails here, on every rank
-    channels = 1 if dcfg.channel is not None else volumes[0].image.shape[0]
+    from macl.data.channels import count as channel_count
+    channels = channel_count(dcfg.channel, volumes[0].image.shape[0])  # default: every channel of the data
     if spec.config.net.in_channels != channels:
         logger.info("net.in_channels set to %d to match the data", channels)
         spec.config.net = dataclasses.replace(spec.config.net, in_channels=channels)
