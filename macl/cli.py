@@ -1,4 +1,4 @@
-"""The ``macl`` command line: ``macl pretrain | finetune | evaluate | demo | bench``.
+"""The ``macl`` command line: ``macl pretrain | finetune | evaluate | predict | train-semi | demo | bench``.
 
 Each command shows a progress bar with ETA (tqdm, on stderr), saves its resolved config in the run folder,
 appends JSON lines to ``events.jsonl`` there (start, warnings, end or error), and on failure prints one line
@@ -189,6 +189,18 @@ def cmd_evaluate(args: argparse.Namespace, log: EventLog, bars: Bars) -> int:
     from macl.data.metrics import write_json_atomic
     from macl.workflow import format_summary, run_evaluate
     cases = read_case_list(args.cases) if args.cases else None
+    if args.predictions is not None:   # masks from any tool, scored like a run's own predictions
+        from macl.predict import evaluate_predictions
+        out = args.summary or Path(args.predictions) / "summary.json"
+        summary = evaluate_predictions(args.predictions, str(args.data), cases, run_dir=args.run, out=out,
+                                       progress=bars("evaluate"))
+        bars.close()
+        log.event("done", foreground_mean=summary["foreground_mean"], n_cases=summary["n_cases"])
+        print(format_summary(summary))
+        print(f"summary: {out}")
+        return 0
+    if args.run is None:
+        raise ValueError("give --run RUN (a fine-tuning run) or --predictions DIR (a folder of masks)")
     run = Path(args.run)
     summary = run_evaluate(run, str(args.data), cases, progress=bars("evaluate"))
     bars.close()
@@ -196,6 +208,17 @@ def cmd_evaluate(args: argparse.Namespace, log: EventLog, bars: Bars) -> int:
     log.event("done", foreground_mean=summary["foreground_mean"], n_cases=summary["n_cases"])
     print(format_summary(summary))
     print(f"summary: {run / 'summary.json'}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace, log: EventLog, bars: Bars) -> int:
+    from macl.data import read_case_list
+    from macl.predict import predict_run
+    cases = read_case_list(args.cases) if args.cases else None
+    written = predict_run(args.run, str(args.data), args.out, cases, progress=bars("predict"))
+    bars.close()
+    log.event("done", n_masks=len(written), out=str(args.out))
+    print(f"{len(written)} mask(s) written to {args.out} (each in its image's own space: shape, affine, spacing)")
     return 0
 
 
@@ -405,11 +428,27 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", formatter_class=fmt, help="score a fine-tuned run: Dice and HD95 -> summary.json",
                        description="Predict the test cases of a fine-tuning run (or --cases) with its final model "
                        "and write RUN/summary.json (per case and class: Dice, HD95 in mm; means).")
-    p.add_argument("--run", required=True, type=Path, help="a `macl finetune` run folder")
+    p.add_argument("--run", type=Path, help="a `macl finetune` run folder (with --predictions: take its test cases, "
+                   "pre-processing and class names)")
     p.add_argument("--data", required=True, type=Path, metavar="PATH", help="the data set the run was fine-tuned on")
     p.add_argument("--cases", type=Path, metavar="FILE", help="evaluate these labelled cases instead of the run's test split")
+    p.add_argument("--predictions", type=Path, metavar="DIR", help="score the masks in DIR instead (<case_id>.nii.gz "
+                   "from any tool, in each image's own space) -> DIR/summary.json")
+    p.add_argument("--summary", type=Path, metavar="FILE", help="with --predictions: where to write the summary")
     _common(p)
     p.set_defaults(func=cmd_evaluate, folder="run")
+
+    p = sub.add_parser("predict", formatter_class=fmt, help="segment volumes with a fine-tuned run -> NIfTI masks",
+                       description="Segment every case of --data (or --cases) with a fine-tuning run's final model "
+                       "and write OUT/<case_id>.nii.gz, each in its image's own space (shape, affine, spacing and "
+                       "header of the input file).")
+    p.add_argument("--run", required=True, type=Path, help="a `macl finetune` run folder")
+    p.add_argument("--data", required=True, type=Path, metavar="PATH", help="NIfTI folder, MSD/nnU-Net folder, or "
+                   "datalist .json")
+    p.add_argument("--out", required=True, type=Path, metavar="DIR", help="folder for the masks")
+    p.add_argument("--cases", type=Path, metavar="FILE", help="only these case ids (JSON list or one per line)")
+    _common(p)
+    p.set_defaults(func=cmd_predict, folder=None)
 
     p = sub.add_parser("train-semi", formatter_class=fmt, help="semi-supervised segmentation (ARCO)",
                        description="ARCO (mean teacher, variance-reduced pixel contrast): train a segmentation U-Net "
