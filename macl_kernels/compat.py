@@ -226,7 +226,7 @@ class PMLNTXentLoss(nn.Module):
         if embeddings.dim() != 2:
             raise ValueError(f"embeddings must be (N, D), got shape {tuple(embeddings.shape)}")
         n = embeddings.shape[0]
-        lab = _dense_labels(labels, n)
+        lab = _dense_labels(labels, n).to(embeddings.device)
         tau = self.temperature
         x = F.normalize(embeddings, dim=1)
         a, p = _positive_pairs(lab)
