@@ -8,7 +8,7 @@ PIP := $(PY) -m pip
 $(VENV)/.installed: pyproject.toml ci/constraints-cpu.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
-	$(PIP) install --quiet -c ci/constraints-cpu.txt -e ".[test]"
+	$(PIP) install --quiet -c ci/constraints-cpu.txt -e ".[test,medical,demo]"
 	touch $@
 
 install: $(VENV)/.installed

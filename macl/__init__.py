@@ -10,4 +10,4 @@ Every contrastive term is computed by the sibling package `macl_kernels`.
 from .config import MethodConfig, NetConfig, OptimConfig, PretrainConfig, TrainConfig
 
 __all__ = ["PretrainConfig", "NetConfig", "MethodConfig", "OptimConfig", "TrainConfig"]
-__version__ = "0.1.0"
+__version__ = "0.1.0"  # the one version source: pyproject.toml reads it (setuptools dynamic)

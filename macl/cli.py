@@ -1,4 +1,4 @@
-"""The ``macl`` command line: ``macl pretrain | finetune | evaluate | demo | bench``.
+"""The ``macl`` command line: ``macl pretrain | finetune | evaluate | predict | train-semi | demo | bench``.
 
 Each command shows a progress bar with ETA (tqdm, on stderr), saves its resolved config in the run folder,
 appends JSON lines to ``events.jsonl`` there (start, warnings, end or error), and on failure prints one line
@@ -22,7 +22,7 @@ from macl.cli_output import Bars, EventLog, TqdmHandler
 
 EXIT_ERROR, EXIT_INTERRUPTED = 1, 130
 #: errors whose message is shown as it is (others get their type name in front)
-KNOWN_ERRORS = ("ValueError", "OSError", "KeyError", "FloatingPointError", "NonFiniteLossError")
+KNOWN_ERRORS = ("ValueError", "OSError", "KeyError", "FloatingPointError", "NonFiniteLossError", "MissingExtraError")
 
 
 def _one_line(exc: BaseException) -> str:
@@ -37,6 +37,17 @@ def _quiet_event(log: EventLog, kind: str, **fields: Any) -> None:
         log.event(kind, **fields)
     except OSError:
         pass
+
+
+def _channel_list(text: str) -> list:
+    try:
+        values = [int(p) for p in text.replace(",", " ").split()]
+    except ValueError:
+        values = []
+    if not values or min(values) < 0:
+        raise argparse.ArgumentTypeError(f"expected channel numbers >= 0 separated by commas, e.g. 0 or 0,1; "
+                                         f"got {text!r}")
+    return values
 
 
 def _float_list(n: int):
@@ -85,6 +96,8 @@ def cmd_pretrain(args: argparse.Namespace, log: EventLog, bars: Bars) -> int:
         flags.append(f"data.patch_size={list(args.patch_size)!r}")
     if args.meta_csv is not None:
         flags.append(f"data.meta_csv={str(args.meta_csv)!r}")
+    if args.channels is not None:
+        flags.append(f"data.channel={args.channels!r}")
     flags += [f"preprocess.{k}={v!r}" for k, v in _preprocess_overrides(args).items()]
     spec = spec.updated(sections, flags + list(args.set or []))
     spec.skip_bad = spec.skip_bad or args.skip_bad
@@ -92,7 +105,7 @@ def cmd_pretrain(args: argparse.Namespace, log: EventLog, bars: Bars) -> int:
     from macl.parallel import init_from_env, shutdown
     world = init_from_env(spec.config.train.device)  # a process group only under torchrun with WORLD_SIZE > 1
     try:
-        out = run_pretrain(spec, run, resume=args.resume, progress=bars("pretrain"), load_progress=bars("load"),
+        out = run_pretrain(spec, run, resume=args.resume, progress=_tb(args, run, bars("pretrain"), "pretrain"), load_progress=bars("load"),
                            world=world)
     finally:
         shutdown(world)
@@ -130,6 +143,8 @@ def cmd_finetune(args: argparse.Namespace, log: EventLog, bars: Bars) -> int:
             kw[name] = getattr(args, name)
     if args.patch_size is not None:
         kw["patch_size"] = args.patch_size
+    if args.channels is not None:
+        kw["channels"] = args.channels
     if args.labels_fraction is not None:
         kw["labels_fraction"] = args.labels_fraction
     if args.labelled_cases is not None:
@@ -164,7 +179,7 @@ def cmd_finetune(args: argparse.Namespace, log: EventLog, bars: Bars) -> int:
     world = init_from_env(cfg.device)  # a process group only under torchrun with WORLD_SIZE > 1
     try:
         out = run_finetune(str(args.data), args.out, cfg, net, pretrained=args.pretrained,
-                           progress=bars("finetune"), evaluate_test=not args.no_evaluate, world=world)
+                           progress=_tb(args, args.out, bars("finetune"), "finetune"), evaluate_test=not args.no_evaluate, world=world)
     finally:
         shutdown(world)
     bars.close()
@@ -186,6 +201,18 @@ def cmd_evaluate(args: argparse.Namespace, log: EventLog, bars: Bars) -> int:
     from macl.data.metrics import write_json_atomic
     from macl.workflow import format_summary, run_evaluate
     cases = read_case_list(args.cases) if args.cases else None
+    if args.predictions is not None:   # masks from any tool, scored like a run's own predictions
+        from macl.predict import evaluate_predictions
+        out = args.summary or Path(args.predictions) / "summary.json"
+        summary = evaluate_predictions(args.predictions, str(args.data), cases, run_dir=args.run, out=out,
+                                       progress=bars("evaluate"))
+        bars.close()
+        log.event("done", foreground_mean=summary["foreground_mean"], n_cases=summary["n_cases"])
+        print(format_summary(summary))
+        print(f"summary: {out}")
+        return 0
+    if args.run is None:
+        raise ValueError("give --run RUN (a fine-tuning run) or --predictions DIR (a folder of masks)")
     run = Path(args.run)
     summary = run_evaluate(run, str(args.data), cases, progress=bars("evaluate"))
     bars.close()
@@ -193,6 +220,17 @@ def cmd_evaluate(args: argparse.Namespace, log: EventLog, bars: Bars) -> int:
     log.event("done", foreground_mean=summary["foreground_mean"], n_cases=summary["n_cases"])
     print(format_summary(summary))
     print(f"summary: {run / 'summary.json'}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace, log: EventLog, bars: Bars) -> int:
+    from macl.data import read_case_list
+    from macl.predict import predict_run
+    cases = read_case_list(args.cases) if args.cases else None
+    written = predict_run(args.run, str(args.data), args.out, cases, progress=bars("predict"))
+    bars.close()
+    log.event("done", n_masks=len(written), out=str(args.out))
+    print(f"{len(written)} mask(s) written to {args.out} (each in its image's own space: shape, affine, spacing)")
     return 0
 
 
@@ -221,7 +259,7 @@ def cmd_train_semi(args: argparse.Namespace, log: EventLog, bars: Bars) -> int:
     from macl.parallel import init_from_env, shutdown
     world = init_from_env(cfg.device)  # a process group only under torchrun with WORLD_SIZE > 1
     try:
-        res = train_semi(str(args.data), args.out, cfg, progress=bars("train-semi"), resume=True,
+        res = train_semi(str(args.data), args.out, cfg, progress=_tb(args, args.out, bars("train-semi"), "train-semi"), resume=True,
                          evaluate_test=not args.no_evaluate, world=world)
     finally:
         shutdown(world)
@@ -273,14 +311,31 @@ def cmd_bench(args: argparse.Namespace, log: EventLog, bars: Bars) -> int:
     return subprocess.call([sys.executable, "-m", "benchmarks.sweep", *rest], cwd=str(root), env=env)
 
 
+def _tb(args: argparse.Namespace, run, progress, tag: str):
+    """The progress callback, writing TensorBoard scalars too with --tensorboard (rank 0 only)."""
+    from macl.tensorboard_log import with_tensorboard
+    on = bool(getattr(args, "tensorboard", False)) and os.environ.get("RANK", "0") == "0"
+    return with_tensorboard(on, Path(run), progress, tag)
+
+
+def _isatty(stream) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):   # closed or replaced streams
+        return False
+
+
 # ------------------------------------------------------------------------------------------ parser
-def _common(p: argparse.ArgumentParser) -> None:
+def _common(p: argparse.ArgumentParser, tensorboard: bool = False) -> None:
     g = p.add_argument_group("output")
     g.add_argument("--threads", type=int, metavar="N", help="CPU threads for torch (default: torch's choice, one "
                    "per core; 1 is often faster for small networks or on a busy machine)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g.add_argument("--verbose", action="store_true", help="show info messages on stderr, not only warnings")
     g.add_argument("--debug", action="store_true", help="on error, print the full traceback")
+    if tensorboard:
+        g.add_argument("--tensorboard", action="store_true", help="also log training scalars for TensorBoard "
+                       "into RUN/tensorboard/ (needs pip install \"macl[tensorboard]\")")
 
 
 def _preprocess_flags(p: argparse.ArgumentParser) -> None:
@@ -336,12 +391,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--norm", choices=("batch", "instance", "none"), help="normalisation layers (default batch)")
     g.add_argument("--views", choices=("code", "paper"), help="view preset: the public code's (default) or the paper's")
     g.add_argument("--slice-axis", type=int, choices=(0, 1, 2), help="axis slices / positions are taken along (default 2)")
+    g.add_argument("--channels", type=_channel_list, metavar="C[,C..]", help="image channels the network sees "
+                   "(default: all channels of the data; fine-tuning from this run follows the choice)")
     g.add_argument("--patches-per-volume", type=int, metavar="N", help="3D: random patches per volume and epoch (default 8)")
     g.add_argument("--seed", type=int, metavar="N", help="seed of the network, the crops and the views (default 0)")
     g.add_argument("--device", help="auto (default: CUDA when available, else CPU), cpu, cuda, cuda:1, ...")
     g.add_argument("--checkpoint-every", type=int, metavar="N", help="write a checkpoint every N steps (default 500)")
     _preprocess_flags(p)
-    _common(p)
+    _common(p, tensorboard=True)
     p.set_defaults(func=cmd_pretrain, folder="out")
 
     p = sub.add_parser("finetune", formatter_class=fmt, help="fine-tune a segmentation U-Net on the labelled few",
@@ -359,7 +416,9 @@ def build_parser() -> argparse.ArgumentParser:
     budget.add_argument("--labelled-cases", type=Path, metavar="FILE", help="use the labels of exactly these cases "
                         "(JSON list or one case id per line)")
     g = p.add_argument_group("split and training")
-    g.add_argument("--test-fraction", type=float, metavar="F", help="fraction of labelled cases held out for testing (default 0.2)")
+    g.add_argument("--test-fraction", type=float, metavar="F", help="fraction of labelled cases held out for testing "
+                   "(default 0.2; unused when the data declare a split: a datalist's 'validation' list or an "
+                   "nnU-Net splits_final.json, fold --set split_fold=N)")
     g.add_argument("--test-cases", type=Path, metavar="FILE", help="explicit test case ids instead of --test-fraction")
     g.add_argument("--dims", type=int, choices=(2, 3), help="2D slices or 3D patches (default: the pre-trained net's, else 2)")
     g.add_argument("--patch-size", type=int, nargs="+", metavar="N", help="training / sliding-window size (default 64)")
@@ -368,6 +427,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr", type=float, metavar="LR", help="initial Adam learning rate (default 5e-4)")
     g.add_argument("--loss", choices=("dice_ce", "ce"), help="Dice + cross-entropy (default) or cross-entropy")
     g.add_argument("--slice-axis", type=int, choices=(0, 1, 2), help="2D: axis slices are taken along (default 2)")
+    g.add_argument("--channels", type=_channel_list, metavar="C[,C..]", help="image channels to use (default: "
+                   "the pre-training run's choice, else all channels of the data)")
     g.add_argument("--seed", type=int, metavar="N", help="seed of the split, the label selection and training (default 0)")
     g.add_argument("--base-width", type=int, metavar="N", help="U-Net base width F (default: the pre-trained net's, else 32)")
     g.add_argument("--depth", type=int, metavar="N", help="U-Net pooling stages (default: the pre-trained net's, else 4)")
@@ -378,17 +439,33 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--set", action="append", metavar="KEY=VALUE", help="any FinetuneConfig field, e.g. "
                    "--set foreground_prob=0.5, or preprocess.KEY=VALUE (repeatable)")
     _preprocess_flags(p)
-    _common(p)
+    _common(p, tensorboard=True)
     p.set_defaults(func=cmd_finetune, folder="out")
 
     p = sub.add_parser("evaluate", formatter_class=fmt, help="score a fine-tuned run: Dice and HD95 -> summary.json",
                        description="Predict the test cases of a fine-tuning run (or --cases) with its final model "
                        "and write RUN/summary.json (per case and class: Dice, HD95 in mm; means).")
-    p.add_argument("--run", required=True, type=Path, help="a `macl finetune` run folder")
+    p.add_argument("--run", type=Path, help="a `macl finetune` run folder (with --predictions: take its test cases, "
+                   "pre-processing and class names)")
     p.add_argument("--data", required=True, type=Path, metavar="PATH", help="the data set the run was fine-tuned on")
     p.add_argument("--cases", type=Path, metavar="FILE", help="evaluate these labelled cases instead of the run's test split")
+    p.add_argument("--predictions", type=Path, metavar="DIR", help="score the masks in DIR instead (<case_id>.nii.gz "
+                   "from any tool, in each image's own space) -> DIR/summary.json")
+    p.add_argument("--summary", type=Path, metavar="FILE", help="with --predictions: where to write the summary")
     _common(p)
     p.set_defaults(func=cmd_evaluate, folder="run")
+
+    p = sub.add_parser("predict", formatter_class=fmt, help="segment volumes with a fine-tuned run -> NIfTI masks",
+                       description="Segment every case of --data (or --cases) with a fine-tuning run's final model "
+                       "and write OUT/<case_id>.nii.gz, each in its image's own space (shape, affine, spacing and "
+                       "header of the input file).")
+    p.add_argument("--run", required=True, type=Path, help="a `macl finetune` run folder")
+    p.add_argument("--data", required=True, type=Path, metavar="PATH", help="NIfTI folder, MSD/nnU-Net folder, or "
+                   "datalist .json")
+    p.add_argument("--out", required=True, type=Path, metavar="DIR", help="folder for the masks")
+    p.add_argument("--cases", type=Path, metavar="FILE", help="only these case ids (JSON list or one per line)")
+    _common(p)
+    p.set_defaults(func=cmd_predict, folder=None)
 
     p = sub.add_parser("train-semi", formatter_class=fmt, help="semi-supervised segmentation (ARCO)",
                        description="ARCO (mean teacher, variance-reduced pixel contrast): train a segmentation U-Net "
@@ -411,7 +488,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-evaluate", action="store_true", help="do not evaluate on the test cases at the end")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any SemiConfig field (macl/semi.py), "
                    "e.g. --set lambda_contrast=0.1 (repeatable)")
-    _common(p)
+    _common(p, tensorboard=True)
     p.set_defaults(func=cmd_train_semi, folder="out")
 
     p = sub.add_parser("demo", formatter_class=fmt, help="the built-in demo on generated phantom data (no download)",
@@ -432,6 +509,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.set_defaults(func=cmd_demo, folder="out")
 
+    if _repo_with_benchmarks() is None:   # an installed copy: no benchmarks/, no `bench` (main() says why)
+        return ap
     p = sub.add_parser("bench", help="the benchmark sweep (source checkout only)", add_help=True,
                        description="Runs `python -m benchmarks.sweep` of the source checkout with the remaining "
                        "arguments, e.g. `macl bench --preset quick`. See `python -m benchmarks.sweep --help`.")
@@ -443,8 +522,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the command line; returns the exit status (0 ok, 1 error, 2 usage error, 130 interrupted)."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    from macl.extras import command_problem
+    problem = command_problem(argv[0]) if argv else None
+    if problem:   # a workflow command without its extra: one line, even for --help
+        print(f"macl: error: {problem}", file=sys.stderr)
+        return EXIT_ERROR
     parser = build_parser()
-    if argv[:1] == ["bench"] and not set(argv[1:2]) & {"-h", "--help"}:
+    if argv[:1] == ["bench"] and (not set(argv[1:2]) & {"-h", "--help"} or _repo_with_benchmarks() is None):
         args = argparse.Namespace(command="bench", func=cmd_bench, folder=None, no_progress=True, verbose=False,
                                   debug="--debug" in argv, sweep_args=argv[1:])
     else:
@@ -463,7 +547,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     pkg.setLevel(logging.INFO)
     pkg.addHandler(log)
     pkg.addHandler(console)
-    bars = Bars(enabled=not args.no_progress and main_rank, on_update=log.sync)  # lines wait until the run folder exists
+    # bars only into a terminal: redirected stderr (a log file, CI) gets the event lines, not carriage returns
+    bars = Bars(enabled=not args.no_progress and main_rank and _isatty(sys.stderr), on_update=log.sync)  # lines wait until the run folder exists
     if getattr(args, "threads", None) is not None:
         if args.threads < 1:
             print(f"macl: error: --threads must be >= 1, got {args.threads}", file=sys.stderr)

@@ -305,10 +305,10 @@ def load_config(path: str | os.PathLike) -> PretrainConfig:
     path = os.fspath(path)
     ext = os.path.splitext(path)[1].lower()
     if ext == ".toml":
-        import tomllib
+        from macl.toml_compat import loads  # tomllib, or tomli on Python < 3.11
 
-        with open(path, "rb") as fh:
-            data = tomllib.load(fh)
+        with open(path, encoding="utf-8") as fh:
+            data = loads(fh.read())
     elif ext == ".json":
         with open(path) as fh:
             data = json.load(fh)

@@ -279,7 +279,9 @@ def format_table(cfg: DemoConfig, rows: list[dict], labelled: list, train: list,
 
 def write_figures(out: Path, data: Path, runs: dict, case: str) -> list[str]:
     """loss_curves.png, dice_per_class.png and prediction_overlay.png in ``out`` (matplotlib, Agg)."""
-    from matplotlib.figure import Figure  # a Figure without pyplot renders with Agg: no display, no global state
+    from macl.extras import import_module
+    # a Figure without pyplot renders with Agg: no display, no global state
+    Figure = import_module("matplotlib.figure", "demo", "the demo's plots").Figure
 
     seeds = sorted(runs["scratch"])
     colors = {"scratch": "tab:blue", "pretrained": "tab:orange"}

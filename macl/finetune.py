@@ -38,13 +38,15 @@ from torch import nn
 
 from macl import runfolder
 from macl.config_types import check_labels_fraction, coerce_fields
+from macl.data.channels import finetune_channels, pretrained_input, select_volumes
 from macl.data.errors import DataError
 from macl.data.value_checks import classes_from_values
 from macl.parallel import SINGLE, World, local_device, wrap_ddp
 from macl.data.metrics import case_metrics, dice_score, hd95, summarize, write_json_atomic
 from macl.data.preprocess import PreprocessConfig, Volume, load_volumes
-from macl.data.readers import DatasetIndex, open_dataset
+from macl.data.readers import DatasetIndex
 from macl.data.segsampling import SegBatchSampler, SegSamplingConfig
+from macl.data.split_files import declared_test_cases, open_with_split
 from macl.data.splits import select_labelled, split_cases
 
 __all__ = ["FinetuneConfig", "FinetuneResult", "finetune", "predict_volume", "evaluate", "evaluate_run",
@@ -59,7 +61,11 @@ class FinetuneConfig:
     """Every setting of a fine-tuning run (defaults: MACL.md "Optimisation", Dice+CE per the issue).
 
     Label budget: ``labels_fraction`` or ``labelled_cases`` (neither: all training cases).
-    Split: ``test_cases`` if given, else ``test_fraction`` of the labelled cases, by ``seed``.
+    Split: ``test_cases`` if given, else the data set's declared split (a datalist's ``validation`` list, or
+    fold ``split_fold`` of nnU-Net's ``splits_final.json``: macl.data.split_files), else ``test_fraction`` of
+    the labelled cases, by ``seed``.
+    Channels: ``channels`` (list of ints) if given, else the pre-training run's choice, else all channels of the
+    data (macl.data.channels); a pre-trained network taking another number of channels is refused (one line).
     """
 
     dims: int = 2
@@ -84,6 +90,8 @@ class FinetuneConfig:
     sw_batch_size: int = 8
     skip_bad: bool = False
     device: str = "cpu"
+    channels: list[int] | None = None
+    split_fold: int = 0
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
 
     def __post_init__(self) -> None:
@@ -150,6 +158,20 @@ def _pretrained_state(pretrained: str | Path | Mapping[str, Any]) -> dict[str, t
 
 
 # ------------------------------------------------------------------------------------------- data
+def _inputs(cfg: FinetuneConfig, index: DatasetIndex, volumes: list, pretrained) -> tuple[FinetuneConfig, list]:
+    """The data set's declared split (datalist validation, splits_final.json) as test cases unless given, and
+    the channels (given, else the pre-training run's, else all; macl.data.channels), applied to `volumes`."""
+    declared = declared_test_cases(index)
+    if cfg.test_cases is None and declared is not None:
+        have = {v.case_id for v in volumes}
+        cfg = dataclasses.replace(cfg, test_cases=[c for c in declared if c in have])
+        logger.info("test cases from %s (%d)", index.extra["split"]["source"], len(cfg.test_cases))
+    chans = finetune_channels(cfg.channels, volumes[0].image.shape[0],
+                              pretrained_input(pretrained) if pretrained is not None else None, str(index.root))
+    cfg = dataclasses.replace(cfg, channels=chans)
+    return cfg, select_volumes(volumes, chans, str(index.root))
+
+
 def _classes(index: DatasetIndex, volumes: Sequence[Volume]) -> dict[int, str]:
     if index.labels is not None:
         names = dict(sorted(index.labels.items()))
@@ -216,8 +238,9 @@ def finetune(data: str | Path | DatasetIndex, out_dir: str | Path, model_factory
         FloatingPointError: a non-finite loss (the last checkpoint is kept).
     """
     cfg = cfg or FinetuneConfig()
-    index = data if isinstance(data, DatasetIndex) else open_dataset(data)
+    index = data if isinstance(data, DatasetIndex) else open_with_split(data, cfg.split_fold)
     volumes = load_volumes(index, cfg.preprocess, labelled_only=True, skip_bad=cfg.skip_bad)
+    cfg, volumes = _inputs(cfg, index, volumes, pretrained)
     class_names = _classes(index, volumes)
     split = prepare_split([v.case_id for v in volumes], cfg)
     by_id = {v.case_id: v for v in volumes}
@@ -298,7 +321,8 @@ def finetune(data: str | Path | DatasetIndex, out_dir: str | Path, model_factory
         lr = float(opt.param_groups[0]["lr"])
         if world.is_main and (done % cfg.log_every == 0 or done == cfg.steps):
             runfolder.append_text(log_path, json.dumps({"step": done, "loss": loss_value, "lr": lr,
-                                                        "seconds": round(time.perf_counter() - t0, 3)}) + "\n")
+                                                        "seconds": round(time.perf_counter() - t0, 3),
+                                                        "time": round(time.time(), 3)}) + "\n")
         if done % cfg.checkpoint_every == 0 or done == cfg.steps:
             if world.is_main:
                 runfolder.fsync_file(log_path)  # the log reaches the disk before the checkpoint vouching for it
@@ -400,12 +424,13 @@ def evaluate_run(run_dir: str | Path, data: str | Path | DatasetIndex, model_fac
     wanted = list(cases) if cases is not None else json.loads((run / "split.json").read_text())["test"]
     if not wanted:
         raise ValueError(f"{run}: no test cases to evaluate (split.json 'test' is empty); pass cases=")
-    index = data if isinstance(data, DatasetIndex) else open_dataset(data)
+    index = data if isinstance(data, DatasetIndex) else open_with_split(data, cfg.split_fold)
     known = {c.case_id: c for c in index.labelled()}
     missing = sorted(set(wanted) - set(known))
     if missing:
         raise ValueError(f"cases not among the labelled cases of {index.root}: {missing[:10]}")
     volumes = load_volumes(index, cfg.preprocess, cases=[known[c] for c in wanted], skip_bad=cfg.skip_bad)
+    volumes = select_volumes(volumes, cfg.channels, str(index.root))
     model = model_factory(volumes[0].image.shape[0], len(class_names)).to(cfg.device)
     model.load_state_dict(runfolder.load_checkpoint_safe(run / "model_final.pt", cfg.device))
     return evaluate(model, volumes, cfg, run / "summary.json", class_names, progress)

@@ -126,7 +126,10 @@ def wrap_ddp(module: torch.nn.Module, world: World, device: torch.device, sync_b
     """`module` wrapped in DistributedDataParallel (returned unchanged in a single process).
 
     sync_batchnorm converts BatchNorm layers to SyncBatchNorm first (CUDA only: torch's SyncBatchNorm has no
-    CPU kernel). Parameters some steps do not use (e.g. a head whose λ is 0) are allowed.
+    CPU kernel). Parameters the method does not use (e.g. a head whose λ is 0) are allowed: the graph is
+    static (the same parameters take part in every step of a run), so DDP records the unused ones once
+    (`static_graph=True`) instead of searching the graph every step (`find_unused_parameters=True`, which
+    also warned on every rank of every run when nothing was unused).
     """
     if not world.distributed:
         return module
@@ -137,7 +140,7 @@ def wrap_ddp(module: torch.nn.Module, world: World, device: torch.device, sync_b
                              "the batch split")
         module = torch.nn.SyncBatchNorm.convert_sync_batchnorm(module)
     ids = [device.index] if device.type == "cuda" else None
-    return torch.nn.parallel.DistributedDataParallel(module, device_ids=ids, find_unused_parameters=True)
+    return torch.nn.parallel.DistributedDataParallel(module, device_ids=ids, static_graph=True)
 
 
 def loss_group(world: World) -> Optional[str]:

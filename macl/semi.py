@@ -361,7 +361,7 @@ def train_semi(data: str | Path | DatasetIndex, out_dir: str | Path, cfg: Option
         done = step + 1
         record = {"step": done, **values, "lr": lr, "seconds": round(time.perf_counter() - t0, 3)}
         if world.is_main and (done % cfg.log_every == 0 or done == cfg.steps):
-            runfolder.append_text(log_path, json.dumps(record) + "\n")
+            runfolder.append_text(log_path, json.dumps({**record, "time": round(time.time(), 3)}) + "\n")
         if done % cfg.checkpoint_every == 0 or done == cfg.steps:
             if world.is_main:
                 runfolder.fsync_file(log_path)

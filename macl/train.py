@@ -312,7 +312,7 @@ def pretrain(config: PretrainConfig, batches: Batches, run_dir: str, *, resume: 
                 if bad is not None:
                     if log_file is not None:
                         log_file.write(json.dumps({"step": step + 1, "event": "non_finite", "term": bad,
-                                                   "value": str(values[bad])}) + "\n")
+                                                   "value": str(values[bad]), "time": round(time.time(), 3)}) + "\n")
                     raise NonFiniteLossError(step + 1, bad, values[bad], last_good)
                 if diag is not None and diag.due_grad(step + 1, world.size):  # each term's share of the encoder gradient
                     values.update(diag.grad_shares(method, terms, scaler.get_scale() if scaler.is_enabled() else 1.0))
@@ -333,7 +333,7 @@ def pretrain(config: PretrainConfig, batches: Batches, run_dir: str, *, resume: 
                 record = {"step": step, "epoch": epoch, **values, "lr": lr, "step_time_s": dt,
                           "samples_per_s": batch.size * world.size / dt if dt > 0 else float("inf")}
                 if log_file is not None and logged:
-                    log_file.write(json.dumps(record) + "\n")
+                    log_file.write(json.dumps({**record, "time": round(time.time(), 3)}) + "\n")  # unix s
                 if config.train.checkpoint_every and step % config.train.checkpoint_every == 0 and step < total:
                     if log_file is not None:
                         log_file.sync()  # the log reaches the disk before the checkpoint that vouches for it

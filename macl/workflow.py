@@ -77,8 +77,8 @@ def read_config_file(path: str | os.PathLike) -> dict:
         require_yaml(p)  # the optional extra macl[yaml]: a one-line error when it is missing
     try:
         if ext == ".toml":
-            import tomllib
-            data = tomllib.loads(p.read_text())
+            from macl.toml_compat import loads  # tomllib, or tomli on Python < 3.11
+            data = loads(p.read_text())
         elif ext == ".json":
             data = json.loads(p.read_text())
         elif ext in (".yaml", ".yml"):
@@ -86,7 +86,7 @@ def read_config_file(path: str | os.PathLike) -> dict:
             data = yaml.safe_load(p.read_text()) or {}
         else:
             raise ValueError(f"config file must end in .toml, .json, .yaml or .yml, got {p}")
-    except (ValueError, SyntaxError) as e:  # tomllib.TOMLDecodeError and json.JSONDecodeError are ValueErrors
+    except (ValueError, SyntaxError) as e:  # TOMLDecodeError and json.JSONDecodeError are ValueErrors
         raise ValueError(f"{p}: cannot parse config ({e})") from e
     if not isinstance(data, dict):
         raise ValueError(f"{p}: config must be a mapping of sections")
@@ -264,7 +264,8 @@ def run_pretrain(spec: PretrainSpec, run_dir: str | os.PathLike, resume: Optiona
     if batches_per_epoch(ds, bs) < 1:
         raise ValueError(f"batch size {bs} is larger than the {len(ds)} samples per epoch of {index.root}")
     world.shard(bs)  # a global batch that does not split evenly over the ranks fails here, on every rank
-    channels = 1 if dcfg.channel is not None else volumes[0].image.shape[0]
+    from macl.data.channels import count as channel_count
+    channels = channel_count(dcfg.channel, volumes[0].image.shape[0])  # default: every channel of the data
     if spec.config.net.in_channels != channels:
         logger.info("net.in_channels set to %d to match the data", channels)
         spec.config.net = dataclasses.replace(spec.config.net, in_channels=channels)

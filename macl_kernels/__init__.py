@@ -19,4 +19,4 @@ __all__ = [
     "InfoNCELoss", "NTXentLoss", "SupConLoss", "PositionalSupConLoss", "DenseInfoNCELoss",
     "gather_with_grad", "gather_metadata", "global_offset", "GatherPlan", "resolve_group", "record_communication",
 ]
-__version__ = "0.1.0"
+from macl import __version__  # noqa: E402  one version source (macl/__init__.py); macl imports only stdlib

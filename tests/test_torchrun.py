@@ -112,6 +112,13 @@ def test_two_ranks_write_one_set_of_files(two_rank_run):
     assert torch.load(run / "pretrained_weights.pt", weights_only=True)["step"] == 4
 
 
+def test_no_per_rank_ddp_warning(two_rank_run):
+    """DDP is built with static_graph (unused parameters recorded once), not find_unused_parameters=True, which
+    warned on every rank of every run (issue 14)."""
+    _, res = two_rank_run
+    assert "find_unused_parameters" not in res.stderr and "reducer.cpp" not in res.stderr, res.stderr[-2000:]
+
+
 def test_resume_on_the_same_world_size_is_exact(two_rank_run, tmp_path):
     run, _ = two_rank_run
     again = tmp_path / "again"

@@ -199,7 +199,9 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path):
     fresh.load_state_dict(ckpt["model"])
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
     assert not os.path.exists(os.path.join(tmp_path, "checkpoints", "final.pt"))
-    assert read_log(tmp_path)[-1] == {"step": 5, "event": "non_finite", "term": "L_d", "value": "nan"}
+    last = read_log(tmp_path)[-1]
+    assert isinstance(last.pop("time"), float)   # every log line carries a Unix timestamp
+    assert last == {"step": 5, "event": "non_finite", "term": "L_d", "value": "nan"}
 
 
 def test_checkpoint_contents_and_exported_weights(tmp_path):

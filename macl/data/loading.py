@@ -12,13 +12,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
-import nibabel as nib
 import numpy as np
 
 from macl.data.errors import DataError
 from macl.data.nifti_check import check_nifti_size
 from macl.data.value_checks import check_label_values
 from macl.data.readers import CaseRecord
+from macl.extras import import_module
+
+nib = import_module("nibabel", "medical", "reading NIfTI")
 
 logger = logging.getLogger(__name__)
 

@@ -27,10 +27,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import nibabel as nib
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from macl.extras import import_module
+
+nib = import_module("nibabel", "medical", "writing NIfTI")
 
 logger = logging.getLogger(__name__)
 

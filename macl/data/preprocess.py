@@ -22,13 +22,15 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from nibabel import orientations as nio
 
 from macl.config_types import coerce_fields
 from macl.data.errors import DataError
 from macl.data.value_checks import check_intensities
 from macl.data.loading import RawCase, load_case
 from macl.data.readers import CaseRecord, DatasetIndex
+from macl.extras import import_module
+
+nio = import_module("nibabel.orientations", "medical", "reorienting NIfTI")
 
 logger = logging.getLogger(__name__)
 CACHE_VERSION = 1

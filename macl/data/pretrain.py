@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from macl.config_types import coerce_fields
+from macl.data import channels as chan
 from macl.data.preprocess import Volume
 from macl.data.sampling import crop_start, enumerate_slices, extract_slice, patch_position, window
 from macl.data.views import ViewConfig, make_views
@@ -37,7 +38,7 @@ class PretrainDataConfig:
         patch_size: in-plane (X, Y) size for 2D, (X, Y, Z) for 3D.
         slice_axis: spatial axis slices are taken along / positions are measured on.
         crop: ``"random"`` or ``"centre"`` in-plane crop for 2D slices.
-        channel: which image channel feeds the single-channel views (None: all channels).
+        channel: the image channel(s) the network sees: None (default) all, an int, or a list of ints.
         patches_per_volume: 3D samples per volume and epoch.
         position_axes: 3D ``"slice"`` ((B,) positions) or ``"all"`` ((B, 3)).
         views: the view settings (default: the public code's).
@@ -48,7 +49,7 @@ class PretrainDataConfig:
     patch_size: tuple[int, ...] = (64, 64)
     slice_axis: int = 2
     crop: str = "random"
-    channel: int | None = 0
+    channel: int | list[int] | None = None
     patches_per_volume: int = 8
     position_axes: str = "slice"
     views: ViewConfig = field(default_factory=ViewConfig)
@@ -93,8 +94,7 @@ class PretrainDataset(torch.utils.data.Dataset):
         if cfg.dims == 2:
             self.slices = enumerate_slices([v.shape for v in self.volumes], cfg.slice_axis)
         nch = self.volumes[0].image.shape[0]
-        if cfg.channel is not None and not 0 <= cfg.channel < nch:
-            raise ValueError(f"channel {cfg.channel} out of range: the volumes have {nch} channel(s)")
+        chan.check(cfg.channel, nch)
 
     def __len__(self) -> int:
         if self.cfg.dims == 2:
@@ -127,8 +127,7 @@ class PretrainDataset(torch.utils.data.Dataset):
             out = window(vol.image, start, cfg.patch_size)
             per_axis = patch_position(start, cfg.patch_size, vol.shape)
             pos = per_axis if cfg.position_axes == "all" else np.float64(per_axis[cfg.slice_axis])
-        if cfg.channel is not None:
-            out = out[cfg.channel:cfg.channel + 1]
+        out = chan.select(out, cfg.channel)
         return out.astype(np.float32, copy=False), pos
 
     def get_batch(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
