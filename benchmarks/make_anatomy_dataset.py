@@ -24,7 +24,10 @@ docs/pretraining_value.md for the ones examined), so:
   reproducible bit for bit, but only as good as intensity clustering is.
 
 Output: the MSD / nnU-Net layout that ``macl`` reads (``dataset.json``, ``imagesTr/``, ``labelsTr/``) plus
-``split.json`` ({"train": [...], "test": [...]}) and ``provenance.json`` (source file, its sha256, settings).
+``split.json`` ({"train": [...], "test": [...]}), ``provenance.json`` (source file, its sha256, settings) and
+``imagesPretrain/robex_train_stack.nii.gz``: the training slabs stacked in order as one volume, what pre-training
+reads (MACL and PCL take a slice's position as its index over its volume's length; within a 6-slice slab that
+would say nothing about the anatomical level, over the stack it does, with the test slabs cut out).
 
 Usage::
 
@@ -156,7 +159,7 @@ def make_dataset(out: str | Path, source: Optional[str | Path] = None, slab: int
     """
     src = Path(source) if source is not None else find_source()
     out = Path(out)
-    settings = {"slab": slab, "gap": gap, "margin": margin, "test_every": test_every, "smooth": smooth,
+    settings = {"format": 2, "slab": slab, "gap": gap, "margin": margin, "test_every": test_every, "smooth": smooth,
                 "bias_sigma": bias_sigma}
     prov = {"source": str(src / IMAGE_NAME), "mask": str(src / MASK_NAME), "sha256": _sha256(src / IMAGE_NAME),
             "mask_sha256": _sha256(src / MASK_NAME), "pip": PIP_LINE, "settings": settings,
@@ -201,6 +204,16 @@ def make_dataset(out: str | Path, source: Optional[str | Path] = None, slab: int
     prov.update({"crop_lo": lo.tolist(), "crop_hi": hi.tolist(), "spacing_mm": [float(z) for z in zooms],
                  "slabs": ranges, "train": train_ids, "test": test_ids,
                  "label_fractions": {CLASS_NAMES[c]: float((labels[mask] == c).mean()) for c in (1, 2, 3)}})
+    # pre-training sees the training slabs stacked in their order as one volume: MACL / PCL take a slice's position
+    # as its index over its volume's length, which within a 6-slice slab would say nothing about anatomy
+    (out / "imagesPretrain").mkdir(exist_ok=True)
+    stack = np.concatenate([image[int(lo[0]):int(hi[0]), int(lo[1]):int(hi[1]), int(lo[2]) + a:int(lo[2]) + b]
+                            for i, (a, b) in enumerate(ranges) if f"robex_slab{i:02d}" in train_ids], axis=2)
+    first = img.affine[:3, :3] @ np.array([lo[0], lo[1], lo[2]]) + img.affine[:3, 3]
+    stack_affine = img.affine.copy()
+    stack_affine[:3, 3] = first
+    nib.save(nib.Nifti1Image(stack, stack_affine), str(out / "imagesPretrain" / "robex_train_stack.nii.gz"))
+    prov["pretrain_images"] = ["imagesPretrain/robex_train_stack.nii.gz"]
     (out / "split.json").write_text(json.dumps({"train": train_ids, "test": test_ids}, indent=2))
     tmp = out / "dataset.json.tmp"
     tmp.write_text(json.dumps(meta, indent=2))

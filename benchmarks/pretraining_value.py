@@ -63,7 +63,7 @@ class Sizes:
     pre_steps: int = 300
     pre_batch: int = 16
     pre_lr: float = 0.01
-    ft_steps: int = 150
+    ft_steps: int = 100
     ft_batch: int = 8
     ft_lr: float = 1e-3
     semi_batch: int = 4
@@ -72,9 +72,9 @@ class Sizes:
     do_3d: bool = True
     depth_3d: int = 2
     patch_3d: int = 32
-    pre_steps_3d: int = 100
+    pre_steps_3d: int = 60
     pre_batch_3d: int = 4
-    ft_steps_3d: int = 100
+    ft_steps_3d: int = 60
     ft_batch_3d: int = 2
     budget_3d: int = 2
 
@@ -131,11 +131,14 @@ def prepare_data(sizes: Sizes, out: Path, dry: bool = False) -> dict:
             prov = make_dataset(root, src) if not dry else {"train": ["<train slabs>"], "test": ["<test slabs>"]}
             train, test = prov["train"], prov["test"]
         datalist = out / "data" / f"{name}_pretrain_datalist.json"
-        if not dry:
+        if not dry and name == "anatomy":  # the training slabs stacked in order (make_anatomy_dataset.py says why)
+            rows = [{"image": [os.path.relpath(root / p, datalist.parent)]} for p in prov["pretrain_images"]]
+        elif not dry:
             index = open_dataset(root)
             keep = set(train)
             rows = [{"image": [os.path.relpath(p, datalist.parent) for p in c.images]}
                     for c in index.cases if c.case_id in keep]
+        if not dry:
             datalist.write_text(json.dumps({"description": f"{name}: training volumes only", "training": rows}))
         sets[name] = {"data": root, "train": train, "test": test, "datalist": datalist}
     return sets

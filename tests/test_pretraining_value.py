@@ -71,6 +71,10 @@ def test_converter_writes_msd_slabs_with_tissue_labels(tmp_path):
         np.testing.assert_array_equal(lab, ref)
         # the slab sits where it was cut from: its first voxel's world z is the source's
         assert img.affine[2, 3] == pytest.approx(1.5 * (lo[2] + a))
+    # pre-training's volume: the training slabs in order, nothing of the test slabs
+    stack = np.asarray(nib.load(str(out / prov["pretrain_images"][0])).dataobj)
+    train_slabs = [np.asarray(nib.load(str(out / "imagesTr" / f"{c}.nii.gz")).dataobj) for c in prov["train"]]
+    np.testing.assert_array_equal(stack, np.concatenate(train_slabs, axis=2))
     # rerunning with the same settings reuses the data set; the default (bias-corrected) labels keep 3 classes
     assert mad.make_dataset(out, src, slab=4, gap=1, margin=0, test_every=3, smooth=0.0, bias_sigma=0.0) == prov
     lab = mad.tissue_labels(np.asarray(nib.load(str(src / mad.IMAGE_NAME)).dataobj), truth > 0)
@@ -82,6 +86,7 @@ def test_plan_keeps_test_volumes_out_and_pairs_labelled_volumes(tmp_path):
                                 patch_3d=8)
     sets = pv.prepare_data(sizes, tmp_path)
     s = sets["phantom"]
+    assert "anatomy" not in sets or sets["anatomy"]["datalist"].is_file()
     rows = json.loads(s["datalist"].read_text())["training"]
     listed = {p.split("/")[-1].split("_0000")[0] for r in rows for p in r["image"]}
     assert listed == set(s["train"]) and not listed & set(s["test"])
