@@ -141,16 +141,14 @@ def pretrain_lines(runs_dir: Path) -> list[str]:
         if not recs:
             continue
         last = recs[-1]
-        terms = ", ".join(f"{k} {v:.3f}" for k, v in last.items()
-                          if k.startswith("L_") or k == "loss")
+        terms = ", ".join(f"{k} {v:.3f}" for k, v in last.items() if isinstance(v, (int, float))
+                          and (k == "loss" or (k.startswith("L_") and k.count("_") == 1)))
         verdicts = []
         ev = run / "events.jsonl"
-        if ev.is_file():
-            for x in ev.read_text().splitlines():
-                e = json.loads(x) if x.strip() else {}
-                if "verdict" in str(e.get("event", "")) or "collapse" in str(e.get("event", "")):
-                    verdicts.append(str(e.get("message") or e.get("verdict") or e.get("text") or
-                                        {k: v for k, v in e.items() if k not in ("time", "command")}))
+        for x in (ev.read_text().splitlines() if ev.is_file() else []):
+            e = json.loads(x) if x.strip() else {}
+            if e.get("event") == "verdicts":  # the CLI's one line per term (issue 12's diagnostics)
+                verdicts = [str(v.get("line", v)) if isinstance(v, dict) else str(v) for v in e.get("verdicts", [])]
         rel = run.relative_to(runs_dir)
         lines.append(f"- `{rel}`: step {last.get('step')}: {terms}" + (f"; {'; '.join(verdicts)}" if verdicts else ""))
     return lines
