@@ -81,6 +81,8 @@ class Sizes:
 
 SIZES = {
     "full": Sizes("full"),
+    # every command of the full benchmark on its data and shapes, 3 steps each: does it all run? (minutes)
+    "smoke": Sizes("smoke", pre_steps=3, ft_steps=3, pre_steps_3d=3, ft_steps_3d=3),
     # the CI test's size: 6 tiny phantoms, a few steps (seconds per job)
     "tiny": Sizes("tiny", seeds=(0,), budgets=(1,), datasets=("phantom",), phantom_subjects=6,
                   phantom_shape=(32, 32, 8), phantom_test=2, width=4, depth=2, patch=32, pre_steps=2, pre_batch=4,
