@@ -63,7 +63,8 @@ def cmd_pretrain(args: argparse.Namespace, log: EventLog, bars: Bars) -> int:
         spec = PretrainSpec.from_dict(json.loads((run / RESOLVED).read_text()), data=str(args.data))
     sections = read_config_file(args.config) if args.config else {}
     flags = []
-    for flag, key in (("method", "method.name"), ("dims", "net.dims"), ("steps", "train.steps"),
+    for flag, key in (("method", "method.name"), ("preset", "method.preset"), ("dims", "net.dims"),
+                      ("steps", "train.steps"),
                       ("lr", "optim.lr"), ("base_width", "net.base_width"), ("depth", "net.depth"),
                       ("norm", "net.norm"), ("seed", "train.seed"), ("seed", "data.seed"), ("device", "train.device"),
                       ("checkpoint_every", "train.checkpoint_every"), ("batch_size", "data.batch_size"),
@@ -91,12 +92,15 @@ def cmd_pretrain(args: argparse.Namespace, log: EventLog, bars: Bars) -> int:
     if not world.is_main:
         return 0
     rec = out["record"]
+    log.event("verdicts", verdicts=out.get("verdicts", []))
     log.event("done", step=out["step"], checkpoint=out["checkpoint"], weights=out["weights"],
               resumed_from=out["resumed_from"], last=rec)
     resumed = f" (resumed from {out['resumed_from']})" if out["resumed_from"] else ""
     loss = f", last loss {rec['loss']:.4f}" if "loss" in rec else ""
     print(f"pre-training done{resumed}: {out['step']} step{'s' if out['step'] != 1 else ''}{loss}, "
           f"{out['seconds']:.0f} s")
+    for verdict in out.get("verdicts", []):
+        print(f"  {verdict['line']}")
     print(f"weights for fine-tuning: {out['weights']}  (macl finetune --pretrained {run} ...)")
     return 0
 
@@ -229,11 +233,13 @@ def cmd_demo(args: argparse.Namespace, log: EventLog, bars: Bars) -> int:
     cfg = DemoConfig.quick() if args.quick else DemoConfig.full()
     if args.seed is not None:
         cfg.seed = args.seed
+    if args.preset is not None:
+        cfg.preset = args.preset
     if args.threads is not None:
         cfg.threads = args.threads
     result = run_demo(args.out, cfg, progress=lambda stage, d, t, info=None: bars(stage)(d, t, info))
     bars.close()
-    log.event("done", table=result["table_rows"], seconds=result["seconds"])
+    log.event("done", table=result["table_rows"], verdicts=result["verdicts"], seconds=result["seconds"])
     print(result["table"])
     print(f"figures: {', '.join(result['figures'])}")
     print(f"total time: {result['seconds']:.0f} s")
@@ -301,6 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "registered in macl.methods.METHODS works; gcl = GCL-style meta-label contrast, docs/gcl.md)")
     p.add_argument("--meta-csv", type=Path, metavar="FILE", help="gcl: per-volume attributes (CSV with a case_id "
                    "column) usable as meta-labels via --set method.meta_labels=position,volume,COLUMN")
+    p.add_argument("--preset", choices=("faithful", "robust"), help="faithful: the public MACL code; robust: BatchNorm "
+                   "in the image heads and augmentations scaled to the crop (default robust; docs/macl_presets.md)")
     p.add_argument("--dims", type=int, choices=(2, 3), help="2: slices, 3: patches (default 2)")
     p.add_argument("--config", type=Path, metavar="FILE", help="settings file (.toml/.json/.yaml) with sections net, "
                    "method, optim, train, data, preprocess")
@@ -310,7 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "checkpoint (a fresh run if there is none), or a checkpoint file; uses RUN's saved settings")
     g = p.add_argument_group("data and training (shortcuts for --set)")
     g.add_argument("--patch-size", type=int, nargs="+", metavar="N", help="crop size: one number or one per axis "
-                   "(default 64); MACL needs multiples of 2^(depth+2)")
+                   "(default 64; MACL: 128 at depth 4); MACL needs multiples of 2^(depth+2) and at least "
+                   "2^(depth+3) so that its dominant bottleneck is 2 or more per axis")
     g.add_argument("--batch-size", type=int, metavar="N", help="samples per step (default 16)")
     g.add_argument("--steps", type=int, metavar="N", help="optimiser steps (default 1000)")
     g.add_argument("--lr", type=float, metavar="LR", help="initial SGD learning rate (default 0.01)")
@@ -409,6 +418,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output folder (default: macl_demo, or macl_demo_quick with --quick)")
     p.add_argument("--quick", action="store_true", help="a smaller, shorter version (a smoke test, not a fair comparison)")
     p.add_argument("--seed", type=int, metavar="N", help="seed of data, split and training (default 0)")
+    p.add_argument("--preset", choices=("faithful", "robust"), help="MACL preset for pre-training (default robust; "
+                   "faithful: the public code, whose L_g collapses at the demo's size)")
     _common(p)
     p.set_defaults(func=cmd_demo, folder="out")
 

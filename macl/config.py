@@ -23,6 +23,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Sequence
 
+from .presets import DEFAULT_PRESET, check_preset, resolve_head_norm
+
 NORMS = ("batch", "instance", "none")
 DENSE_MODES = ("location", "voxel")
 DENSE_NEGATIVES = ("image", "batch")
@@ -95,6 +97,10 @@ class MethodConfig:
     gcl_mitigator: GCL's Gradient Mitigator (PCGrad projection of conflicting per-meta-label gradients on
         each branch's features); False sums the per-label gradients unchanged.
     pixel_dim: width of GCL's pixel head; None = the width of the last decoder block it runs.
+    preset: "faithful" (the public code) or "robust" (anti-collapse head, augmentations scaled to the crop);
+        decides every setting left at None below and `data.reference_size` (see `macl.presets`).
+    head_norm: MACL's image heads: "none" (GAP → Linear → ReLU → Linear, the public code) or "batch"
+        (BatchNorm1d after the first Linear, as SimCLR v2 / MoCo v3 heads); None = the preset's.
     """
 
     name: str = "macl"
@@ -118,8 +124,12 @@ class MethodConfig:
     gcl_rho: float = 0.5
     gcl_mitigator: bool = True
     pixel_dim: Optional[int] = None
+    preset: str = DEFAULT_PRESET
+    head_norm: Optional[str] = None
 
     def __post_init__(self) -> None:
+        check_preset(self.preset)
+        resolve_head_norm(self.head_norm, self.preset)  # raises for a bad head_norm
         _check(isinstance(self.name, str) and self.name != "", f"method.name must be a non-empty string, got {self.name!r}")
         if isinstance(self.meta_labels, str):
             self.meta_labels = [x.strip() for x in self.meta_labels.split(",") if x.strip()]
@@ -146,6 +156,11 @@ class MethodConfig:
                f"method.dominant_image_source must be one of {IMAGE_SOURCES}, got {self.dominant_image_source!r}")
         _check(self.impl in ("auto", "torch", "triton", "reference"),
                f"method.impl must be auto|torch|triton|reference, got {self.impl!r}")
+
+    @property
+    def image_head_norm(self) -> str:
+        """head_norm, or the preset's when None: "none" | "batch"."""
+        return resolve_head_norm(self.head_norm, self.preset)
 
     @property
     def contrast_scale(self) -> float:
@@ -193,6 +208,10 @@ class TrainConfig:
     log_every: write a JSON line every this many steps (the last step is always written).
     checkpoint_every: write checkpoints/step_XXXXXXX.pt and latest.pt every this many steps (0: only final).
     sync_batchnorm: under torchrun, BatchNorm statistics over the global batch (SyncBatchNorm; CUDA only).
+    diagnostics: collapse diagnostics per loss term (`macl.diagnostics`): spreads on logged steps, a warning
+        when a term stays at its constant-embedding value, a verdict per term at the end.
+    collapse_window: consecutive near-constant steps that count as a collapse (100).
+    diag_grad_every: measure each term's share of the encoder gradient every this many steps (0: never).
     """
 
     steps: int = 1000
@@ -204,8 +223,13 @@ class TrainConfig:
     log_every: int = 1
     checkpoint_every: int = 500
     sync_batchnorm: bool = False
+    diagnostics: bool = True
+    collapse_window: int = 100
+    diag_grad_every: int = 100
 
     def __post_init__(self) -> None:
+        _check(int(self.collapse_window) >= 1, f"train.collapse_window must be >= 1, got {self.collapse_window!r}")
+        _check(int(self.diag_grad_every) >= 0, f"train.diag_grad_every must be >= 0, got {self.diag_grad_every!r}")
         _check(int(self.steps) >= 1, f"train.steps must be >= 1, got {self.steps!r}")
         _check(self.amp_dtype in AMP_DTYPES, f"train.amp_dtype must be one of {AMP_DTYPES}, got {self.amp_dtype!r}")
         _check(int(self.log_every) >= 1, f"train.log_every must be >= 1, got {self.log_every!r}")

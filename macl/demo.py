@@ -42,10 +42,14 @@ class DemoConfig:
 
     n_subjects / shape: the phantom data set; test_fraction: held-out test cases; labelled: how many
     training cases fine-tuning may use the labels of; base_width / depth: the 2D U-Net; pretrain_*:
-    MACL's steps, batch and learning rate; finetune_*: fine-tuning steps, batch, learning rate, and the
-    seeds (each seed fine-tunes both rows once: different initialisation of the layers not pre-trained,
+    MACL's steps, batch and learning rate; preset: MACL's preset (:mod:`macl.presets`: "robust", the
+    package default, or "faithful", the public code); finetune_*: fine-tuning steps, batch, learning rate, and
+    the seeds (each seed fine-tunes both rows once: different initialisation of the layers not pre-trained,
     different batches); seed: data, split, label selection and pre-training; threads: torch CPU threads
     (1 is fastest for these small networks on 2 cores, and robust on a busy machine).
+
+    Geometry: 64² crops at depth 3 give MACL a 2x2 dominant bottleneck and an 8x8 L_d grid, the smallest sizes at
+    which every term is non-degenerate (:mod:`macl.geometry`; 64² at depth 4 is refused).
     """
 
     name: str = "full"
@@ -54,11 +58,12 @@ class DemoConfig:
     test_fraction: float = 0.25
     labelled: int = 2
     base_width: int = 16
-    depth: int = 4
+    depth: int = 3
     patch: int = 64
     pretrain_steps: int = 600
     pretrain_batch: int = 16
     pretrain_lr: float = 0.01
+    preset: str = "robust"
     finetune_steps: int = 200
     finetune_batch: int = 8
     finetune_lr: float = 1e-3
@@ -97,6 +102,12 @@ def _pretrain_datalist(index, train: list, path: Path) -> Path:
     write_json_atomic(path, {"description": "MACL demo: pre-training volumes (test cases held out)",
                              "training": rows})
     return path
+
+
+def _saved_verdicts(run: Path) -> list:
+    """The verdicts a finished pre-training run saved in diagnostics.json ([] when there are none)."""
+    path = run / "diagnostics.json"
+    return json.loads(path.read_text()).get("verdicts", []) if path.is_file() else []
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -154,12 +165,14 @@ def _run(out: Path, cfg: DemoConfig, progress: Optional[StageProgress]) -> dict[
 
     t = time.perf_counter()
     net = NetConfig(dims=2, base_width=cfg.base_width, depth=cfg.depth)
-    pcfg = PretrainConfig(net=net, method=MethodConfig(name="macl"), optim=OptimConfig(lr=cfg.pretrain_lr),
+    pcfg = PretrainConfig(net=net, method=MethodConfig(name="macl", preset=cfg.preset),
+                          optim=OptimConfig(lr=cfg.pretrain_lr),
                           train=TrainConfig(steps=cfg.pretrain_steps, seed=cfg.seed, device="cpu",
                                             checkpoint_every=max(50, cfg.pretrain_steps // 4), log_every=1))
     spec = PretrainSpec(str(datalist), pcfg, {"batch_size": cfg.pretrain_batch, "patch_size": [cfg.patch] * 2,
                                               "seed": cfg.seed})
     pre = run_pretrain(spec, out / "pretrain", resume="auto", progress=stage("pretrain"))
+    verdicts = pre["verdicts"] or _saved_verdicts(out / "pretrain")  # a finished run reused: its saved verdicts
     timings["pretrain"] = time.perf_counter() - t
 
     labelled = select_labelled(train, fraction=cfg.labelled / len(train), seed=cfg.seed)
@@ -180,12 +193,12 @@ def _run(out: Path, cfg: DemoConfig, progress: Optional[StageProgress]) -> dict[
 
     t = time.perf_counter()
     rows = table_rows(runs)
-    table = format_table(cfg, rows, labelled, train, test, pre["step"])
+    table = format_table(cfg, rows, labelled, train, test, pre["step"], verdicts)
     figures = write_figures(out, data, runs, test[0])
     timings["figures"] = time.perf_counter() - t
     seconds = time.perf_counter() - t_start
     result = {"config": cfg.to_dict(), "table_rows": rows, "labelled": labelled, "test": test, "train": train,
-              "pretrain_steps": pre["step"], "timings": timings, "seconds": seconds, "figures": figures,
+              "pretrain_steps": pre["step"], "verdicts": verdicts, "timings": timings, "seconds": seconds, "figures": figures,
               "out_dir": str(out)}
     write_json_atomic(out / "results.json", result)
     (out / "table.txt").write_text(table + "\n")
@@ -204,44 +217,58 @@ def table_rows(runs: dict) -> list[dict]:
     """Per foreground class, then "mean": Dice averaged over test volumes and fine-tuning seeds for both rows.
 
     Each row: class, scratch, pretrained (means), scratch_std / pretrained_std (std over seeds of the per-seed
-    mean), difference (pretrained - scratch), wins (seeds where pre-trained scored higher), seeds.
+    mean), difference (pretrained - scratch), wins (seeds where pre-trained scored higher), seeds, the
+    two-sided p-values of a paired t-test (p_t) and a Wilcoxon signed-rank test (p_wilcoxon) over the seeds
+    (:func:`macl.demo_stats.paired_tests`; NaN with one seed), and per_seed (the per-seed means of both columns).
     """
+    from macl.demo_stats import paired_tests
     seeds = sorted(runs["scratch"])
     names = runs["scratch"][seeds[0]]["summary"]["class_names"]
     rows = []
     for key in [k for k in sorted(names, key=int) if k != "0"] + ["mean"]:
         per = {kind: np.array([_per_seed_dice(runs[kind][s]["summary"], key) for s in seeds]) for kind in runs}
+        test = paired_tests(per["scratch"], per["pretrained"])
         rows.append({"class": names.get(key, key), "scratch": float(per["scratch"].mean()),
                      "pretrained": float(per["pretrained"].mean()), "scratch_std": float(per["scratch"].std()),
                      "pretrained_std": float(per["pretrained"].std()),
                      "difference": float(per["pretrained"].mean() - per["scratch"].mean()),
-                     "wins": int((per["pretrained"] > per["scratch"]).sum()), "seeds": len(seeds)})
+                     "wins": int((per["pretrained"] > per["scratch"]).sum()), "seeds": len(seeds),
+                     "p_t": test["p_t"], "p_wilcoxon": test["p_wilcoxon"],
+                     "per_seed": {k: [float(v) for v in per[k]] for k in per}})
     return rows
 
 
-def format_table(cfg: DemoConfig, rows: list[dict], labelled: list, train: list, test: list, pre_steps: int) -> str:
-    """The printed Dice table, headed by what produced it."""
+def format_table(cfg: DemoConfig, rows: list[dict], labelled: list, train: list, test: list, pre_steps: int,
+                 verdicts: Optional[list] = None) -> str:
+    """The printed Dice table, headed by what produced it, then the pre-training's per-term verdicts."""
+    from macl.demo_stats import format_p
     n = rows[0]["seeds"]
     lines = [
         f"MACL demo ({cfg.name}): {cfg.n_subjects} phantom volumes {tuple(cfg.shape)}, {len(train)} for training, "
         f"{len(test)} held out for testing (data seed {cfg.seed})",
-        f"  pre-training: MACL, {pre_steps} steps x {cfg.pretrain_batch} slices of the {len(train)} training "
-        f"volumes (no labels); 2D U-Net F={cfg.base_width}, depth {cfg.depth}",
+        f"  pre-training: MACL ({cfg.preset} preset), {pre_steps} steps x {cfg.pretrain_batch} {cfg.patch}x{cfg.patch} "
+        f"slices of the {len(train)} training volumes (no labels); 2D U-Net F={cfg.base_width}, depth {cfg.depth}",
         f"  fine-tuning: labels of {len(labelled)} training volume(s) ({', '.join(labelled)}); {cfg.finetune_steps} "
         f"steps x {cfg.finetune_batch} slices, Dice+CE, Adam lr {cfg.finetune_lr:g}; identical for both columns; "
         f"{n} seed(s)",
     ]
     if n > 1:
-        lines += [f"Dice on the {len(test)} test volumes (mean over volumes and seeds; +- std over seeds):",
-                  f"  {'class':<10}{'from scratch':>16}{'MACL pre-trained':>20}{'difference':>12}{'better in':>12}"]
+        lines += [f"Dice on the {len(test)} test volumes (mean over volumes and seeds; +- std over seeds; p: paired "
+                  f"over the {n} seeds, two-sided):",
+                  f"  {'class':<10}{'from scratch':>16}{'MACL pre-trained':>20}{'difference':>12}{'better in':>14}"
+                  f"{'p (t-test)':>12}{'p (Wilcoxon)':>14}"]
         for r in rows:
             lines.append(f"  {r['class']:<10}{r['scratch']:>9.3f} +- {r['scratch_std']:.3f}{r['pretrained']:>13.3f} +- "
-                         f"{r['pretrained_std']:.3f}{r['difference']:>+12.3f}{r['wins']:>6d} of {n} seeds")
+                         f"{r['pretrained_std']:.3f}{r['difference']:>+12.3f}{r['wins']:>6d} of {n} seeds"
+                         f"{format_p(r.get('p_t', float('nan'))):>12}{format_p(r.get('p_wilcoxon', float('nan'))):>14}")
     else:
         lines += [f"Dice on the {len(test)} test volumes (mean over volumes):",
                   f"  {'class':<10}{'from scratch':>14}{'MACL pre-trained':>18}{'difference':>12}"]
         for r in rows:
             lines.append(f"  {r['class']:<10}{r['scratch']:>14.3f}{r['pretrained']:>18.3f}{r['difference']:>+12.3f}")
+    if verdicts:
+        lines.append("MACL pre-training, per loss term (macl.diagnostics):")
+        lines += [f"  {v['line']}" for v in verdicts]
     if cfg.name == "quick":
         lines.append("  (--quick: a smoke test of the pipeline; too short for a fair comparison)")
     return "\n".join(lines)

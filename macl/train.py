@@ -9,7 +9,8 @@ with every loss term, the total L, the learning rate and the throughput; checkpo
 
 Run folder layout:
     run_dir/config.json              the resolved config and the network description
-    run_dir/log.jsonl                one JSON object per logged step
+    run_dir/log.jsonl                one JSON object per logged step (with the `macl.diagnostics` fields)
+    run_dir/diagnostics.json         the per-term verdicts and collapse events of `macl.diagnostics`
     run_dir/checkpoints/step_0000500.pt, latest.pt, final.pt
 
 A checkpoint is a dict of plain types and tensors (loadable with `torch.load(..., weights_only=True)`):
@@ -32,6 +33,7 @@ import math
 import os
 import random
 import time
+import dataclasses
 from dataclasses import dataclass
 from collections.abc import Iterator as _IteratorABC
 from typing import Any, Callable, Dict, Iterable, Iterator, Optional, Union
@@ -40,6 +42,8 @@ import numpy as np
 import torch
 
 from .config import OptimConfig, PretrainConfig, from_dict, to_dict
+from .diagnostics import Diagnostics, DiagnosticsConfig
+from .geometry import require_valid_geometry
 from .methods import Batch, Method, build_method
 from .parallel import SINGLE, World, local_device, loss_group, wrap_ddp
 
@@ -66,6 +70,7 @@ class TrainResult:
     checkpoint: str
     record: Dict[str, Any]
     method: Method
+    verdicts: list = dataclasses.field(default_factory=list)  # macl.diagnostics: one dict per loss term
 
 
 # ----------------------------------------------------------------------------------------- small pieces
@@ -278,6 +283,10 @@ def pretrain(config: PretrainConfig, batches: Batches, run_dir: str, *, resume: 
 
         last_good = resume_from
         record: Dict[str, Any] = {}
+        diag = Diagnostics(DiagnosticsConfig(window=config.train.collapse_window,
+                                             grad_every=config.train.diag_grad_every),
+                           log_warnings=world.is_main) if config.train.diagnostics else None
+        geometry_checked = False
         it = _open_batches(batches, step)
         reiterable = _is_factory(batches) or not isinstance(batches, _IteratorABC)
         fresh_pass = True
@@ -297,6 +306,11 @@ def pretrain(config: PretrainConfig, batches: Batches, run_dir: str, *, resume: 
                     continue
                 fresh_pass = False
                 batch = Batch.from_any(raw).to(device, non_blocking=True)
+                if not geometry_checked:  # a degenerate loss term fails before the first step (macl.geometry)
+                    views = [getattr(batch, v) for v in ("img1", "img3") if getattr(batch, v) is not None]
+                    if views:
+                        require_valid_geometry(config.net, config.method, tuple(views[0].shape[2:]))
+                    geometry_checked = True
                 lr = opt.param_groups[0]["lr"]
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
                     terms = model(batch)
@@ -310,6 +324,8 @@ def pretrain(config: PretrainConfig, batches: Batches, run_dir: str, *, resume: 
                         log_file.write(json.dumps({"step": step + 1, "event": "non_finite", "term": bad,
                                                    "value": str(values[bad])}) + "\n")
                     raise NonFiniteLossError(step + 1, bad, values[bad], last_good)
+                if diag is not None and diag.due_grad(step + 1, world.size):  # each term's share of the encoder gradient
+                    values.update(diag.grad_shares(method, terms, scaler.get_scale() if scaler.is_enabled() else 1.0))
                 opt.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 if config.optim.grad_clip_norm is not None:
@@ -320,10 +336,13 @@ def pretrain(config: PretrainConfig, batches: Batches, run_dir: str, *, resume: 
                 scaler.update()
                 sched.step()
                 step += 1
+                logged = step % config.train.log_every == 0 or step == total
+                if diag is not None:
+                    values.update(diag.observe(step, method, values, logged and log_file is not None))
                 dt = time.perf_counter() - tick
                 record = {"step": step, "epoch": epoch, **values, "lr": lr, "step_time_s": dt,
                           "samples_per_s": batch.size * world.size / dt if dt > 0 else float("inf")}
-                if log_file is not None and (step % config.train.log_every == 0 or step == total):
+                if log_file is not None and logged:
                     log_file.write(json.dumps(record) + "\n")
                     log_file.flush()
                 if config.train.checkpoint_every and step % config.train.checkpoint_every == 0 and step < total:
@@ -333,11 +352,17 @@ def pretrain(config: PretrainConfig, batches: Batches, run_dir: str, *, resume: 
                 if progress is not None:
                     progress(step, total, record)
                 tick = time.perf_counter()  # throughput counts data + compute, not checkpoints or callbacks
+        verdicts = diag.verdicts() if diag is not None else []
+        if verdicts and world.is_main:  # a resumed run that was already finished keeps its earlier file
+            for v in verdicts:
+                log.info("%s", v["line"])
+            write_text_atomic(json.dumps({"verdicts": verdicts, "events": diag.events}, indent=1),
+                              os.path.join(run_dir, "diagnostics.json"))
         final = os.path.join(ckpt_dir, "final.pt")
         checkpoint(final)
         checkpoint(latest)
         world.barrier()  # every rank returns once the final checkpoint exists
-        return TrainResult(step, final, record, method)
+        return TrainResult(step, final, record, method, verdicts)
     finally:
         torch.use_deterministic_algorithms(prev_det[0], warn_only=prev_det[1])
         torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = prev_cudnn

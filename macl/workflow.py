@@ -34,14 +34,17 @@ from macl.config import NetConfig, PretrainConfig, apply_overrides, from_dict, t
 from macl.data import (DataError, PreprocessConfig, PretrainDataConfig, PretrainDataset, ViewConfig,
                        batches_from_step, batches_per_epoch, load_volumes, open_dataset)
 from macl.data.metrics import write_json_atomic
+from macl.geometry import min_patch, require_valid_geometry
 from macl.parallel import SINGLE, World
+from macl.presets import check_reference_size, resolve_reference_size
 
 logger = logging.getLogger(__name__)
 Progress = Callable[[int, int, dict], None]
 RESOLVED = "resolved_config.json"
 WEIGHTS = "pretrained_weights.pt"
 DATA_KEYS = ("batch_size", "patch_size", "slice_axis", "crop", "channel", "patches_per_volume",
-             "position_axes", "views", "seed", "meta_csv")  # meta_csv: GCL per-volume attributes
+             "position_axes", "views", "seed", "meta_csv",  # meta_csv: GCL per-volume attributes
+             "reference_size")  # augmentation magnitudes' image size: None (the preset's), "crop" or pixels (512)
 
 
 def parse_value(text: str) -> Any:
@@ -109,8 +112,9 @@ class PretrainSpec:
 
     def __post_init__(self) -> None:
         self.sampling = {"batch_size": 16, "patch_size": None, "views": "code", "meta_csv": None,
-                         **dict(self.sampling)}
+                         "reference_size": None, **dict(self.sampling)}
         _check_keys("data", self.sampling, DATA_KEYS)
+        check_reference_size(self.sampling["reference_size"])
         _check_keys("preprocess", self.preprocess, [f.name for f in dataclasses.fields(PreprocessConfig)])
         if int(self.sampling["batch_size"]) < 2:
             raise ValueError(f"data.batch_size must be >= 2 (contrastive losses need negatives), "
@@ -119,9 +123,20 @@ class PretrainSpec:
     def data_config(self) -> PretrainDataConfig:
         """The sampling settings as a :class:`PretrainDataConfig` (patch size defaulted by dims)."""
         dims = self.config.net.dims
-        kw = {k: v for k, v in self.sampling.items() if k not in ("batch_size", "views", "meta_csv")}
-        kw["patch_size"] = patch_size(kw.get("patch_size"), dims)
-        return PretrainDataConfig(dims=dims, views=ViewConfig.from_preset(self.sampling["views"]), **kw)
+        kw = {k: v for k, v in self.sampling.items() if k not in ("batch_size", "views", "meta_csv", "reference_size")}
+        kw["patch_size"] = patch_size(kw.get("patch_size"), dims, self.default_patch())
+        views = ViewConfig.from_preset(self.sampling["views"])
+        views.spatial.reference_size = resolve_reference_size(self.sampling["reference_size"],
+                                                              self.config.method.preset)
+        return PretrainDataConfig(dims=dims, views=views, **kw)
+
+    def default_patch(self) -> int:
+        """The patch side used when none is given: 64, or for MACL the smallest non-degenerate side when that is
+        larger (128 at depth 4: 64 would leave a 1x1 dominant bottleneck, see :mod:`macl.geometry`)."""
+        m, net = self.config.method, self.config.net
+        if m.name != "macl":
+            return 64
+        return max(64, min_patch(net.depth, m.decoder_blocks, m.lambda_er > 0, m.lambda_d > 0))
 
     def preprocess_config(self) -> PreprocessConfig:
         return PreprocessConfig(**self.preprocess)
@@ -131,7 +146,8 @@ class PretrainSpec:
         dcfg = self.data_config()
         sampling = {f.name: getattr(dcfg, f.name) for f in dataclasses.fields(dcfg) if f.name != "views"}
         data = {"path": str(self.data), "skip_bad": self.skip_bad, "batch_size": self.sampling["batch_size"],
-                "views": self.sampling["views"], "meta_csv": self.sampling.get("meta_csv"), **sampling}
+                "views": self.sampling["views"], "meta_csv": self.sampling.get("meta_csv"),
+                "reference_size": self.sampling["reference_size"], **sampling}
         return json.loads(json.dumps({"data": data, "preprocess": dataclasses.asdict(self.preprocess_config()),
                                       "pretrain": to_dict(self.config)}))
 
@@ -174,10 +190,10 @@ class PretrainSpec:
         return spec
 
 
-def patch_size(value: Any, dims: int) -> tuple[int, ...]:
-    """Patch size for ``dims``: None -> 64 per axis; one number -> repeated; else exactly ``dims`` numbers."""
+def patch_size(value: Any, dims: int, default: int = 64) -> tuple[int, ...]:
+    """Patch size for ``dims``: None -> ``default`` per axis; one number -> repeated; else exactly ``dims`` numbers."""
     if value is None:
-        return (64,) * dims
+        return (int(default),) * dims
     sizes = [int(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
     if len(sizes) == 1:
         sizes = sizes * dims
@@ -225,8 +241,9 @@ def run_pretrain(spec: PretrainSpec, run_dir: str | os.PathLike, resume: Optiona
         raise ValueError(f"{run} already holds checkpoints; pass --resume auto to continue it or choose a new --out")
     if resume not in (None, "auto") and not Path(resume).is_file():
         raise FileNotFoundError(f"checkpoint to resume not found: {resume}")
-    index = open_dataset(spec.data)
     dcfg = spec.data_config()
+    require_valid_geometry(spec.config.net, spec.config.method, dcfg.patch_size)  # before reading any volume
+    index = open_dataset(spec.data)
     volumes = load_volumes(index, spec.preprocess_config(), skip_bad=spec.skip_bad, progress=load_progress)
     if spec.config.method.name == "gcl":  # GCL's positives come from meta-labels the batches must carry
         from macl.data.metalabels import MetaLabelDataset, read_attributes_csv
@@ -265,7 +282,7 @@ def run_pretrain(spec: PretrainSpec, run_dir: str | os.PathLike, resume: Optiona
     if world.is_main:
         export_weights(result.checkpoint, str(weights))
     return {"step": result.step, "checkpoint": result.checkpoint, "weights": str(weights), "record": result.record,
-            "resumed_from": resumed_from, "seconds": time.perf_counter() - t0}
+            "resumed_from": resumed_from, "seconds": time.perf_counter() - t0, "verdicts": result.verdicts}
 
 
 # -------------------------------------------------------------------------------------- fine-tuning

@@ -19,7 +19,8 @@ from macl.data import PhantomConfig, write_phantom_dataset
 
 REPO = Path(__file__).resolve().parent.parent
 # a tiny network and short runs: every pre-training below takes a few seconds
-TINY = ["--patch-size", "32", "--batch-size", "4", "--base-width", "4", "--depth", "3", "--device", "cpu"]
+# 32² at depth 2: the smallest patch at which every MACL term is non-degenerate (macl.geometry)
+TINY = ["--patch-size", "32", "--batch-size", "4", "--base-width", "4", "--depth", "2", "--device", "cpu"]
 
 
 def _env():
@@ -108,7 +109,7 @@ def test_pretrain_finetune_evaluate_in_process(data, tmp_path, capsys):
     split = json.loads((ft / "split.json").read_text())
     assert len(split["labelled"]) == 2 and json.loads((ft / "labelled_cases.json").read_text()) == split["labelled"]
     saved = json.loads((ft / "resolved_config.json").read_text())
-    assert saved["net"] == {"dims": 2, "base_width": 4, "depth": 3, "norm": "batch"}  # read from the pre-training run
+    assert saved["net"] == {"dims": 2, "base_width": 4, "depth": 2, "norm": "batch"}  # read from the pre-training run
     assert saved["finetune"]["labels_fraction"] == 0.5 and saved["finetune"]["steps"] == 3
     first = json.loads((ft / "summary.json").read_text())
 
@@ -123,7 +124,7 @@ def test_pretrain_finetune_evaluate_in_process(data, tmp_path, capsys):
 
 def test_config_file_with_data_section_then_flags_then_set(data, tmp_path):
     cfg = tmp_path / "c.toml"
-    cfg.write_text('[net]\nbase_width = 4\ndepth = 3\n[train]\nsteps = 2\ndevice = "cpu"\n'
+    cfg.write_text('[net]\nbase_width = 4\ndepth = 2\n[train]\nsteps = 2\ndevice = "cpu"\n'
                    '[data]\nbatch_size = 4\npatch_size = [32, 32]\ncrop = "centre"\n[preprocess]\nzscore_nonzero = true\n')
     run = tmp_path / "cfg"
     assert cli.main(["pretrain", "--data", str(data), "--out", str(run), "--config", str(cfg), "--steps", "3",
@@ -189,7 +190,8 @@ def test_truncated_volume_is_named_and_skip_bad_skips_it(data, tmp_path, capsys)
     (["--set", "method.nope=1"], "unknown key 'nope' in config section 'method'"),
     (["--method", "nope"], "unknown method 'nope'"),
     (["--set", "data.nope=1"], "unknown key(s) ['nope'] in section 'data'"),
-    (["--patch-size", "48"], "must be divisible by"),
+    (["--patch-size", "40"], "not divisible by 2^(depth+decoder_blocks) = 16"),
+    (["--patch-size", "64", "--depth", "4"], "L_ER is degenerate. Use a patch of 128x128 at depth 4 or depth 3 at patch 64x64"),
     (["--batch-size", "500"], "batch size 500 is larger than the 96 samples per epoch"),
     (["--resume", "/nowhere/latest.pt"], "checkpoint to resume not found: /nowhere/latest.pt"),
     (["--config", "/nowhere/c.toml"], "config file not found: /nowhere/c.toml"),
@@ -316,7 +318,7 @@ def test_sigkill_during_a_checkpoint_write_keeps_the_previous_one(data, tmp_path
 def test_demo_pipeline_at_a_tiny_size(tmp_path):
     from macl.demo import DemoConfig, run_demo
     cfg = DemoConfig(name="test", n_subjects=5, shape=(32, 32, 16), test_fraction=0.4, labelled=1, base_width=4,
-                     depth=3, patch=32, pretrain_steps=3, pretrain_batch=4, finetune_steps=3, finetune_batch=2,
+                     depth=2, patch=32, pretrain_steps=3, pretrain_batch=4, finetune_steps=3, finetune_batch=2,
                      finetune_seeds=(0,))
     stages = []
     res = run_demo(tmp_path / "demo", cfg, progress=lambda stage, d, t, info=None: stages.append(stage))

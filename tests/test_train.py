@@ -104,15 +104,18 @@ def read_log(run_dir):
 
 
 def tiny_config(steps=6, **train):
-    return PretrainConfig(net=NetConfig(dims=2, base_width=4, depth=3), method=MethodConfig(),
+    # 32² at depth 2: the smallest non-degenerate MACL geometry (dominant bottleneck 2x2, L_d grid 8x8)
+    return PretrainConfig(net=NetConfig(dims=2, base_width=4, depth=2), method=MethodConfig(),
                           optim=OptimConfig(lr=0.05), train=TrainConfig(steps=steps, **train))
 
 
 # ------------------------------------------------------------------ learning
 @pytest.mark.parametrize("dims,size,batch,steps,min_gain", [(2, 32, 16, 120, 0.2), (3, 16, 8, 160, 0.15)])
 def test_pretraining_lowers_loss_and_raises_retrieval(tmp_path, dims, size, batch, steps, min_gain):
-    cfg = PretrainConfig(net=NetConfig(dims=dims, base_width=8, depth=3 if dims == 2 else 2),
-                         method=MethodConfig(), optim=OptimConfig(lr=0.05),
+    # non-degenerate geometries (macl.geometry): 32² at depth 2; 16³ at depth 2 with one decoder block (↓2)
+    cfg = PretrainConfig(net=NetConfig(dims=dims, base_width=8, depth=2),
+                         method=MethodConfig() if dims == 2 else MethodConfig(decoder_blocks=1, dominant_scale=0.5),
+                         optim=OptimConfig(lr=0.05),
                          train=TrainConfig(steps=steps, checkpoint_every=0))
     torch.manual_seed(cfg.train.seed)
     before = top1_retrieval(build_method(cfg.net, cfg.method), batch, size, dims)
@@ -233,7 +236,7 @@ def test_log_has_every_term_and_cosine_lr(tmp_path):
 
 
 def test_gradient_clipping_bounds_the_update(tmp_path):
-    cfg = PretrainConfig(net=NetConfig(base_width=4, depth=3), method=MethodConfig(),
+    cfg = PretrainConfig(net=NetConfig(base_width=4, depth=2), method=MethodConfig(),
                          optim=OptimConfig(lr=1.0, weight_decay=0.0, grad_clip_norm=1e-3),
                          train=TrainConfig(steps=1, checkpoint_every=0))
     torch.manual_seed(cfg.train.seed)

@@ -28,6 +28,31 @@ VIEWS = ("img1", "img2", "img3", "img4")
 
 
 @dataclass
+class EmbeddingProbe:
+    """What `macl.diagnostics` needs of one contrastive term, recorded by the forward pass (no second forward).
+
+    rows: a callable returning the term's embeddings as (G, N, D) (detached, any dtype; G independent problems of
+        N anchors each, D features; normalised by the diagnostics): (1, 2B, D) for an image-level loss, (L, 2B, C)
+        for MACL's L_d "location" (L grid locations). Called only on logged steps.
+    keys_per_anchor: the terms in each anchor's denominator (2B − 1 for SupCon / NT-Xent over 2B features):
+        with every embedding equal the loss is log(keys_per_anchor) × scale.
+    scale: the factor applied to the loss (τ/0.07 with the public code's rescale, else 1).
+    """
+
+    rows: Callable[[], torch.Tensor]
+    keys_per_anchor: int
+    scale: float = 1.0
+
+
+def world_size_of(process_group: Optional[str]) -> int:
+    """How many ranks a loss with this `process_group` takes keys from (1 unless "world" under torchrun)."""
+    import torch.distributed as dist
+    if process_group == "world" and dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return 1
+
+
+@dataclass
 class Batch:
     """One training batch (see the module docstring for shapes). Views a method does not need may be None."""
 
@@ -124,6 +149,14 @@ class Method(nn.Module):
         #: passed to the contrastive losses as `process_group`: None (this process's batch) or "world" (keys
         #: from every rank; the trainer sets it under torchrun, see macl/parallel.py)
         self.process_group: Optional[str] = None
+        #: term name → `EmbeddingProbe`, refreshed by every forward (read by `macl.diagnostics`)
+        self.probes: Dict[str, EmbeddingProbe] = {}
+
+    def probe_pair(self, term: str, z_a: torch.Tensor, z_b: torch.Tensor) -> None:
+        """Record an image-level term over the 2B projections [z_a, z_b] (each (B, D)): 2B·world − 1 keys."""
+        a, b = z_a.detach(), z_b.detach()
+        keys = 2 * a.shape[0] * world_size_of(self.process_group) - 1
+        self.probes[term] = EmbeddingProbe(lambda: torch.cat([a, b]).unsqueeze(0), keys, self.cfg.contrast_scale)
 
     def check_batch(self, batch: Batch) -> None:
         """Raise ValueError naming any required view that is missing or whose batch size differs."""

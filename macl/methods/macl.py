@@ -28,7 +28,7 @@ from macl_kernels import dense_info_nce, positional_sup_con
 
 from ..config import MethodConfig, NetConfig
 from ..nets.macl_model import MACLModel, resize
-from .base import Batch, Method, register_method
+from .base import Batch, EmbeddingProbe, Method, register_method, world_size_of
 
 
 def global_loss(z_aux: torch.Tensor, z_dom: torch.Tensor, positions: torch.Tensor, cfg: MethodConfig,
@@ -60,6 +60,32 @@ def dense_loss(p_aux: torch.Tensor, p_dom: torch.Tensor, positions: torch.Tensor
     return loss * cfg.contrast_scale
 
 
+def dense_probe(p_aux: torch.Tensor, p_dom: torch.Tensor, cfg: MethodConfig, world: int = 1,
+                max_groups: int = 64) -> EmbeddingProbe:
+    """L_d's `EmbeddingProbe` from the pixel maps (B, C, *S'), L = prod(S') locations.
+
+    "location": G ≤ max_groups evenly spaced locations, each (2B, C), 2B·world − 1 keys per anchor.
+    "voxel": keys per anchor L ("image") or B·L·world ("batch"); rows = up to max_groups images' 2L voxels.
+    """
+    a, d = p_aux.detach(), p_dom.detach()
+    B, C = a.shape[:2]
+    L = a[0, 0].numel()
+    if cfg.dense_mode == "location":
+        keys = 2 * B * world - 1
+        step = max(1, L // max_groups)
+
+        def rows() -> torch.Tensor:
+            both = torch.cat([a.flatten(2)[:, :, ::step], d.flatten(2)[:, :, ::step]])  # (2B, C, G)
+            return both.permute(2, 0, 1)
+    else:
+        keys = L if cfg.dense_negatives == "image" else B * L * world
+
+        def rows() -> torch.Tensor:
+            both = torch.cat([a.flatten(2), d.flatten(2)], dim=2)[:max_groups]  # (B', C, 2L)
+            return both.transpose(1, 2)
+    return EmbeddingProbe(rows, keys, cfg.contrast_scale)
+
+
 def equivariance_loss(aux_bottleneck: torch.Tensor, dom_bottleneck: torch.Tensor) -> torch.Tensor:
     """L_ER = L1(resize(aux_bottleneck, dom_bottleneck's size), dom_bottleneck), mean over all elements.
 
@@ -78,7 +104,8 @@ class MACL(Method):
     def __init__(self, net: NetConfig, cfg: MethodConfig):
         super().__init__(net, cfg)
         self.model = MACLModel(net, decoder_blocks=cfg.decoder_blocks, dominant_scale=cfg.dominant_scale,
-                               proj_dim=cfg.proj_dim or 128, dominant_image_source=cfg.dominant_image_source)
+                               proj_dim=cfg.proj_dim or 128, dominant_image_source=cfg.dominant_image_source,
+                               head_norm=cfg.image_head_norm)
         self.weights = {"L_g": cfg.lambda_g, "L_d": cfg.lambda_d, "L_ER": cfg.lambda_er}
         if cfg.lambda_g == 0:
             self.required_views = ("img1", "img2")
@@ -91,8 +118,10 @@ class MACL(Method):
         terms: Dict[str, torch.Tensor] = {}
         if want_g:
             terms["L_g"] = global_loss(out.aux_image, out.dom_image, pos, self.cfg, self.process_group)
+            self.probe_pair("L_g", out.aux_image, out.dom_image)
         if self.cfg.lambda_d != 0:
             terms["L_d"] = dense_loss(out.aux_pixel, out.dom_pixel, pos, self.cfg, self.process_group)
+            self.probes["L_d"] = dense_probe(out.aux_pixel, out.dom_pixel, self.cfg, world_size_of(self.process_group))
         if self.cfg.lambda_er != 0:
             terms["L_ER"] = equivariance_loss(out.aux_bottleneck, out.dom_bottleneck)
         return terms

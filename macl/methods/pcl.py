@@ -32,6 +32,7 @@ class PCL(Method):
     def forward(self, batch: Batch) -> Dict[str, torch.Tensor]:
         self.check_batch(batch)
         features = torch.stack([self.model(batch.img3), self.model(batch.img4)], dim=1)  # (B, 2, D)
+        self.probe_pair("L_g", features[:, 0], features[:, 1])
         loss = positional_sup_con(features, self.positions(batch), threshold=self.cfg.threshold,
                                   temperature=self.cfg.temperature, impl=self.cfg.impl,
                                   process_group=self.process_group)

@@ -31,6 +31,7 @@ class SimCLR(Method):
 
     def forward(self, batch: Batch) -> Dict[str, torch.Tensor]:
         self.check_batch(batch)
-        loss = nt_xent(self.model(batch.img3), self.model(batch.img4), temperature=self.cfg.temperature,
-                       impl=self.cfg.impl, process_group=self.process_group)
+        z3, z4 = self.model(batch.img3), self.model(batch.img4)
+        self.probe_pair("L_g", z3, z4)
+        loss = nt_xent(z3, z4, temperature=self.cfg.temperature, impl=self.cfg.impl, process_group=self.process_group)
         return {"L_g": loss * self.cfg.contrast_scale}

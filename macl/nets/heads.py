@@ -22,14 +22,26 @@ class PixelHead(nn.Sequential):
 
 
 class ImageHead(nn.Module):
-    """GAP → Linear(in, hidden) → ReLU → Linear(hidden, out): (B, in_channels, *S) → (B, out)."""
+    """GAP → Linear(in, hidden) [→ BatchNorm1d(hidden)] → ReLU → Linear(hidden, out): (B, in_channels, *S) → (B, out).
 
-    def __init__(self, in_channels: int, hidden: int, out: int):
+    norm: "none" (the public code) or "batch" (BatchNorm1d after the first layer, as the heads of SimCLR v2 and
+    MoCo v3: it removes the component every input shares, which at initialisation dominates the pooled ReLU
+    bottleneck and lets L_g collapse; see docs/macl_presets.md). "none" keeps the public code's tensor names.
+    """
+
+    def __init__(self, in_channels: int, hidden: int, out: int, norm: str = "none"):
         super().__init__()
+        if norm not in ("none", "batch"):
+            raise ValueError(f"image head norm must be 'none' or 'batch', got {norm!r}")
         self.fc1 = nn.Linear(in_channels, hidden)
+        if norm == "batch":
+            self.norm = nn.BatchNorm1d(hidden)
         self.act = nn.ReLU(inplace=True)
         self.fc2 = nn.Linear(hidden, out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pooled = x.flatten(2).mean(-1)  # global average pool over every spatial axis: (B, C)
-        return self.fc2(self.act(self.fc1(pooled)))
+        h = self.fc1(pooled)
+        if hasattr(self, "norm"):
+            h = self.norm(h)
+        return self.fc2(self.act(h))

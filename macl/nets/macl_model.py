@@ -63,7 +63,7 @@ class MACLModel(nn.Module):
     """
 
     def __init__(self, net: NetConfig, decoder_blocks: int = 2, dominant_scale: float = 0.25,
-                 proj_dim: int = 128, dominant_image_source: str = "decoder"):
+                 proj_dim: int = 128, dominant_image_source: str = "decoder", head_norm: str = "none"):
         super().__init__()
         k = int(decoder_blocks)
         if not 1 <= k <= net.depth:
@@ -75,7 +75,7 @@ class MACLModel(nn.Module):
             raise ValueError(f"dominant_image_source must be decoder|encoder, got {dominant_image_source!r}")
         self.net_config, self.decoder_blocks = net, k
         self.dominant_scale, self.proj_dim = dominant_scale, int(proj_dim)
-        self.dominant_image_source = dominant_image_source
+        self.dominant_image_source, self.head_norm = dominant_image_source, head_norm
         width = net.base_width
         bottleneck = width * 2 ** net.depth
         pixel = width * 2 ** (net.depth - k)  # = decoder output channels (128 for F=32, d=4, k=2)
@@ -83,9 +83,9 @@ class MACLModel(nn.Module):
         self.decoder = UNetDecoder(net.dims, width, net.depth, net.norm, num_blocks=k)
         self.aux_pixel_head = PixelHead(net.dims, bottleneck, pixel, net.norm)
         # Public code: target head Linear(16F, 4F) → ReLU → Linear(4F, 128); online head Linear(4F, 4F) → … .
-        self.aux_image_head = ImageHead(bottleneck, pixel, self.proj_dim)
+        self.aux_image_head = ImageHead(bottleneck, pixel, self.proj_dim, head_norm)
         dom_in = pixel if dominant_image_source == "decoder" else bottleneck
-        self.dom_image_head = ImageHead(dom_in, pixel, self.proj_dim)
+        self.dom_image_head = ImageHead(dom_in, pixel, self.proj_dim, head_norm)
         self.apply(he_init)
 
     def downsample(self, x: torch.Tensor) -> torch.Tensor:
@@ -121,7 +121,8 @@ class MACLModel(nn.Module):
         """A JSON description of the architecture (stored in checkpoints)."""
         return {"model": "MACLModel", "net": dataclasses.asdict(self.net_config),
                 "decoder_blocks": self.decoder_blocks, "dominant_scale": self.dominant_scale,
-                "proj_dim": self.proj_dim, "dominant_image_source": self.dominant_image_source}
+                "proj_dim": self.proj_dim, "dominant_image_source": self.dominant_image_source,
+                "head_norm": self.head_norm}
 
 
 class EncoderProjector(nn.Module):

@@ -1,0 +1,89 @@
+"""Geometry checks before pre-training: refuse patch sizes / depths at which a MACL loss term is degenerate.
+
+With patch S (per axis), depth d, k decoder blocks and dominant scale s = 2^−k (MACL.md):
+    auxiliary bottleneck (= L_d's grid)   S / 2^d
+    dominant bottleneck (L_ER's target)   S·s / 2^d = S / 2^(d+k)
+- L_ER (λ_ER > 0) is degenerate when the dominant bottleneck is below 2 on an axis: resizing the auxiliary map
+  to 1 with align_corners=True samples its first (corner, usually background) row, so L_ER only drives the
+  dominant bottleneck to zero.
+- L_d (λ_d > 0) is degenerate when its grid is below 2 on an axis (one location: a single global vector).
+- S must be divisible by 2^(d+k) (the dominant input must fit the encoder).
+The smallest patch that satisfies all three at depth d is 2^(d+k+1) per axis (2^(d+k) when λ_ER = 0 and
+2^(d+k) ≥ 2^(d+1)); the error names it, and the largest depth that works at the given patch.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence
+
+from .config import MethodConfig, NetConfig
+
+
+class GeometryError(ValueError):
+    """A patch size / depth at which a loss term is degenerate (the message names a size that works)."""
+
+
+def macl_sizes(patch: Sequence[int], depth: int, decoder_blocks: int) -> dict:
+    """{"grid": L_d grid per axis, "dominant": dominant bottleneck per axis} (floats: exact quotients)."""
+    return {"grid": [p / 2 ** depth for p in patch], "dominant": [p / 2 ** (depth + decoder_blocks) for p in patch]}
+
+
+def min_patch(depth: int, decoder_blocks: int, need_er: bool = True, need_d: bool = True) -> int:
+    """The smallest patch side (per axis) at which MACL's enabled terms are non-degenerate at this depth."""
+    unit = 2 ** (depth + decoder_blocks)
+    need = unit
+    if need_er:
+        need = max(need, 2 * unit)
+    if need_d:
+        need = max(need, 2 ** (depth + 1))
+    return -(-need // unit) * unit
+
+
+def max_depth(patch: Sequence[int], decoder_blocks: int, need_er: bool = True, need_d: bool = True) -> Optional[int]:
+    """The largest depth ≥ decoder_blocks at which every axis of `patch` works, or None."""
+    best = None
+    for d in range(decoder_blocks, 12):
+        if all(p % 2 ** (d + decoder_blocks) == 0 and p >= min_patch(d, decoder_blocks, need_er, need_d) for p in patch):
+            best = d
+    return best
+
+
+def geometry_problems(net: NetConfig, method: MethodConfig, patch: Sequence[int]) -> List[str]:
+    """What is degenerate about MACL at this patch (empty for other methods, or when nothing is)."""
+    if method.name != "macl":
+        return []
+    k, d = int(method.decoder_blocks), int(net.depth)
+    patch = [int(p) for p in patch]
+    sizes = macl_sizes(patch, d, k)
+    shown = "x".join(str(p) for p in patch)
+    out = []
+    if any(p % 2 ** (d + k) for p in patch):
+        out.append(f"patch {shown} is not divisible by 2^(depth+decoder_blocks) = {2 ** (d + k)}")
+    if method.lambda_er > 0 and min(sizes["dominant"]) < 2:
+        dom = "x".join(f"{v:g}" for v in sizes["dominant"])
+        out.append(f"the dominant bottleneck is {dom} (patch x {method.dominant_scale:g} / 2^{d}), below 2 per axis, so "
+                   f"L_ER is degenerate")
+    if method.lambda_d > 0 and min(sizes["grid"]) < 2:
+        grid = "x".join(f"{v:g}" for v in sizes["grid"])
+        out.append(f"the L_d grid is {grid} (patch / 2^{d}), below 2 per axis, so L_d is degenerate")
+    return out
+
+
+def require_valid_geometry(net: NetConfig, method: MethodConfig, patch: Sequence[int]) -> None:
+    """Raise `GeometryError` (one line, naming a patch size and a depth that work) when `geometry_problems`
+    finds anything; return None otherwise."""
+    problems = geometry_problems(net, method, patch)
+    if not problems:
+        return
+    k, d = int(method.decoder_blocks), int(net.depth)
+    need_er, need_d = method.lambda_er > 0, method.lambda_d > 0
+    unit, lo = 2 ** (d + k), min_patch(d, k, need_er, need_d)
+    fixed = [max(lo, -(-int(p) // unit) * unit) for p in patch]
+    fixes = [f"a patch of {'x'.join(map(str, fixed))} at depth {d}"]
+    depth = max_depth(patch, k, need_er, need_d)
+    if depth is not None:
+        fixes.append(f"depth {depth} at patch {'x'.join(str(int(p)) for p in patch)}")
+    raise GeometryError(f"MACL at patch {'x'.join(str(int(p)) for p in patch)}, depth {d}: {'; '.join(problems)}. "
+                        f"Use {' or '.join(fixes)} (--patch-size / --depth).")
+
+
+__all__ = ["GeometryError", "geometry_problems", "require_valid_geometry", "min_patch", "max_depth", "macl_sizes"]
