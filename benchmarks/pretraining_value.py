@@ -147,7 +147,7 @@ def prepare_data(sizes: Sizes, out: Path, dry: bool = False) -> dict:
 
 
 def plan(sizes: Sizes, sets: dict, out: Path, has_preset: bool = True) -> list[Job]:
-    """The jobs in priority order: pre-training runs first, then the cells seed by seed (2D, then 3D)."""
+    """The jobs in priority order: pre-training runs first, then the cells seed by seed (2D, then 3D), ARCO last."""
     from macl.data import select_labelled
     pre, cells = [], []
     dims_list = [(2, METHODS_2D, sizes.budgets)] + ([(3, METHODS_3D, (sizes.budget_3d,))] if sizes.do_3d else [])
@@ -189,7 +189,9 @@ def plan(sizes: Sizes, sets: dict, out: Path, has_preset: bool = True) -> list[J
                         if job.needs is not None and job.needs not in known:
                             continue
                         cells.append(job)
-    return pre + cells
+    # ARCO cells (about 3x a fine-tuning run) after every other cell, so that a run cut short (--stop-after)
+    # still has every seed of the pre-training comparison; within each group, seed by seed
+    return pre + [c for c in cells if c.cell["method"] not in ARCO] + [c for c in cells if c.cell["method"] in ARCO]
 
 
 def _cell_job(sizes: Sizes, s: dict, dims: int, m: str, seed: int, labelled: list, run: Path, key: str,

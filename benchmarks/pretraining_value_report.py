@@ -166,8 +166,21 @@ def host_line() -> str:
     return f"{platform.node() or 'host'}: {model or platform.processor()}, {os.cpu_count()} CPUs; load average at report time {load}"
 
 
+KEEP_BEGIN, KEEP_END = "<!-- reading: written by hand, kept by the report -->", "<!-- end of reading -->"
+
+
+def _kept(doc: Path) -> list[str]:
+    """The hand-written reading of an existing ``doc`` (between KEEP_BEGIN and KEEP_END), to carry over."""
+    text = doc.read_text() if doc.is_file() else ""
+    if KEEP_BEGIN not in text or KEEP_END not in text:
+        return []
+    return [text[text.index(KEEP_BEGIN):text.index(KEEP_END) + len(KEEP_END)], ""]
+
+
 def write_report(csv_path: Path, doc: Path, sizes, meta_path: Optional[Path] = None) -> None:
-    """Write ``doc`` (markdown) from the CSV and the run metadata; the narrative part is kept in NOTES below."""
+    """Write ``doc`` (markdown) from the CSV and the run metadata. What is generated: the run, the sizes and data
+    (NOTES below), the tables, the target check, the pre-training runs. A hand-written reading of the results in
+    an existing ``doc``, between KEEP_BEGIN and KEEP_END, is kept (placed after the run lines)."""
     rows = load_rows(csv_path)
     stats = compare(rows)
     meta = json.loads(meta_path.read_text()) if meta_path is not None and meta_path.is_file() else {"runs": []}
@@ -179,7 +192,7 @@ def write_report(csv_path: Path, doc: Path, sizes, meta_path: Optional[Path] = N
         lines.append(f"- run: `{r['command']}` (commit {r.get('commit') or '?'}), started {r['start']}, "
                      + (f"ended {r['end']}, wall time {r['wall_s'] / 60:.1f} min, jobs {r.get('counts')}"
                         if "wall_s" in r else "not finished when this was written"))
-    lines += ["", NOTES.format(**sizes.__dict__), "", "## Results"] + table_lines(stats)
+    lines += [""] + _kept(doc) + [NOTES.format(**sizes.__dict__), "", "## Results"] + table_lines(stats)
     lines += ["", "## The issue's target", ""] + target_lines(stats, macl_row)
     pre = pretrain_lines(meta_path.parent / "runs") if meta_path is not None else []
     if pre:

@@ -129,8 +129,12 @@ def test_one_tiny_real_cell_reports_and_resumes(tmp_path):
     assert float(rows[0]["dice"]) == pytest.approx(summary["foreground_mean"]["Dice"])
     doc = (tmp_path / "doc.md").read_text()
     assert "| scratch | 1 |" in doc and "wall time" in doc and "--only phantom/2d/scratch" in doc
+    # a hand-written reading survives a rewrite
+    reading = f"{rep.KEEP_BEGIN}\nscratch only: nothing to read\n{rep.KEEP_END}"
+    (tmp_path / "doc.md").write_text(doc.replace("## What was run", reading + "\n\n## What was run"))
     assert pv.main(args) == 0  # finished cells are skipped: no second row
     assert len(list(csv.DictReader((tmp_path / "c.csv").open()))) == 1
+    assert (tmp_path / "doc.md").read_text().count("scratch only: nothing to read") == 1
 
 
 def _rows(values: dict) -> list[dict]:
