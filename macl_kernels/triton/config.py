@@ -150,7 +150,9 @@ def _large(phase: str, d: int, bd: int, k: str) -> list[KernelConfig]:
         if d == 512:
             return [_C(64, 32, bd, 0, 8, 3), _C(64, 32, bd, 0, 4, 3)]
         return [_C(128, 64, bd, 0, 8, 3)]
-    # backward: full output width; (BM, BN) is (row block, key block) whichever tile is resident
+    # backward: full output width; (own, other) = (block whose gradient rows the program accumulates, block
+    # it streams). At D = 512 the 64-row fp32 accumulator (128 registers a thread) spilled in every 64-row
+    # shape tried (sm_80 and sm_90, 8 or 16 warps): 32 × 32 blocks there (mma.sync, no wgmma for 32 rows).
     if k == "tf32":
         if d <= 64:
             cands = [(64, 64, 8, 3)]
@@ -159,13 +161,11 @@ def _large(phase: str, d: int, bd: int, k: str) -> list[KernelConfig]:
         else:
             cands = [(32, 32, 8, 2)]
     elif d <= 64:
-        cands = [(64, 64, 4, 3), (128, 64, 8, 3)]
+        cands = [(64, 64, 4, 3), (64, 64, 8, 3)]
     elif d == 128:
-        cands = [(64, 64, 8, 3), (128, 64, 8, 2)]
+        cands = [(64, 64, 8, 3), (64, 32, 8, 3)]
     elif d == 256:
-        cands = [(64, 64, 8, 2), (64, 32, 8, 3)]
-    elif d == 512:
-        cands = [(64, 32, 8, 2)]
+        cands = [(64, 32, 8, 2)] if phase == "dq" else [(64, 32, 8, 2)]
     else:
         cands = [(32, 32, 8, 2)]
     out = []
