@@ -88,6 +88,13 @@ class AotRow:
         return 0 <= self.shared <= SMEM_LIMIT.get(self.arch, SMEM_LIMIT[80])
 
 
+def expects_wgmma(r: AotRow) -> bool:
+    """16-bit sm_90 kernel whose MMA row block is ≥ 64 (wgmma's M): fwd / dq with BLOCK_M ≥ 64, dk with
+    BLOCK_N ≥ 64 (its output rows are keys). Those must issue HGMMA; smaller blocks use HMMA (mma.sync)."""
+    own = r.BLOCK_N if r.phase == "dk" else r.BLOCK_M
+    return r.arch == 90 and r.dtype in ("fp16", "bf16") and own >= 64
+
+
 def cuobjdump_path() -> str:
     """Path of the cuobjdump shipped inside Triton's NVIDIA backend."""
     import triton
