@@ -98,12 +98,13 @@ def kind(dtype: torch.dtype, precision: str = "ieee") -> str:
     return "tf32" if precision == "tf32" else "fp32"
 
 
-def block_d(D: int, dtype: torch.dtype, precision: str = "ieee") -> int:
-    """z's D chunk: one chunk (the resident q / k tile) up to 512 (16-bit) / 128 (TF32), else fixed chunks."""
+def block_d(D: int, dtype: torch.dtype, precision: str = "ieee", small: bool = False) -> int:
+    """z's D chunk: one chunk (the resident q / k tile) up to 512 (16-bit) / 128 (TF32), else fixed chunks
+    (128 for 16-bit; 64 for the one-tile small classes, whose 1024-wide chunks spilled)."""
     d = max(16, _pow2(D))
     k = kind(dtype, precision)
     if k == "16bit":
-        return d if d <= 512 else 128
+        return d if d <= 512 else (64 if small else 128)
     if k == "tf32":
         return d if d <= 128 else 32
     return 16
@@ -119,59 +120,64 @@ def _small_cap(warps: int) -> int:
 
 def _small(phase: str, b: int, d: int, bd: int, k: str) -> list[KernelConfig]:
     """One tile per group (MACL's dense groups of 2B): a single key tile, so no pipeline to deepen.
-    maxnreg: left alone, ptxas caps these small CTAs at ~80 registers and spills; the explicit cap still
-    lets two CTAs share an SM."""
+    maxnreg: left alone, ptxas caps these small CTAs at ~80 registers and spills; the explicit cap lets two
+    CTAs share an SM where that fits, else the whole file (wide D)."""
     if phase == "fwd":
-        w = (4 if b == 32 else 2) if k != "fp32" else 4
-        return [_C(b, b, bd, 0, w, 1 if k != "fp32" else 2, _small_cap(w))]
+        if k == "fp32":
+            return [_C(b, b, bd, 0, 4, 1, 255)]
+        w = 4 if b == 32 else 2
+        return [_C(b, b, bd, 0, w, 1, _small_cap(w))]
     w = 8 if b == 32 else 4
     if k == "fp32":
         return [_C(b, b, bd, min(d, 64), w, 1, _small_cap(w))]
-    if d >= 1024:                                            # full-width accumulator needs the whole file
-        w = 8
-        return [_C(b, b, bd, d, w, 1, 255 if b == 16 else None)]
-    return [_C(b, b, bd, d, w, 1, _small_cap(w) if d <= 256 else None)]
+    if d >= 1024:      # full-width accumulator: 16 own rows (as the large class), the whole register file
+        own = 16
+        bm, bn = (own, b) if phase == "dq" else (b, own)
+        return [_C(bm, bn, bd, d, 8, 1, 255)]
+    return [_C(b, b, bd, d, w, 1, _small_cap(w) if d <= 64 else 255)]
 
 
 def _large(phase: str, d: int, bd: int, k: str) -> list[KernelConfig]:
-    if k == "fp32":   # FMA dots: operands in registers, output columns split over the grid
+    """maxnreg 255 everywhere: uncapped, ptxas aimed at 2–3 CTAs per SM (128 / 168 registers) and spilled a
+    few words in many of these shapes (AOT report)."""
+    R = 255
+    if k == "fp32":   # FMA dots: operands in registers, output columns split over the grid, no D pipeline
         if phase == "fwd":
-            return [_C(64, 64, 16, 0, 8, 2)]
+            return [_C(64, 64, 16, 0, 8, 2, R)]
         if d == 16:
-            return [_C(64, 64, 16, 16, 4, 2)]
-        return [_C(64, 64, 16, min(d, 32 if phase == "dq" else 64), 8, 2)]
+            return [_C(64, 64, 16, 16, 4, 1, R)]
+        return [_C(64, 64, 16, min(d, 32 if phase == "dq" else 64), 8, 1, R)]
     if phase == "fwd":
         if k == "tf32":
-            return [_C(64, 64, bd, 0, 8, 3), _C(128, 64, bd, 0, 8, 3)] if d <= 128 else [_C(64, 64, bd, 0, 8, 3)]
+            return [_C(64, 64, bd, 0, 8, 3, R), _C(128, 64, bd, 0, 8, 3, R)] if d <= 128 else [_C(64, 64, bd, 0, 8, 3, R)]
         if d <= 128:
-            return [_C(128, 64, bd, 0, 8, 3), _C(128, 128, bd, 0, 8, 3), _C(64, 64, bd, 0, 4, 4)]
+            return [_C(128, 64, bd, 0, 8, 3, R), _C(128, 128, bd, 0, 8, 3, R), _C(64, 64, bd, 0, 4, 4, R)]
         if d == 256:
-            return [_C(128, 64, bd, 0, 8, 3), _C(64, 64, bd, 0, 4, 3)]
+            return [_C(128, 64, bd, 0, 8, 3, R), _C(64, 64, bd, 0, 4, 3, R)]
         if d == 512:
-            return [_C(64, 32, bd, 0, 8, 3), _C(64, 32, bd, 0, 4, 3)]
-        return [_C(128, 64, bd, 0, 8, 3)]
+            return [_C(64, 32, bd, 0, 8, 3, R), _C(64, 32, bd, 0, 4, 3, R)]
+        return [_C(128, 64, bd, 0, 8, 3, R)]
     # backward: full output width; (own, other) = (block whose gradient rows the program accumulates, block
     # it streams). At D = 512 the 64-row fp32 accumulator (128 registers a thread) spilled in every 64-row
-    # shape tried (sm_80 and sm_90, 8 or 16 warps): 32 × 32 blocks there (mma.sync, no wgmma for 32 rows).
+    # shape tried (64×32 and 64×16, 8 or 16 warps): 32 × 32 there (mma.sync: no wgmma for 32 rows), 16 own
+    # rows at D = 1024.
     if k == "tf32":
-        if d <= 64:
-            cands = [(64, 64, 8, 3)]
-        elif d <= 256:
-            cands = [(64, 32, 8, 2)]
-        else:
-            cands = [(32, 32, 8, 2)]
+        cands = [(64, 64, 8, 3)] if d <= 64 else [(64, 32, 8, 2)] if d == 256 else \
+            [(32, 32, 8, 2)] if d <= 512 else [(16, 16, 8, 2)]
     elif d <= 64:
         cands = [(64, 64, 4, 3), (64, 64, 8, 3)]
     elif d == 128:
         cands = [(64, 64, 8, 3), (64, 32, 8, 3)]
     elif d == 256:
-        cands = [(64, 32, 8, 2)] if phase == "dq" else [(64, 32, 8, 2)]
-    else:
+        cands = [(64, 32, 8, 2)]
+    elif d == 512:
         cands = [(32, 32, 8, 2)]
+    else:
+        cands = [(16, 32, 8, 2)]
     out = []
-    for own, other, w, st in cands:      # own: the block whose gradient rows the program accumulates
+    for own, other, w, st in cands:
         bm, bn = (own, other) if phase == "dq" else (other, own)
-        out.append(_C(bm, bn, bd, d, w, st))
+        out.append(_C(bm, bn, bd, d, w, st, R))
     return out
 
 
@@ -186,8 +192,8 @@ def config_list(phase: str, N: int, M: int, D: int, dtype: torch.dtype, precisio
         raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
     k = kind(dtype, precision)
     d = max(16, _pow2(D))
-    bd = block_d(D, dtype, precision)
     cls = size_class(N, M)
+    bd = block_d(D, dtype, precision, small=cls != "large")
     if cls != "large":
         return _small(phase, 16 if cls == "s16" else 32, d, bd, k)
     return _large(phase, d, bd, k)
