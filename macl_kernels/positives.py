@@ -200,8 +200,7 @@ def positive_counts(rule: str, q_meta: torch.Tensor, k_meta, M: int, *, threshol
             w = torch.ones(G, M, dtype=torch.int32, device=dev) if kv is None else torch.gather(kv, 1, order)
             prefix = torch.cat([torch.zeros(G, 1, dtype=torch.int32, device=dev), torch.cumsum(w, 1, dtype=torch.int32)], 1)
             cnt = torch.gather(prefix, 1, hi) - torch.gather(prefix, 1, lo)
-            t = torch.tensor(threshold, dtype=torch.float32, device=dev)
-            same = lambda d: (q_meta[:, :d] - k_meta[:, :d]).abs() < t   # noqa: E731
+            same = lambda d: (q_meta[:, :d] - k_meta[:, :d]).abs() < threshold   # noqa: E731 (fp32 compare)
         if exclude_self:
             d = min(N, M)
             diag = same(d) if kv is None else same(d) & (kv[:, :d] != 0)

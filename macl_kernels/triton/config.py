@@ -130,10 +130,9 @@ def _small(phase: str, b: int, d: int, bd: int, k: str) -> list[KernelConfig]:
     w = 8 if b == 32 else 4
     if k == "fp32":
         return [_C(b, b, bd, min(d, 64), w, 1, _small_cap(w))]
-    if d >= 1024:      # full-width accumulator: 16 own rows (as the large class), the whole register file
-        own = 16
-        bm, bn = (own, b) if phase == "dq" else (b, own)
-        return [_C(bm, bn, bd, d, 8, 1, 255)]
+    if d >= 1024:      # full-width accumulator: 16 own rows (as the large class); dk spilled at 8 warps
+        bm, bn = (16, b) if phase == "dq" else (b, 16)
+        return [_C(bm, bn, bd, d, 8, 1, 255)] if phase == "dq" else [_C(bm, bn, bd, d, 16, 1)]
     return [_C(b, b, bd, d, w, 1, _small_cap(w) if d <= 64 else 255)]
 
 
@@ -149,11 +148,11 @@ def _large(phase: str, d: int, bd: int, k: str) -> list[KernelConfig]:
         return [_C(64, 64, 16, min(d, 32 if phase == "dq" else 64), 8, 1, R)]
     if phase == "fwd":
         if k == "tf32":
-            return [_C(64, 64, bd, 0, 8, 3, R), _C(128, 64, bd, 0, 8, 3, R)] if d <= 128 else [_C(64, 64, bd, 0, 8, 3, R)]
+            return [_C(64, 64, bd, 0, 8, 3, R)]
         if d <= 128:
             return [_C(128, 64, bd, 0, 8, 3, R), _C(128, 128, bd, 0, 8, 3, R), _C(64, 64, bd, 0, 4, 4, R)]
-        if d == 256:
-            return [_C(128, 64, bd, 0, 8, 3, R), _C(64, 64, bd, 0, 4, 3, R)]
+        if d == 256:   # 128×64 spilled on sm_80 (the q operand stays in registers for mma.sync)
+            return [_C(128, 32, bd, 0, 8, 3, R), _C(64, 64, bd, 0, 4, 3, R)]
         if d == 512:
             return [_C(64, 32, bd, 0, 8, 3, R), _C(64, 32, bd, 0, 4, 3, R)]
         return [_C(128, 64, bd, 0, 8, 3, R)]
@@ -162,8 +161,7 @@ def _large(phase: str, d: int, bd: int, k: str) -> list[KernelConfig]:
     # shape tried (64×32 and 64×16, 8 or 16 warps): 32 × 32 there (mma.sync: no wgmma for 32 rows), 16 own
     # rows at D = 1024.
     if k == "tf32":
-        cands = [(64, 64, 8, 3)] if d <= 64 else [(64, 32, 8, 2)] if d == 256 else \
-            [(32, 32, 8, 2)] if d <= 512 else [(16, 16, 8, 2)]
+        cands = [(32, 32, 8, 2)] if d <= 512 else [(16, 16, 8, 2)]     # fp32 operands: twice the bytes
     elif d <= 64:
         cands = [(64, 64, 4, 3), (64, 64, 8, 3)]
     elif d == 128:
