@@ -130,9 +130,10 @@ def _small(phase: str, b: int, d: int, bd: int, k: str) -> list[KernelConfig]:
     w = 8 if b == 32 else 4
     if k == "fp32":
         return [_C(b, b, bd, min(d, 64), w, 1, _small_cap(w))]
-    if d >= 1024:      # full-width accumulator: 16 own rows (as the large class); dk spilled at 8 warps
-        bm, bn = (16, b) if phase == "dq" else (b, 16)
-        return [_C(bm, bn, bd, d, 8, 1, 255)] if phase == "dq" else [_C(bm, bn, bd, d, 16, 1)]
+    if d >= 1024:      # full-width accumulator: 16 own rows (as the large class); shapes from the AOT report
+        if phase == "dq":
+            return [_C(16, b, bd, d, 8, 1, 255)]
+        return [_C(16, 16, bd, d, 16, 1)] if k == "16bit" else [_C(16, 16, bd, d, 8, 1, 255)]
     return [_C(b, b, bd, d, w, 1, _small_cap(w) if d <= 64 else 255)]
 
 
