@@ -7,10 +7,11 @@
 1. Ahead-of-time compile (macl_kernels.aot): every shipped kernel configuration for sm_80 and sm_90 (fp32
    also with TF32 dots): registers, shared memory, spills (stack / local memory / LDL / STL), HMMA / HGMMA
    counts, compile errors.
-2. Roofline (benchmarks/roofline.py): for each shape of the GPU benchmark grid (and the issue's target
-   shapes) and each phase, the kernels' flops, exponentials and bytes, the H100 floor, the effective TFLOP/s
-   at that floor and, for the target shapes, the time the targets ask for. Each kernel also says which
-   configuration `choose_config` picks and whether that configuration is among the AOT-compiled ones.
+2. Cost model (benchmarks/roofline.py): for each shape of the GPU benchmark grid (and the issue's target
+   shapes) and each phase, the kernels' GEMM units, flops, exponentials and bytes counted from their loops
+   and tile sizes, the H100 floor, the effective TFLOP/s ceiling at 100% and at 70% tensor-core efficiency
+   and, for the target shapes, the targets. Each kernel also says which configuration `choose_config` picks
+   and whether that configuration is among the AOT-compiled ones.
 A GPU run is judged against section 2: `x_limit` in a CUDA sweep is measured time / floor.
 """
 from __future__ import annotations
@@ -23,14 +24,15 @@ import sys
 from typing import Optional, Sequence
 
 from .cases import problem
-from .roofline import H100, TARGET_TFLOPS, _config, phase_floor
+from .roofline import EFFICIENCIES, H100, TARGET_TFLOPS, _config, phase_floor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 #: the issue's GPU target shapes: H100, bf16, N = M ≥ 16384, D ∈ {256, 512}
 TARGET_SHAPES = [("info_nce", (("D", d), ("N", n)), "bfloat16") for n in (16384, 65536) for d in (256, 512)]
 
 
-def aot_rows(archs: Sequence[int] = (80, 90), entries=None, jobs: Optional[int] = None, tf32: bool = True) -> list:
+def aot_rows(archs: Sequence[int] = (80, 90), entries=None, jobs: Optional[int] = None, tf32: bool = True,
+             full: bool = False) -> list:
     """`macl_kernels.aot.run_report` rows (AotRow) for the shipped configurations (or `entries`).
 
     TRITON_INTERPRET is removed from the environment during the compile (restored after): with it set, as in
@@ -39,7 +41,7 @@ def aot_rows(archs: Sequence[int] = (80, 90), entries=None, jobs: Optional[int] 
     from macl_kernels.aot import run_report
     saved = os.environ.pop("TRITON_INTERPRET", None)
     try:
-        return run_report(archs, entries=entries, jobs=jobs, tf32=tf32)
+        return run_report(archs, entries=entries, jobs=jobs, tf32=tf32, full=full)
     finally:
         if saved is not None:
             os.environ["TRITON_INTERPRET"] = saved
@@ -65,7 +67,7 @@ def _shipped_keys() -> set:
         from macl_kernels.triton.config import shipped_configs
     except Exception:
         return set()
-    return {(e.phase, str(e.dtype).replace("torch.", ""), e.D, e.config) for e in shipped_configs()}
+    return {(e.phase, str(e.dtype).replace("torch.", ""), e.config) for e in shipped_configs()}
 
 
 def roofline_table(shapes: Optional[list] = None) -> list[dict]:
@@ -78,23 +80,29 @@ def roofline_table(shapes: Optional[list] = None) -> list[dict]:
         target = loss == "info_nce" and dtype == "bfloat16" and N >= 16384 and D in (256, 512)
         for phase in TARGET_TFLOPS:
             pf = phase_floor(G, N, M, D, dtype, phase)
+            ceil = {eff: phase_floor(G, N, M, D, dtype, phase, efficiency=eff)["effective_tflops"]
+                    for eff in EFFICIENCIES}
             base = dict(loss=loss, shape=",".join(f"{k}={v}" for k, v in dims), G=G, N=N, M=M, D=D, dtype=dtype,
                         phase=phase)
             for k in pf["kernels"]:
                 aot = ""
                 if shipped:
                     cfg = _config(k["kernel"], N, M, D, dtype)
-                    aot = "yes" if (k["kernel"], dtype, D, cfg) in shipped else "no"
+                    aot = "yes" if (k["kernel"], dtype, cfg) in shipped else "no"
                 rows.append(dict(base, kernel=k["kernel"], config=k["config"], aot_compiled=aot,
+                                 gemm_units=k["units"], z_per_block=k["z_per_block"],
                                  gflop=k["flops"] / 1e9, gexp=k["exps"] / 1e9, mbytes=k["bytes"] / 1e6,
                                  stream_mbytes=k["stream_bytes"] / 1e6, bound=k["bound"],
-                                 floor_ms=k["seconds"] * 1e3, effective_tflops="", target_ms=""))
-            rows.append(dict(base, kernel="total", config="", aot_compiled="",
+                                 floor_ms=k["seconds"] * 1e3, effective_tflops="", tflops_at_70="",
+                                 target_tflops="", target_ms=""))
+            rows.append(dict(base, kernel="total", config="", aot_compiled="", gemm_units=pf["units"],
+                             z_per_block="",
                              gflop=sum(k["flops"] for k in pf["kernels"]) / 1e9,
                              gexp=sum(k["exps"] for k in pf["kernels"]) / 1e9,
                              mbytes=sum(k["bytes"] for k in pf["kernels"]) / 1e6,
                              stream_mbytes=sum(k["stream_bytes"] for k in pf["kernels"]) / 1e6, bound="",
-                             floor_ms=pf["seconds"] * 1e3, effective_tflops=pf["effective_tflops"],
+                             floor_ms=pf["seconds"] * 1e3, effective_tflops=ceil[1.0], tflops_at_70=ceil[0.7],
+                             target_tflops=TARGET_TFLOPS[phase] if target else "",
                              target_ms=pf["target_seconds"] * 1e3 if target else ""))
     return rows
 
@@ -112,47 +120,70 @@ def _md_table(rows: list[dict], cols: list[str]) -> str:
 
 
 def aot_summary(rows: list) -> dict:
-    """Counts for the report's headline: compiled, failed, with spills, 16-bit sm_90 large tiles without HGMMA."""
-    failed = [r for r in rows if r.error]
-    spills = [r for r in rows if not r.error and r.spills]
-    no_wgmma = [r for r in rows if not r.error and r.arch == 90 and r.dtype in ("bf16", "fp16")
-                and r.size_class == "large" and r.hgmma == 0]
-    no_mma = [r for r in rows if not r.error and r.arch == 80 and (r.dtype in ("bf16", "fp16") or r.precision == "tf32")
-              and r.hmma == 0]
-    return dict(total=len(rows), failed=len(failed), spills=len(spills), sm90_16bit_large_without_hgmma=len(no_wgmma),
-                sm80_tensor_dtype_without_hmma=len(no_mma))
+    """Counts for the report's headline: compiled, failed, with spills, over shared memory, wgmma-shaped 16-bit
+    sm_90 kernels without HGMMA, tensor-core sm_80 kernels without HMMA, pipelined forwards that drain."""
+    from macl_kernels.aot import expects_wgmma
+    ok = [r for r in rows if not r.error]
+    return dict(total=len(rows), failed=len(rows) - len(ok), spills=sum(r.spills for r in ok),
+                over_shared_memory=sum(not r.smem_ok for r in ok),
+                sm90_16bit_large_without_hgmma=sum(expects_wgmma(r) and r.hgmma == 0 for r in ok),
+                sm80_tensor_dtype_without_hmma=sum(r.arch == 80 and (r.dtype in ("bf16", "fp16") or r.precision == "tf32")
+                                                   and r.hmma == 0 for r in ok))
+
+
+def target_summary(roof: list[dict]) -> list[dict]:
+    """Per target shape and phase: GEMM units, ceilings at 100% / 70% tensor-core efficiency, target, verdict."""
+    out = []
+    for r in roof:
+        if r["kernel"] == "total" and r["target_tflops"] != "":
+            out.append(dict(shape=f"{r['loss']} {r['shape']}", dtype=r["dtype"], phase=r["phase"],
+                            gemm_units=r["gemm_units"], ceiling_100=r["effective_tflops"],
+                            ceiling_70=r["tflops_at_70"], target=r["target_tflops"],
+                            at_70="meets" if r["tflops_at_70"] >= r["target_tflops"] else "below"))
+    return out
 
 
 def render_markdown(aot: Optional[list], roof: list[dict], aot_error: str = "") -> str:
     lines = ["# GPU readiness report", "",
              "Generated by `python -m benchmarks.readiness` on a machine with no GPU. Section 1 is what the "
-             "shipped Triton kernel configurations compile to (Triton's own ptxas and cuobjdump); section 2 is "
-             f"the {H100['name']} roofline floor of each benchmark shape (benchmarks/roofline.py): "
-             "a GPU sweep's `x_limit` is its measured time over this floor. These are predictions and targets, "
-             "not measurements.", ""]
+             "shipped Triton kernel configurations compile to (Triton's own ptxas and cuobjdump); sections 2 and 3 "
+             f"are the {H100['name']} cost model of each benchmark shape (benchmarks/roofline.py), counted from "
+             "the kernels' loops and tile sizes: a GPU sweep's `x_limit` is its measured time over the 100% floor. "
+             "These are predictions and targets, not measurements.", ""]
     lines += ["## 1. Ahead-of-time compile (sm_80, sm_90)", ""]
     if aot is None:
         lines += [f"Not run ({aot_error or '--no-aot'}).", ""]
     else:
         s = aot_summary(aot)
         lines += [f"{s['total']} compiled rows: {s['failed']} failed, {s['spills']} with register spills, "
-                  f"{s['sm90_16bit_large_without_hgmma']} 16-bit large-tile sm_90 kernels without HGMMA, "
-                  f"{s['sm80_tensor_dtype_without_hmma']} 16-bit/TF32 sm_80 kernels without HMMA.", ""]
-        cols = ["phase", "dtype", "precision", "D", "size_class", "arch", "BLOCK_M", "BLOCK_N", "BLOCK_D", "BLOCK_DOUT",
-                "num_warps", "num_stages", "registers", "shared", "spills", "hmma", "hgmma", "error"]
-        lines += [_md_table([dict(dataclasses.asdict(r), spills="yes" if r.spills else "no") for r in aot], cols), ""]
-    lines += ["## 2. Roofline floor on an H100 per benchmark shape", "",
+                  f"{s['over_shared_memory']} over the arch's shared memory, "
+                  f"{s['sm90_16bit_large_without_hgmma']} wgmma-shaped 16-bit sm_90 kernels without HGMMA, "
+                  f"{s['sm80_tensor_dtype_without_hmma']} 16-bit/TF32 sm_80 kernels without HMMA. "
+                  "`drains`: an `async_wait {num = 0}` inside a loop of the TTGIR (the loop is not overlapped "
+                  "across iterations); the 16-bit forwards' key loop must not drain.", ""]
+        cols = ["phase", "dtype", "precision", "D", "size_class", "arch", "flags", "default", "BLOCK_M", "BLOCK_N",
+                "BLOCK_D", "BLOCK_DOUT", "num_warps", "num_stages", "registers", "shared", "spills", "hmma", "hgmma",
+                "drains", "error"]
+        lines += [_md_table([dict(dataclasses.asdict(r), spills="yes" if r.spills else "no",
+                                  drains=r.key_loop_drains) for r in aot], cols), ""]
+    lines += ["## 2. Roofline ceilings of the target shapes at 100% and 70% tensor-core efficiency", "",
+              f"Targets (issue): forward ≥ {TARGET_TFLOPS['forward']:.0f}, forward+backward ≥ "
+              f"{TARGET_TFLOPS['forward+backward']:.0f} effective TFLOP/s (2·N·M·D / t and 8·N·M·D / t), bf16, "
+              "N = M ≥ 16384, D ∈ {256, 512}. `gemm_units`: flops the kernels execute over 2·N·M·D.", ""]
+    lines += [_md_table(target_summary(roof), ["shape", "dtype", "phase", "gemm_units", "ceiling_100", "ceiling_70",
+                                               "target", "at_70"]), ""]
+    lines += ["## 3. Cost model per benchmark shape and kernel", "",
               f"Peaks: bf16/fp16 tensor cores {H100['mma_flops']['bfloat16'] / 1e12:.0f} TFLOP/s, TF32 "
               f"{H100['mma_flops']['tf32'] / 1e12:.0f}, fp32 FMA {H100['mma_flops']['float32'] / 1e12:.0f}; exp "
               f"{H100['exp_per_s'] / 1e12:.1f} T/s; HBM {H100['hbm_bytes_per_s'] / 1e12:.2f} TB/s. "
               "Kernel floor = max(flops, exponentials, compulsory bytes over their peak); phase floor = sum over "
-              "kernels (forward: fwd; forward+backward: fwd + dq + dk = 5 GEMM units + 3 exp passes). "
-              f"Targets (issue): forward ≥ {TARGET_TFLOPS['forward']:.0f}, forward+backward ≥ "
-              f"{TARGET_TFLOPS['forward+backward']:.0f} effective TFLOP/s (2·N·M·D / t and 8·N·M·D / t), bf16, "
-              "N = M ≥ 16384, D ∈ {256, 512}: target_ms is the time that meets them. `aot_compiled` says whether "
-              "the configuration the chooser picks for that D is among the compiled ones of section 1.", ""]
-    cols = ["loss", "shape", "dtype", "phase", "kernel", "config", "aot_compiled", "gflop", "gexp", "mbytes",
-            "stream_mbytes", "bound", "floor_ms", "effective_tflops", "target_ms"]
+              "kernels. `z_per_block`: how often each (row tile, key tile) block of z is computed in that kernel "
+              "(> 1 only for the fp32 IEEE backward, which splits output columns over the grid). "
+              "`effective_tflops` / `tflops_at_70`: the phase's ceiling at 100% / 70% tensor-core efficiency. "
+              "`aot_compiled` says whether the configuration the chooser picks is among section 1's.", ""]
+    cols = ["loss", "shape", "dtype", "phase", "kernel", "config", "aot_compiled", "gemm_units", "z_per_block",
+            "gflop", "gexp", "mbytes", "stream_mbytes", "bound", "floor_ms", "effective_tflops", "tflops_at_70",
+            "target_tflops"]
     lines += [_md_table(roof, cols), ""]
     return "\n".join(lines)
 
@@ -174,11 +205,12 @@ def main(argv=None) -> int:
     ap.add_argument("--jobs", type=int, help="compile workers (default: CPU count)")
     ap.add_argument("--no-tf32", action="store_true", help="skip the TF32 variants of fp32")
     ap.add_argument("--no-aot", action="store_true", help="roofline only")
+    ap.add_argument("--full", action="store_true", help="AOT: every flag set for every configuration")
     a = ap.parse_args(argv)
     aot, err = None, ""
     if not a.no_aot:
         try:
-            aot = aot_rows(a.arch, jobs=a.jobs, tf32=not a.no_tf32)
+            aot = aot_rows(a.arch, jobs=a.jobs, tf32=not a.no_tf32, full=a.full)
         except Exception as e:  # Triton missing or broken: still write the roofline
             err = f"{type(e).__name__}: {e}"
     roof = roofline_table()
@@ -192,7 +224,7 @@ def main(argv=None) -> int:
         s = aot_summary(aot)
         print(f"AOT: {s}")
     print(f"wrote {a.out}")
-    bad = aot is not None and (aot_summary(aot)["failed"] or aot_summary(aot)["spills"])
+    bad = aot is not None and any(aot_summary(aot)[k] for k in ("failed", "spills", "over_shared_memory"))
     return 1 if (err or bad) else 0
 
 

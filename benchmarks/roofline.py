@@ -1,15 +1,21 @@
-"""Roofline floor of the Triton kernels on an H100 (SXM), per kernel and per phase: no GPU needed.
+"""Cost model of the Triton kernels on an H100 (SXM), derived from their loop structure and tile sizes.
 
-Per kernel launch over G groups of N anchors × M keys × D features (KERNELS.md §4 and §6):
-  fwd: z = q kᵀ (1 GEMM unit = 2·G·N·M·D flops), 1 exp pass (G·N·M exponentials)
-  dq:  z again + dq = P k (2 units), 1 exp pass        dk: z again + dk = Pᵀ q (2 units), 1 exp pass
-  forward = fwd; forward+backward = fwd + dq + dk = 5 units + 3 exp passes (the deterministic backward).
-Bytes: compulsory HBM traffic (q and k read once, per-row statistics and metadata, gradients written once);
-`stream_bytes` adds the re-reads of k (fwd, dq: once per row tile) and q (dk: once per key tile) that the
-tiling implies, which L2 usually serves, and is reported for information.
-Floor of a kernel = max(flops / tensor-core peak, exponentials / MUFU rate, compulsory bytes / HBM bandwidth);
-floor of a phase = the sum over its kernels. "Effective TFLOP/s" follows the benchmark issue: forward
-2·N·M·D·G / t, forward+backward 8·N·M·D·G / t.
+For each kernel launch the configuration comes from `macl_kernels.triton.config.choose_config` (the tile sizes
+the launcher uses where nothing tunes), and the work is counted the way the kernels loop (kernels_fwd.py,
+kernels_bwd.py):
+  fwd: one program per (group, BLOCK_M row tile); each loops over ⌈M/BLOCK_N⌉ key tiles and computes the
+       z tile once (a BLOCK_M×BLOCK_N×(⌈D/BLOCK_D⌉·BLOCK_D) dot) and BLOCK_M·BLOCK_N exponentials.
+  dq:  one program per (group, row tile, D-output chunk): n_dout = ⌈D/BLOCK_DOUT⌉ (1 for the full-width
+       tensor-core configurations); per key tile: z once + dq chunk (BLOCK_M×BLOCK_N×BLOCK_DOUT), exps.
+  dk:  one program per (group, key tile, D-output chunk), looping over row tiles: z once + dk chunk, exps.
+GEMM units = counted flops / (2·G·N·M·D) (padding of partial tiles included), so a design that recomputes
+z per output chunk shows (n_dout + 1) units per backward kernel. Bytes: compulsory HBM traffic (q and k read
+once, metadata, statistics, gradients written once); `stream_bytes` adds what the loops re-read (k per row
+tile, q per key tile), which L2 usually serves, reported for information.
+Time of a kernel at tensor-core efficiency η = max(flops / (η·peak), exponentials / MUFU rate, bytes / HBM);
+a phase sums its kernels. "Effective TFLOP/s" follows the benchmark issue: forward 2·N·M·D·G / t,
+forward+backward 8·N·M·D·G / t. The ceiling at η = 1 is the floor of the old report; η = 0.7 is what a
+well-tuned fused kernel reaches (FlashAttention-3 reports ~75% of H100 bf16 peak in the forward).
 """
 from __future__ import annotations
 
@@ -26,56 +32,84 @@ ELEM = {"bfloat16": 2, "float16": 2, "float32": 4}
 KERNELS = {"forward": ("fwd",), "forward+backward": ("fwd", "dq", "dk")}
 #: the issue's GPU targets: effective TFLOP/s (bf16, N = M ≥ 16384, D ∈ {256, 512})
 TARGET_TFLOPS = {"forward": 450.0, "forward+backward": 300.0}
+#: tensor-core efficiencies the report shows ceilings at
+EFFICIENCIES = (1.0, 0.7)
 
 
-def _config(phase: str, N: int, M: int, D: int, dtype: str):
-    try:
-        import torch
+def _config(phase: str, N: int, M: int, D: int, dtype: str, precision: str = "ieee"):
+    """The configuration `choose_config` gives the launch (raises ImportError without torch / the package)."""
+    import torch
 
-        from macl_kernels.triton.config import choose_config
-        return choose_config(phase, N, M, D, getattr(torch, dtype))
-    except Exception:  # the chooser is not importable: report without tile sizes
-        return None
+    from macl_kernels.triton.config import choose_config
+    return choose_config(phase, N, M, D, getattr(torch, dtype), precision)
+
+
+def loop_counts(kernel: str, G: int, N: int, M: int, D: int, cfg) -> dict:
+    """Programs, inner-loop iterations and the padded per-iteration work of one kernel with config `cfg`.
+
+    Returns dict(programs, iterations (per program), z_flops, out_flops, exps (per iteration), z_per_block
+    (how many times each (row tile, key tile) block of z is computed in this kernel)).
+    """
+    row_tiles, key_tiles = math.ceil(N / cfg.BLOCK_M), math.ceil(M / cfg.BLOCK_N)
+    d_pad = math.ceil(D / cfg.BLOCK_D) * cfg.BLOCK_D
+    tile = cfg.BLOCK_M * cfg.BLOCK_N
+    if kernel == "fwd":
+        return dict(programs=G * row_tiles, iterations=key_tiles, z_flops=2.0 * tile * d_pad, out_flops=0.0,
+                    exps=float(tile), z_per_block=1)
+    n_dout = cfg.n_dout(D)
+    own = row_tiles if kernel == "dq" else key_tiles
+    loop = key_tiles if kernel == "dq" else row_tiles
+    return dict(programs=G * own * n_dout, iterations=loop, z_flops=2.0 * tile * d_pad,
+                out_flops=2.0 * tile * cfg.BLOCK_DOUT, exps=float(tile), z_per_block=n_dout)
 
 
 def kernel_floor(kernel: str, G: int, N: int, M: int, D: int, dtype: str = "bfloat16", precision: str = "ieee",
-                 gpu: dict = H100) -> dict:
-    """Flops, exponentials, bytes and the floor (s) of one kernel ('fwd', 'dq', 'dk') on `gpu`."""
+                 gpu: dict = H100, efficiency: float = 1.0) -> dict:
+    """Flops, GEMM units, exponentials, bytes and the time (s) of one kernel ('fwd', 'dq', 'dk') on `gpu`
+    at tensor-core `efficiency`, counted from the kernel's loops and tile sizes (module docstring)."""
     e = ELEM[dtype]
-    units = 1 if kernel == "fwd" else 2
-    flops = units * 2.0 * G * N * M * D
-    exps = float(G * N * M)
+    cfg = _config(kernel, N, M, D, dtype, precision)
+    lc = loop_counts(kernel, G, N, M, D, cfg)
+    n_iter = lc["programs"] * lc["iterations"]
+    flops = n_iter * (lc["z_flops"] + lc["out_flops"])
+    exps = n_iter * lc["exps"]
+    units = flops / (2.0 * G * N * M * D) if G * N * M * D else 0.0
     rows, keys = G * N, G * M
-    meta = 8 * (rows + keys) + rows + keys                         # int64 metadata, bool validity
-    if kernel == "fwd":
-        byts = e * (rows + keys) * D + meta + 12 * rows            # loss, lse fp32, count int32 out
-    elif kernel == "dq":
-        byts = e * (rows + keys) * D + meta + 12 * rows + e * rows * D   # + lse, count, grad in; dq out
-    else:
-        byts = e * (rows + keys) * D + meta + 12 * rows + e * keys * D   # dk out
-    cfg = _config(kernel, N, M, D, dtype)
-    stream = byts
-    if cfg is not None:
-        if kernel in ("fwd", "dq"):
-            stream += e * G * (math.ceil(N / cfg.BLOCK_M) - 1) * M * D
-        else:
-            stream += e * G * (math.ceil(M / cfg.BLOCK_N) - 1) * N * D
+    meta = 4 * (rows + keys) + rows + keys                         # int32 metadata, uint8 validity
+    byts = e * (rows + keys) * D + meta + 12 * rows                # q, k; count in, loss and lse out
+    if kernel == "dq":
+        byts += 4 * rows + e * rows * D                            # grad in; dq out
+    elif kernel == "dk":
+        byts += 4 * rows + e * keys * D                            # grad in; dk out
+    # re-reads by the loops: k (or q) once per program, q (or k) per program for the resident tile
+    streamed = (M if kernel in ("fwd", "dq") else N) * D * e
+    stream = lc["programs"] * streamed + e * (rows if kernel != "dk" else keys) * D * (cfg.n_dout(D) if kernel != "fwd" else 1)
     mma_key = "tf32" if (dtype == "float32" and precision == "tf32") else dtype
-    t_mma = flops / gpu["mma_flops"][mma_key]
+    t_mma = flops / (gpu["mma_flops"][mma_key] * efficiency)
     t_exp = exps / gpu["exp_per_s"]
     t_mem = byts / gpu["hbm_bytes_per_s"]
     bound = max((t_mma, "tensor cores"), (t_exp, "exp (MUFU)"), (t_mem, "HBM"))
-    return dict(kernel=kernel, flops=flops, exps=exps, bytes=float(byts), stream_bytes=float(stream),
-                t_mma=t_mma, t_exp=t_exp, t_mem=t_mem, seconds=bound[0], bound=bound[1],
-                config="" if cfg is None else f"{cfg.BLOCK_M}x{cfg.BLOCK_N}x{cfg.BLOCK_D}"
+    return dict(kernel=kernel, flops=float(flops), units=units, z_per_block=lc["z_per_block"], exps=float(exps),
+                bytes=float(byts), stream_bytes=float(max(stream, byts)), t_mma=t_mma, t_exp=t_exp, t_mem=t_mem,
+                seconds=bound[0], bound=bound[1],
+                config=f"{cfg.BLOCK_M}x{cfg.BLOCK_N}x{cfg.BLOCK_D}"
                 f"{'/' + str(cfg.BLOCK_DOUT) if cfg.BLOCK_DOUT else ''} w{cfg.num_warps} s{cfg.num_stages}")
 
 
 def phase_floor(G: int, N: int, M: int, D: int, dtype: str = "bfloat16", phase: str = "forward+backward",
-                precision: str = "ieee", gpu: dict = H100) -> dict:
-    """The phase's kernels (`kernel_floor` each), their summed floor, and the effective TFLOP/s at that floor."""
-    ks = [kernel_floor(k, G, N, M, D, dtype, precision, gpu) for k in KERNELS[phase]]
+                precision: str = "ieee", gpu: dict = H100, efficiency: float = 1.0) -> dict:
+    """The phase's kernels (`kernel_floor` each), summed time and GEMM units, effective TFLOP/s at that time."""
+    ks = [kernel_floor(k, G, N, M, D, dtype, precision, gpu, efficiency) for k in KERNELS[phase]]
     seconds = sum(k["seconds"] for k in ks)
     nominal = (2.0 if phase == "forward" else 8.0) * G * N * M * D
-    return dict(kernels=ks, seconds=seconds, effective_tflops=nominal / seconds / 1e12,
+    return dict(kernels=ks, seconds=seconds, units=sum(k["units"] for k in ks),
+                exp_passes=sum(k["exps"] for k in ks) / max(G * N * M, 1),
+                effective_tflops=nominal / seconds / 1e12,
                 target_seconds=nominal / (TARGET_TFLOPS[phase] * 1e12))
+
+
+def ceilings(G: int, N: int, M: int, D: int, dtype: str = "bfloat16", phase: str = "forward+backward",
+             precision: str = "ieee", gpu: dict = H100) -> dict:
+    """Effective TFLOP/s ceiling of a phase at each tensor-core efficiency of `EFFICIENCIES`."""
+    return {eff: phase_floor(G, N, M, D, dtype, phase, precision, gpu, eff)["effective_tflops"]
+            for eff in EFFICIENCIES}

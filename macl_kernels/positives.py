@@ -144,3 +144,69 @@ def _run_sums(x: torch.Tensor, order: torch.Tensor, lo: torch.Tensor, hi: torch.
     A = lo.shape[1]
     return (torch.gather(prefix, 1, hi[..., None].expand(G, A, F))
             - torch.gather(prefix, 1, lo[..., None].expand(G, A, F)))
+
+
+def dense_label_ids(q_labels: torch.Tensor, k_labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-group dense int32 ids of the labels: equal labels of one group get equal ids, in [0, N + M).
+
+    q_labels (G, N), k_labels (G, M) integer -> (q_ids (G, N), k_ids (G, M)) int32, contiguous. A sort and a
+    cumulative sum: no host-device synchronisation (unlike `torch.unique`), and int64 labels of any value
+    become int32 ids that compare exactly as the labels do.
+    """
+    N = q_labels.shape[1]
+    both = torch.cat([q_labels, k_labels], 1)
+    if both.shape[1] == 0:
+        return q_labels.to(torch.int32), k_labels.to(torch.int32)
+    sv, order = torch.sort(both, dim=1, stable=True)
+    new = torch.ones_like(sv, dtype=torch.int32)
+    new[:, 1:] = (sv[:, 1:] != sv[:, :-1]).to(torch.int32)
+    ids = torch.empty_like(new).scatter_(1, order, torch.cumsum(new, 1, dtype=torch.int32) - 1)
+    return ids[:, :N].contiguous(), ids[:, N:].contiguous()
+
+
+def positive_counts(rule: str, q_meta: torch.Tensor, k_meta, M: int, *, threshold: float = 0.0,
+                    exclude_self: bool = False, q_valid=None, k_valid=None) -> torch.Tensor:
+    """|P(i)| (G, N) int32 in O((N + M) log M), with no host-device synchronisation; 0 where q_valid is False.
+
+    rule 'index': q_meta = pos_index (G, N) in [0, M); 'label': q_meta / k_meta label ids (G, N) / (G, M)
+    (any integer dtype); 'radius': float32 positions (G, N) / (G, M) and `threshold`. k_valid / q_valid:
+    (G, M) / (G, N) bool or uint8, or None. The same set as the kernels' per-tile masks (KERNELS.md §1):
+    P(i) = rule ∩ k_valid ∩ (j ≠ i if exclude_self). Raises ValueError for an unknown rule.
+    """
+    G, N = q_meta.shape
+    dev = q_meta.device
+    kv = None if k_valid is None else k_valid.to(torch.int32)
+    if M == 0 or N == 0:
+        cnt = torch.zeros(G, N, dtype=torch.int32, device=dev)
+    elif rule == "index":
+        idx = q_meta.long()
+        inside = (idx >= 0) & (idx < M)
+        ok = inside
+        if kv is not None:
+            ok = ok & (torch.gather(kv, 1, idx.clamp(0, M - 1)) != 0)
+        if exclude_self:
+            ok = ok & (idx != torch.arange(N, device=dev)[None, :])
+        cnt = ok.to(torch.int32)
+    elif rule in ("label", "radius"):
+        if rule == "label":
+            q_ids, k_ids = dense_label_ids(q_meta, k_meta)
+            w = torch.ones(G, M, dtype=torch.int32, device=dev) if kv is None else kv
+            hist = torch.zeros(G, N + M, dtype=torch.int32, device=dev).scatter_add_(1, k_ids.long(), w)
+            cnt = torch.gather(hist, 1, q_ids.long())
+            same = lambda d: q_ids[:, :d] == k_ids[:, :d]   # noqa: E731
+        else:
+            order = torch.argsort(k_meta, dim=1, stable=True)
+            lo, hi = _radius_runs(q_meta, torch.gather(k_meta, 1, order), threshold)
+            w = torch.ones(G, M, dtype=torch.int32, device=dev) if kv is None else torch.gather(kv, 1, order)
+            prefix = torch.cat([torch.zeros(G, 1, dtype=torch.int32, device=dev), torch.cumsum(w, 1, dtype=torch.int32)], 1)
+            cnt = torch.gather(prefix, 1, hi) - torch.gather(prefix, 1, lo)
+            same = lambda d: (q_meta[:, :d] - k_meta[:, :d]).abs() < threshold   # noqa: E731 (fp32 compare)
+        if exclude_self:
+            d = min(N, M)
+            diag = same(d) if kv is None else same(d) & (kv[:, :d] != 0)
+            cnt = torch.cat([cnt[:, :d] - diag.to(torch.int32), cnt[:, d:]], 1)
+    else:
+        raise ValueError(f"unknown positive rule {rule!r}")
+    if q_valid is not None:
+        cnt = torch.where(q_valid.bool(), cnt, 0)
+    return cnt.to(torch.int32).contiguous()

@@ -1,33 +1,54 @@
-"""Ahead-of-time compile of every shipped Triton configuration for sm_80 and sm_90, with no GPU.
+"""Ahead-of-time compile of every autotune candidate for sm_80 and sm_90, with no GPU (KERNELS.md §4).
 
-One report per session (about 430 compiles on 2 cores: a few minutes cold, much less with Triton's cache
-warm): every configuration `choose_config` can return, for fp32 (IEEE and TF32), fp16 and bf16 and
-D ∈ {16, 64, 128, 256, 512, 1024}. Asserts: it compiles, no local memory and no spill instructions, tensor-core
-instructions where they must be (HMMA on sm_80 for 16-bit and TF32, HGMMA on sm_90 for large 16-bit tiles).
+One report per module (`run_report`, spawned workers, Triton's on-disk cache makes reruns fast): every
+configuration of `shipped_configs()` (fp32 IEEE and TF32, fp16, bf16; D ∈ {16, 64, 120, 128, 256, 512, 1024};
+size classes s16 / s32 / large; every candidate of each class) for both archs, each with one of the flag sets
+of `aot.FLAG_SETS` in rotation (index / label / radius rules, learnable τ with the scale-gradient sum, key
+masks, exclude_self; "keys without grad" launches fwd + dq, which these cover). One more test adds every other
+flag set for the bf16 large-tile candidates at the target widths D ∈ {128, 256, 512}. Asserts: it compiles, no local memory or spill
+instructions, shared memory within the arch's limit, tensor-core instructions where they must be, and, from the
+TTGIR, that the 16-bit forward's key loop is software-pipelined without a full drain.
 """
 from __future__ import annotations
 
 import os
-import random
 
 import pytest
 import torch
 
 triton = pytest.importorskip("triton")
 
-from macl_kernels.aot import cuobjdump_path, run_report  # noqa: E402
-from macl_kernels.triton.config import (  # noqa: E402
-    PHASES, SHIPPED_D, SHIPPED_DTYPES, SIZE_CLASSES, choose_config, shipped_configs)
+from macl_kernels.aot import FLAG_NAMES, cuobjdump_path, expects_wgmma, jobs_for, run_report  # noqa: E402
+from macl_kernels.triton.config import shipped_configs  # noqa: E402
 
-pytestmark = pytest.mark.skipif(not os.path.exists(cuobjdump_path()),
-                                reason="Triton's bundled cuobjdump is missing")
+pytestmark = [pytest.mark.skipif(not os.path.exists(cuobjdump_path()), reason="Triton's bundled cuobjdump is missing"),
+              pytest.mark.slow]
 
 
 def _show(rows):
-    return "\n".join(f"{r.phase} {r.dtype}/{r.precision} D={r.D} {r.size_class} sm_{r.arch} "
-                     f"BM={r.BLOCK_M} BN={r.BLOCK_N} BD={r.BLOCK_D} BO={r.BLOCK_DOUT} w={r.num_warps}: "
-                     f"reg={r.registers} stack={r.stack} local={r.local} ldl={r.ldl} stl={r.stl} "
-                     f"hmma={r.hmma} hgmma={r.hgmma} {r.error or ''}" for r in rows)
+    return "\n".join(f"{r.phase} {r.dtype}/{r.precision} D={r.D} {r.size_class} sm_{r.arch} {r.flags} "
+                     f"BM={r.BLOCK_M} BN={r.BLOCK_N} BD={r.BLOCK_D} BO={r.BLOCK_DOUT} w={r.num_warps} "
+                     f"s={r.num_stages}: reg={r.registers} stack={r.stack} local={r.local} ldl={r.ldl} stl={r.stl} "
+                     f"smem={r.shared} hmma={r.hmma} hgmma={r.hgmma} drains={r.key_loop_drains} {r.error or ''}"
+                     for r in rows)
+
+
+def _check(rows):
+    bad = [r for r in rows if r.error is not None or r.registers <= 0]
+    assert not bad, "failed to compile:\n" + _show(bad)
+    bad = [r for r in rows if r.spills]
+    assert not bad, "spills:\n" + _show(bad)
+    bad = [r for r in rows if not r.smem_ok]
+    assert not bad, "over the arch's shared memory:\n" + _show(bad)
+    tc = [r for r in rows if r.dtype in ("fp16", "bf16") or r.precision == "tf32"]
+    bad = [r for r in tc if r.arch == 80 and (r.hmma == 0 or r.hgmma != 0)]
+    assert not bad, "no HMMA on sm_80:\n" + _show(bad)
+    bad = [r for r in rows if expects_wgmma(r) and r.hgmma == 0]
+    assert not bad, "no HGMMA on sm_90 for a 64-row block:\n" + _show(bad)
+    bad = [r for r in tc if r.arch == 90 and r.dtype != "fp32" and not expects_wgmma(r) and r.hmma == 0]
+    assert not bad, "16-bit sm_90 kernel without tensor cores:\n" + _show(bad)
+    bad = [r for r in rows if r.dtype == "fp32" and r.precision == "ieee" and (r.hmma or r.hgmma)]
+    assert not bad, "IEEE fp32 must not use TF32 MMA:\n" + _show(bad)
 
 
 @pytest.fixture(scope="module")
@@ -35,57 +56,56 @@ def report():
     return run_report(archs=(80, 90), tf32=True)
 
 
-def test_report_covers_every_shipped_config(report):
+def test_report_covers_every_candidate_on_both_archs(report):
     entries = shipped_configs()
-    assert len(entries) == len(PHASES) * len(SHIPPED_DTYPES) * len(SHIPPED_D) * len(SIZE_CLASSES)
-    n_fp32 = sum(e.dtype == torch.float32 for e in entries)
-    assert len(report) == 2 * (len(entries) + n_fp32)     # two archs; fp32 also as TF32
+    got = {(r.phase, r.dtype, r.precision, r.D, r.size_class, r.arch, r.BLOCK_M, r.BLOCK_N, r.num_warps,
+            r.num_stages) for r in report}
+    tl = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+    want = {(e.phase, tl[e.dtype], e.precision, e.D, e.size_class, a, e.config.BLOCK_M, e.config.BLOCK_N,
+             e.config.num_warps, e.config.num_stages) for e in entries for a in (80, 90)}
+    assert got == want
+    assert len(report) == 2 * len(entries)
+    assert {r.D for r in report} == {16, 64, 120, 128, 256, 512, 1024}
+    for phase in ("fwd", "dq", "dk"):   # every flag set meets every phase
+        assert {r.flags for r in report if r.phase == phase} == set(FLAG_NAMES)
 
 
-def test_every_config_compiles(report):
-    bad = [r for r in report if r.error is not None or r.registers <= 0]
-    assert not bad, "failed to compile:\n" + _show(bad)
+def test_every_candidate_compiles_without_spills_with_tensor_cores(report):
+    _check(report)
 
 
-def test_no_local_memory_or_spills(report):
-    bad = [r for r in report if r.local != 0 or r.stack != 0 or r.ldl or r.stl]
-    assert not bad, "spills:\n" + _show(bad)
+def test_forward_key_loop_is_pipelined_on_sm90(report):
+    """bf16 (and fp16) forward, sm_90, D = 256 and 512 (q resident): async copies inside the key loop and no
+    `async_wait {num = 0}` there (the only full drain is after the loop)."""
+    rows = [r for r in report if r.phase == "fwd" and r.arch == 90 and r.dtype in ("bf16", "fp16")
+            and r.size_class == "large" and r.D in (256, 512)]
+    assert {r.D for r in rows if r.dtype == "bf16"} == {256, 512}
+    bad = [r for r in rows if r.key_loop_drains is not False or r.key_loop_async == 0]
+    assert not bad, "key loop not pipelined:\n" + _show(bad)
 
 
-def test_hmma_on_sm80_for_tensor_core_dtypes(report):
-    rows = [r for r in report if r.arch == 80 and (r.dtype in ("fp16", "bf16") or r.precision == "tf32")]
+def test_forward_key_loop_is_pipelined_at_every_resident_d(report):
+    """Both archs, every 16-bit large forward candidate with q resident (D ≤ 512) and rows 16-byte aligned.
+    D = 120 is not async-pipelined: Triton only knows a stride is a multiple of 16 elements, and 120 is not
+    (its loads stay synchronous; they still compile spill-free with tensor cores)."""
+    rows = [r for r in report if r.phase == "fwd" and r.dtype in ("bf16", "fp16") and r.size_class == "large"
+            and r.D <= 512 and r.D % 16 == 0]
+    bad = [r for r in rows if r.key_loop_drains is not False or r.key_loop_async == 0]
+    assert rows and not bad, "key loop not pipelined:\n" + _show(bad)
+
+
+def test_full_flag_matrix_for_bf16_large_tiles_at_target_widths(report):
+    """Every other flag set for the bf16 large-tile candidates at D ∈ {128, 256, 512} (the rotation compiled one)."""
+    done = {(r.phase, r.dtype, r.precision, r.D, r.arch, r.flags, r.BLOCK_M, r.BLOCK_N, r.num_warps, r.num_stages)
+            for r in report}
+    tl = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+    entries = [e for e in shipped_configs() if e.size_class == "large" and e.dtype == torch.bfloat16
+               and e.D in (128, 256, 512)]
+    todo = [t for t in jobs_for((80, 90), entries, full=True)
+            if (t[0].phase, tl[t[0].dtype], t[2], t[0].D, t[1], t[3], t[0].config.BLOCK_M, t[0].config.BLOCK_N,
+                t[0].config.num_warps, t[0].config.num_stages) not in done]
+    rows = run_report(archs=(80, 90), entries=[t[0] for t in todo], full=True)
+    rows = [r for r in rows if (r.phase, r.dtype, r.precision, r.D, r.arch, r.flags, r.BLOCK_M, r.BLOCK_N,
+                                r.num_warps, r.num_stages) not in done]
     assert rows
-    bad = [r for r in rows if r.hmma == 0 or r.hgmma != 0]
-    assert not bad, "no HMMA on sm_80:\n" + _show(bad)
-
-
-def test_hgmma_on_sm90_for_large_16bit_tiles(report):
-    rows = [r for r in report if r.arch == 90 and r.dtype in ("fp16", "bf16") and r.size_class == "large"]
-    assert rows
-    bad = [r for r in rows if r.hgmma == 0]
-    assert not bad, "no HGMMA on sm_90:\n" + _show(bad)
-    # small tiles (M < 64) cannot use wgmma; they must still use tensor cores
-    small = [r for r in report if r.arch == 90 and r.dtype in ("fp16", "bf16") and r.size_class != "large"]
-    assert all(r.hmma > 0 for r in small), _show([r for r in small if r.hmma == 0])
-
-
-def test_ieee_fp32_stays_off_tensor_cores(report):
-    rows = [r for r in report if r.dtype == "fp32" and r.precision == "ieee"]
-    assert rows and all(r.hmma == 0 and r.hgmma == 0 for r in rows), "IEEE fp32 must not use TF32 MMA"
-
-
-def test_backward_recomputes_z_with_the_forward_chunking():
-    for dtype in SHIPPED_DTYPES:
-        for D in SHIPPED_D:
-            for N, M in [(16, 16), (32, 32), (4096, 4096), (7, 5000)]:
-                bd = {choose_config(ph, N, M, D, dtype).BLOCK_D for ph in PHASES}
-                assert len(bd) == 1, (dtype, D, N, M, bd)
-
-
-def test_chooser_returns_only_shipped_configs():
-    shipped = {(e.phase, e.dtype, e.D, e.config) for e in shipped_configs()}
-    rnd = random.Random(0)
-    for _ in range(300):
-        phase, dtype, D = rnd.choice(PHASES), rnd.choice(SHIPPED_DTYPES), rnd.choice(SHIPPED_D)
-        N, M = rnd.choice([1, 7, 16, 17, 32, 33, 100, 5000]), rnd.choice([1, 9, 16, 31, 32, 64, 4097])
-        assert (phase, dtype, D, choose_config(phase, N, M, D, dtype)) in shipped, (phase, dtype, D, N, M)
+    _check(rows)

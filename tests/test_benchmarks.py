@@ -109,7 +109,7 @@ def test_readiness_aot_row_for_a_shipped_config():
     rows = aot_rows((90,), entries=[entry], jobs=1, tf32=False)
     assert len(rows) == 1 and rows[0].error is None, rows
     assert rows[0].registers > 0 and rows[0].hgmma > 0 and not rows[0].spills
-    assert aot_summary(rows) == dict(total=1, failed=0, spills=0, sm90_16bit_large_without_hgmma=0,
+    assert aot_summary(rows) == dict(total=1, failed=0, spills=0, over_shared_memory=0, sm90_16bit_large_without_hgmma=0,
                                      sm80_tensor_dtype_without_hmma=0)
 
 

@@ -13,8 +13,10 @@ from typing import Optional
 import torch
 from torch.autograd.function import once_differentiable
 
+from ..positives import dense_label_ids, positive_counts
 from ..problem import ContrastProblem
-from .config import KernelConfig, choose_config
+from .autotune import launch
+from .config import KernelConfig, config_list
 
 #: fill every output buffer with NaN (counts with -1) before each launch, so an unwritten element shows.
 #: Also switched on by the environment variable MACL_POISON_OUTPUTS=1, read at each call.
@@ -39,7 +41,7 @@ def _empty(shape, dtype, device, fill):
 class LaunchOptions:
     """Everything a launch needs besides q, k and the scale: metadata, switches, per-phase configs."""
     rule: int
-    q_meta: torch.Tensor
+    q_meta: torch.Tensor                  # int32 pos_index / dense label ids, or float32 positions
     k_meta: Optional[torch.Tensor]
     q_valid: Optional[torch.Tensor]       # uint8 views of the bool masks
     k_valid: Optional[torch.Tensor]
@@ -47,12 +49,17 @@ class LaunchOptions:
     exclude_self: bool
     precision: str                        # tl.dot input_precision: "ieee" | "tf32"
     upcast_dot: bool                      # interpreter + bf16 only: tl.dot on fp32 copies
-    configs: Optional[dict] = None        # phase -> KernelConfig override (tests); else choose_config
+    configs: Optional[dict] = None        # phase -> KernelConfig override (tests); else config_list
+    interpret: bool = False               # launched under TRITON_INTERPRET (no autotuning)
+
+    def candidates(self, phase: str, N: int, M: int, D: int, dtype: torch.dtype) -> list[KernelConfig]:
+        """Configurations a launch may use: the override, or `config_list` (first = default)."""
+        if self.configs and phase in self.configs:
+            return [self.configs[phase]]
+        return config_list(phase, N, M, D, dtype, self.precision)
 
     def config(self, phase: str, N: int, M: int, D: int, dtype: torch.dtype) -> KernelConfig:
-        if self.configs and phase in self.configs:
-            return self.configs[phase]
-        return choose_config(phase, N, M, D, dtype)
+        return self.candidates(phase, N, M, D, dtype)[0]
 
 
 def _scale_args(scale, dummy: torch.Tensor):
@@ -70,29 +77,33 @@ def _common(o: LaunchOptions, q: torch.Tensor):
                         UPCAST_DOT=o.upcast_dot, INPUT_PRECISION=o.precision)
 
 
-def _launch_opts(cfg: KernelConfig) -> dict:
-    return dict(**cfg.constexprs(), **cfg.launch_options())
+def _dz_scale(dtype: torch.dtype) -> float:
+    """Power-of-two scale of the backward's 16-bit dz operand: 2^14 for fp16 (|P − Y| ≤ 1 stays finite,
+    g·P ≈ 1/(N·M) no longer underflows), 1 otherwise (bf16 and fp32 have fp32's exponent range)."""
+    return 16384.0 if dtype == torch.float16 else 1.0
 
 
 def launch_fwd(q: torch.Tensor, k: torch.Tensor, scale, o: LaunchOptions):
-    """q (G,N,D), k (G,M,D) -> loss (G,N) fp32, lse (G,N) fp32, count (G,N) int32."""
-    from .kernels_fwd import contrast_fwd_kernel, kernel
+    """q (G,N,D), k (G,M,D) -> loss (G,N) fp32, lse (G,N) fp32, count (G,N) int32.
+
+    |P(i)| is counted by `positives.positive_counts` in O(N + M), outside the kernel's N×M pass.
+    """
+    from .kernels_fwd import contrast_fwd_kernel
     G, N, D = q.shape
     M = k.shape[1]
     loss = _empty((G, N), torch.float32, q.device, float("nan"))
     lse = _empty((G, N), torch.float32, q.device, float("nan"))
-    cnt = _empty((G, N), torch.int32, q.device, -1)
+    cnt = positive_counts(("index", "label", "radius")[o.rule], o.q_meta, o.k_meta, M, threshold=o.threshold,
+                          exclude_self=o.exclude_self, q_valid=o.q_valid, k_valid=o.k_valid)
     if G * N == 0:
         return loss, lse, cnt
-    cfg = o.config("fwd", N, M, D, q.dtype)
-    tiles = -(-N // cfg.BLOCK_M)
     km, kv, flags = _common(o, q)
-    qv = o.q_valid if o.q_valid is not None else o.q_meta
     s_ptr, s, in_mem = _scale_args(scale, lse)
-    kernel(contrast_fwd_kernel)[(G * tiles,)](
-        q, k, o.q_meta, km, qv, kv, s_ptr, loss, lse, cnt, s, o.threshold, N, M, tiles,
-        *q.stride(), *k.stride(), loss.stride(0), loss.stride(1),
-        D=D, HAS_QV=o.q_valid is not None, SCALE_IN_MEM=in_mem, **flags, **_launch_opts(cfg))
+    launch(contrast_fwd_kernel, o.candidates("fwd", N, M, D, q.dtype), o.interpret,
+           lambda meta: (G * -(-N // meta["BLOCK_M"]),),
+           [q, k, o.q_meta, km, kv, s_ptr, cnt, loss, lse, s, o.threshold, N, M,
+            *q.stride(), *k.stride(), loss.stride(0), loss.stride(1)],
+           dict(D=D, SCALE_IN_MEM=in_mem, **flags))
     return loss, lse, cnt
 
 
@@ -103,26 +114,28 @@ def launch_bwd(phase: str, q, k, scale, lse, cnt, grad, o: LaunchOptions, with_d
     also Σ_j dz_ij z_ij / s per anchor, whose sum is ∂L/∂s.
     """
     from .kernels_bwd import contrast_dk_kernel, contrast_dq_kernel
-    from .kernels_fwd import kernel
     G, N, D = q.shape
     M = k.shape[1]
     rows = N if phase == "dq" else M
     out = _empty((G, rows, D), q.dtype, q.device, float("nan"))
     if N == 0 or M == 0 or D == 0 or G == 0:   # no z_ij at all: the gradients are exactly zero
         return out.zero_(), torch.zeros((G, N), dtype=torch.float32, device=q.device) if with_ds else None
-    cfg = o.config(phase, N, M, D, q.dtype)
-    ds = _empty((G, N, cfg.n_dout(D)), torch.float32, q.device, float("nan")) if with_ds else None
-    tiles = -(-rows // (cfg.BLOCK_M if phase == "dq" else cfg.BLOCK_N))
+    cands = o.candidates(phase, N, M, D, q.dtype)
+    n_dout = cands[0].n_dout(D)              # BLOCK_DOUT is the same for every candidate of a class
+    ds = _empty((G, N, n_dout), torch.float32, q.device, float("nan")) if with_ds else None
     km, kv, flags = _common(o, q)
     s_ptr, s, in_mem = _scale_args(scale, lse)
+    # dk: dz = (g_i / max|g|)(P − Y)·DZ_SCALE, so max|g| is read by the kernel (a device scalar: no sync)
+    gmax = grad.abs().amax().reshape(1) if phase == "dk" else lse
     extra = dict(WITH_DS=with_ds) if phase == "dq" else {}
-    args = [q, k, o.q_meta, km, kv, s_ptr, lse, cnt, grad, out]
+    args = [q, k, o.q_meta, km, kv, s_ptr, gmax, lse, cnt, grad, out]
     if phase == "dq":
         args.append(lse if ds is None else ds)   # DS is never written when WITH_DS is off
-    kernel(contrast_dq_kernel if phase == "dq" else contrast_dk_kernel)[(G * tiles * cfg.n_dout(D),)](
-        *args, s, o.threshold, N, M, tiles,
-        *q.stride(), *k.stride(), lse.stride(0), lse.stride(1), *out.stride(),
-        D=D, SCALE_IN_MEM=in_mem, **flags, **extra, **_launch_opts(cfg))
+    block = "BLOCK_M" if phase == "dq" else "BLOCK_N"
+    launch(contrast_dq_kernel if phase == "dq" else contrast_dk_kernel, cands, o.interpret,
+           lambda meta: (G * -(-rows // meta[block]) * n_dout,),
+           args + [s, o.threshold, N, M, *q.stride(), *k.stride(), lse.stride(0), lse.stride(1), *out.stride()],
+           dict(D=D, SCALE_IN_MEM=in_mem, DZ_SCALE=_dz_scale(q.dtype), **flags, **extra))
     return out, None if ds is None else ds[..., 0]   # the n_dout copies are identical
 
 
@@ -166,16 +179,22 @@ class TritonContrast(torch.autograd.Function):
 
 def launch_options(p: ContrastProblem, allow_tf32: bool, interpret: bool,
                    configs: Optional[dict] = None) -> LaunchOptions:
-    """LaunchOptions of problem `p` (metadata made contiguous, bool masks viewed as uint8)."""
+    """LaunchOptions of problem `p`: int32 metadata (pos_index; labels as per-group dense ids, converted once
+    here, sync-free), float32 positions, bool masks viewed as uint8; all contiguous."""
     def u8(t):
         return None if t is None else t.contiguous().view(torch.uint8)
+    if p.rule == "label":
+        q_meta, k_meta = dense_label_ids(p.q_meta, p.k_meta)
+    elif p.rule == "index":
+        q_meta, k_meta = p.q_meta.to(torch.int32).contiguous(), None   # pos_index < M < 2**31
+    else:
+        q_meta, k_meta = p.q_meta.contiguous(), p.k_meta.contiguous()
     return LaunchOptions(
-        rule=_RULE_ID[p.rule], q_meta=p.q_meta.contiguous(),
-        k_meta=None if p.k_meta is None else p.k_meta.contiguous(),
+        rule=_RULE_ID[p.rule], q_meta=q_meta, k_meta=k_meta,
         q_valid=u8(p.q_valid), k_valid=u8(p.k_valid), threshold=float(p.threshold),
         exclude_self=bool(p.exclude_self),
         precision="tf32" if (allow_tf32 and p.q.dtype == torch.float32) else "ieee",
-        upcast_dot=interpret and p.q.dtype == torch.bfloat16, configs=configs)
+        upcast_dot=interpret and p.q.dtype == torch.bfloat16, configs=configs, interpret=interpret)
 
 
 def check_dtype(dtype: torch.dtype) -> None:

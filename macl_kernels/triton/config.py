@@ -1,8 +1,20 @@
-"""Launch options of the Triton kernels and the static heuristic that picks them.
+"""Launch configurations of the Triton kernels: a small list per (phase, precision, D class, size class).
 
-No autotuning (there is no GPU to tune on where this is built): `choose_config` maps (phase, N, M, D, dtype)
-to one of a small, closed set of configurations, and `shipped_configs` lists that set so that
-`macl_kernels.aot` can compile every one of them for sm_80 and sm_90 and check registers and spills.
+`config_list` gives the candidates of one launch; its first entry is the fixed, deterministic default
+(`choose_config`), used wherever no GPU tunes (the interpreter, the ahead-of-time compile, or a GPU with
+MACL_TRITON_AUTOTUNE=0). On a real GPU `autotune.py` times the candidates once per problem class and keeps
+the fastest. `shipped_configs` lists every candidate of every class, so that `macl_kernels.aot` compiles each
+one for sm_80 and sm_90 and checks registers, spills, shared memory and tensor-core instructions.
+
+Shape rules (KERNELS.md §4, README "Block choice"):
+- 16-bit and TF32: BLOCK_D ≥ D for D ≤ 512 (16-bit) / 128 (TF32): the forward keeps the q tile resident for
+  the whole key loop, which is the software-pipelined loop (num_stages 3: two key tiles in flight). The
+  backward kernels own the full output width (BLOCK_DOUT ≥ D): z is computed once per (row tile, key tile)
+  per kernel, and the block shrinks as D grows so the fp32 accumulator fits the registers.
+- fp32 IEEE dots run on FMA units with operands in registers: small BLOCK_D, and the backward splits the
+  output columns over the grid (BLOCK_DOUT < D), recomputing z per chunk; not a tensor-core path.
+- BLOCK_D depends on (precision, D) only, never on the candidate: the backward recomputes z with the
+  forward's chunking (z must round as it did against the saved LSE).
 """
 from __future__ import annotations
 
@@ -16,7 +28,10 @@ SIZE_CLASSES = ("s16", "s32", "large")
 #: representative (N, M) of each size class, for the AOT report
 SIZE_EXAMPLES = {"s16": (16, 16), "s32": (32, 32), "large": (4096, 4096)}
 SHIPPED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-SHIPPED_D = (16, 64, 128, 256, 512, 1024)  # 512: the GPU targets are at D ∈ {256, 512}
+#: D values whose classes are compiled ahead of time (120: D % 8 ≠ 0 of a non-power-of-two width)
+SHIPPED_D = (16, 64, 120, 128, 256, 512, 1024)
+#: shared memory per block that every shipped configuration fits (sm_80's 163 KiB opt-in maximum)
+SMEM_LIMIT = {80: 166912, 90: 232448}
 
 
 @dataclass(frozen=True)
@@ -24,8 +39,8 @@ class KernelConfig:
     """Tile sizes and launch options of one kernel launch.
 
     BLOCK_M anchors × BLOCK_N keys per z tile; z accumulates over D in BLOCK_D chunks; the backward
-    kernels own BLOCK_DOUT output columns each (0 for the forward). All blocks are powers of two ≥ 16
-    (tl.dot's minimum).
+    kernels own BLOCK_DOUT output columns each (0 for the forward; ≥ D means the full width, one program
+    per tile). All blocks are powers of two ≥ 16 (tl.dot's minimum).
     """
     BLOCK_M: int
     BLOCK_N: int
@@ -50,18 +65,20 @@ class KernelConfig:
         return c
 
     def n_dout(self, D: int) -> int:
-        """Number of D-output chunks (grid factor of the backward kernels)."""
+        """Number of D-output chunks (grid factor of the backward kernels); 1 for the full-width configs."""
         return max(1, -(-D // self.BLOCK_DOUT)) if self.BLOCK_DOUT else 1
 
 
 @dataclass(frozen=True)
 class ShippedConfig:
-    """One entry of `shipped_configs`: a configuration the chooser can return, and where."""
+    """One entry of `shipped_configs`: a candidate configuration, and the class it serves."""
     phase: str
     dtype: torch.dtype
     D: int
     size_class: str
     config: KernelConfig
+    precision: str = "ieee"         # tl.dot input_precision: "ieee" | "tf32" (fp32 only)
+    default: bool = True            # first of its list: the configuration used where nothing tunes
 
 
 def _pow2(x: int) -> int:
@@ -74,59 +91,134 @@ def size_class(N: int, M: int) -> str:
     return "s16" if n <= 16 else "s32" if n <= 32 else "large"
 
 
-def _small(b: int, block_d: int, block_dout: int, warps: int, stages: int) -> KernelConfig:
-    cap = min(255, 65536 // (2 * 32 * warps))          # registers per thread for 2 CTAs per SM
-    return KernelConfig(b, b, block_d, block_dout, num_warps=warps, num_stages=stages, maxnreg=cap)
+def kind(dtype: torch.dtype, precision: str = "ieee") -> str:
+    """'16bit' (fp16/bf16), 'tf32' (fp32 with TF32 dots) or 'fp32' (IEEE fp32 on FMA units)."""
+    if dtype in (torch.float16, torch.bfloat16):
+        return "16bit"
+    return "tf32" if precision == "tf32" else "fp32"
 
 
-def choose_config(phase: str, N: int, M: int, D: int, dtype: torch.dtype) -> KernelConfig:
-    """Static configuration for one launch.
+def block_d(D: int, dtype: torch.dtype, precision: str = "ieee", small: bool = False) -> int:
+    """z's D chunk: one chunk (the resident q / k tile) up to 512 (16-bit) / 128 (TF32), else fixed chunks
+    (128 for 16-bit; 64 for the one-tile small classes, whose 1024-wide chunks spilled)."""
+    d = max(16, _pow2(D))
+    k = kind(dtype, precision)
+    if k == "16bit":
+        return d if d <= 512 else (64 if small else 128)
+    if k == "tf32":
+        return d if d <= 128 else 32
+    return 16
 
-    phase: 'fwd' | 'dq' | 'dk'; N anchors and M keys per group; D features; dtype of q and k
-    (float32, float16 or bfloat16). Raises ValueError for an unknown phase.
+
+def _C(bm, bn, bd, bo, w, st, reg=None) -> KernelConfig:
+    return KernelConfig(bm, bn, bd, bo, num_warps=w, num_stages=st, maxnreg=reg)
+
+
+def _small_cap(warps: int) -> int:
+    return min(255, 65536 // (2 * 32 * warps))          # registers per thread for 2 CTAs per SM
+
+
+def _small(phase: str, b: int, d: int, bd: int, k: str) -> list[KernelConfig]:
+    """One tile per group (MACL's dense groups of 2B): a single key tile, so no pipeline to deepen.
+    maxnreg: left alone, ptxas caps these small CTAs at ~80 registers and spills; the explicit cap lets two
+    CTAs share an SM where that fits, else the whole file (wide D)."""
+    if phase == "fwd":
+        if k == "fp32":
+            return [_C(b, b, bd, 0, 4, 1, 255)]
+        w = 4 if b == 32 else 2
+        return [_C(b, b, bd, 0, w, 1, _small_cap(w))]
+    w = 8 if b == 32 else 4
+    if k == "fp32":
+        return [_C(b, b, bd, min(d, 64), w, 1, _small_cap(w))]
+    if d >= 1024:      # full-width accumulator: 16 own rows (as the large class); shapes from the AOT report
+        if phase == "dq":
+            return [_C(16, b, bd, d, 8, 1, 255)]
+        return [_C(16, 16, bd, d, 16, 1)] if k == "16bit" else [_C(16, 16, bd, d, 8, 1, 255)]
+    return [_C(b, b, bd, d, w, 1, _small_cap(w) if d <= 64 else 255)]
+
+
+def _large(phase: str, d: int, bd: int, k: str) -> list[KernelConfig]:
+    """maxnreg 255 everywhere: uncapped, ptxas aimed at 2–3 CTAs per SM (128 / 168 registers) and spilled a
+    few words in many of these shapes (AOT report)."""
+    R = 255
+    if k == "fp32":   # FMA dots: operands in registers, output columns split over the grid, no D pipeline
+        if phase == "fwd":
+            return [_C(64, 64, 16, 0, 8, 2, R)]
+        if d == 16:
+            return [_C(64, 64, 16, 16, 4, 1, R)]
+        return [_C(64, 64, 16, min(d, 32 if phase == "dq" else 64), 8, 1, R)]
+    if phase == "fwd":
+        if k == "tf32":
+            return [_C(64, 64, bd, 0, 8, 3, R)]
+        if d <= 128:
+            return [_C(128, 64, bd, 0, 8, 3, R), _C(128, 128, bd, 0, 8, 3, R), _C(64, 64, bd, 0, 4, 4, R)]
+        if d == 256:   # 128×64 spilled on sm_80 (the q operand stays in registers for mma.sync)
+            return [_C(128, 32, bd, 0, 8, 3, R), _C(64, 64, bd, 0, 4, 3, R)]
+        if d == 512:
+            return [_C(64, 32, bd, 0, 8, 3, R), _C(64, 32, bd, 0, 4, 3, R)]
+        return [_C(128, 64, bd, 0, 8, 3, R)]
+    # backward: full output width; (own, other) = (block whose gradient rows the program accumulates, block
+    # it streams). At D = 512 the 64-row fp32 accumulator (128 registers a thread) spilled in every 64-row
+    # shape tried (64×32 and 64×16, 8 or 16 warps): 32 × 32 there (mma.sync: no wgmma for 32 rows), 16 own
+    # rows at D = 1024.
+    if k == "tf32":
+        cands = [(32, 32, 8, 2)] if d <= 512 else [(16, 16, 8, 2)]     # fp32 operands: twice the bytes
+    elif d <= 64:
+        cands = [(64, 64, 4, 3), (64, 64, 8, 3)]
+    elif d == 128:
+        cands = [(64, 64, 8, 3), (64, 32, 8, 3)]
+    elif d == 256:
+        cands = [(64, 32, 8, 2)]
+    elif d == 512:
+        cands = [(32, 32, 8, 2)]
+    else:
+        cands = [(16, 32, 8, 2)]
+    out = []
+    for own, other, w, st in cands:
+        bm, bn = (own, other) if phase == "dq" else (other, own)
+        out.append(_C(bm, bn, bd, d, w, st, R))
+    return out
+
+
+def config_list(phase: str, N: int, M: int, D: int, dtype: torch.dtype, precision: str = "ieee") -> list[KernelConfig]:
+    """Candidate configurations of one launch; the first is the deterministic default.
+
+    phase: 'fwd' | 'dq' | 'dk'; N anchors and M keys per group; D features; dtype of q and k (float32,
+    float16 or bfloat16); precision: tl.dot's input_precision ('ieee' or 'tf32'; only fp32 uses tf32).
+    Raises ValueError for an unknown phase.
     """
     if phase not in PHASES:
         raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
-    wide = dtype in (torch.float16, torch.bfloat16)   # tensor-core dtypes; fp32 may run on FMA (ieee)
-    cls = size_class(N, M)
+    k = kind(dtype, precision)
     d = max(16, _pow2(D))
-    # Every branch below was checked with `python -m macl_kernels.aot` (sm_80 and sm_90, fp32 in IEEE and
-    # TF32): no local memory, no spills. Register use is dominated by the BLOCK_M×BLOCK_N tile and by the
-    # dot operands (fp32 IEEE dots run on FMA units with operands in registers: small BLOCK_D there).
-    # BLOCK_D is the same in all three phases, so the backward recomputes z with the forward's chunking
-    # (z must round as it did against the saved LSE; see README).
+    cls = size_class(N, M)
+    bd = block_d(D, dtype, precision, small=cls != "large")
     if cls != "large":
-        # one tile per group (MACL's dense groups of 2B): no wasted rows; a single key tile, so the
-        # backward has no key loop for a deeper pipeline to overlap. maxnreg: left alone, ptxas caps these
-        # small CTAs at ~80 registers (an occupancy heuristic) and spills values live across the D loop;
-        # the explicit cap still lets two CTAs share an SM.
-        b = 16 if cls == "s16" else 32
-        if phase == "fwd":
-            if wide:
-                return _small(b, min(d, 64), 0, warps=4 if b == 32 else 2, stages=1)
-            return _small(b, 16, 0, warps=4, stages=2)
-        warps = 8 if b == 32 else 4
-        if wide:
-            return _small(b, min(d, 64), min(d, 128), warps=warps, stages=1)
-        return _small(b, 16, min(d, 64), warps=warps, stages=1)
-    if phase == "fwd":
-        if wide:   # 128×64 tiles, 2 warpgroups: wgmma (HGMMA) on sm_90, mma.sync (HMMA) on sm_80
-            return KernelConfig(128, 64, min(d, 128 if d <= 256 else 64), 0, num_warps=8, num_stages=2)
-        return KernelConfig(64, 64, 16, 0, num_warps=8, num_stages=2)
-    if wide:
-        return KernelConfig(64, 64, min(d, 128 if d <= 256 else 64), min(d, 128), num_warps=8, num_stages=2)
-    if d == 16:
-        return KernelConfig(64, 64, 16, 16, num_warps=4, num_stages=2)
-    return KernelConfig(64, 64, 16, min(d, 32 if phase == "dq" else 64), num_warps=8, num_stages=2)
+        return _small(phase, 16 if cls == "s16" else 32, d, bd, k)
+    return _large(phase, d, bd, k)
+
+
+def choose_config(phase: str, N: int, M: int, D: int, dtype: torch.dtype, precision: str = "ieee") -> KernelConfig:
+    """The fixed default configuration of one launch (first of `config_list`)."""
+    return config_list(phase, N, M, D, dtype, precision)[0]
+
+
+def precisions(dtype: torch.dtype) -> tuple:
+    """tl.dot input precisions a dtype ships with: fp32 in IEEE and TF32, 16-bit in its own."""
+    return ("ieee", "tf32") if dtype == torch.float32 else ("ieee",)
 
 
 def shipped_configs() -> list[ShippedConfig]:
-    """Every configuration `choose_config` returns for the shipped dtypes, D values and size classes."""
+    """Every candidate `config_list` returns for the shipped dtypes, precisions, D values and size classes."""
     out = []
     for phase in PHASES:
         for dtype in SHIPPED_DTYPES:
-            for D in SHIPPED_D:
-                for cls in SIZE_CLASSES:
-                    N, M = SIZE_EXAMPLES[cls]
-                    out.append(ShippedConfig(phase, dtype, D, cls, choose_config(phase, N, M, D, dtype)))
+            for prec in precisions(dtype):
+                for D in SHIPPED_D:
+                    for cls in SIZE_CLASSES:
+                        N, M = SIZE_EXAMPLES[cls]
+                        for i, c in enumerate(config_list(phase, N, M, D, dtype, prec)):
+                            out.append(ShippedConfig(phase, dtype, D, cls, c, prec, i == 0))
     return out
+
+

@@ -1,11 +1,15 @@
-"""Backward kernels (KERNELS.md §2): dq over (group, row tile, D-out chunk), dk over (group, key tile, D-out chunk).
+"""Backward kernels (KERNELS.md §2): dq over (group, row tile), dk over (group, key tile).
 
 Both recompute z tile by tile from q, k and the saved LSE, so nothing N×M is stored and no float atomics are
 needed: each program owns its output rows, which makes the backward deterministic. With
 P_ij = exp(z_ij − LSE_i)·1[j∈V(i)], Y_ij = 1[j∈P(i)]/|P(i)| and g_i (zero for uncounted anchors):
     dz_ij = g_i (P_ij − Y_ij),   dq_i = s Σ_j dz_ij k_j,   dk_j = s Σ_i dz_ij q_i.
-Large D: the output chunk (BLOCK_DOUT columns) is a grid coordinate; every program recomputes z over the full
-D (in BLOCK_D chunks) and accumulates only its columns, so the accumulator stays within the register budget.
+Tensor-core configurations own the full output width (BLOCK_DOUT ≥ D): each (row tile, key tile) block of z
+is computed once per kernel and the loaded k (dq) / q (dk) tile feeds both dots. Only the fp32 IEEE (FMA)
+configurations split the output columns over the grid (BLOCK_DOUT < D), recomputing z once per chunk.
+fp16 gradients without underflow: g·P ≈ 1/(N·M) is below fp16's smallest subnormal at N = M ≥ 16k, so the
+16-bit operand of the second dot is (P − Y)·DZ_SCALE (dq: g_i and s applied per row after the dot) or
+(g_i/max|g|)·(P − Y)·DZ_SCALE (dk); |P − Y| ≤ 1, so DZ_SCALE = 2^14 cannot overflow fp16.
 Plain functions; wrap with `kernels_fwd.kernel(fn)` to launch (see there why).
 """
 from __future__ import annotations
@@ -14,17 +18,21 @@ import triton.language as tl
 
 
 def contrast_dq_kernel(
-    Q, K, QM, KM, KV, S_PTR, LSE, CNT, GRAD, DQ, DS,  # GRAD (G,N), DS (G,N,n_dout) fp32; DQ (G,N,D) q's dtype
-    scale, threshold, N, M, n_row_tiles,
+    Q, K, QM, KM, KV, S_PTR, GMAX, LSE, CNT, GRAD, DQ, DS,  # GRAD (G,N), DS (G,N,n_dout) fp32; DQ (G,N,D) q's dtype
+    scale, threshold, N, M,
     stride_qg, stride_qn, stride_qd, stride_kg, stride_km, stride_kd, stride_og, stride_on,
     stride_dg, stride_dn, stride_dd,
     D: tl.constexpr, RULE: tl.constexpr, EXCLUDE_SELF: tl.constexpr, HAS_KV: tl.constexpr,
     SCALE_IN_MEM: tl.constexpr, UPCAST_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr, WITH_DS: tl.constexpr,
+    DZ_SCALE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DOUT: tl.constexpr,
 ):
-    """dq_i[c-chunk] = s Σ_j dz_ij k_j[c-chunk]; pid = (g·n_row_tiles + row tile)·n_dout + c.
+    """dq_i[c-chunk] = s g_i Σ_j (P_ij − Y_ij) k_j[c-chunk]; pid = (g·n_row_tiles + row tile)·n_dout + c.
 
-    WITH_DS: also DS_i = Σ_j dz_ij z_ij / s = Σ_j dz_ij acc_ij, so that ds = Σ_i DS_i is accumulated in fp32
+    GMAX is unused here (same argument list as the dk kernel's launcher).
+
+    WITH_DS: also DS_i = Σ_j dz_ij z_ij / s = Σ_j dz_ij (acc_ij − LSE_i/s) (Σ_j dz_ij = 0 where g_i ≠ 0; the
+    shift keeps the terms small when every logit is far from 0), so that ds = Σ_i DS_i is accumulated in fp32
     from dz before dz is rounded to the input dtype for the dot. (A runtime `if c == 0` around that store
     made ptxas spill; each chunk writing its own copy costs n_dout floats per anchor.)
     """
@@ -33,6 +41,7 @@ def contrast_dq_kernel(
     NUM_DOUT: tl.constexpr = (D + BLOCK_DOUT - 1) // BLOCK_DOUT
     REUSE_K: tl.constexpr = (NUM_D == 1) and (NUM_DOUT == 1) and (BLOCK_D == BLOCK_DOUT)
     pid = tl.program_id(0)
+    n_row_tiles = tl.cdiv(N, BLOCK_M)
     c = pid % NUM_DOUT
     pid_t = pid // NUM_DOUT
     # int64 offsets by zero extension (indices are ≥ 0): a sign word kept live across the main loop
@@ -41,8 +50,8 @@ def contrast_dq_kernel(
     offs_m = (pid_t % n_row_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
     rows = offs_m.to(tl.uint32).to(tl.int64)
     row_ok = offs_m < N
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_o = c * BLOCK_DOUT + tl.arange(0, BLOCK_DOUT)
+    offs_d = tl.arange(0, BLOCK_D).to(tl.int64)     # offs_d * stride may exceed 2**31 for strided views
+    offs_o = (c * BLOCK_DOUT + tl.arange(0, BLOCK_DOUT)).to(tl.int64)
     q_rows = Q + g * stride_qg + rows[:, None] * stride_qn
     k_base = K + g * stride_kg
     if SCALE_IN_MEM:
@@ -56,10 +65,8 @@ def contrast_dq_kernel(
     inv_cnt = tl.where(cnt > 0, 1.0 / tl.maximum(cnt, 1).to(tl.float32), 0.0)
     if RULE == 2:
         q_meta = tl.load(QM + g * N + rows, mask=row_ok, other=0.0)
-    elif RULE == 1:
+    else:                                 # int32 pos_index / label ids
         q_meta = tl.load(QM + g * N + rows, mask=row_ok, other=-1)
-    else:                                 # pos_index < M < 2**31: compare in int32
-        q_meta = tl.load(QM + g * N + rows, mask=row_ok, other=-1).to(tl.int32)
     if NUM_D == 1:
         q_tile = tl.load(q_rows + offs_d[None, :] * stride_qd,
                          mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
@@ -68,6 +75,8 @@ def contrast_dq_kernel(
 
     dq = tl.zeros([BLOCK_M, BLOCK_DOUT], tl.float32)
     ds = tl.zeros([BLOCK_M], tl.float32)
+    if WITH_DS:   # Σ_j dz_ij = 0 on every counted row, so shifting acc by LSE_i/s is exact and cancels less
+        ds_shift = tl.where(lse > float("-inf"), lse, 0.0) * tl.where(s != 0.0, 1.0 / tl.where(s != 0.0, s, 1.0), 0.0)
     for start_n in range(0, M, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         col_ok = offs_n < M
@@ -110,9 +119,9 @@ def contrast_dq_kernel(
         # where(), not a product with the mask: on rows with LSE = -inf (empty V(i)) the exponent is NaN/inf.
         z = tl.where(valid, acc * s, float("-inf"))
         p = tl.where(valid, tl.exp2((z - lse[:, None]) * LOG2E), 0.0)
-        dz = g_row[:, None] * (p - tl.where(pos, inv_cnt[:, None], 0.0))
+        dz = p - tl.where(pos, inv_cnt[:, None], 0.0)          # g_i is applied per row after the loop
         if WITH_DS:
-            ds += tl.sum(dz * acc, 1)
+            ds += tl.sum(dz * (acc - ds_shift[:, None]), 1)
         if REUSE_K:
             k_out = k_tile
         else:
@@ -120,9 +129,10 @@ def contrast_dq_kernel(
                             mask=col_ok[:, None] & (offs_o[None, :] < D), other=0.0)
             if UPCAST_DOT:
                 k_out = k_out.to(tl.float32)
-        dq = tl.dot(dz.to(k_out.dtype), k_out, dq, input_precision=INPUT_PRECISION)
+        dq = tl.dot((dz * DZ_SCALE).to(k_out.dtype), k_out, dq, input_precision=INPUT_PRECISION)
 
-    dq = dq * s
+    dq = dq * (g_row * (s / DZ_SCALE))[:, None]
+    ds = ds * g_row
     d_ptrs = DQ + g * stride_dg + rows[:, None] * stride_dn + offs_o[None, :] * stride_dd
     tl.store(d_ptrs, dq.to(DQ.dtype.element_ty), mask=row_ok[:, None] & (offs_o[None, :] < D))
     if WITH_DS:   # DS (G, N, n_dout): every D-out chunk writes its (identical) copy; no branch on c
@@ -130,15 +140,15 @@ def contrast_dq_kernel(
 
 
 def contrast_dk_kernel(
-    Q, K, QM, KM, KV, S_PTR, LSE, CNT, GRAD, DK,   # DK (G,M,D) in k's dtype
-    scale, threshold, N, M, n_key_tiles,
+    Q, K, QM, KM, KV, S_PTR, GMAX, LSE, CNT, GRAD, DK,   # GMAX (1,) fp32 = max_i |g_i|; DK (G,M,D) in k's dtype
+    scale, threshold, N, M,
     stride_qg, stride_qn, stride_qd, stride_kg, stride_km, stride_kd, stride_og, stride_on,
     stride_dg, stride_dm, stride_dd,
     D: tl.constexpr, RULE: tl.constexpr, EXCLUDE_SELF: tl.constexpr, HAS_KV: tl.constexpr,
-    SCALE_IN_MEM: tl.constexpr, UPCAST_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    SCALE_IN_MEM: tl.constexpr, UPCAST_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr, DZ_SCALE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DOUT: tl.constexpr,
 ):
-    """dk_j[c-chunk] = s Σ_i dz_ij q_i[c-chunk]; pid = (g·n_key_tiles + key tile)·n_dout + c.
+    """dk_j[c-chunk] = s·gmax Σ_i (g_i/gmax)(P_ij − Y_ij) q_i[c-chunk]; pid = (g·n_key_tiles + key tile)·n_dout + c.
 
     z is recomputed as q kᵀ (BLOCK_M × BLOCK_N), exactly as in the forward and dq kernels, and dzᵀ feeds
     the dot: computing zᵀ = k qᵀ instead rounds differently (in the interpreter's BLAS, and whenever the
@@ -149,20 +159,23 @@ def contrast_dk_kernel(
     NUM_DOUT: tl.constexpr = (D + BLOCK_DOUT - 1) // BLOCK_DOUT
     REUSE_Q: tl.constexpr = (NUM_D == 1) and (NUM_DOUT == 1) and (BLOCK_D == BLOCK_DOUT)
     pid = tl.program_id(0)
+    n_key_tiles = tl.cdiv(M, BLOCK_N)
     c = pid % NUM_DOUT
     pid_t = pid // NUM_DOUT
     g = (pid_t // n_key_tiles).to(tl.uint32).to(tl.int64)
     offs_n = (pid_t % n_key_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = offs_n.to(tl.uint32).to(tl.int64)
     col_ok = offs_n < M
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_o = c * BLOCK_DOUT + tl.arange(0, BLOCK_DOUT)
+    offs_d = tl.arange(0, BLOCK_D).to(tl.int64)     # offs_d * stride may exceed 2**31 for strided views
+    offs_o = (c * BLOCK_DOUT + tl.arange(0, BLOCK_DOUT)).to(tl.int64)
     k_rows = K + g * stride_kg + cols[:, None] * stride_km
     q_base = Q + g * stride_qg
     if SCALE_IN_MEM:
         s = tl.load(S_PTR).to(tl.float32)
     else:
         s = scale
+    gmax = tl.load(GMAX)
+    g_inv = tl.where(gmax > 0, 1.0 / tl.maximum(gmax, 1e-30), 0.0)
     key_ok = col_ok
     if HAS_KV:
         key_ok = key_ok & (tl.load(KV + g * M + cols, mask=col_ok, other=0) != 0)
@@ -207,7 +220,7 @@ def contrast_dk_kernel(
         if EXCLUDE_SELF:
             valid = valid & (offs_m[:, None] != offs_n[None, :])
         if RULE == 0:
-            q_meta = tl.load(QM + g * N + offs_m, mask=row_ok, other=-1).to(tl.int32)
+            q_meta = tl.load(QM + g * N + offs_m, mask=row_ok, other=-1)
             pos = valid & (offs_n[None, :] == q_meta[:, None])
         elif RULE == 1:
             q_meta = tl.load(QM + g * N + offs_m, mask=row_ok, other=-1)
@@ -217,7 +230,7 @@ def contrast_dk_kernel(
             pos = valid & (tl.abs(q_meta[:, None] - k_meta[None, :]) < threshold)
         z = tl.where(valid, acc * s, float("-inf"))                            # as in the dq kernel
         p = tl.where(valid, tl.exp2((z - lse[:, None]) * LOG2E), 0.0)
-        dz = g_row[:, None] * (p - tl.where(pos, inv_cnt[:, None], 0.0))
+        dz = (g_row * (g_inv * DZ_SCALE))[:, None] * (p - tl.where(pos, inv_cnt[:, None], 0.0))
         if REUSE_Q:
             q_out = q_tile
         else:
@@ -227,6 +240,6 @@ def contrast_dk_kernel(
                 q_out = q_out.to(tl.float32)
         dk = tl.dot(tl.trans(dz.to(q_out.dtype)), q_out, dk, input_precision=INPUT_PRECISION)
 
-    dk = dk * s
+    dk = dk * (s * (gmax / DZ_SCALE))
     d_ptrs = DK + g * stride_dg + cols[:, None] * stride_dm + offs_o[None, :] * stride_dd
     tl.store(d_ptrs, dk.to(DK.dtype.element_ty), mask=col_ok[:, None] & (offs_o[None, :] < D))

@@ -36,30 +36,36 @@ def kernel(fn, interpret: bool | None = None):
 
 
 def contrast_fwd_kernel(
-    Q, K, QM, KM, QV, KV, S_PTR,          # features (G,N,D)/(G,M,D); metadata (G,N)/(G,M); scale (1,)
-    LOSS, LSE, CNT,                       # outputs (G,N): fp32, fp32, int32
-    scale, threshold, N, M, n_row_tiles,
+    Q, K, QM, KM, KV, S_PTR, CNT,         # features (G,N,D)/(G,M,D); metadata (G,N)/(G,M); scale (1,); |P(i)| (G,N)
+    LOSS, LSE,                            # outputs (G,N) fp32
+    scale, threshold, N, M,
     stride_qg, stride_qn, stride_qd, stride_kg, stride_km, stride_kd, stride_og, stride_on,
-    D: tl.constexpr, RULE: tl.constexpr, EXCLUDE_SELF: tl.constexpr, HAS_QV: tl.constexpr,
+    D: tl.constexpr, RULE: tl.constexpr, EXCLUDE_SELF: tl.constexpr,
     HAS_KV: tl.constexpr, SCALE_IN_MEM: tl.constexpr, UPCAST_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """One program = (group g, BLOCK_M anchors), flattened on grid axis 0; streams key tiles of BLOCK_N.
 
-    RULE: 0 index (QM = pos_index int64), 1 label (QM/KM int64 labels), 2 radius (QM/KM fp32 positions).
-    Metadata and validity (uint8) tensors are contiguous: element (g, i) at g*N + i (g*M + j for keys).
+    RULE: 0 index (QM = pos_index int32), 1 label (QM/KM int32 dense label ids), 2 radius (QM/KM fp32
+    positions). CNT (G,N) int32 is |P(i)| computed by the launcher in O(N + M) (0 for anchors that do not
+    count). Metadata, CNT and validity (uint8) tensors are contiguous: element (g, i) at g*N + i.
+    BLOCK_D ≥ D (one chunk): the q tile is loaded once and stays resident for the whole key loop, which is
+    then the only loop, so the software pipeliner overlaps the next key tile's load with this tile's math.
+    BLOCK_D < D: z accumulates over D chunks inside the key loop (q and k chunks streamed; z computed once).
     """
     LOG2E: tl.constexpr = 1.4426950408889634
     LN2: tl.constexpr = 0.6931471805599453
     NUM_D: tl.constexpr = (D + BLOCK_D - 1) // BLOCK_D
+    EVEN_D: tl.constexpr = D % BLOCK_D == 0
     pid = tl.program_id(0)
+    n_row_tiles = tl.cdiv(N, BLOCK_M)
     # int64 offsets by zero extension (indices are ≥ 0): a sign word kept live across the main loop
     # is what ptxas chose to spill in several configurations
     g = (pid // n_row_tiles).to(tl.uint32).to(tl.int64)
     offs_m = (pid % n_row_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
     rows = offs_m.to(tl.uint32).to(tl.int64)
     row_ok = offs_m < N
-    offs_d = tl.arange(0, BLOCK_D)
+    offs_d = tl.arange(0, BLOCK_D).to(tl.int64)     # offs_d * stride may exceed 2**31 for strided views
     q_rows = Q + g * stride_qg + rows[:, None] * stride_qn
     k_base = K + g * stride_kg
     if SCALE_IN_MEM:
@@ -68,16 +74,19 @@ def contrast_fwd_kernel(
         s = scale
     if RULE == 2:
         q_meta = tl.load(QM + g * N + rows, mask=row_ok, other=0.0)
-    elif RULE == 1:
+    else:
         q_meta = tl.load(QM + g * N + rows, mask=row_ok, other=-1)
-    else:                                 # pos_index < M < 2**31: compare in int32
-        q_meta = tl.load(QM + g * N + rows, mask=row_ok, other=-1).to(tl.int32)
-    if NUM_D == 1:                        # hoist the q tile out of the key loop
-        q_tile = tl.load(q_rows + offs_d[None, :] * stride_qd,
-                         mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+    if NUM_D == 1:                        # the q tile stays resident for the whole key loop
+        if EVEN_D:
+            q_tile = tl.load(q_rows + offs_d[None, :] * stride_qd, mask=row_ok[:, None], other=0.0)
+        else:
+            q_tile = tl.load(q_rows + offs_d[None, :] * stride_qd,
+                             mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
         if UPCAST_DOT:
             q_tile = q_tile.to(tl.float32)
 
+    # Running state: m = −inf (no key seen), l = 0. The rescale factor of l is guarded: while m = −inf, l is
+    # 0 and the factor is 0, never exp2(+large) (a first tile whose max is below −88.7 gave 0·inf = NaN).
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     mL_i = tl.zeros([BLOCK_M], tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -86,11 +95,14 @@ def contrast_fwd_kernel(
         offs_n = start_n + tl.arange(0, BLOCK_N)
         col_ok = offs_n < M
         k_rows = k_base + offs_n.to(tl.uint32).to(tl.int64)[:, None] * stride_km
-        # raw dot <q_i, k_j> over D chunks, fp32 accumulation
+        # raw dot <q_i, k_j>, fp32 accumulation
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         if NUM_D == 1:
-            k_tile = tl.load(k_rows + offs_d[None, :] * stride_kd,
-                             mask=col_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+            if EVEN_D:
+                k_tile = tl.load(k_rows + offs_d[None, :] * stride_kd, mask=col_ok[:, None], other=0.0)
+            else:
+                k_tile = tl.load(k_rows + offs_d[None, :] * stride_kd,
+                                 mask=col_ok[:, None] & (offs_d[None, :] < D), other=0.0)
             if UPCAST_DOT:
                 k_tile = k_tile.to(tl.float32)
             acc = tl.dot(q_tile, tl.trans(k_tile), acc, input_precision=INPUT_PRECISION)
@@ -126,49 +138,18 @@ def contrast_fwd_kernel(
         z = tl.where(valid, acc * s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(z, 1))
         mL_new = tl.where(m_new == float("-inf"), 0.0, m_new) * LOG2E
-        l_i = l_i * tl.exp2(mL_i - mL_new) + tl.sum(tl.exp2(z * LOG2E - mL_new[:, None]), 1)
+        alpha = tl.where(m_i == float("-inf"), 0.0, tl.exp2(mL_i - mL_new))
+        l_i = l_i * alpha + tl.sum(tl.exp2(z * LOG2E - mL_new[:, None]), 1)
         m_i = m_new
         mL_i = mL_new
         pos_dot += tl.sum(tl.where(pos, acc, 0.0), 1)
-
-    # |P(i)| is counted after the main loop: a count reduction inside it is not tied to the dot's register
-    # layout, so the compiler keeps a second, loop-invariant per-element copy of the masks (73 -> 250 regs).
-    if RULE == 0:                         # P(i) = {pos_index_i} ∩ V(i): one gather, no loop
-        hit = row_ok & (q_meta >= 0) & (q_meta < M)
-        if HAS_KV:
-            hit = hit & (tl.load(KV + g * M + q_meta, mask=hit, other=0) != 0)
-        if EXCLUDE_SELF:
-            hit = hit & (q_meta != offs_m)
-        pos_cnt = hit.to(tl.int32)
-    else:
-        pos_cnt = tl.zeros([BLOCK_M], tl.int32)
-        for start_n in range(0, M, BLOCK_N):
-            offs_n = start_n + tl.arange(0, BLOCK_N)
-            col_ok = offs_n < M
-            key_ok = col_ok
-            if HAS_KV:
-                key_ok = key_ok & (tl.load(KV + g * M + offs_n, mask=col_ok, other=0) != 0)
-            pos = key_ok[None, :]
-            if EXCLUDE_SELF:
-                pos = pos & (offs_m[:, None] != offs_n[None, :])
-            if RULE == 1:
-                k_meta = tl.load(KM + g * M + offs_n, mask=col_ok, other=-1)
-                pos = pos & (k_meta[None, :] == q_meta[:, None])
-            else:
-                k_meta = tl.load(KM + g * M + offs_n, mask=col_ok, other=0.0)
-                pos = pos & (tl.abs(q_meta[:, None] - k_meta[None, :]) < threshold)
-            pos_cnt += tl.sum(pos.to(tl.int32), 1)
 
     # LSE = m + ln2·(log2 l − (m·log2e − mL)): the FMA gives mL's rounding exactly. -inf (not NaN) when V(i)
     # is empty: m = -inf, mL = 0, l = 0.
     m_fin = tl.where(m_i == float("-inf"), 0.0, m_i)
     lse = m_i + (tl.log2(l_i) - tl.fma(m_fin, LOG2E, -mL_i)) * LN2
-    counted = pos_cnt > 0
-    if HAS_QV:
-        counted = counted & (tl.load(QV + g * N + rows, mask=row_ok, other=0) != 0)
-    loss = tl.where(counted, lse - s * pos_dot / tl.maximum(pos_cnt, 1).to(tl.float32), 0.0)
-    pos_cnt = tl.where(counted, pos_cnt, 0)
     o = g * stride_og + rows * stride_on
+    cnt = tl.load(CNT + o, mask=row_ok, other=0)
+    loss = tl.where(cnt > 0, lse - s * pos_dot / tl.maximum(cnt, 1).to(tl.float32), 0.0)
     tl.store(LOSS + o, loss, mask=row_ok)
     tl.store(LSE + o, lse, mask=row_ok)
-    tl.store(CNT + o, pos_cnt, mask=row_ok)
