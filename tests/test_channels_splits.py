@@ -20,7 +20,7 @@ from macl.data import channels as chan
 from macl.data.errors import DataError
 from macl.data.split_files import declared_test_cases, open_with_split
 
-PRE = ["--patch-size", "32", "--batch-size", "4", "--base-width", "4", "--depth", "3", "--device", "cpu",
+PRE = ["--patch-size", "32", "--batch-size", "4", "--base-width", "4", "--depth", "2", "--device", "cpu",
        "--no-progress", "--steps", "2"]
 FT = ["--steps", "2", "--batch-size", "2", "--patch-size", "32", "--device", "cpu", "--no-progress"]
 

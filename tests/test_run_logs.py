@@ -10,7 +10,7 @@ import pytest
 from macl import cli, extras
 from macl.data import PhantomConfig, write_phantom_dataset
 
-TINY = ["--patch-size", "32", "--batch-size", "4", "--base-width", "4", "--depth", "3", "--device", "cpu",
+TINY = ["--patch-size", "32", "--batch-size", "4", "--base-width", "4", "--depth", "2", "--device", "cpu",
         "--no-progress"]
 
 
