@@ -18,7 +18,6 @@ Timed (forward + backward, float32, median of --reps after one warm-up, in this 
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import platform
 import statistics
@@ -35,6 +34,7 @@ if os.path.dirname(HERE) not in sys.path:
 from macl.methods.arco import prototype_contrast  # noqa: E402
 from macl_kernels import grouped_info_nce, info_nce  # noqa: E402
 from macl_kernels.filtered import filtered_info_nce  # noqa: E402
+from benchmarks.csv_out import write_csv  # noqa: E402
 
 DEFAULT_CSV = os.path.join(HERE, "results", "arco_gcl_cpu.csv")
 
@@ -126,11 +126,7 @@ def main(argv=None) -> int:
                                               tiling=tiling).loss.backward(), args.reps)
         record("filter", f"filtered_{tiling}", shape, t_f, t_f / t_core)
 
-    os.makedirs(os.path.dirname(args.csv), exist_ok=True)
-    with open(args.csv, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    write_csv(args.csv, rows)
     print(f"wrote {args.csv}")
     return 0
 

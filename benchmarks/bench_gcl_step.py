@@ -23,7 +23,6 @@ Results go to benchmarks/results/gcl_step_cpu.csv (one row per measured thing).
 from __future__ import annotations
 
 import argparse
-import csv
 import itertools
 import os
 import platform
@@ -45,6 +44,7 @@ from macl.config import MethodConfig, NetConfig  # noqa: E402
 from macl.methods import Batch, build_method  # noqa: E402
 from macl_kernels import grouped_info_nce  # noqa: E402
 from macl_kernels.filtered import filtered_info_nce  # noqa: E402
+from benchmarks.csv_out import write_csv  # noqa: E402
 
 CLOCK: dict = defaultdict(float)          # term → seconds in the current step
 STAMPS: dict = {}
@@ -212,11 +212,7 @@ def main(argv=None) -> int:
             record("filter", k, statistics.median(ft[k]), statistics.median(ft[k]) / core,
                    f"N=M={n}, D=64, rho=0.5, fwd+bwd")
 
-    os.makedirs(os.path.dirname(os.path.abspath(args.csv)), exist_ok=True)
-    with open(args.csv, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    write_csv(args.csv, rows)
     print(f"wrote {args.csv}")
     return 0
 

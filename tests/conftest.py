@@ -17,3 +17,12 @@ os.environ.setdefault("MACL_POISON_OUTPUTS", "1")
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def one_torch_thread():
+    """One torch thread for tiny workloads (thread start-up dominates on a busy 2-core machine); restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

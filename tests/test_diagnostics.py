@@ -54,13 +54,8 @@ def test_probes_give_the_constant_embedding_value_of_each_term():
     assert method.probes["L_d"].rows().shape == (8 * 8, 32, 4)  # L_d grid 8x8, 2B anchors, F·2^(d−k) = 4 channels
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch thread: these runs are tiny, and two threads on a busy 2-core machine are many times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# one torch thread (tests/conftest.py): these runs are tiny
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ------------------------------------------------------------------ the warning, the verdicts

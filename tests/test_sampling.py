@@ -14,13 +14,8 @@ from macl.sampling import (SAMPLERS, allocate, grid_cells, sample, sample_index_
 DRAWS = 400
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Hundreds of tiny draws: thread start-up dominates on a shared machine, so run them on one thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# one torch thread (tests/conftest.py): these runs are tiny
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_field(shape):
