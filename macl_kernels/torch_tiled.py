@@ -51,11 +51,8 @@ def _mask_tile(z: torch.Tensor, p: ContrastProblem, g0, g1, r0, r1, c0, c1, fill
     if p.k_valid is not None:
         kv = p.k_valid[g0:g1, c0:c1]
         z.masked_fill_(~kv[:, None, :], fill)
-    if p.exclude_self:
-        lo, hi = max(r0, c0), min(r1, c1)
-        if lo < hi:  # the diagonal j == i crosses this tile
-            idx = torch.arange(lo, hi, device=z.device)
-            z[:, idx - r0, idx - c0] = fill
+    if p.exclude_self and max(r0, c0) < min(r1, c1):  # the diagonal j == i crosses this tile
+        z.diagonal(offset=r0 - c0, dim1=1, dim2=2).fill_(fill)
 
 
 IN_TILE_MAX_KEYS = 512  # up to this many keys per group, positives are masked inside the tile
@@ -109,12 +106,16 @@ class Operands:
         self.qn, self.kn = qn, kn
         self._block = None
 
-    def q_tile(self, g0, g1, r0, r1, factor) -> torch.Tensor:
-        """A copy of q rows [r0, r1) times `factor` (a float or (g, r, 1) tensor), and 1/‖q_i‖."""
-        qt = self.qf[g0:g1, r0:r1]
-        if self.q_inv is not None:
-            factor = self.q_inv[g0:g1, r0:r1, None] * factor
-        return qt * factor
+    def row_factor(self, factor):
+        """The per-row multiplier of q's rows in the tiles: `factor` (a float or (G, N, 1) tensor) times
+        1/‖q_i‖ with normalize, computed once per pass (a float stays a float without normalize)."""
+        return factor if self.q_inv is None else self.q_inv[..., None] * factor
+
+    def q_tile(self, g0, g1, r0, r1, row_factor) -> torch.Tensor:
+        """A copy of q rows [r0, r1) times `row_factor` (from `row_factor`: a float or (G, N, 1) tensor)."""
+        if isinstance(row_factor, torch.Tensor):
+            row_factor = row_factor[g0:g1, r0:r1]
+        return self.qf[g0:g1, r0:r1] * row_factor
 
     def k_block(self, g0, g1, c0, c1) -> torch.Tensor:
         """Keys [c0, c1) (k̂ with normalize: one copy per block, kept while the row blocks pass)."""
@@ -168,8 +169,44 @@ def _exact_lse_rows(ops: Operands, p: ContrastProblem, scale: float, rows: torch
     return out
 
 
+#: largest log-magnitude the unshifted path lets exp(z) and its sums reach (float32 overflows at e^88.7,
+#: float64 at e^709): below it the tiles need no per-row shift (see `unshifted_ok`)
+UNSHIFTED_MAX_LOG = {torch.float32: 80.0, torch.float64: 700.0}
+
+
+def unshifted_ok(bound: torch.Tensor, ops: "Operands", M: int) -> bool:
+    """True when exp(z) itself is safe for every tile: max_i B_i + log M + log max(1, max_j ‖k_j‖) stays below
+    UNSHIFTED_MAX_LOG, so exp(z_ij) ≤ e^{B_i}, the row sums S_i ≤ M·e^{B_i}, the unscaled Σ_j E_ij k_j and
+    1/S_i are all finite, normal numbers. Since |z_ij| ≤ B_i both ways, no row underflows either.
+    Then the tiles are plain GEMMs (no bias copy, no β = 1 read of it): normalised features with τ ≳ 0.015."""
+    if bound.numel() == 0:
+        return True
+    kmax = float(ops.kn.amax()) if ops.kn.numel() else 0.0
+    head = float(bound.amax()) + math.log(max(M, 1)) + math.log(max(kmax, 1.0))
+    return head <= UNSHIFTED_MAX_LOG[ops.qf.dtype]
+
+
+class TileBuffer:
+    """One reused (g, r, c) logit tile: a fresh multi-MiB tensor per tile costs page faults on first touch."""
+
+    def __init__(self, G: int, N: int, M: int, like: torch.Tensor):
+        br, bc = max(1, min(N, ROW_BLOCK)), max(1, min(M, KEY_BLOCK))
+        gc = max(1, min(G, TILE_ELEMENTS // (br * bc)))
+        self.flat = like.new_empty(gc * br * bc)
+
+    def logits(self, ops: "Operands", g0, g1, r0, r1, c0, c1, row_factor, shift) -> torch.Tensor:
+        """row_factor_i·⟨q_i, k_j⟩ (− shift_i) for one tile, into the buffer: one GEMM (with the bias folded
+        in when shifted). row_factor from `Operands.row_factor`."""
+        qt, kt = ops.q_tile(g0, g1, r0, r1, row_factor), ops.k_block(g0, g1, c0, c1)
+        out = self.flat[: (g1 - g0) * (r1 - r0) * (c1 - c0)].view(g1 - g0, r1 - r0, c1 - c0)
+        if shift is None:
+            return torch.bmm(qt, kt.transpose(1, 2), out=out)
+        return torch.baddbmm(-shift[g0:g1, r0:r1, None], qt, kt.transpose(1, 2), out=out)
+
+
 def _forward_tiles(ops: Operands, p: ContrastProblem, scale: float, in_tile: bool):
-    """LSE_i (G, N), −inf where V(i) is empty; with in_tile also Σ_{P(i)} z and |P(i)| from tile masks."""
+    """LSE_i (G, N), −inf where V(i) is empty; with in_tile also Σ_{P(i)} z and |P(i)| from tile masks; and
+    whether the tiles were shifted by the bound (False: plain exp(z), see `unshifted_ok`)."""
     qf = ops.qf
     G, N, M = qf.shape[0], qf.shape[1], ops.kf.shape[1]
     bound = row_bound(ops.qn, ops.kn, p, scale)
@@ -178,26 +215,30 @@ def _forward_tiles(ops: Operands, p: ContrastProblem, scale: float, in_tile: boo
         bound = qf.new_zeros(G, N)
     else:
         rows = None
+    shifted = rows is not None or not unshifted_ok(bound, ops, M)
     total = qf.new_zeros(G, N)
     pos_sum = qf.new_zeros(G, N) if in_tile else None
     count = torch.zeros(G, N, dtype=torch.int32, device=qf.device) if in_tile else None
+    buf = TileBuffer(G, N, M, qf)
+    qfac = ops.row_factor(scale)
     for g0, g1, r0, r1, c0, c1 in tiles(G, N, M):
-        e = torch.baddbmm(-bound[g0:g1, r0:r1, None], ops.q_tile(g0, g1, r0, r1, scale),
-                          ops.k_block(g0, g1, c0, c1).transpose(1, 2))
+        e = buf.logits(ops, g0, g1, r0, r1, c0, c1, qfac, bound if shifted else None)
         _mask_tile(e, p, g0, g1, r0, r1, c0, c1, -math.inf)
         if in_tile:
             pos = tile_positives(p, g0, g1, r0, r1, c0, c1)
             pos_sum[g0:g1, r0:r1] += torch.where(pos, e, 0.0).sum(-1)
             count[g0:g1, r0:r1] += pos.sum(-1, dtype=torch.int32)
         total[g0:g1, r0:r1] += e.exp_().sum(-1)
-    lse = bound + total.log()
-    if in_tile:
-        pos_sum += count * bound
-    if rows is None:
-        rows = ((total < UNDERFLOW) & (_valid_keys(p) > 0)).nonzero()
+    if rows is None:   # unshifted, no row can underflow (|z_ij| ≤ B_i)
+        rows = ((total < UNDERFLOW) & (_valid_keys(p) > 0)).nonzero() if shifted else total.new_empty(0, 2)
+    lse = total.log_()
+    if shifted:
+        lse += bound
+        if in_tile:
+            pos_sum += count * bound
     if rows.shape[0]:
         lse[rows[:, 0], rows[:, 1]] = _exact_lse_rows(ops, p, scale, rows.to(qf.device))
-    return lse, pos_sum, count
+    return lse, pos_sum, count, shifted
 
 
 class _ChunkedInfoNCE(torch.autograd.Function):
@@ -210,7 +251,7 @@ class _ChunkedInfoNCE(torch.autograd.Function):
         # Few keys per group (MACL's per-location groups): masks inside the tile are cheapest. Many keys:
         # the positives go through the linear operator Y, in O((N + M)·D), never through a tile.
         in_tile = kf.shape[1] <= IN_TILE_MAX_KEYS
-        lse, pos_sum, count = _forward_tiles(ops, p, s, in_tile)
+        lse, pos_sum, count, shifted = _forward_tiles(ops, p, s, in_tile)
         pos_op = None
         if not in_tile:
             pos_op = PositiveOperator(p)
@@ -227,7 +268,7 @@ class _ChunkedInfoNCE(torch.autograd.Function):
             count = count * p.q_valid
         loss = torch.where(counted, lse - pos_sum / count.clamp(min=1), torch.zeros_like(lse))
 
-        ctx.p, ctx.pos_op, ctx.s, ctx.in_tile = p, pos_op, s, in_tile
+        ctx.p, ctx.pos_op, ctx.s, ctx.in_tile, ctx.shifted = p, pos_op, s, in_tile, shifted
         ctx.inv = (ops.q_inv, ops.k_inv)
         ctx.same = q is k
         ctx.dtypes = (q.dtype, k.dtype)
@@ -246,37 +287,49 @@ class _ChunkedInfoNCE(torch.autograd.Function):
         need_k = ctx.needs_input_grad[1]
         g = torch.where(counted, g_loss.to(qf.dtype), torch.zeros_like(lse))
         gs = g * s
-        # E = exp(z − shift) with shift = LSE − log|s·g|, so s·g·P = f·E with a per-row factor f.
-        # The shift is rounded to the tile dtype before it meets the GEMM; f = sign(g)·exp(shift − rounded)
-        # carries the rounding error exactly, on the (N, D) side. Uncounted rows get shift +inf: E = 0.
         active = gs != 0
-        shift64 = torch.where(active, lse.double() - gs.abs().double().log(),
-                              torch.full_like(lse, math.inf, dtype=torch.float64))
-        shift = shift64.to(qf.dtype)
-        f64 = torch.where(active, torch.sign(gs).double() * torch.exp(shift.double() - shift64), 0.0)
-        f = f64.to(qf.dtype)[..., None]
         w = gs / count.clamp(min=1)                             # s·g_i/|P(i)|
+        if ctx.shifted:
+            # E = exp(z − shift) with shift = LSE − log|s·g|, so s·g·P = f·E with a per-row factor f.
+            # The shift is rounded to the tile dtype before it meets the GEMM; f = sign(g)·exp(shift − rounded)
+            # carries the rounding error exactly, on the (N, D) side. Uncounted rows get shift +inf: E = 0.
+            shift64 = torch.where(active, lse.double() - gs.abs().double().log(),
+                                  torch.full_like(lse, math.inf, dtype=torch.float64))
+            shift = shift64.to(qf.dtype)
+            f64 = torch.where(active, torch.sign(gs).double() * torch.exp(shift.double() - shift64), 0.0)
+        else:
+            # E = exp(z) is safe (`unshifted_ok`): s·g·P = f·E with f = s·g·exp(−LSE), a plain GEMM per tile
+            shift = None
+            f64 = torch.where(active, gs.double() * torch.exp(-lse.double()), 0.0)
+        f = f64.to(qf.dtype)[..., None]
         # In-tile positives: s·g·(P − Y) = f·(E − c·Y) with c = w/f.
         c = torch.where(active, w.double() / torch.where(active, f64, 1.0), 0.0).to(qf.dtype)[..., None]
+        # f is constant along a row: dq accumulates Σ_j (E − c·Y)_ij k_j unscaled (GEMMs accumulate in place)
+        # and is scaled once at the end; dk takes f on the q side of each tile.
         dq = torch.zeros_like(qf) if need_q else None
-        # q is k (self-contrast) and no temperature gradient: one buffer takes both contributions.
-        merged = ctx.same and need_q and need_k and not ctx.needs_input_grad[2]
-        dk = dq if merged else (torch.zeros_like(kf) if need_k else None)
+        dk = torch.zeros_like(kf) if need_k else None
         G, N, M = qf.shape[0], qf.shape[1], kf.shape[1]
+        buf = TileBuffer(G, N, M, qf)
+        qs_fac, qf_fac = ops.row_factor(s), ops.row_factor(f)
         for g0, g1, r0, r1, c0, c1 in tiles(G, N, M):
             kt = ops.k_block(g0, g1, c0, c1)
-            # The GEMM accumulates onto −shift: partial sums stay near z − shift, which keeps large logits
-            # accurate (alpha=s would round s·⟨q, k⟩ first; measurably worse for |z| ~ 1e4).
-            # s·q and f·q per tile (q̂ with normalize): no (N, D) copies
-            e = torch.baddbmm(-shift[g0:g1, r0:r1, None], ops.q_tile(g0, g1, r0, r1, s), kt.transpose(1, 2))
+            # Shifted: the GEMM accumulates onto −shift, so partial sums stay near z − shift, which keeps large
+            # logits accurate (alpha=s would round s·⟨q, k⟩ first; measurably worse for |z| ~ 1e4).
+            e = buf.logits(ops, g0, g1, r0, r1, c0, c1, qs_fac, shift)
             _mask_tile(e, p, g0, g1, r0, r1, c0, c1, -math.inf)
             e.exp_()
             if in_tile:
                 e.sub_(tile_positives(p, g0, g1, r0, r1, c0, c1) * c[g0:g1, r0:r1])
             if need_q:
-                dq[g0:g1, r0:r1] += torch.bmm(e, kt).mul_(f[g0:g1, r0:r1])
+                dq[g0:g1, r0:r1].baddbmm_(e, kt)
             if need_k:
-                dk[g0:g1, c0:c1].baddbmm_(e.transpose(1, 2), ops.q_tile(g0, g1, r0, r1, f[g0:g1, r0:r1]))
+                dk[g0:g1, c0:c1].baddbmm_(e.transpose(1, 2), ops.q_tile(g0, g1, r0, r1, qf_fac))
+        if need_q:
+            dq.mul_(f)
+        # q is k (self-contrast) and no temperature gradient: one tensor takes both contributions.
+        merged = ctx.same and need_q and need_k and not ctx.needs_input_grad[2]
+        if merged:
+            dk = dq.add_(dk)
         if not in_tile and p.rule == "index":
             coef = w if pos_op.all_ok else w * pos_op.index_ok   # c_i = s·g_i (|P(i)| = 1 where counted)
             index_terms.sub_pos_grads_(dq if need_q else None, dk if need_k else None, qf, kf, p.q_meta, coef,

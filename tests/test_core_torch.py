@@ -153,3 +153,22 @@ def test_forward_bound_shift_and_its_exact_fallback(monkeypatch, positive_strate
     got = run("torch", case, torch.float32, tau)
     assert_matches_truth(got, truth, low, torch.float32, f"unnormalised={unnormalised}")
     assert bool(calls) == redone and (not redone or sum(calls) > 0)
+
+
+@pytest.mark.parametrize("tau, normalize, shifted", [(0.1, True, False), (0.02, True, False), (0.01, True, True),
+                                                     (0.1, False, True)])
+def test_tiles_unshifted_only_where_exp_is_safe(monkeypatch, positive_strategy, tau, normalize, shifted):
+    """The tiled path drops the per-row bound shift (plain GEMM tiles) only when exp(z) and every sum stay
+    finite (`unshifted_ok`: s ≤ 80 − log M for normalised features); both ways match the float64 reference."""
+    if positive_strategy == "dense":
+        pytest.skip("the tiled path's choice")
+    import macl_kernels.torch_tiled as tt
+    seen = []
+    logits = tt.TileBuffer.logits
+    monkeypatch.setattr(tt.TileBuffer, "logits", lambda self, *a: seen.append(a[-1] is not None) or logits(self, *a))
+    case = make_case("label", G=2, N=300, M=700, D=24, unnormalised=not normalize, masks=True, seed=17)
+    truth = run("reference", case, torch.float64, tau, normalize=normalize)
+    low = run("reference", case, torch.float32, tau, normalize=normalize)
+    got = run("torch", case, torch.float32, tau, normalize=normalize)
+    assert_matches_truth(got, truth, low, torch.float32, f"tau={tau} normalize={normalize}")
+    assert seen and set(seen) == {shifted}
