@@ -22,11 +22,12 @@ Problems whose logits fit 2 MiB take the dense path instead (torch_dense.py).
 """
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
 
-from . import index_terms, torch_dense
+from . import index_terms, tile_workers, torch_dense
 from .positives import PositiveOperator
 from .problem import ContrastProblem, RowOutputs, stats_dtype
 from .rownorm import EPS, project_, rowdot
@@ -125,6 +126,12 @@ class Operands:
             self._block = ((g0, g1, c0, c1), self.kf[g0:g1, c0:c1] * self.k_inv[g0:g1, c0:c1, None])
         return self._block[1]
 
+    def worker_copy(self) -> "Operands":
+        """The same operands with a key-block cache of its own (one per tile worker)."""
+        other = copy.copy(self)
+        other._block = None
+        return other
+
     def k_hat(self) -> torch.Tensor:
         """k (or k̂ as one (G, M, D) temporary) for the positive operator."""
         return self.kf if self.k_inv is None else self.kf * self.k_inv[..., None]
@@ -219,16 +226,20 @@ def _forward_tiles(ops: Operands, p: ContrastProblem, scale: float, in_tile: boo
     total = qf.new_zeros(G, N)
     pos_sum = qf.new_zeros(G, N) if in_tile else None
     count = torch.zeros(G, N, dtype=torch.int32, device=qf.device) if in_tile else None
-    buf = TileBuffer(G, N, M, qf)
     qfac = ops.row_factor(scale)
-    for g0, g1, r0, r1, c0, c1 in tiles(G, N, M):
-        e = buf.logits(ops, g0, g1, r0, r1, c0, c1, qfac, bound if shifted else None)
+
+    def tile(state, t):   # writes rows [r0, r1) only: workers own row blocks
+        buf, ops_w = state
+        g0, g1, r0, r1, c0, c1 = t
+        e = buf.logits(ops_w, g0, g1, r0, r1, c0, c1, qfac, bound if shifted else None)
         _mask_tile(e, p, g0, g1, r0, r1, c0, c1, -math.inf)
         if in_tile:
             pos = tile_positives(p, g0, g1, r0, r1, c0, c1)
-            pos_sum[g0:g1, r0:r1] += torch.where(pos, e, 0.0).sum(-1)
-            count[g0:g1, r0:r1] += pos.sum(-1, dtype=torch.int32)
-        total[g0:g1, r0:r1] += e.exp_().sum(-1)
+            pos_sum[g0:g1, r0:r1].add_(torch.where(pos, e, 0.0).sum(-1))
+            count[g0:g1, r0:r1].add_(pos.sum(-1, dtype=torch.int32))
+        total[g0:g1, r0:r1].add_(e.exp_().sum(-1))
+
+    tile_workers.run(list(tiles(G, N, M)), "rows", lambda: (TileBuffer(G, N, M, qf), ops.worker_copy()), tile)
     if rows is None:   # unshifted, no row can underflow (|z_ij| ≤ B_i)
         rows = ((total < UNDERFLOW) & (_valid_keys(p) > 0)).nonzero() if shifted else total.new_empty(0, 2)
     lse = total.log_()
@@ -309,13 +320,15 @@ class _ChunkedInfoNCE(torch.autograd.Function):
         dq = torch.zeros_like(qf) if need_q else None
         dk = torch.zeros_like(kf) if need_k else None
         G, N, M = qf.shape[0], qf.shape[1], kf.shape[1]
-        buf = TileBuffer(G, N, M, qf)
         qs_fac, qf_fac = ops.row_factor(s), ops.row_factor(f)
-        for g0, g1, r0, r1, c0, c1 in tiles(G, N, M):
-            kt = ops.k_block(g0, g1, c0, c1)
+
+        def tile(state, t):   # writes dq rows [r0, r1) and dk rows [c0, c1): workers run a Latin square
+            buf, ops_w = state
+            g0, g1, r0, r1, c0, c1 = t
+            kt = ops_w.k_block(g0, g1, c0, c1)
             # Shifted: the GEMM accumulates onto −shift, so partial sums stay near z − shift, which keeps large
             # logits accurate (alpha=s would round s·⟨q, k⟩ first; measurably worse for |z| ~ 1e4).
-            e = buf.logits(ops, g0, g1, r0, r1, c0, c1, qs_fac, shift)
+            e = buf.logits(ops_w, g0, g1, r0, r1, c0, c1, qs_fac, shift)
             _mask_tile(e, p, g0, g1, r0, r1, c0, c1, -math.inf)
             e.exp_()
             if in_tile:
@@ -323,7 +336,9 @@ class _ChunkedInfoNCE(torch.autograd.Function):
             if need_q:
                 dq[g0:g1, r0:r1].baddbmm_(e, kt)
             if need_k:
-                dk[g0:g1, c0:c1].baddbmm_(e.transpose(1, 2), ops.q_tile(g0, g1, r0, r1, qf_fac))
+                dk[g0:g1, c0:c1].baddbmm_(e.transpose(1, 2), ops_w.q_tile(g0, g1, r0, r1, qf_fac))
+
+        tile_workers.run(list(tiles(G, N, M)), "latin", lambda: (TileBuffer(G, N, M, qf), ops.worker_copy()), tile)
         if need_q:
             dq.mul_(f)
         # q is k (self-contrast) and no temperature gradient: one tensor takes both contributions.

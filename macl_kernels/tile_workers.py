@@ -1,0 +1,100 @@
+"""Tile-parallel execution of the torch path on a multi-core CPU: T worker threads, one core each.
+
+Eager PyTorch parallelises each operation over the intra-op threads: every tile's GEMM is split T ways and
+every elementwise pass ends in a barrier. The backward GEMMs of a tile (E·k into dq, Eᵀ·q into dk: long
+reductions into thin (rows, D) outputs) scale worst that way. Here each worker instead runs whole tiles
+with one intra-op thread (PyTorch releases the GIL inside every operation), so T tiles run at once.
+
+Races are excluded by the schedule, not by locks:
+- "rows" (forward): worker i takes the tiles of row blocks b ≡ i (mod T); each row's statistics have one
+  writer.
+- "latin" (backward): tiles write dq rows of their row block and dk rows of their key block. In phase
+  p = 0..T−1 worker i takes the tiles with row block b ≡ i and key block c ≡ i + p (mod T): within a phase
+  no two workers share a row block or a key block (a Latin square), and the phases run one after another.
+Every tile is visited exactly once either way (tested), and each output element is accumulated in the same
+tile order as the serial loop's restricted to its own row or key block, so results agree to rounding.
+
+Used only when it can pay: more than one intra-op thread, `PARALLEL_TILES` on, and at least T row blocks
+and T key blocks. During the call the process runs with one intra-op thread (`torch.set_num_threads(1)`,
+restored afterwards, also on error): other Python threads' PyTorch work is single-threaded meanwhile.
+"""
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from typing import Callable, Optional
+
+import torch
+
+#: master switch (True: use workers where `plan` allows; False: the serial loop with intra-op threads)
+PARALLEL_TILES = True
+
+_pool: Optional[ThreadPoolExecutor] = None
+_pool_lock = threading.Lock()
+
+
+def _executor(T: int) -> ThreadPoolExecutor:
+    global _pool
+    with _pool_lock:
+        if _pool is None or _pool._max_workers != T:
+            if _pool is not None:
+                _pool.shutdown(wait=True)
+            _pool = ThreadPoolExecutor(max_workers=T, thread_name_prefix="macl-tiles")
+        return _pool
+
+
+def plan(tile_list: list, kind: str) -> Optional[list]:
+    """The phases of a parallel run: a list of phases, each a list of T per-worker tile lists; None when
+    the serial loop should run (one intra-op thread, the switch off, or fewer than T row blocks, or for
+    "latin" key blocks). tile_list: (g0, g1, r0, r1, c0, c1) tuples of `torch_tiled.tiles`.
+    A row block is a (g0, r0) pair, a key block a (g0, c0) pair: tiles of different group chunks never share
+    an output row, so blocks are numbered across chunks."""
+    if kind not in ("rows", "latin"):
+        raise ValueError(f"kind must be 'rows' or 'latin', got {kind!r}")
+    T = torch.get_num_threads()
+    if not PARALLEL_TILES or T < 2 or not tile_list:
+        return None
+    rb = {b: i for i, b in enumerate(sorted({(t[0], t[2]) for t in tile_list}))}
+    cb = {b: i for i, b in enumerate(sorted({(t[0], t[4]) for t in tile_list}))}
+    if len(rb) < T or (kind == "latin" and len(cb) < T):
+        return None
+    row = [rb[(t[0], t[2])] % T for t in tile_list]
+    if kind == "rows":
+        return [[[t for t, r in zip(tile_list, row) if r == i] for i in range(T)]]
+    col = [cb[(t[0], t[4])] % T for t in tile_list]
+    return [[[t for t, r, c in zip(tile_list, row, col) if r == i and c == (i + p) % T] for i in range(T)]
+            for p in range(T)]
+
+
+@contextmanager
+def _one_intra_op_thread():
+    T = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield T
+    finally:
+        torch.set_num_threads(T)
+
+
+def run(tile_list: list, kind: str, make_state: Callable[[], object], body: Callable[[object, tuple], None]) -> None:
+    """Call body(state, tile) for every tile: in parallel per `plan` (one `make_state()` per worker, e.g. its
+    own tile buffer), else serially in order with one state."""
+    phases = plan(tile_list, kind)
+    if phases is None:
+        state = make_state()
+        for t in tile_list:
+            body(state, t)
+        return
+
+    def work(args):
+        state, mine = args
+        for t in mine:
+            body(state, t)
+
+    with _one_intra_op_thread() as T:
+        pool = _executor(T)
+        states = [make_state() for _ in range(T)]
+        for phase in phases:
+            for f in [pool.submit(work, (states[i], phase[i])) for i in range(T)]:
+                f.result()   # re-raises a worker's exception here
