@@ -44,16 +44,16 @@ def _executor(T: int) -> ThreadPoolExecutor:
         return _pool
 
 
-def plan(tile_list: list, kind: str) -> Optional[list]:
+def plan(tile_list: list, kind: str, device: torch.device = torch.device("cpu")) -> Optional[list]:
     """The phases of a parallel run: a list of phases, each a list of T per-worker tile lists; None when
-    the serial loop should run (one intra-op thread, the switch off, or fewer than T row blocks, or for
-    "latin" key blocks). tile_list: (g0, g1, r0, r1, c0, c1) tuples of `torch_tiled.tiles`.
+    the serial loop should run (not a CPU device, one intra-op thread, the switch off, or fewer than T row
+    blocks, or for "latin" key blocks). tile_list: (g0, g1, r0, r1, c0, c1) tuples of `torch_tiled.tiles`.
     A row block is a (g0, r0) pair, a key block a (g0, c0) pair: tiles of different group chunks never share
     an output row, so blocks are numbered across chunks."""
     if kind not in ("rows", "latin"):
         raise ValueError(f"kind must be 'rows' or 'latin', got {kind!r}")
     T = torch.get_num_threads()
-    if not PARALLEL_TILES or T < 2 or not tile_list:
+    if not PARALLEL_TILES or T < 2 or not tile_list or torch.device(device).type != "cpu":
         return None
     rb = {b: i for i, b in enumerate(sorted({(t[0], t[2]) for t in tile_list}))}
     cb = {b: i for i, b in enumerate(sorted({(t[0], t[4]) for t in tile_list}))}
@@ -77,10 +77,11 @@ def _one_intra_op_thread():
         torch.set_num_threads(T)
 
 
-def run(tile_list: list, kind: str, make_state: Callable[[], object], body: Callable[[object, tuple], None]) -> None:
+def run(tile_list: list, kind: str, make_state: Callable[[], object], body: Callable[[object, tuple], None],
+        device: torch.device = torch.device("cpu")) -> None:
     """Call body(state, tile) for every tile: in parallel per `plan` (one `make_state()` per worker, e.g. its
     own tile buffer), else serially in order with one state."""
-    phases = plan(tile_list, kind)
+    phases = plan(tile_list, kind, device)
     if phases is None:
         state = make_state()
         for t in tile_list:

@@ -239,7 +239,8 @@ def _forward_tiles(ops: Operands, p: ContrastProblem, scale: float, in_tile: boo
             count[g0:g1, r0:r1].add_(pos.sum(-1, dtype=torch.int32))
         total[g0:g1, r0:r1].add_(e.exp_().sum(-1))
 
-    tile_workers.run(list(tiles(G, N, M)), "rows", lambda: (TileBuffer(G, N, M, qf), ops.worker_copy()), tile)
+    tile_workers.run(list(tiles(G, N, M)), "rows", lambda: (TileBuffer(G, N, M, qf), ops.worker_copy()), tile,
+                     qf.device)
     if rows is None:   # unshifted, no row can underflow (|z_ij| ≤ B_i)
         rows = ((total < UNDERFLOW) & (_valid_keys(p) > 0)).nonzero() if shifted else total.new_empty(0, 2)
     lse = total.log_()
@@ -338,7 +339,8 @@ class _ChunkedInfoNCE(torch.autograd.Function):
             if need_k:
                 dk[g0:g1, c0:c1].baddbmm_(e.transpose(1, 2), ops_w.q_tile(g0, g1, r0, r1, qf_fac))
 
-        tile_workers.run(list(tiles(G, N, M)), "latin", lambda: (TileBuffer(G, N, M, qf), ops.worker_copy()), tile)
+        tile_workers.run(list(tiles(G, N, M)), "latin", lambda: (TileBuffer(G, N, M, qf), ops.worker_copy()),
+                         tile, qf.device)
         if need_q:
             dq.mul_(f)
         # q is k (self-contrast) and no temperature gradient: one tensor takes both contributions.

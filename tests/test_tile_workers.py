@@ -54,6 +54,7 @@ def test_plan_is_serial_where_workers_cannot_pay(threads, monkeypatch):
     threads(1)
     assert tw.plan(list(tt.tiles(1, 4096, 4096)), "latin") is None
     threads(2)
+    assert tw.plan(list(tt.tiles(1, 4096, 4096)), "latin", torch.device("meta")) is None   # CPU only
     monkeypatch.setattr(tw, "PARALLEL_TILES", False)
     assert tw.plan(list(tt.tiles(1, 4096, 4096)), "latin") is None
 
