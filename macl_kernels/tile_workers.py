@@ -35,11 +35,10 @@ _pool_lock = threading.Lock()
 
 
 def _executor(T: int) -> ThreadPoolExecutor:
+    """A process-wide pool with at least T threads (grown, never shut down under a running caller)."""
     global _pool
     with _pool_lock:
-        if _pool is None or _pool._max_workers != T:
-            if _pool is not None:
-                _pool.shutdown(wait=True)
+        if _pool is None or _pool._max_workers < T:
             _pool = ThreadPoolExecutor(max_workers=T, thread_name_prefix="macl-tiles")
         return _pool
 
@@ -67,14 +66,29 @@ def plan(tile_list: list, kind: str, device: torch.device = torch.device("cpu"))
             for p in range(T)]
 
 
+_threads_lock = threading.Lock()
+_threads_users = 0
+_threads_saved = 1
+
+
 @contextmanager
 def _one_intra_op_thread():
-    T = torch.get_num_threads()
-    torch.set_num_threads(1)
+    """One intra-op thread while any caller's workers run; the caller's count back when the last one ends
+    (calls from several Python threads at once share the saved count instead of restoring each other's 1)."""
+    global _threads_users, _threads_saved
+    with _threads_lock:
+        if _threads_users == 0:
+            _threads_saved = torch.get_num_threads()
+            torch.set_num_threads(1)
+        _threads_users += 1
+        T = _threads_saved
     try:
         yield T
     finally:
-        torch.set_num_threads(T)
+        with _threads_lock:
+            _threads_users -= 1
+            if _threads_users == 0:
+                torch.set_num_threads(_threads_saved)
 
 
 def run(tile_list: list, kind: str, make_state: Callable[[], object], body: Callable[[object, tuple], None],
@@ -93,7 +107,8 @@ def run(tile_list: list, kind: str, make_state: Callable[[], object], body: Call
         for t in mine:
             body(state, t)
 
-    with _one_intra_op_thread() as T:
+    T = len(phases[0])
+    with _one_intra_op_thread():
         pool = _executor(T)
         states = [make_state() for _ in range(T)]
         for phase in phases:

@@ -105,3 +105,27 @@ def test_worker_error_reaches_the_caller_and_threads_are_restored(threads):
     with pytest.raises(RuntimeError, match="tile failed"):
         tw.run(tiles, "latin", lambda: None, body)
     assert torch.get_num_threads() == 2
+
+
+def test_concurrent_callers_leave_the_thread_count_as_it_was(threads):
+    """Two Python threads computing losses at once: the intra-op thread count ends where it started."""
+    import threading
+    threads(2)
+    q = torch.randn(4096, 16)
+    k = torch.randn(4096, 16)
+    errors = []
+
+    def loss():
+        try:
+            for _ in range(3):
+                grouped_info_nce(q, k, impl="torch")
+        except Exception as e:   # pragma: no cover - reported below
+            errors.append(e)
+
+    workers = [threading.Thread(target=loss) for _ in range(2)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    assert not errors
+    assert torch.get_num_threads() == 2
