@@ -1,19 +1,21 @@
 """Chunked PyTorch implementation: exact, any device, extra memory O(tile + (N + M)·D).
 
-Forward, with a per-row bound B_i = s·‖q_i‖·max_j ‖k_j‖ ≥ max_j z_ij (Cauchy–Schwarz, valid keys only):
-    e    = exp(s·q kᵀ − B)               one baddbmm with −B folded in, one in-place exp (never overflows)
-    S_i += Σ_j e_ij                      over valid keys; after all tiles LSE_i = B_i + log S_i
-One GEMM and one exp pass per tile, with no running max (torch.logsumexp would add a max pass, a
-subtraction pass and a temporary). Rows whose S_i underflows (every logit more than ~69 below B_i, e.g.
-unnormalised features or τ ≲ 0.007) are recomputed exactly with a running log-sum-exp.
+Forward, with a per-row bound B_i = s·‖q_i‖·max_j ‖k_j‖ ≥ |z_ij| (Cauchy–Schwarz, valid keys only):
+    e    = exp(s·q kᵀ)  or  exp(s·q kᵀ − B)     one GEMM into a reused tile buffer, one in-place exp
+    S_i += Σ_j e_ij                               over valid keys; after all tiles LSE_i = log S_i (+ B_i)
+Unshifted (`unshifted_ok`: max B + log M ≤ 80 in float32, e.g. normalised features with τ ≳ 0.015) the tile is
+a plain GEMM: no bias copy and no β = 1 read of it, and no row can overflow or underflow. Otherwise the bound
+is folded into the GEMM (baddbmm) so exp never overflows, and rows whose S_i underflows (every logit more than
+~69 below B_i, e.g. unnormalised features or τ ≲ 0.007) are recomputed exactly with a running log-sum-exp.
+One GEMM and one exp pass per tile, with no running max.
 The positive term Σ_{p∈P(i)} z_ip = s·⟨q_i, (Y k)_i⟩ never touches a tile (see positives.py).
 
 Backward recomputes each tile once and uses it twice (4 GEMM units and 2 exp passes in all):
-    E    = exp(z − LSE + log|s·g|)       one baddbmm with the shift folded in, one in-place exp
-    dq  += f·(E k),    dk += Eᵀ (f·q)   (s·g·P = f·E: f = sign(g) times the shift's rounding correction,
-                                       applied on the (N, D) side, never on the tile)
+    E    = exp(z)  or  exp(z − LSE + log|s·g|)     as the forward chose; s·g·P = f·E with a per-row f
+    dq  += E k (unscaled, accumulated in place by the GEMM; times f once at the end),  dk += Eᵀ (f·q)
     then the −g·Y part through Y, outside the tiles, and ds = (1/s)·Σ_i ⟨dq_i, q_i⟩ (Σ_j dz_ij z_ij = ⟨dq_i, q_i⟩).
 Features of 16-bit dtypes are promoted to float32 once (O((N + M)·D)); gradients are cast back.
+On a CPU with several intra-op threads the tiles run on worker threads, one core each (tile_workers.py).
 
 normalize=True: q̂ = q/‖q‖ is never stored. Each tile's q rows are scaled by s/‖q_i‖ in the per-tile copy the
 GEMM needs anyway, and each key block by 1/‖k_j‖ (one (KEY_BLOCK, D) copy, reused over the row blocks);
