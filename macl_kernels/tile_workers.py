@@ -114,3 +114,50 @@ def run(tile_list: list, kind: str, make_state: Callable[[], object], body: Call
         for phase in phases:
             for f in [pool.submit(work, (states[i], phase[i])) for i in range(T)]:
                 f.result()   # re-raises a worker's exception here
+
+
+def tournament(n: int) -> list:
+    """Rounds of block pairs (a, b), a ≤ b, covering every pair of n blocks once, diagonals (a, a) included,
+    with the blocks of one round pairwise disjoint (a round-robin tournament by the circle method; a block's
+    bye round holds its diagonal; for even n the diagonals form one more round)."""
+    players = list(range(n)) + ([None] if n % 2 else [])
+    m = len(players)
+    rounds = []
+    for _ in range(m - 1):
+        pairs = []
+        for i in range(m // 2):
+            a, b = players[i], players[m - 1 - i]
+            if a is None or b is None:
+                a = b = a if b is None else b
+            pairs.append((min(a, b), max(a, b)))
+        rounds.append(pairs)
+        players = [players[0], players[-1]] + players[1:-1]
+    if n and n % 2 == 0:
+        rounds.append([(a, a) for a in range(n)])
+    return rounds
+
+
+def run_rounds(rounds: list, make_state: Callable[[], object], body: Callable[[object, tuple], None],
+               device: torch.device = torch.device("cpu")) -> None:
+    """Call body(state, tile) for every tile of `rounds` (lists of tiles that share no output block): the
+    rounds one after another, each dealt over the workers when `PARALLEL_TILES` allows; else serially."""
+    T = torch.get_num_threads()
+    if (not PARALLEL_TILES or T < 2 or torch.device(device).type != "cpu"
+            or sum(len(r) for r in rounds) < 2 * T):
+        state = make_state()
+        for r in rounds:
+            for t in r:
+                body(state, t)
+        return
+
+    def work(args):
+        state, mine = args
+        for t in mine:
+            body(state, t)
+
+    with _one_intra_op_thread():
+        pool = _executor(T)
+        states = [make_state() for _ in range(T)]
+        for r in rounds:
+            for f in [pool.submit(work, (states[i], r[i::T])) for i in range(T) if r[i::T]]:
+                f.result()

@@ -29,7 +29,7 @@ import math
 
 import torch
 
-from . import index_terms, tile_workers, torch_dense
+from . import index_terms, self_tiles, tile_workers, torch_dense
 from .positives import PositiveOperator
 from .problem import ContrastProblem, RowOutputs, stats_dtype
 from .rownorm import EPS, project_, rowdot
@@ -213,9 +213,10 @@ class TileBuffer:
         return torch.baddbmm(-shift[g0:g1, r0:r1, None], qt, kt.transpose(1, 2), out=out)
 
 
-def _forward_tiles(ops: Operands, p: ContrastProblem, scale: float, in_tile: bool):
-    """LSE_i (G, N), −inf where V(i) is empty; with in_tile also Σ_{P(i)} z and |P(i)| from tile masks; and
-    whether the tiles were shifted by the bound (False: plain exp(z), see `unshifted_ok`)."""
+def _forward_tiles(ops: Operands, p: ContrastProblem, scale: float, in_tile: bool, same: bool = False):
+    """LSE_i (G, N), −inf where V(i) is empty; with in_tile also Σ_{P(i)} z and |P(i)| from tile masks; whether
+    the tiles were shifted by the bound (False: plain exp(z), see `unshifted_ok`); and whether the symmetric
+    self-contrast tiling ran (self_tiles.py; `same`: k is q)."""
     qf = ops.qf
     G, N, M = qf.shape[0], qf.shape[1], ops.kf.shape[1]
     bound = row_bound(ops.qn, ops.kn, p, scale)
@@ -241,8 +242,12 @@ def _forward_tiles(ops: Operands, p: ContrastProblem, scale: float, in_tile: boo
             count[g0:g1, r0:r1].add_(pos.sum(-1, dtype=torch.int32))
         total[g0:g1, r0:r1].add_(e.exp_().sum(-1))
 
-    tile_workers.run(list(tiles(G, N, M)), "rows", lambda: (TileBuffer(G, N, M, qf), ops.worker_copy()), tile,
-                     qf.device)
+    symmetric = self_tiles.applies(p, same, shifted, in_tile)
+    if symmetric:
+        total = self_tiles.forward_sums(ops, p, scale, TILE_ELEMENTS)
+    else:
+        tile_workers.run(list(tiles(G, N, M)), "rows", lambda: (TileBuffer(G, N, M, qf), ops.worker_copy()),
+                         tile, qf.device)
     if rows is None:   # unshifted, no row can underflow (|z_ij| ≤ B_i)
         rows = ((total < UNDERFLOW) & (_valid_keys(p) > 0)).nonzero() if shifted else total.new_empty(0, 2)
     lse = total.log_()
@@ -252,7 +257,7 @@ def _forward_tiles(ops: Operands, p: ContrastProblem, scale: float, in_tile: boo
             pos_sum += count * bound
     if rows.shape[0]:
         lse[rows[:, 0], rows[:, 1]] = _exact_lse_rows(ops, p, scale, rows.to(qf.device))
-    return lse, pos_sum, count, shifted
+    return lse, pos_sum, count, shifted, symmetric
 
 
 class _ChunkedInfoNCE(torch.autograd.Function):
@@ -265,7 +270,7 @@ class _ChunkedInfoNCE(torch.autograd.Function):
         # Few keys per group (MACL's per-location groups): masks inside the tile are cheapest. Many keys:
         # the positives go through the linear operator Y, in O((N + M)·D), never through a tile.
         in_tile = kf.shape[1] <= IN_TILE_MAX_KEYS
-        lse, pos_sum, count, shifted = _forward_tiles(ops, p, s, in_tile)
+        lse, pos_sum, count, shifted, symmetric = _forward_tiles(ops, p, s, in_tile, q is k)
         pos_op = None
         if not in_tile:
             pos_op = PositiveOperator(p)
@@ -282,7 +287,7 @@ class _ChunkedInfoNCE(torch.autograd.Function):
             count = count * p.q_valid
         loss = torch.where(counted, lse - pos_sum / count.clamp(min=1), torch.zeros_like(lse))
 
-        ctx.p, ctx.pos_op, ctx.s, ctx.in_tile, ctx.shifted = p, pos_op, s, in_tile, shifted
+        ctx.p, ctx.pos_op, ctx.s, ctx.in_tile, ctx.shifted, ctx.symmetric = p, pos_op, s, in_tile, shifted, symmetric
         ctx.inv = (ops.q_inv, ops.k_inv)
         ctx.same = q is k
         ctx.dtypes = (q.dtype, k.dtype)
@@ -320,8 +325,6 @@ class _ChunkedInfoNCE(torch.autograd.Function):
         c = torch.where(active, w.double() / torch.where(active, f64, 1.0), 0.0).to(qf.dtype)[..., None]
         # f is constant along a row: dq accumulates Σ_j (E − c·Y)_ij k_j unscaled (GEMMs accumulate in place)
         # and is scaled once at the end; dk takes f on the q side of each tile.
-        dq = torch.zeros_like(qf) if need_q else None
-        dk = torch.zeros_like(kf) if need_k else None
         G, N, M = qf.shape[0], qf.shape[1], kf.shape[1]
         qs_fac, qf_fac = ops.row_factor(s), ops.row_factor(f)
 
@@ -341,10 +344,15 @@ class _ChunkedInfoNCE(torch.autograd.Function):
             if need_k:
                 dk[g0:g1, c0:c1].baddbmm_(e.transpose(1, 2), ops_w.q_tile(g0, g1, r0, r1, qf_fac))
 
-        tile_workers.run(list(tiles(G, N, M)), "latin", lambda: (TileBuffer(G, N, M, qf), ops.worker_copy()),
-                         tile, qf.device)
-        if need_q:
-            dq.mul_(f)
+        if ctx.symmetric:   # k is q: both gradients from half the tiles (self_tiles.py)
+            dq, dk = self_tiles.backward_grads(ops, p, s, f, TILE_ELEMENTS)
+        else:
+            dq = torch.zeros_like(qf) if need_q else None
+            dk = torch.zeros_like(kf) if need_k else None
+            tile_workers.run(list(tiles(G, N, M)), "latin",
+                             lambda: (TileBuffer(G, N, M, qf), ops.worker_copy()), tile, qf.device)
+            if need_q:
+                dq.mul_(f)
         # q is k (self-contrast) and no temperature gradient: one tensor takes both contributions.
         merged = ctx.same and need_q and need_k and not ctx.needs_input_grad[2]
         if merged:
