@@ -8,8 +8,9 @@ Forward:   E_ab = exp(s·X̂_a X̂_bᵀ) (self pairs −inf on the diagonal);  S
 Backward:  s·g_i·P_ij = f_i·E_ij with f_i = s·g_i·e^{−LSE_i}; with respect to x̂ the q side gives
            dq̂ = f ⊙ (E X̂) and the k side dk̂ = E (f ⊙ X̂) (E symmetric), so per pair
                dq_a += E_ab X̂_b,   dk_a += E_ab (f_b X̂_b),   and for a ≠ b   dq_b += E_abᵀ X̂_a,   dk_b += E_abᵀ (f_a X̂_a)
-           and dq ← f ⊙ dq at the end. dq and dk stay separate (the temperature gradient reads the q side),
-           exactly as the general tiled path leaves them, so positives, normalisation and merging follow it.
+           and dq ← f ⊙ dq at the end; without a temperature gradient one buffer takes both (the q side through
+           a (block, D) temporary, scaled by f on its way in), else dq and dk stay separate (dτ reads the q side),
+           exactly as the general tiled path leaves them, so positives and normalisation follow it.
 GEMM units (2·N²·D flops each): forward ½, backward ½ + 2 = 3 in all, against 4; exp passes 1 against 2.
 Workers: the pairs of one round of a round-robin tournament share no block, so a round's tiles run in
 parallel with no race (`tile_workers.run_rounds`).
@@ -76,31 +77,41 @@ def forward_sums(ops, p, scale: float, budget: int) -> torch.Tensor:
             total[g0:g1, b0:b1].add_(e.sum(-2))
 
     tile_workers.run_rounds(pair_rounds(G, N, SELF_BLOCK, budget),
-                            lambda: (ops.qf.new_empty(gc * bs * bs), ops.worker_copy()), body, ops.qf.device)
+                            lambda: (ops.qf.new_empty(gc * bs * bs), ops.worker_copy(gc, bs, bs)), body,
+                            ops.qf.device)
     return total
 
 
-def backward_grads(ops, p, scale: float, f: torch.Tensor, budget: int):
+def backward_grads(ops, p, scale: float, f: torch.Tensor, budget: int, merged: bool):
     """(dq, dk) with respect to x̂ (or x without normalize), before the positive terms: dq = f ⊙ (E X̂),
-    dk = E (f ⊙ X̂); f (G, N, 1)."""
-    G, N = ops.qf.shape[0], ops.qf.shape[1]
-    dq, dk = torch.zeros_like(ops.qf), torch.zeros_like(ops.qf)
+    dk = E (f ⊙ X̂); f (G, N, 1). merged: one tensor holds dq + dk (returned twice; no second (N, D) buffer:
+    the q side goes through a (block, D) temporary and is scaled by f on its way in)."""
+    G, N, D = ops.qf.shape
+    dq = torch.zeros_like(ops.qf)
+    dk = dq if merged else torch.zeros_like(ops.qf)
     zfac, xfac, ffac = ops.row_factor(scale), ops.row_factor(1.0), ops.row_factor(f)
     bs = max(1, min(N, SELF_BLOCK))
     gc = max(1, min(G, budget // (bs * bs)))
 
+    def q_side(tmp, e, x, g0, g1, r0, r1):   # dq rows [r0, r1) += E x (scaled by f there when merged)
+        if not merged:
+            dq[g0:g1, r0:r1].baddbmm_(e, x)
+            return
+        t = torch.bmm(e, x, out=tmp[: e.shape[0] * e.shape[1] * D].view(e.shape[0], e.shape[1], D))
+        dq[g0:g1, r0:r1].addcmul_(t, f[g0:g1, r0:r1])
+
     def body(state, t):
-        buf, ops_w = state
+        buf, ops_w, tmp = state
         g0, g1, a0, a1, b0, b1 = t
         e = _tile(buf, ops_w, t, zfac, p.exclude_self)
-        xb = ops_w.k_block(g0, g1, b0, b1)
-        dq[g0:g1, a0:a1].baddbmm_(e, xb)
+        q_side(tmp, e, ops_w.k_block(g0, g1, b0, b1), g0, g1, a0, a1)
         dk[g0:g1, a0:a1].baddbmm_(e, ops_w.q_tile(g0, g1, b0, b1, ffac))
         if a0 != b0:
             et = e.transpose(1, 2)
-            dq[g0:g1, b0:b1].baddbmm_(et, ops_w.q_tile(g0, g1, a0, a1, xfac))
+            q_side(tmp, et, ops_w.q_tile(g0, g1, a0, a1, xfac), g0, g1, b0, b1)
             dk[g0:g1, b0:b1].baddbmm_(et, ops_w.q_tile(g0, g1, a0, a1, ffac))
 
     tile_workers.run_rounds(pair_rounds(G, N, SELF_BLOCK, budget),
-                            lambda: (ops.qf.new_empty(gc * bs * bs), ops.worker_copy()), body, ops.qf.device)
-    return dq.mul_(f), dk
+                            lambda: (ops.qf.new_empty(gc * bs * bs), ops.worker_copy(gc, bs, bs),
+                                     ops.qf.new_empty(gc * bs * D)), body, ops.qf.device)
+    return (dq, dk) if merged else (dq.mul_(f), dk)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import math
+from typing import Optional
 
 import torch
 
@@ -115,23 +116,37 @@ class Operands:
         return factor if self.q_inv is None else self.q_inv[..., None] * factor
 
     def q_tile(self, g0, g1, r0, r1, row_factor) -> torch.Tensor:
-        """A copy of q rows [r0, r1) times `row_factor` (from `row_factor`: a float or (G, N, 1) tensor)."""
+        """A copy of q rows [r0, r1) times `row_factor` (from `row_factor`: a float or (G, N, 1) tensor), in
+        this copy's own buffer when it has one (valid until the next q_tile call)."""
         if isinstance(row_factor, torch.Tensor):
             row_factor = row_factor[g0:g1, r0:r1]
-        return self.qf[g0:g1, r0:r1] * row_factor
+        qt = self.qf[g0:g1, r0:r1]
+        return torch.mul(qt, row_factor, out=self._out("_qbuf", qt))
 
     def k_block(self, g0, g1, c0, c1) -> torch.Tensor:
         """Keys [c0, c1) (k̂ with normalize: one copy per block, kept while the row blocks pass)."""
         if self.k_inv is None:
             return self.kf[g0:g1, c0:c1]
         if self._block is None or self._block[0] != (g0, g1, c0, c1):
-            self._block = ((g0, g1, c0, c1), self.kf[g0:g1, c0:c1] * self.k_inv[g0:g1, c0:c1, None])
+            kt = self.kf[g0:g1, c0:c1]
+            self._block = ((g0, g1, c0, c1),
+                           torch.mul(kt, self.k_inv[g0:g1, c0:c1, None], out=self._out("_kbuf", kt)))
         return self._block[1]
 
-    def worker_copy(self) -> "Operands":
-        """The same operands with a key-block cache of its own (one per tile worker)."""
+    def _out(self, name: str, like: torch.Tensor) -> Optional[torch.Tensor]:
+        buf = getattr(self, name, None)
+        if buf is None or buf.numel() < like.numel():
+            return None
+        return buf[: like.numel()].view(like.shape)
+
+    def worker_copy(self, groups: int, rows: int, keys: int) -> "Operands":
+        """The same operands with a key-block cache and q-tile / key-block buffers of their own (one per tile
+        worker: nothing is allocated per tile, and nothing in a worker thread's malloc arena)."""
         other = copy.copy(self)
         other._block = None
+        D = self.qf.shape[2]
+        other._qbuf = self.qf.new_empty(groups * rows * D)
+        other._kbuf = self.kf.new_empty(groups * keys * D) if self.k_inv is not None else None
         return other
 
     def k_hat(self) -> torch.Tensor:
@@ -195,12 +210,17 @@ def unshifted_ok(bound: torch.Tensor, ops: "Operands", M: int) -> bool:
     return head <= UNSHIFTED_MAX_LOG[ops.qf.dtype]
 
 
+def tile_dims(G: int, N: int, M: int) -> tuple:
+    """(groups, rows, keys) of the largest tile `tiles` yields."""
+    br, bc = max(1, min(N, ROW_BLOCK)), max(1, min(M, KEY_BLOCK))
+    return max(1, min(G, TILE_ELEMENTS // (br * bc))), br, bc
+
+
 class TileBuffer:
     """One reused (g, r, c) logit tile: a fresh multi-MiB tensor per tile costs page faults on first touch."""
 
     def __init__(self, G: int, N: int, M: int, like: torch.Tensor):
-        br, bc = max(1, min(N, ROW_BLOCK)), max(1, min(M, KEY_BLOCK))
-        gc = max(1, min(G, TILE_ELEMENTS // (br * bc)))
+        gc, br, bc = tile_dims(G, N, M)
         self.flat = like.new_empty(gc * br * bc)
 
     def logits(self, ops: "Operands", g0, g1, r0, r1, c0, c1, row_factor, shift) -> torch.Tensor:
@@ -246,8 +266,8 @@ def _forward_tiles(ops: Operands, p: ContrastProblem, scale: float, in_tile: boo
     if symmetric:
         total = self_tiles.forward_sums(ops, p, scale, TILE_ELEMENTS)
     else:
-        tile_workers.run(list(tiles(G, N, M)), "rows", lambda: (TileBuffer(G, N, M, qf), ops.worker_copy()),
-                         tile, qf.device)
+        tile_workers.run(list(tiles(G, N, M)), "rows",
+                         lambda: (TileBuffer(G, N, M, qf), ops.worker_copy(*tile_dims(G, N, M))), tile, qf.device)
     if rows is None:   # unshifted, no row can underflow (|z_ij| ≤ B_i)
         rows = ((total < UNDERFLOW) & (_valid_keys(p) > 0)).nonzero() if shifted else total.new_empty(0, 2)
     lse = total.log_()
@@ -344,19 +364,19 @@ class _ChunkedInfoNCE(torch.autograd.Function):
             if need_k:
                 dk[g0:g1, c0:c1].baddbmm_(e.transpose(1, 2), ops_w.q_tile(g0, g1, r0, r1, qf_fac))
 
+        # q is k (self-contrast) and no temperature gradient: one tensor takes both contributions.
+        merged = ctx.same and need_q and need_k and not ctx.needs_input_grad[2]
         if ctx.symmetric:   # k is q: both gradients from half the tiles (self_tiles.py)
-            dq, dk = self_tiles.backward_grads(ops, p, s, f, TILE_ELEMENTS)
+            dq, dk = self_tiles.backward_grads(ops, p, s, f, TILE_ELEMENTS, merged)
         else:
             dq = torch.zeros_like(qf) if need_q else None
             dk = torch.zeros_like(kf) if need_k else None
             tile_workers.run(list(tiles(G, N, M)), "latin",
-                             lambda: (TileBuffer(G, N, M, qf), ops.worker_copy()), tile, qf.device)
+                             lambda: (TileBuffer(G, N, M, qf), ops.worker_copy(*tile_dims(G, N, M))), tile, qf.device)
             if need_q:
                 dq.mul_(f)
-        # q is k (self-contrast) and no temperature gradient: one tensor takes both contributions.
-        merged = ctx.same and need_q and need_k and not ctx.needs_input_grad[2]
-        if merged:
-            dk = dq.add_(dk)
+            if merged:
+                dk = dq.add_(dk)
         if not in_tile and p.rule == "index":
             coef = w if pos_op.all_ok else w * pos_op.index_ok   # c_i = s·g_i (|P(i)| = 1 where counted)
             index_terms.sub_pos_grads_(dq if need_q else None, dk if need_k else None, qf, kf, p.q_meta, coef,
