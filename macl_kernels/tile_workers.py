@@ -20,6 +20,7 @@ restored afterwards, also on error): other Python threads' PyTorch work is singl
 """
 from __future__ import annotations
 
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -31,15 +32,17 @@ import torch
 PARALLEL_TILES = True
 
 _pool: Optional[ThreadPoolExecutor] = None
+_pool_pid = -1
 _pool_lock = threading.Lock()
 
 
 def _executor(T: int) -> ThreadPoolExecutor:
-    """A process-wide pool with at least T threads (grown, never shut down under a running caller)."""
-    global _pool
+    """A process-wide pool with at least T threads (grown, never shut down under a running caller; made anew
+    in a forked child, where the parent's threads do not exist)."""
+    global _pool, _pool_pid
     with _pool_lock:
-        if _pool is None or _pool._max_workers < T:
-            _pool = ThreadPoolExecutor(max_workers=T, thread_name_prefix="macl-tiles")
+        if _pool is None or _pool._max_workers < T or _pool_pid != os.getpid():
+            _pool, _pool_pid = ThreadPoolExecutor(max_workers=T, thread_name_prefix="macl-tiles"), os.getpid()
         return _pool
 
 

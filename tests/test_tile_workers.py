@@ -129,3 +129,4 @@ def test_concurrent_callers_leave_the_thread_count_as_it_was(threads):
         w.join()
     assert not errors
     assert torch.get_num_threads() == 2
+
