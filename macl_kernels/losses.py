@@ -27,6 +27,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from . import const_cache, small_path
 from .api import Temperature
 from .dist_core import contrast
 from .distributed import GroupArg, group_rank, resolve_group, world_size
@@ -80,7 +81,10 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, *, temperature: Temperature = 0.
                          f"{tuple(z2.shape)}")
     B = z1.shape[0]
     z = _prep(torch.cat([z1, z2]))
-    pos = torch.arange(B, 3 * B, device=z.device) % max(2 * B, 1)   # the other view: i + B mod 2B
+    pos = const_cache.other_view_index(B, z.device)   # (1, 2B): i + B mod 2B, cached and trusted in range
+    out = small_path.self_contrast(z, temperature, normalize, reduction, impl, process_group, "index", pos)
+    if out is not None:   # small problem: straight to the dense torch path (small_path.py)
+        return out
     out = contrast(z, group=resolve_group(process_group), temperature=temperature, pos_index=pos,
                    exclude_self=True, reduction=reduction, impl=impl, normalize=normalize,
                    allow_tf32=allow_tf32)
@@ -124,6 +128,9 @@ def sup_con(features: torch.Tensor, labels: torch.Tensor, *, temperature: Temper
     With `process_group`, positives and denominators span the features of every rank.
     """
     flat, lab, _ = _views_first(features, labels, "labels")
+    out = small_path.self_contrast(_prep(flat), temperature, normalize, reduction, impl, process_group, "label", lab)
+    if out is not None:
+        return out
     out = contrast(_prep(flat), group=resolve_group(process_group), temperature=temperature,
                    q_labels=lab, exclude_self=True, reduction=reduction, impl=impl, normalize=normalize,
                    allow_tf32=allow_tf32)
@@ -141,6 +148,10 @@ def positional_sup_con(features: torch.Tensor, positions: torch.Tensor, threshol
     With `process_group`, positives and denominators span the features of every rank.
     """
     flat, pos, _ = _views_first(features, positions, "positions")
+    out = small_path.self_contrast(_prep(flat), temperature, normalize, reduction, impl, process_group, "radius",
+                                   pos, threshold)
+    if out is not None:
+        return out
     out = contrast(_prep(flat), group=resolve_group(process_group), temperature=temperature,
                    q_positions=pos, threshold=threshold, exclude_self=True, reduction=reduction, impl=impl,
                    normalize=normalize, allow_tf32=allow_tf32)

@@ -18,11 +18,13 @@ Memory: P (and Y) within the budget, and the normalised inputs (the size of the 
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 
+from . import const_cache
 from .problem import ContrastProblem, RowOutputs, stats_dtype
-from .rownorm import inv_norms, project_hat_
+from .rownorm import EPS
 
 #: logits of all groups, in the statistics dtype. Measured (docs/cpu_path.md): at 1 MiB (nt_xent B = 256) this
 #: path takes half the tiled path's time, at 4 MiB (B = 512) 1.1-1.3x, at 16 MiB (B = 1024) 2x: its many full
@@ -39,12 +41,18 @@ def fits(p: ContrastProblem) -> bool:
 def index_ok(p: ContrastProblem):
     """Index rule: (G, N) bool, whether pos_index_i lies in V(i) (k_valid, ≠ i with exclude_self); None if all."""
     ok = None
-    if p.exclude_self:
+    if p.exclude_self and not _never_self(p.q_meta):
         ok = p.q_meta != torch.arange(p.q_meta.shape[1], device=p.q_meta.device)
     if p.k_valid is not None:
         kv = p.k_valid.gather(1, p.q_meta)
         ok = kv if ok is None else ok & kv
     return ok
+
+
+def _never_self(q_meta: torch.Tensor) -> bool:
+    """True when q_meta is a cached index known to hold pos_index_i != i (nt_xent's other view)."""
+    trust = const_cache.trusted(q_meta)
+    return trust is not None and trust.never_self
 
 
 def positive_mask(p: ContrastProblem) -> torch.Tensor:
@@ -65,33 +73,34 @@ def positive_mask(p: ContrastProblem) -> torch.Tensor:
 
 
 class _DenseInfoNCE(torch.autograd.Function):
+    """Outputs (loss, lse, count) for reduction="none", else (reduced loss, loss, lse, count): with the
+    reduction inside, a small call needs no autograd nodes (nor eager operations) for the mean."""
+
     @staticmethod
-    def forward(ctx, q, k, scale, p: ContrastProblem):
+    def forward(ctx, q, k, scale, p: ContrastProblem, reduction: str):
         ctx.set_materialize_grads(False)
         sdt = stats_dtype(q.dtype)
         same = k is q
-        qf = q.detach().to(sdt)
-        kf = qf if same else k.detach().to(sdt)
+        ctx.flat = q.dim() == 2   # the caller's 2-D tensors (p.q is q[None]): no unsqueeze node in the graph
+        ctx.dtypes = (q.dtype, k.dtype)
+        if ctx.flat:
+            q = q.unsqueeze(0)
+            k = q if same else k.unsqueeze(0)
+        qf = q if q.dtype == sdt else q.to(sdt)   # (forward runs without autograd: no detach needed)
+        kf = qf if same else (k if k.dtype == sdt else k.to(sdt))
         s = float(scale)
-        q_inv = k_inv = None
+        q_norm = k_norm = None
         qh, kh = qf, kf
-        if p.normalize:
-            q_inv = inv_norms(qf)
-            qh = qf * q_inv[..., None]
+        if p.normalize:   # exactly F.normalize: x / max(‖x‖, ε)
+            q_norm = torch.linalg.vector_norm(qf, dim=-1, keepdim=True).clamp_(min=EPS)
+            qh = qf / q_norm
             if same:
-                k_inv, kh = q_inv, qh
+                k_norm, kh = q_norm, qh
             else:
-                k_inv = inv_norms(kf)
-                kh = kf * k_inv[..., None]
-        # (alpha=s inside the GEMM rounds differently and measurably worsens the float32 τ gradient)
-        z = torch.bmm(qh, kh.transpose(1, 2)).mul_(s)
-        if p.k_valid is not None:
-            z.masked_fill_(~p.k_valid[:, None, :], -math.inf)
-        if p.exclude_self:
-            z.diagonal(dim1=1, dim2=2).fill_(-math.inf)
-        lsm = torch.log_softmax(z, -1)
-        lse = z.amax(-1).sub_(lsm.amax(-1))
-        prob = lsm.exp()
+                k_norm = torch.linalg.vector_norm(kf, dim=-1, keepdim=True).clamp_(min=EPS)
+                kh = kf / k_norm
+        lsm, zmax = _log_softmax_logits(qh, kh, s, p)
+        lse = zmax.sub_(lsm.amax(-1))
         y = None
         if p.rule == "index":
             counted = index_ok(p)    # None: every anchor's positive is valid
@@ -103,36 +112,57 @@ class _DenseInfoNCE(torch.autograd.Function):
             count = y.sum(-1, dtype=torch.int32)
             counted = count > 0
             pos_term = torch.where(y, lsm, 0.0).sum(-1) / count.clamp(min=1)
-        if p.k_valid is not None or z.shape[2] <= int(p.exclude_self):
-            # rows without any valid key: λ = NaN; their P is 0 and their LSE −inf
-            prob.nan_to_num_(0.0)
+        prob = _probabilities_(lsm, p)   # λ is not needed any more: P = exp(λ) in its buffer
+        if _may_have_empty_rows(p):
             lse.nan_to_num_(-math.inf)
         if p.q_valid is not None:
             counted = p.q_valid.clone() if counted is None else counted.logical_and_(p.q_valid)
             count = count * p.q_valid
         loss = pos_term.neg_() if counted is None else torch.where(counted, pos_term.neg_(), 0.0)
 
-        ctx.s, ctx.same, ctx.normalize, ctx.p = s, same, p.normalize, p
-        ctx.dtypes = (q.dtype, k.dtype)
+        ctx.s, ctx.same, ctx.normalize, ctx.p, ctx.reduction = s, same, p.normalize, p, reduction
         ctx.scale_dtype = scale.dtype if isinstance(scale, torch.Tensor) else None
-        ctx.save_for_backward(prob, y, count, counted, qh, kh, q_inv, k_inv)
+        ctx.save_for_backward(y, count, counted, qh, kh, q_norm, k_norm)
+        ctx.prob = prob   # not saved_tensors: the backward takes it over and turns it into dz in place
         ctx.mark_non_differentiable(lse, count)
-        return loss, lse, count
+        if reduction == "none":
+            return loss, lse, count
+        if reduction == "sum":
+            return loss.sum(), loss, lse, count
+        # mean over counted anchors (0 if none); ctx.n is what the backward divides by
+        if counted is None:
+            ctx.n = loss.numel()
+            return loss.mean(), loss, lse, count
+        ctx.n = counted.sum().clamp_(min=1)
+        return loss.sum() / ctx.n, loss, lse, count
 
     @staticmethod
-    def backward(ctx, g_loss, _g_lse, _g_count):
-        prob, y, count, counted, qh, kh, q_inv, k_inv = ctx.saved_tensors
+    def backward(ctx, *grads):
+        g_red, g_rows = (None, grads[0]) if ctx.reduction == "none" else grads[:2]
+        if g_red is None and g_rows is None:
+            return None, None, None, None, None
+        y, count, counted, qh, kh, q_norm, k_norm = ctx.saved_tensors
+        prob, ctx.prob = ctx.prob, None
+        if prob is None:   # a second backward through this graph (retain_graph=True): the first consumed P
+            prob = _probabilities_(_log_softmax_logits(qh, kh, ctx.s, ctx.p)[0], ctx.p)
         s, same = ctx.s, ctx.same
         need_q, need_k, need_s = ctx.needs_input_grad[:3]
-        if g_loss is None:
-            return None, None, None, None
-        g = g_loss.to(prob.dtype)
-        gs = g * s if counted is None else torch.where(counted, g, 0.0).mul_(s)   # s·g_i (0 if not counted)
-        dz = prob * gs.unsqueeze(-1)                                              # s·g·P
-        if y is None:   # index rule: |P(i)| = 1 where counted
-            dz.scatter_add_(2, ctx.p.q_meta.unsqueeze(-1), gs.neg_().unsqueeze(-1))
+        # s·g_i with g_i = dL/dℓ_i: (G, N), or 0-d when the same for every anchor (the reduction's own gradient)
+        if g_rows is None and counted is None:
+            gs = g_red * (s / ctx.n) if ctx.reduction == "mean" else g_red * s
         else:
-            dz.sub_(y * (gs / count.clamp(min=1)).unsqueeze(-1))
+            g = g_red / ctx.n if g_red is not None and ctx.reduction == "mean" else g_red
+            if g_rows is not None:
+                g = g_rows if g is None else g_rows + g
+            gs = g * s if counted is None else torch.where(counted, g, 0.0).mul_(s)   # 0 if not counted
+        if gs.dtype != prob.dtype:
+            gs = gs.to(prob.dtype)
+        gs3 = gs.unsqueeze(-1) if gs.dim() else gs
+        if y is None:   # index rule, |P(i)| = 1 where counted: s·dz = s·g·(P − onehot(pos_index))
+            G, N = prob.shape[:2]
+            dz = prob.scatter_add_(2, ctx.p.q_meta.unsqueeze(-1), prob.new_full((G, N, 1), -1.0)).mul_(gs3)
+        else:           # s·dz = s·g·P − (s·g/|P(i)|)·Y
+            dz = prob.mul_(gs3).sub_(y * (gs / count.clamp(min=1)).unsqueeze(-1))
         dq = dk = ds = None
         if same and need_q and not need_s:
             if dz.shape[1] * dz.shape[2] <= 1 << 16:   # tiny: one transposed add beats a second GEMM
@@ -150,14 +180,73 @@ class _DenseInfoNCE(torch.autograd.Function):
                 dq, dk = dq + dk, None
         if ctx.normalize:
             if dq is not None:
-                project_hat_(dq, qh, q_inv)
+                _project(dq, qh, q_norm)
             if dk is not None:
-                project_hat_(dk, kh, k_inv)
-        dq = dq.to(ctx.dtypes[0]) if need_q else None
-        dk = dk.to(ctx.dtypes[1]) if dk is not None else None
-        return dq, dk, ds, None
+                _project(dk, kh, k_norm)
+        if not need_q:
+            dq = None
+        elif dq.dtype != ctx.dtypes[0]:
+            dq = dq.to(ctx.dtypes[0])
+        if dk is not None and dk.dtype != ctx.dtypes[1]:
+            dk = dk.to(ctx.dtypes[1])
+        if ctx.flat:
+            dq = dq[0] if dq is not None else None
+            dk = dk[0] if dk is not None else None
+        return dq, dk, ds, None, None
+
+
+def _log_softmax_logits(qh: torch.Tensor, kh: torch.Tensor, s: float, p: ContrastProblem):
+    """(λ, max_j z_ij): λ = log_softmax(z) along keys, (G, N, M), of z = s·q̂ k̂ᵀ with invalid keys and (with
+    exclude_self) the diagonal at −inf; on a CPU λ is written over z's own buffer (one (G, N, M) allocation)."""
+    # (alpha=s inside the GEMM rounds differently and measurably worsens the float32 τ gradient)
+    z = torch.bmm(qh, kh.transpose(1, 2)).mul_(s)
+    if p.k_valid is not None:
+        z.masked_fill_(~p.k_valid.unsqueeze(1), -math.inf)
+    if p.exclude_self:
+        z.diagonal(dim1=1, dim2=2).fill_(-math.inf)
+    zmax = z.amax(-1)
+    if z.device.type == "cpu":   # the CPU kernel reads each row (max, sum) before it writes it: in place is exact
+        return torch._log_softmax(z, -1, False, out=z), zmax
+    return torch.log_softmax(z, -1), zmax
+
+
+def _may_have_empty_rows(p: ContrastProblem) -> bool:
+    """Whether some anchor may have no valid key at all (its λ row is NaN)."""
+    return p.k_valid is not None or p.k.shape[1] <= int(p.exclude_self)
+
+
+def _probabilities_(lsm: torch.Tensor, p: ContrastProblem) -> torch.Tensor:
+    """P = exp(λ) in place; 0 on rows without any valid key (where λ is NaN)."""
+    prob = lsm.exp_()
+    return prob.nan_to_num_(0.0) if _may_have_empty_rows(p) else prob
+
+
+def _project(dx_hat: torch.Tensor, x_hat: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
+    """In place: the gradient w.r.t. x̂ = x / norm (norm = max(‖x‖, ε), (..., 1)) becomes the one w.r.t. x,
+    (dx̂ − x̂⟨x̂, dx̂⟩) / norm, or dx̂ / ε where the norm was clamped (as autograd through F.normalize gives)."""
+    r = torch.linalg.vecdot(x_hat, dx_hat).unsqueeze_(-1).masked_fill_(norm <= EPS, 0.0)
+    return dx_hat.addcmul_(x_hat, r, value=-1.0).div_(norm)
 
 
 def dense_rows(p: ContrastProblem) -> RowOutputs:
     """Per-anchor loss, LSE and positive count with the (G, N, M) logits in memory (see module docstring)."""
-    return RowOutputs(*_DenseInfoNCE.apply(p.q, p.k, p.scale, p))
+    return RowOutputs(*_DenseInfoNCE.apply(p.q, p.k, p.scale, p, "none"))
+
+
+def dense_reduced(p: ContrastProblem, reduction: str, flat: Optional[tuple] = None
+                  ) -> tuple[RowOutputs, torch.Tensor]:
+    """`dense_rows` and the reduced loss ("mean" over counted anchors, or "sum") from one autograd function.
+
+    The reduced loss equals `loss.sum() / max(#counted, 1)` ("mean") or `loss.sum()` of the rows, with its
+    gradient flowing through the same hand-written backward (no autograd nodes for the reduction); the rows
+    stay differentiable too. `flat`: (q, k) as the caller gave them when they were 2-D (p.q is q[None], p.k is
+    k[None], or k is None for self-contrast): the function then takes them directly, so that the graph has no
+    unsqueeze node (the outputs are (1, N) all the same). Raises ValueError for any other reduction.
+    """
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum' here, got {reduction!r}")
+    q, k = p.q, p.k
+    if flat is not None:
+        q, k = flat[0], (flat[0] if p.k is p.q else flat[1])
+    red, loss, lse, count = _DenseInfoNCE.apply(q, k, p.scale, p, reduction)
+    return RowOutputs(loss, lse, count), red
