@@ -8,7 +8,7 @@ what these losses already know and re-derives what they already have; at B = 64 
 third of the forward (much more than its warm-cache timing suggests: between two calls of a training step
 the cache is cold, and every line of Python and every distinct operation then costs several microseconds;
 docs/cpu_path.md). This module checks exactly what the general path would check for these inputs, builds the
-`ContrastProblem` directly and calls `torch_dense.dense_reduced`; anything it does not handle (tensor τ,
+`ContrastProblem` directly and calls `torch_dense.dense_loss`; anything it does not handle (tensor τ,
 other implementations, reduction="none", process groups, empty or large batches, any input the general path
 would reject) returns None, and the caller takes the general path, which raises the usual errors.
 """
@@ -69,4 +69,4 @@ def self_contrast(z: torch.Tensor, temperature, normalize, reduction, impl, proc
     q = z[None]
     p = ContrastProblem(q=q, k=q, scale=1.0 / temperature, rule=rule, q_meta=q_meta, k_meta=k_meta,
                         threshold=thr, exclude_self=True, normalize=normalize)
-    return torch_dense.dense_reduced(p, reduction, (z, None))[1]
+    return torch_dense.dense_loss(p, reduction, (z, None))

@@ -73,12 +73,14 @@ def positive_mask(p: ContrastProblem) -> torch.Tensor:
 
 
 class _DenseInfoNCE(torch.autograd.Function):
-    """Outputs (loss, lse, count) for reduction="none", else (reduced loss, loss, lse, count): with the
-    reduction inside, a small call needs no autograd nodes (nor eager operations) for the mean."""
+    """Outputs: (loss, lse, count) for reduction="none"; else the reduced loss, followed by (loss, lse, count)
+    when `rows`. With the reduction inside, a small call needs no autograd nodes (nor eager operations) for it,
+    and without `rows` no LSE or count is computed at all."""
 
     @staticmethod
-    def forward(ctx, q, k, scale, p: ContrastProblem, reduction: str):
+    def forward(ctx, q, k, scale, p: ContrastProblem, reduction: str, rows: bool):
         ctx.set_materialize_grads(False)
+        rows = rows or reduction == "none"
         sdt = stats_dtype(q.dtype)
         same = k is q
         ctx.flat = q.dim() == 2   # the caller's 2-D tensors (p.q is q[None]): no unsqueeze node in the graph
@@ -99,52 +101,58 @@ class _DenseInfoNCE(torch.autograd.Function):
             else:
                 k_norm = torch.linalg.vector_norm(kf, dim=-1, keepdim=True).clamp_(min=EPS)
                 kh = kf / k_norm
-        lsm, zmax = _log_softmax_logits(qh, kh, s, p)
-        lse = zmax.sub_(lsm.amax(-1))
-        y = None
+        lsm, zmax = _log_softmax_logits(qh, kh, s, p, with_max=rows)
+        lse = zmax.sub_(lsm.amax(-1)) if rows else None
+        y = count = None
         if p.rule == "index":
             counted = index_ok(p)    # None: every anchor's positive is valid
-            count = (torch.ones_like(p.q_meta, dtype=torch.int32) if counted is None
-                     else counted.to(torch.int32))
-            pos_term = lsm.gather(2, p.q_meta.unsqueeze(-1)).squeeze(-1)      # λ_ip (−inf if invalid)
+            pos_term = lsm.gather(2, _column(p.q_meta)).squeeze(-1)           # λ_ip (−inf if invalid)
         else:
             y = positive_mask(p)
             count = y.sum(-1, dtype=torch.int32)
             counted = count > 0
             pos_term = torch.where(y, lsm, 0.0).sum(-1) / count.clamp(min=1)
         prob = _probabilities_(lsm, p)   # λ is not needed any more: P = exp(λ) in its buffer
-        if _may_have_empty_rows(p):
-            lse.nan_to_num_(-math.inf)
         if p.q_valid is not None:
             counted = p.q_valid.clone() if counted is None else counted.logical_and_(p.q_valid)
-            count = count * p.q_valid
-        loss = pos_term.neg_() if counted is None else torch.where(counted, pos_term.neg_(), 0.0)
+            if count is not None:
+                count = count * p.q_valid
 
         ctx.s, ctx.same, ctx.normalize, ctx.p, ctx.reduction = s, same, p.normalize, p, reduction
         ctx.scale_dtype = scale.dtype if isinstance(scale, torch.Tensor) else None
         ctx.save_for_backward(y, count, counted, qh, kh, q_norm, k_norm)
         ctx.prob = prob   # not saved_tensors: the backward takes it over and turns it into dz in place
-        ctx.mark_non_differentiable(lse, count)
-        if reduction == "none":
-            return loss, lse, count
+        if counted is None and not rows:   # the reduction straight from λ_ip: ℓ_i = −λ_ip for every anchor
+            ctx.n = pos_term.numel()
+            return (pos_term.mean() if reduction == "mean" else pos_term.sum()).neg_()
+        loss = pos_term.neg_() if counted is None else torch.where(counted, pos_term.neg_(), 0.0)
         if reduction == "sum":
-            return loss.sum(), loss, lse, count
-        # mean over counted anchors (0 if none); ctx.n is what the backward divides by
-        if counted is None:
-            ctx.n = loss.numel()
-            return loss.mean(), loss, lse, count
-        ctx.n = counted.sum().clamp_(min=1)
-        return loss.sum() / ctx.n, loss, lse, count
+            red = loss.sum()
+        elif reduction == "mean":   # over counted anchors (0 if none); ctx.n is what the backward divides by
+            ctx.n = loss.numel() if counted is None else counted.sum().clamp_(min=1)
+            red = loss.mean() if counted is None else loss.sum() / ctx.n
+        if not rows:
+            return red
+        if _may_have_empty_rows(p):
+            lse.nan_to_num_(-math.inf)
+        if count is None:   # index rule: |P(i)| = 1 where counted
+            count = (torch.ones_like(p.q_meta, dtype=torch.int32) if counted is None
+                     else counted.to(torch.int32))
+        ctx.mark_non_differentiable(lse, count)
+        return (loss, lse, count) if reduction == "none" else (red, loss, lse, count)
 
     @staticmethod
     def backward(ctx, *grads):
-        g_red, g_rows = (None, grads[0]) if ctx.reduction == "none" else grads[:2]
+        if ctx.reduction == "none":
+            g_red, g_rows = None, grads[0]
+        else:
+            g_red, g_rows = grads[0], (grads[1] if len(grads) > 1 else None)
         if g_red is None and g_rows is None:
-            return None, None, None, None, None
+            return None, None, None, None, None, None
         y, count, counted, qh, kh, q_norm, k_norm = ctx.saved_tensors
         prob, ctx.prob = ctx.prob, None
         if prob is None:   # a second backward through this graph (retain_graph=True): the first consumed P
-            prob = _probabilities_(_log_softmax_logits(qh, kh, ctx.s, ctx.p)[0], ctx.p)
+            prob = _probabilities_(_log_softmax_logits(qh, kh, ctx.s, ctx.p, with_max=False)[0], ctx.p)
         s, same = ctx.s, ctx.same
         need_q, need_k, need_s = ctx.needs_input_grad[:3]
         # s·g_i with g_i = dL/dℓ_i: (G, N), or 0-d when the same for every anchor (the reduction's own gradient)
@@ -159,10 +167,10 @@ class _DenseInfoNCE(torch.autograd.Function):
             gs = gs.to(prob.dtype)
         gs3 = gs.unsqueeze(-1) if gs.dim() else gs
         if y is None:   # index rule, |P(i)| = 1 where counted: s·dz = s·g·(P − onehot(pos_index))
-            G, N = prob.shape[:2]
-            dz = prob.scatter_add_(2, ctx.p.q_meta.unsqueeze(-1), prob.new_full((G, N, 1), -1.0)).mul_(gs3)
-        else:           # s·dz = s·g·P − (s·g/|P(i)|)·Y
-            dz = prob.mul_(gs3).sub_(y * (gs / count.clamp(min=1)).unsqueeze(-1))
+            idx = _column(ctx.p.q_meta)
+            dz = prob.scatter_add_(2, idx, const_cache.filled(idx.shape, -1.0, prob.dtype, prob.device)).mul_(gs3)
+        else:           # s·dz = s·g·P − (s·g/|P(i)|)·Y (gs is 0 where count is 0)
+            dz = prob.mul_(gs3).addcmul_(y, (gs / count.clamp(min=1)).unsqueeze(-1), value=-1.0)
         dq = dk = ds = None
         if same and need_q and not need_s:
             if dz.shape[1] * dz.shape[2] <= 1 << 16:   # tiny: one transposed add beats a second GEMM
@@ -192,19 +200,19 @@ class _DenseInfoNCE(torch.autograd.Function):
         if ctx.flat:
             dq = dq[0] if dq is not None else None
             dk = dk[0] if dk is not None else None
-        return dq, dk, ds, None, None
+        return dq, dk, ds, None, None, None
 
 
-def _log_softmax_logits(qh: torch.Tensor, kh: torch.Tensor, s: float, p: ContrastProblem):
-    """(λ, max_j z_ij): λ = log_softmax(z) along keys, (G, N, M), of z = s·q̂ k̂ᵀ with invalid keys and (with
-    exclude_self) the diagonal at −inf; on a CPU λ is written over z's own buffer (one (G, N, M) allocation)."""
+def _log_softmax_logits(qh: torch.Tensor, kh: torch.Tensor, s: float, p: ContrastProblem, with_max: bool):
+    """(λ, max_j z_ij or None): λ = log_softmax(z) along keys, (G, N, M), of z = s·q̂ k̂ᵀ with invalid keys and
+    (with exclude_self) the diagonal at −inf; on a CPU λ is written over z's own buffer (one (G, N, M) buffer)."""
     # (alpha=s inside the GEMM rounds differently and measurably worsens the float32 τ gradient)
     z = torch.bmm(qh, kh.transpose(1, 2)).mul_(s)
     if p.k_valid is not None:
         z.masked_fill_(~p.k_valid.unsqueeze(1), -math.inf)
     if p.exclude_self:
         z.diagonal(dim1=1, dim2=2).fill_(-math.inf)
-    zmax = z.amax(-1)
+    zmax = z.amax(-1) if with_max else None
     if z.device.type == "cpu":   # the CPU kernel reads each row (max, sum) before it writes it: in place is exact
         return torch._log_softmax(z, -1, False, out=z), zmax
     return torch.log_softmax(z, -1), zmax
@@ -221,16 +229,39 @@ def _probabilities_(lsm: torch.Tensor, p: ContrastProblem) -> torch.Tensor:
     return prob.nan_to_num_(0.0) if _may_have_empty_rows(p) else prob
 
 
+def _column(q_meta: torch.Tensor) -> torch.Tensor:
+    """q_meta (G, N) as a (G, N, 1) gather/scatter index: cached for `const_cache` indices."""
+    return const_cache.column(q_meta) if const_cache.trusted(q_meta) is not None else q_meta.unsqueeze(-1)
+
+
 def _project(dx_hat: torch.Tensor, x_hat: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
     """In place: the gradient w.r.t. x̂ = x / norm (norm = max(‖x‖, ε), (..., 1)) becomes the one w.r.t. x,
     (dx̂ − x̂⟨x̂, dx̂⟩) / norm, or dx̂ / ε where the norm was clamped (as autograd through F.normalize gives)."""
-    r = torch.linalg.vecdot(x_hat, dx_hat).unsqueeze_(-1).masked_fill_(norm <= EPS, 0.0)
+    r = (x_hat * dx_hat).sum(-1, keepdim=True).masked_fill_(norm <= EPS, 0.0)
     return dx_hat.addcmul_(x_hat, r, value=-1.0).div_(norm)
+
+
+def _apply(q, k, scale, *rest):
+    """`_DenseInfoNCE.apply` without `torch.autograd.Function.apply`'s Python wrapper when no functorch
+    transform is active (the wrapper then only unwraps dead functorch wrappers, done here too): a few
+    microseconds of Python that a cold-cache small call feels."""
+    if _C_APPLY is None or torch._C._are_functorch_transforms_active():
+        return _DenseInfoNCE.apply(q, k, scale, *rest)
+    if isinstance(scale, torch.Tensor):
+        scale = _unwrap_if_dead(scale)
+    return _C_APPLY(_unwrap_if_dead(q), _unwrap_if_dead(k), scale, *rest)
+
+
+try:   # private torch API: fall back to the public apply if it moves
+    _C_APPLY = super(torch.autograd.Function, _DenseInfoNCE).apply
+    _unwrap_if_dead = torch._C._functorch.unwrap_if_dead
+except AttributeError:  # pragma: no cover
+    _C_APPLY = None
 
 
 def dense_rows(p: ContrastProblem) -> RowOutputs:
     """Per-anchor loss, LSE and positive count with the (G, N, M) logits in memory (see module docstring)."""
-    return RowOutputs(*_DenseInfoNCE.apply(p.q, p.k, p.scale, p, "none"))
+    return RowOutputs(*_apply(p.q, p.k, p.scale, p, "none", True))
 
 
 def dense_reduced(p: ContrastProblem, reduction: str, flat: Optional[tuple] = None
@@ -248,5 +279,15 @@ def dense_reduced(p: ContrastProblem, reduction: str, flat: Optional[tuple] = No
     q, k = p.q, p.k
     if flat is not None:
         q, k = flat[0], (flat[0] if p.k is p.q else flat[1])
-    red, loss, lse, count = _DenseInfoNCE.apply(q, k, p.scale, p, reduction)
+    red, loss, lse, count = _apply(q, k, p.scale, p, reduction, True)
     return RowOutputs(loss, lse, count), red
+
+
+def dense_loss(p: ContrastProblem, reduction: str, flat: Optional[tuple] = None) -> torch.Tensor:
+    """The reduced loss of `dense_reduced` alone (no per-anchor loss, LSE or count is computed)."""
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum' here, got {reduction!r}")
+    q, k = p.q, p.k
+    if flat is not None:
+        q, k = flat[0], (flat[0] if p.k is p.q else flat[1])
+    return _apply(q, k, p.scale, p, reduction, False)
