@@ -59,12 +59,16 @@ def self_contrast(z: torch.Tensor, temperature, normalize, reduction, impl, proc
             if meta.is_floating_point() or meta.is_complex() or meta.dtype == torch.bool:
                 return None
             q_meta = meta.long().contiguous()[None]
-        else:   # (the finiteness check reads values: skipped on CUDA, as the general path's default does)
+        else:
             if (not meta.is_floating_point() or threshold.__class__ not in (float, int)
-                    or not (0 < threshold < math.inf)
-                    or (z.device.type != "cuda" and not bool(torch.isfinite(meta).all()))):
+                    or not (0 < threshold < math.inf)):
                 return None
-            q_meta, thr = meta.float().contiguous()[None], float(threshold)
+            q_meta, thr = meta.float().contiguous(), float(threshold)
+            # finite positions, checked as the general path does except on CUDA (it reads values back): the
+            # float64 sum of float32 values cannot overflow, so it is finite iff every position is
+            if z.device.type != "cuda" and not math.isfinite(q_meta.sum(dtype=torch.float64).item()):
+                return None
+            q_meta = q_meta[None]
         k_meta = q_meta
     q = z[None]
     p = ContrastProblem(q=q, k=q, scale=1.0 / temperature, rule=rule, q_meta=q_meta, k_meta=k_meta,

@@ -111,7 +111,8 @@ class _DenseInfoNCE(torch.autograd.Function):
             y = positive_mask(p)
             count = y.sum(-1, dtype=torch.int32)
             counted = count > 0
-            pos_term = torch.where(y, lsm, 0.0).sum(-1) / count.clamp(min=1)
+            # mean of λ over P(i); exactly 0 (no term) where P(i) is empty
+            pos_term = torch.where(y, lsm, 0.0).sum(-1).div_(count.clamp(min=1))
         prob = _probabilities_(lsm, p)   # λ is not needed any more: P = exp(λ) in its buffer
         if p.q_valid is not None:
             counted = p.q_valid.clone() if counted is None else counted.logical_and_(p.q_valid)
@@ -122,9 +123,16 @@ class _DenseInfoNCE(torch.autograd.Function):
         ctx.scale_dtype = scale.dtype if isinstance(scale, torch.Tensor) else None
         ctx.save_for_backward(y, count, counted, qh, kh, q_norm, k_norm)
         ctx.prob = prob   # not saved_tensors: the backward takes it over and turns it into dz in place
-        if counted is None and not rows:   # the reduction straight from λ_ip: ℓ_i = −λ_ip for every anchor
-            ctx.n = pos_term.numel()
-            return (pos_term.mean() if reduction == "mean" else pos_term.sum()).neg_()
+        if not rows:      # the reduction straight from the positive terms, where no anchor needs masking
+            if counted is None:   # ℓ_i = −λ_ip for every anchor
+                ctx.n = pos_term.numel()
+                return (pos_term.mean() if reduction == "mean" else pos_term.sum()).neg_()
+            if y is not None and p.q_valid is None:   # anchors without a positive have a term of exactly 0
+                red = pos_term.sum()
+                if reduction == "mean":
+                    ctx.n = counted.sum().clamp_(min=1)
+                    red.div_(ctx.n)
+                return red.neg_()
         loss = pos_term.neg_() if counted is None else torch.where(counted, pos_term.neg_(), 0.0)
         if reduction == "sum":
             red = loss.sum()
@@ -162,7 +170,12 @@ class _DenseInfoNCE(torch.autograd.Function):
             g = g_red / ctx.n if g_red is not None and ctx.reduction == "mean" else g_red
             if g_rows is not None:
                 g = g_rows if g is None else g_rows + g
-            gs = g * s if counted is None else torch.where(counted, g, 0.0).mul_(s)   # 0 if not counted
+            if counted is None:
+                gs = g * s
+            elif g.dim() == 0:   # the reduction's gradient alone: the same for every counted anchor
+                gs = counted * (g * s)
+            else:
+                gs = torch.where(counted, g, 0.0).mul_(s)   # 0 if not counted
         if gs.dtype != prob.dtype:
             gs = gs.to(prob.dtype)
         gs3 = gs.unsqueeze(-1) if gs.dim() else gs
