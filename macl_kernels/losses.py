@@ -80,11 +80,11 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, *, temperature: Temperature = 0.
         raise ValueError(f"z1 and z2 must both be (B, D) with equal shapes, got {tuple(z1.shape)} and "
                          f"{tuple(z2.shape)}")
     B = z1.shape[0]
-    z = _prep(torch.cat([z1, z2]))
-    pos = const_cache.other_view_index(B, z.device)   # (1, 2B): i + B mod 2B, cached and trusted in range
-    out = small_path.self_contrast(z, temperature, normalize, reduction, impl, process_group, "index", pos)
+    pos = const_cache.other_view_index(B, z1.device)   # (1, 2B): i + B mod 2B, cached and trusted in range
+    out = small_path.two_views(z1, z2, pos, temperature, normalize, reduction, impl, process_group)
     if out is not None:   # small problem: straight to the dense torch path (small_path.py)
         return out
+    z = _prep(torch.cat([z1, z2]))
     out = contrast(z, group=resolve_group(process_group), temperature=temperature, pos_index=pos,
                    exclude_self=True, reduction=reduction, impl=impl, normalize=normalize,
                    allow_tf32=allow_tf32)

@@ -25,8 +25,19 @@ from .problem import ContrastProblem
 _REDUCED = ("mean", "sum")
 
 
+def two_views(z1: torch.Tensor, z2: torch.Tensor, pos: torch.Tensor, temperature, normalize, reduction, impl,
+              process_group) -> Optional[torch.Tensor]:
+    """nt_xent's `self_contrast` of cat([z1, z2]) with the index rule `pos` (a `const_cache` index), the
+    concatenation made without autograd: the gradient flows to z1 and z2 from the dense function itself."""
+    if z1.dtype != z2.dtype or z1.device != z2.device or not z1.is_floating_point():
+        return None   # (the general path promotes or raises)
+    z = torch.cat([z1.detach(), z2.detach()])
+    return self_contrast(z, temperature, normalize, reduction, impl, process_group, "index", pos, pair=(z1, z2))
+
+
 def self_contrast(z: torch.Tensor, temperature, normalize, reduction, impl, process_group,
-                  rule: str, meta: torch.Tensor, threshold=None) -> Optional[torch.Tensor]:
+                  rule: str, meta: torch.Tensor, threshold=None, pair: Optional[tuple] = None
+                  ) -> Optional[torch.Tensor]:
     """`grouped_info_nce(z, exclude_self=True, <rule>=meta, ...).loss`, or None where this path does not apply.
 
     Args:
@@ -34,9 +45,11 @@ def self_contrast(z: torch.Tensor, temperature, normalize, reduction, impl, proc
         temperature, normalize, reduction, impl, process_group: as the losses take them.
         rule: "index" (meta = a `const_cache` index tensor, (1, N), trusted in range), "label" (meta = (N,)
             integer labels) or "radius" (meta = (N,) float positions, with `threshold`).
+        pair: (z1, z2) when z is their concatenation made without autograd (`two_views`).
 
     Returns:
-        The 0-d reduced loss (float32, float64 for float64 features), differentiable w.r.t. z; or None.
+        The 0-d reduced loss (float32, float64 for float64 features), differentiable w.r.t. z (or the two
+        halves of `pair`); or None.
     """
     if (process_group is not None or reduction not in _REDUCED or normalize.__class__ is not bool
             or temperature.__class__ is not float or not (0.0 < temperature < math.inf)
@@ -73,4 +86,6 @@ def self_contrast(z: torch.Tensor, temperature, normalize, reduction, impl, proc
     q = z[None]
     p = ContrastProblem(q=q, k=q, scale=1.0 / temperature, rule=rule, q_meta=q_meta, k_meta=k_meta,
                         threshold=thr, exclude_self=True, normalize=normalize)
+    if pair is not None:
+        return torch_dense.dense_loss(p, reduction, pair=pair)
     return torch_dense.dense_loss(p, reduction, (z, None))

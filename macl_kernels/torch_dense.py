@@ -75,19 +75,25 @@ def positive_mask(p: ContrastProblem) -> torch.Tensor:
 class _DenseInfoNCE(torch.autograd.Function):
     """Outputs: (loss, lse, count) for reduction="none"; else the reduced loss, followed by (loss, lse, count)
     when `rows`. With the reduction inside, a small call needs no autograd nodes (nor eager operations) for it,
-    and without `rows` no LSE or count is computed at all."""
+    and without `rows` no LSE or count is computed at all.
+    pair: q and k are the two 2-D halves of a self-contrast problem whose features p.q = p.k (1, N, D) are
+    their concatenation (made without autograd): the function takes the halves' gradients itself, so that
+    the graph has no concatenation node."""
 
     @staticmethod
-    def forward(ctx, q, k, scale, p: ContrastProblem, reduction: str, rows: bool):
+    def forward(ctx, q, k, scale, p: ContrastProblem, reduction: str, rows: bool, pair: bool = False):
         ctx.set_materialize_grads(False)
         rows = rows or reduction == "none"
-        sdt = stats_dtype(q.dtype)
+        ctx.dtypes = (q.dtype, k.dtype)
+        ctx.pair = q.shape[0] if pair else None   # the first half's rows
+        if pair:
+            q = k = p.q
         same = k is q
         ctx.flat = q.dim() == 2   # the caller's 2-D tensors (p.q is q[None]): no unsqueeze node in the graph
-        ctx.dtypes = (q.dtype, k.dtype)
         if ctx.flat:
             q = q.unsqueeze(0)
             k = q if same else k.unsqueeze(0)
+        sdt = stats_dtype(q.dtype)
         qf = q if q.dtype == sdt else q.to(sdt)   # (forward runs without autograd: no detach needed)
         kf = qf if same else (k if k.dtype == sdt else k.to(sdt))
         s = float(scale)
@@ -156,13 +162,15 @@ class _DenseInfoNCE(torch.autograd.Function):
         else:
             g_red, g_rows = grads[0], (grads[1] if len(grads) > 1 else None)
         if g_red is None and g_rows is None:
-            return None, None, None, None, None, None
+            return None, None, None, None, None, None, None
         y, count, counted, qh, kh, q_norm, k_norm = ctx.saved_tensors
         prob, ctx.prob = ctx.prob, None
         if prob is None:   # a second backward through this graph (retain_graph=True): the first consumed P
             prob = _probabilities_(_log_softmax_logits(qh, kh, ctx.s, ctx.p, with_max=False)[0], ctx.p)
         s, same = ctx.s, ctx.same
         need_q, need_k, need_s = ctx.needs_input_grad[:3]
+        if ctx.pair is not None:   # one features tensor (q is k), split at the end
+            need_q = need_k = need_q or need_k
         # s·g_i with g_i = dL/dℓ_i: (G, N), or 0-d when the same for every anchor (the reduction's own gradient)
         if g_rows is None and counted is None:
             gs = g_red * (s / ctx.n) if ctx.reduction == "mean" else g_red * s
@@ -204,6 +212,8 @@ class _DenseInfoNCE(torch.autograd.Function):
                 _project(dq, qh, q_norm)
             if dk is not None:
                 _project(dk, kh, k_norm)
+        if ctx.pair is not None:
+            return _split_pair(ctx, dq, ds)
         if not need_q:
             dq = None
         elif dq.dtype != ctx.dtypes[0]:
@@ -213,7 +223,20 @@ class _DenseInfoNCE(torch.autograd.Function):
         if ctx.flat:
             dq = dq[0] if dq is not None else None
             dk = dk[0] if dk is not None else None
-        return dq, dk, ds, None, None, None
+        return dq, dk, ds, None, None, None, None
+
+
+def _split_pair(ctx, dq, ds):
+    """The backward's outputs for `pair`: the gradient rows of each half, in each half's dtype."""
+    need_1, need_2 = ctx.needs_input_grad[:2]
+    d1 = d2 = None
+    if dq is not None:
+        dq = dq[0]
+        if need_1:
+            d1 = dq[:ctx.pair] if dq.dtype == ctx.dtypes[0] else dq[:ctx.pair].to(ctx.dtypes[0])
+        if need_2:
+            d2 = dq[ctx.pair:] if dq.dtype == ctx.dtypes[1] else dq[ctx.pair:].to(ctx.dtypes[1])
+    return d1, d2, ds, None, None, None, None
 
 
 def _log_softmax_logits(qh: torch.Tensor, kh: torch.Tensor, s: float, p: ContrastProblem, with_max: bool):
@@ -296,10 +319,18 @@ def dense_reduced(p: ContrastProblem, reduction: str, flat: Optional[tuple] = No
     return RowOutputs(loss, lse, count), red
 
 
-def dense_loss(p: ContrastProblem, reduction: str, flat: Optional[tuple] = None) -> torch.Tensor:
-    """The reduced loss of `dense_reduced` alone (no per-anchor loss, LSE or count is computed)."""
+def dense_loss(p: ContrastProblem, reduction: str, flat: Optional[tuple] = None,
+               pair: Optional[tuple] = None) -> torch.Tensor:
+    """The reduced loss of `dense_reduced` alone (no per-anchor loss, LSE or count is computed).
+
+    pair: (a, b), 2-D, for a self-contrast p whose p.q = p.k is cat([a, b])[None] made without autograd: the
+    gradient flows to a and b directly (no concatenation node in the graph). Raises ValueError for a
+    reduction other than "mean" and "sum".
+    """
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum' here, got {reduction!r}")
+    if pair is not None:
+        return _apply(pair[0], pair[1], p.scale, p, reduction, False, True)
     q, k = p.q, p.k
     if flat is not None:
         q, k = flat[0], (flat[0] if p.k is p.q else flat[1])
