@@ -31,6 +31,8 @@ from .rownorm import EPS
 #: passes over z leave the cache, where the tiled path makes one GEMM and one exp pass per tile.
 DENSE_MAX_BYTES = 2 << 20
 
+_NLL_MEAN, _NLL_SUM = 1, 2   # reduction codes of aten's nll_loss
+
 
 def fits(p: ContrastProblem) -> bool:
     """True when the (G, N, M) logits of `p` take at most DENSE_MAX_BYTES in the statistics dtype."""
@@ -109,10 +111,18 @@ class _DenseInfoNCE(torch.autograd.Function):
                 kh = kf / k_norm
         lsm, zmax = _log_softmax_logits(qh, kh, s, p, with_max=rows)
         lse = zmax.sub_(lsm.amax(-1)) if rows else None
-        y = count = None
+        y = count = pos_term = None
         if p.rule == "index":
             counted = index_ok(p)    # None: every anchor's positive is valid
-            pos_term = lsm.gather(2, _column(p.q_meta)).squeeze(-1)           # λ_ip (−inf if invalid)
+            if counted is None and p.q_valid is None and not rows:
+                # ℓ_i = −λ_ip for every anchor: the reduction is the negative log-likelihood of pos_index,
+                # in one kernel (naive code's own, so often still in the cache)
+                G, N, M = lsm.shape
+                ctx.n = G * N
+                red = torch._C._nn.nll_loss(lsm.view(G * N, M), p.q_meta.view(-1), None,
+                                            _NLL_MEAN if reduction == "mean" else _NLL_SUM, -100)
+            else:
+                pos_term = lsm.gather(2, _column(p.q_meta)).squeeze(-1)       # λ_ip (−inf if invalid)
         else:
             y = positive_mask(p)
             count = y.sum(-1, dtype=torch.int32)
@@ -130,9 +140,8 @@ class _DenseInfoNCE(torch.autograd.Function):
         ctx.save_for_backward(y, count, counted, qh, kh, q_norm, k_norm)
         ctx.prob = prob   # not saved_tensors: the backward takes it over and turns it into dz in place
         if not rows:      # the reduction straight from the positive terms, where no anchor needs masking
-            if counted is None:   # ℓ_i = −λ_ip for every anchor
-                ctx.n = pos_term.numel()
-                return (pos_term.mean() if reduction == "mean" else pos_term.sum()).neg_()
+            if pos_term is None:
+                return red
             if y is not None and p.q_valid is None:   # anchors without a positive have a term of exactly 0
                 red = pos_term.sum()
                 if reduction == "mean":
