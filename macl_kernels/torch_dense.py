@@ -102,12 +102,12 @@ class _DenseInfoNCE(torch.autograd.Function):
         q_norm = k_norm = None
         qh, kh = qf, kf
         if p.normalize:   # exactly F.normalize: x / max(‖x‖, ε)
-            q_norm = torch.linalg.vector_norm(qf, dim=-1, keepdim=True).clamp_(min=EPS)
+            q_norm = torch.linalg.vector_norm(qf, dim=-1, keepdim=True).clamp_min_(EPS)
             qh = qf / q_norm
             if same:
                 k_norm, kh = q_norm, qh
             else:
-                k_norm = torch.linalg.vector_norm(kf, dim=-1, keepdim=True).clamp_(min=EPS)
+                k_norm = torch.linalg.vector_norm(kf, dim=-1, keepdim=True).clamp_min_(EPS)
                 kh = kf / k_norm
         lsm, zmax = _log_softmax_logits(qh, kh, s, p, with_max=rows)
         lse = zmax.sub_(lsm.amax(-1)) if rows else None
