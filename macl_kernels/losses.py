@@ -91,8 +91,10 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, *, temperature: Temperature = 0.
     return out.reshape(2, B) if reduction == "none" else out
 
 
-def _views_first(features: torch.Tensor, per_sample: torch.Tensor, name: str):
-    """(N, D) or (B, V, D) features and (N,) or (B,) metadata -> (V·B, D), (V·B,), and the view count."""
+def _views_first(features: torch.Tensor, per_sample: torch.Tensor, name: str, any_order: bool = False):
+    """(N, D) or (B, V, D) features and (N,) or (B,) metadata -> (V·B, D), (V·B,), and the view count.
+    any_order: the caller reduces over anchors (mean or sum), which does not depend on their order, so (B, V, D)
+    is laid out sample-major, a view of the features (no copy, no autograd node), instead of view-major."""
     _check_tensor("features", features)
     _check_tensor(name, per_sample)
     if features.dim() == 2:
@@ -106,6 +108,8 @@ def _views_first(features: torch.Tensor, per_sample: torch.Tensor, name: str):
     if per_sample.shape != (B,):
         raise ValueError(f"{name} must have shape ({B},) for features {tuple(features.shape)}, "
                          f"got {tuple(per_sample.shape)}")
+    if any_order:
+        return features.reshape(B * V, D), per_sample.repeat_interleave(V), V
     flat = features.transpose(0, 1).reshape(V * B, D)  # view-major, as SupCon's torch.cat(unbind(1))
     return flat, per_sample.repeat(V), V
 
@@ -127,7 +131,7 @@ def sup_con(features: torch.Tensor, labels: torch.Tensor, *, temperature: Temper
     Anchors with no positive contribute 0 and are not counted. reduction="none" gives (N,) or (B, V).
     With `process_group`, positives and denominators span the features of every rank.
     """
-    flat, lab, _ = _views_first(features, labels, "labels")
+    flat, lab, _ = _views_first(features, labels, "labels", any_order=reduction != "none")
     out = small_path.self_contrast(_prep(flat), temperature, normalize, reduction, impl, process_group, "label", lab)
     if out is not None:
         return out
@@ -147,7 +151,7 @@ def positional_sup_con(features: torch.Tensor, positions: torch.Tensor, threshol
     features (N, D) or (B, V, D); positions (N,) or (B,) float (e.g. normalised slice position (i+1)/n).
     With `process_group`, positives and denominators span the features of every rank.
     """
-    flat, pos, _ = _views_first(features, positions, "positions")
+    flat, pos, _ = _views_first(features, positions, "positions", any_order=reduction != "none")
     out = small_path.self_contrast(_prep(flat), temperature, normalize, reduction, impl, process_group, "radius",
                                    pos, threshold)
     if out is not None:

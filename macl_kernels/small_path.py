@@ -2,15 +2,15 @@
 
 `nt_xent`, `sup_con` and `positional_sup_con` lay their inputs out as ONE self-contrast group of 2-D features.
 When that group's logits fit the dense path (`torch_dense.fits`), the implementation is the torch one, the
-loss is reduced ("mean" or "sum") and there is no process group, the general entry point
+loss is reduced ("mean" or "sum") and no process group spans several ranks, the general entry point
 (`dist_core.contrast` -> `api.grouped_info_nce` -> `api._build_problem` -> `api._dispatch`) only re-checks
 what these losses already know and re-derives what they already have; at B = 64 its Python costs as much as a
 third of the forward (much more than its warm-cache timing suggests: between two calls of a training step
 the cache is cold, and every line of Python and every distinct operation then costs several microseconds;
 docs/cpu_path.md). This module checks exactly what the general path would check for these inputs, builds the
-`ContrastProblem` directly and calls `torch_dense.dense_loss`; anything it does not handle (tensor τ,
-other implementations, reduction="none", process groups, empty or large batches, any input the general path
-would reject) returns None, and the caller takes the general path, which raises the usual errors.
+`ContrastProblem` directly and calls `torch_dense.dense_loss`; anything it does not handle (tensor τ, other
+implementations, reduction="none", process groups of several ranks, empty or large batches, any input the
+general path would reject) returns None, and the caller takes the general path, which raises the usual errors.
 """
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from typing import Optional
 import torch
 
 from . import const_cache, torch_dense
+from .distributed import resolve_group, world_size
 from .problem import ContrastProblem
 
 _REDUCED = ("mean", "sum")
@@ -51,11 +52,13 @@ def self_contrast(z: torch.Tensor, temperature, normalize, reduction, impl, proc
         The 0-d reduced loss (float32, float64 for float64 features), differentiable w.r.t. z (or the two
         halves of `pair`); or None.
     """
-    if (process_group is not None or reduction not in _REDUCED or normalize.__class__ is not bool
+    if (reduction not in _REDUCED or normalize.__class__ is not bool
             or temperature.__class__ is not float or not (0.0 < temperature < math.inf)
             or not (impl == "torch" or (impl == "auto" and z.device.type == "cpu"))
             or z.dim() != 2 or not z.is_floating_point()):
         return None
+    if process_group is not None and world_size(resolve_group(process_group)) != 1:
+        return None   # (a group of one rank changes nothing: the general path then runs the same call)
     N, D = z.shape
     if N == 0 or D == 0 or N * N * (8 if z.dtype == torch.float64 else 4) > torch_dense.DENSE_MAX_BYTES:
         return None

@@ -1,18 +1,23 @@
 """Small-problem path of impl="torch": the whole (G, N, M) logit matrix in one batched GEMM.
 
 `torch_tiled.torch_rows` takes this path when the logits of all groups fit `DENSE_MAX_BYTES` (2 MiB, about an
-L2 cache; chosen by measurement). There the tiled path's per-tile bookkeeping (row bounds,
-per-tile masks, a second GEMM pass in the backward) costs more than the arithmetic, and naive PyTorch wins;
-this path does what naive code does, with as few tensor operations as it can and no autograd graph
-(each eager operation costs several microseconds whatever its size, which is most of the time at B = 64):
+L2 cache; chosen by measurement); `api._dispatch` calls `dense_reduced` directly for a reduced loss, and the
+drop-in losses `dense_loss` (small_path.py). There the tiled path's per-tile bookkeeping costs more than the
+arithmetic; this path does what naive code does with fewer tensor operations and no autograd graph: at B = 64
+each eager operation costs several microseconds whatever its size, and more with a cold cache (docs/cpu_path.md).
 
-Forward:  z = s·q̂ k̂ᵀ (one bmm; q̂ = q/‖q‖ with normalize, else q); invalid keys and the diagonal set to −inf
-          in place; λ = log_softmax(z) (one fused pass), so ℓ_i = −mean_{p∈P(i)} λ_ip; the softmax
-          P = exp(λ) is saved; LSE_i = max_j z_ij − max_j λ_ij (exactly m + log Σ exp(z − m)).
-          Positives: the index rule gathers λ_ip (no mask); label and radius build the mask Y (G, N, M) bool.
-Backward: s·dz = s·g·P − (s·g/|P(i)|)·Y (a scatter for the index rule);  dq̂ = (s·dz) k̂,  dk̂ = (s·dz)ᵀ q̂
-          (one bmm of s·(dz + dzᵀ) when q is k and τ is fixed);  ds = Σ_i ⟨dq̂_i, q̂_i⟩ / s;  with
-          normalize, dq̂ → dq by the tangent projection in place (rownorm.project_hat_).
+Forward:  z = s·q̂ k̂ᵀ (one bmm; q̂ = q / max(‖q‖, ε) with normalize, else q); invalid keys and the diagonal
+          set to −inf in place; λ = log_softmax(z) written over z (CPU); ℓ_i = −mean_{p∈P(i)} λ_ip; then
+          P = exp(λ) in the same buffer, kept for the backward; LSE_i = max_j z_ij − max_j λ_ij.
+          Positives: the index rule gathers λ_ip (or, for the loss alone, aten's nll_loss reduces it in one
+          kernel); label and radius build the mask Y (G, N, M) bool.
+          The reduction ("mean" over counted anchors, "sum") happens inside, so it has no autograd nodes;
+          without `rows` (the losses' shortcut) no per-anchor loss, LSE or count is made.
+Backward: s·dz = s·g·P − (s·g/|P(i)|)·Y (a scatter for the index rule), in P's buffer (a second backward with
+          retain_graph recomputes P);  dq̂ = (s·dz) k̂,  dk̂ = (s·dz)ᵀ q̂ (one bmm of s·(dz + dzᵀ) when q is k
+          and τ is fixed);  ds = Σ_i ⟨dq̂_i, q̂_i⟩ / s;  with normalize, dq̂ → dq by the tangent projection.
+          2-D inputs (`flat`) and the two halves of nt_xent (`pair`) get their gradients directly, so that the
+          graph has no unsqueeze or concatenation node.
 Memory: P (and Y) within the budget, and the normalised inputs (the size of the inputs) until the backward.
 """
 from __future__ import annotations

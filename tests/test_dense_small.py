@@ -207,3 +207,38 @@ def test_a_modified_cached_index_loses_its_trust_and_is_checked_again():
     # a trusted index is still range-checked against a smaller M than it was built for
     with pytest.raises(ValueError, match="pos_index must lie in"):
         grouped_info_nce(torch.randn(4, 3), torch.randn(3, 3), pos_index=fresh)
+
+
+def test_nt_xent_halves_get_their_own_gradients_in_their_dtype():
+    """The shortcut hands nt_xent's two views to the dense function separately: one without grad, and
+    16-bit views, get exactly what the general path gives them."""
+    base1, base2 = torch.randn(2, 6, 4, dtype=torch.float64).unbind(0)
+    for dtype in (torch.float64, torch.bfloat16):
+        out = {}
+        for impl in ("torch", "reference"):
+            z1 = base1.to(dtype)
+            z2 = base2.to(dtype).requires_grad_()
+            loss = nt_xent(z1, z2, temperature=0.3, impl=impl)
+            out[impl] = (loss.detach(), torch.autograd.grad(loss, z2)[0])
+        assert out["torch"][1].dtype == dtype
+        tol = TOL if dtype == torch.float64 else dict(rtol=2e-2, atol=2e-2)
+        for a, b in zip(out["torch"], out["reference"]):
+            torch.testing.assert_close(a.double(), b.double(), **tol)
+
+
+def test_reduced_losses_do_not_depend_on_the_anchor_layout():
+    """For a reduced loss, (B, V, D) features are laid out sample-major (a view, no copy); the loss and the
+    gradient are those of the view-major layout that reduction="none" keeps."""
+    feats = torch.randn(5, 3, 4, dtype=torch.float64, requires_grad=True)
+    labels = torch.tensor([0, 1, 0, 2, 1])
+    positions = torch.tensor([0.1, 0.15, 0.5, 0.55, 0.9])
+    for fn in (lambda **kw: sup_con(feats, labels, **kw),
+               lambda **kw: positional_sup_con(feats, positions, 0.1, **kw)):
+        rows = fn(reduction="none", impl="torch")
+        assert rows.shape == (5, 3)
+        want = rows.sum() / (rows != 0).sum()
+        g_want, = torch.autograd.grad(want, feats)
+        got = fn(impl="torch")
+        g_got, = torch.autograd.grad(got, feats)
+        torch.testing.assert_close(got, want, **TOL)
+        torch.testing.assert_close(g_got, g_want, **TOL)
