@@ -116,7 +116,7 @@ class _DenseInfoNCE(torch.autograd.Function):
                 kh = kf / k_norm
         lsm, zmax = _log_softmax_logits(qh, kh, s, p, with_max=rows)
         lse = zmax.sub_(lsm.amax(-1)) if rows else None
-        y = count = pos_term = None
+        y = count = c1 = pos_term = None
         if p.rule == "index":
             counted = index_ok(p)    # None: every anchor's positive is valid
             if counted is None and p.q_valid is None and not rows:
@@ -132,8 +132,8 @@ class _DenseInfoNCE(torch.autograd.Function):
             y = positive_mask(p)
             count = y.sum(-1, dtype=torch.int32)
             counted = count > 0
-            # mean of λ over P(i); exactly 0 (no term) where P(i) is empty
-            pos_term = torch.where(y, lsm, 0.0).sum(-1).div_(count.clamp(min=1))
+            c1 = count.clamp(min=1)
+            pos_term = torch.where(y, lsm, 0.0).sum(-1).div_(c1)   # mean of λ over P(i); exactly 0 if empty
         prob = _probabilities_(lsm, p)   # λ is not needed any more: P = exp(λ) in its buffer
         if p.q_valid is not None:
             counted = p.q_valid.clone() if counted is None else counted.logical_and_(p.q_valid)
@@ -142,7 +142,7 @@ class _DenseInfoNCE(torch.autograd.Function):
 
         ctx.s, ctx.same, ctx.normalize, ctx.p, ctx.reduction = s, same, p.normalize, p, reduction
         ctx.scale_dtype = scale.dtype if isinstance(scale, torch.Tensor) else None
-        ctx.save_for_backward(y, count, counted, qh, kh, q_norm, k_norm)
+        ctx.save_for_backward(y, c1, counted, qh, kh, q_norm, k_norm)
         ctx.prob = prob   # not saved_tensors: the backward takes it over and turns it into dz in place
         if not rows:      # the reduction straight from the positive terms, where no anchor needs masking
             if pos_term is None:
@@ -177,7 +177,7 @@ class _DenseInfoNCE(torch.autograd.Function):
             g_red, g_rows = grads[0], (grads[1] if len(grads) > 1 else None)
         if g_red is None and g_rows is None:
             return None, None, None, None, None, None, None
-        y, count, counted, qh, kh, q_norm, k_norm = ctx.saved_tensors
+        y, c1, counted, qh, kh, q_norm, k_norm = ctx.saved_tensors
         prob, ctx.prob = ctx.prob, None
         if prob is None:   # a second backward through this graph (retain_graph=True): the first consumed P
             prob = _probabilities_(_log_softmax_logits(qh, kh, ctx.s, ctx.p, with_max=False)[0], ctx.p)
@@ -205,7 +205,7 @@ class _DenseInfoNCE(torch.autograd.Function):
             idx = _column(ctx.p.q_meta)
             dz = prob.scatter_add_(2, idx, const_cache.filled(idx.shape, -1.0, prob.dtype, prob.device)).mul_(gs3)
         else:           # s·dz = s·g·P − (s·g/|P(i)|)·Y (gs is 0 where count is 0)
-            dz = prob.mul_(gs3).addcmul_(y, (gs / count.clamp(min=1)).unsqueeze(-1), value=-1.0)
+            dz = prob.mul_(gs3).addcmul_(y, (gs / c1).unsqueeze(-1), value=-1.0)
         dq = dk = ds = None
         if same and need_q and not need_s:
             if dz.shape[1] * dz.shape[2] <= 1 << 16:   # tiny: one transposed add beats a second GEMM
