@@ -1,7 +1,7 @@
 """Small-problem path of impl="torch": the whole (G, N, M) logit matrix in one batched GEMM.
 
-`torch_tiled.torch_rows` takes this path when the logits of all groups fit `DENSE_MAX_BYTES` (2 MiB, about an
-L2 cache; chosen by measurement); `api._dispatch` calls `dense_reduced` directly for a reduced loss, and the
+`torch_tiled.torch_rows` takes this path when the logits of all groups fit `DENSE_MAX_BYTES` (4 MiB, chosen by
+measurement); `api._dispatch` calls `dense_reduced` directly for a reduced loss, and the
 drop-in losses `dense_loss` (small_path.py). There the tiled path's per-tile bookkeeping costs more than the
 arithmetic; this path does what naive code does with fewer tensor operations and no autograd graph: at B = 64
 each eager operation costs several microseconds whatever its size, and more with a cold cache (docs/cpu_path.md).
@@ -31,10 +31,11 @@ from . import const_cache
 from .problem import ContrastProblem, RowOutputs, stats_dtype
 from .rownorm import EPS
 
-#: logits of all groups, in the statistics dtype. Measured (docs/cpu_path.md): at 1 MiB (nt_xent B = 256) this
-#: path takes half the tiled path's time, at 4 MiB (B = 512) 1.1-1.3x, at 16 MiB (B = 1024) 2x: its many full
-#: passes over z leave the cache, where the tiled path makes one GEMM and one exp pass per tile.
-DENSE_MAX_BYTES = 2 << 20
+#: logits of all groups, in the statistics dtype. Measured (docs/cpu_path.md, fwd+bwd, 1 thread, CPU time): at
+#: 1 MiB (nt_xent B = 256) this path takes 0.4-0.6x the tiled path's time, at 4 MiB (B = 512) 0.7x (nt_xent) to
+#: 1.0x (sup_con), at 8 MiB 0.7x (nt_xent) to 1.1x (sup_con), at 16 MiB (B = 1024) 0.75-1.35x: its full passes
+#: over z leave the cache, where the tiled path makes one GEMM and one exp pass per tile.
+DENSE_MAX_BYTES = 4 << 20
 
 _NLL_MEAN, _NLL_SUM = 1, 2   # reduction codes of aten's nll_loss
 
