@@ -46,7 +46,8 @@ def main(argv=None) -> int:
     labels = torch.randint(0, 10, (B,), generator=g)
     pos = torch.rand(B, generator=g)
     cases = {
-        "nt_xent": (lambda: mk.nt_xent(z1, z2, temperature=tau, impl="torch"), lambda: nv.naive_nt_xent(z1, z2, tau)),
+        "nt_xent": (lambda: mk.nt_xent(z1, z2, temperature=tau, impl="torch"),
+                    lambda: nv.naive_nt_xent(z1, z2, tau)),
         "sup_con": (lambda: mk.sup_con(f, labels, temperature=tau, impl="torch"),
                     lambda: nv.naive_sup_con(f, labels, tau)),
         "positional_sup_con": (lambda: mk.positional_sup_con(f, pos, thr, temperature=tau, impl="torch"),

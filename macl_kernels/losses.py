@@ -132,7 +132,8 @@ def sup_con(features: torch.Tensor, labels: torch.Tensor, *, temperature: Temper
     With `process_group`, positives and denominators span the features of every rank.
     """
     flat, lab, _ = _views_first(features, labels, "labels", any_order=reduction != "none")
-    out = small_path.self_contrast(_prep(flat), temperature, normalize, reduction, impl, process_group, "label", lab)
+    out = small_path.self_contrast(_prep(flat), temperature, normalize, reduction, impl, process_group, "label",
+                                   lab)
     if out is not None:
         return out
     out = contrast(_prep(flat), group=resolve_group(process_group), temperature=temperature,
