@@ -8,7 +8,7 @@ backward.
 import pytest
 import torch
 
-from core_cases import make_case
+from core_cases import assert_matches_truth, make_case
 from macl_kernels import const_cache, grouped_info_nce, nt_xent, positional_sup_con, small_path, sup_con
 from macl_kernels import torch_dense
 
@@ -41,6 +41,26 @@ def test_reduction_inside_the_dense_function_matches_reference(rule, self_contra
             want = _loss_and_grads("reference", case, reduction, normalize, 0.3, use_rows)
             for a, b in zip(got, want):
                 torch.testing.assert_close(a, b, **TOL, equal_nan=False)
+
+
+@pytest.mark.parametrize("rule", ["index", "label", "radius"])
+@pytest.mark.parametrize("tau", [0.5, 0.05])
+def test_reduced_float32_within_twice_the_reference_error(rule, tau):
+    """float32 through the reduced dense function (learnable τ, masks, raw features of norm ~5, normalize=True):
+    every output within 2× the reference's own float32 error of the float64 truth (KERNELS.md §5)."""
+    case = make_case(rule, G=2, N=40, M=56, D=16, masks=True, unnormalised=True, seed=4)
+
+    def run_reduced(impl, dtype):
+        q = case["q"].to(dtype).requires_grad_()
+        k = case["k"].to(dtype).requires_grad_()
+        t = torch.tensor(tau, dtype=torch.float64 if dtype == torch.float64 else torch.float32, requires_grad=True)
+        res = grouped_info_nce(q, k, temperature=t, impl=impl, normalize=True, **case["kw"])
+        dq, dk, dt = torch.autograd.grad(res.loss, (q, k, t))
+        return dict(loss=res.loss.detach(), lse=res.lse, count=res.pos_count, dq=dq, dk=dk, dtau=dt)
+
+    truth = run_reduced("reference", torch.float64)
+    assert_matches_truth(run_reduced("torch", torch.float32), truth, run_reduced("reference", torch.float32),
+                         torch.float32, f"{rule} tau={tau}")
 
 
 def test_unbatched_inputs_get_their_gradient_without_a_view_node():
