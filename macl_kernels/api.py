@@ -12,6 +12,7 @@ from typing import NamedTuple, Optional, Union
 
 import torch
 
+from . import const_cache
 from .input_checks import checks_enabled, guarded_scale
 from .problem import ContrastProblem, RowOutputs
 
@@ -96,13 +97,15 @@ def grouped_info_nce(
                                      normalize)
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    rows = _dispatch(p, impl, allow_tf32)
-    if reduction == "mean":   # over counted anchors (count > 0): few eager ops, since small calls pay per op
-        loss = rows.loss.sum() / torch.count_nonzero(rows.count).clamp_(min=1)
-    elif reduction == "sum":
-        loss = rows.loss.sum()
-    else:
-        loss = rows.loss
+    rows, loss = _dispatch(p, impl, allow_tf32, reduction,   # loss: None unless reduced inside
+                           (q, k) if unbatched else None)
+    if loss is None:
+        if reduction == "mean":   # over counted anchors (count > 0)
+            loss = rows.loss.sum() / torch.count_nonzero(rows.count).clamp_(min=1)
+        elif reduction == "sum":
+            loss = rows.loss.sum()
+        else:
+            loss = rows.loss
     if unbatched:
         rows = RowOutputs(*(t[0] for t in rows))
         if reduction == "none":
@@ -140,22 +143,28 @@ def _triton_reason(device: torch.device) -> Optional[str]:
 NATIVE_NORMALIZE: frozenset = frozenset({"triton", "torch", "reference"})
 
 
-def _dispatch(p: ContrastProblem, impl: str, allow_tf32: Optional[bool]) -> RowOutputs:
+def _dispatch(p: ContrastProblem, impl: str, allow_tf32: Optional[bool], reduction: str = "none",
+              flat: Optional[tuple] = None):
+    """(RowOutputs, reduced loss or None): small torch problems reduce inside their autograd function.
+    flat: the caller's (q, k) when they were 2-D (see `torch_dense.dense_reduced`)."""
     impl = resolve_impl(impl, p.q.device, p.q.dtype)
     if p.q.shape[0] * p.q.shape[1] * p.k.shape[1] == 0:
         impl = "reference"   # empty batch (no anchor or no key): zero loss, zero gradients, on any device
     if p.normalize and impl not in NATIVE_NORMALIZE:
         q = torch.nn.functional.normalize(p.q, dim=-1)
         k = q if p.k is p.q else torch.nn.functional.normalize(p.k, dim=-1)
-        p = dataclasses.replace(p, q=q, k=k, normalize=False)
+        p, flat = dataclasses.replace(p, q=q, k=k, normalize=False), None
     if impl == "reference":
         from .reference import reference_rows
-        return reference_rows(p)
+        return reference_rows(p), None
     if impl == "torch":
+        from . import torch_dense
+        if reduction != "none" and torch_dense.fits(p):
+            return torch_dense.dense_reduced(p, reduction, flat)
         from .torch_tiled import torch_rows
-        return torch_rows(p)
+        return torch_rows(p), None
     from .triton import triton_rows
-    return triton_rows(p, allow_tf32=allow_tf32)
+    return triton_rows(p, allow_tf32=allow_tf32), None
 
 
 # ----------------------------------------------------------------------------------------- validation
@@ -228,7 +237,7 @@ def _build_problem(q, k, temperature, pos_index, q_labels, k_labels, q_positions
             q_meta = torch.arange(N, device=dev).expand(G, N).contiguous()
         else:
             q_meta = batched(_check_meta("pos_index", pos_index, (G, N), dev, integer=True)).long().contiguous()
-            if checks and q_meta.numel():
+            if checks and q_meta.numel() and not _trusted_in_range(q_meta, M):
                 lo, hi = (int(v) for v in torch.aminmax(q_meta))
                 if lo < 0 or hi >= M:
                     raise ValueError(f"pos_index must lie in [0, M={M}), got values in [{lo}, {hi}]")
@@ -241,6 +250,12 @@ def _build_problem(q, k, temperature, pos_index, q_labels, k_labels, q_positions
     p = ContrastProblem(q=q, k=k, scale=scale, rule=rule, q_meta=q_meta, k_meta=k_meta, threshold=thr,
                         exclude_self=exclude_self, q_valid=qv, k_valid=kv, normalize=normalize)
     return p, isinstance(scale, torch.Tensor)
+
+
+def _trusted_in_range(pos_index: torch.Tensor, M: int) -> bool:
+    """True for an index tensor built (and vouched for) by `const_cache` with values < M: no range check."""
+    trust = const_cache.trusted(pos_index)
+    return trust is not None and trust.bound <= M
 
 
 def _check_features(name: str, x) -> None:

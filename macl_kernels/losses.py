@@ -27,6 +27,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from . import const_cache, small_path
 from .api import Temperature
 from .dist_core import contrast
 from .distributed import GroupArg, group_rank, resolve_group, world_size
@@ -79,16 +80,21 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, *, temperature: Temperature = 0.
         raise ValueError(f"z1 and z2 must both be (B, D) with equal shapes, got {tuple(z1.shape)} and "
                          f"{tuple(z2.shape)}")
     B = z1.shape[0]
+    pos = const_cache.other_view_index(B, z1.device)   # (1, 2B): i + B mod 2B, cached and trusted in range
+    out = small_path.two_views(z1, z2, pos, temperature, normalize, reduction, impl, process_group)
+    if out is not None:   # small problem: straight to the dense torch path (small_path.py)
+        return out
     z = _prep(torch.cat([z1, z2]))
-    pos = torch.arange(B, 3 * B, device=z.device) % max(2 * B, 1)   # the other view: i + B mod 2B
     out = contrast(z, group=resolve_group(process_group), temperature=temperature, pos_index=pos,
                    exclude_self=True, reduction=reduction, impl=impl, normalize=normalize,
                    allow_tf32=allow_tf32)
     return out.reshape(2, B) if reduction == "none" else out
 
 
-def _views_first(features: torch.Tensor, per_sample: torch.Tensor, name: str):
-    """(N, D) or (B, V, D) features and (N,) or (B,) metadata -> (V·B, D), (V·B,), and the view count."""
+def _views_first(features: torch.Tensor, per_sample: torch.Tensor, name: str, any_order: bool = False):
+    """(N, D) or (B, V, D) features and (N,) or (B,) metadata -> (V·B, D), (V·B,), and the view count.
+    any_order: the caller reduces over anchors (mean or sum), which does not depend on their order, so (B, V, D)
+    is laid out sample-major, a view of the features (no copy, no autograd node), instead of view-major."""
     _check_tensor("features", features)
     _check_tensor(name, per_sample)
     if features.dim() == 2:
@@ -102,6 +108,8 @@ def _views_first(features: torch.Tensor, per_sample: torch.Tensor, name: str):
     if per_sample.shape != (B,):
         raise ValueError(f"{name} must have shape ({B},) for features {tuple(features.shape)}, "
                          f"got {tuple(per_sample.shape)}")
+    if any_order:
+        return features.reshape(B * V, D), per_sample.repeat_interleave(V), V
     flat = features.transpose(0, 1).reshape(V * B, D)  # view-major, as SupCon's torch.cat(unbind(1))
     return flat, per_sample.repeat(V), V
 
@@ -123,7 +131,11 @@ def sup_con(features: torch.Tensor, labels: torch.Tensor, *, temperature: Temper
     Anchors with no positive contribute 0 and are not counted. reduction="none" gives (N,) or (B, V).
     With `process_group`, positives and denominators span the features of every rank.
     """
-    flat, lab, _ = _views_first(features, labels, "labels")
+    flat, lab, _ = _views_first(features, labels, "labels", any_order=reduction != "none")
+    out = small_path.self_contrast(_prep(flat), temperature, normalize, reduction, impl, process_group, "label",
+                                   lab)
+    if out is not None:
+        return out
     out = contrast(_prep(flat), group=resolve_group(process_group), temperature=temperature,
                    q_labels=lab, exclude_self=True, reduction=reduction, impl=impl, normalize=normalize,
                    allow_tf32=allow_tf32)
@@ -140,7 +152,11 @@ def positional_sup_con(features: torch.Tensor, positions: torch.Tensor, threshol
     features (N, D) or (B, V, D); positions (N,) or (B,) float (e.g. normalised slice position (i+1)/n).
     With `process_group`, positives and denominators span the features of every rank.
     """
-    flat, pos, _ = _views_first(features, positions, "positions")
+    flat, pos, _ = _views_first(features, positions, "positions", any_order=reduction != "none")
+    out = small_path.self_contrast(_prep(flat), temperature, normalize, reduction, impl, process_group, "radius",
+                                   pos, threshold)
+    if out is not None:
+        return out
     out = contrast(_prep(flat), group=resolve_group(process_group), temperature=temperature,
                    q_positions=pos, threshold=threshold, exclude_self=True, reduction=reduction, impl=impl,
                    normalize=normalize, allow_tf32=allow_tf32)
