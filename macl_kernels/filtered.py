@@ -51,8 +51,9 @@ import torch
 from .api import REDUCTIONS, Temperature, _build_problem
 from .problem import ContrastProblem, stats_dtype
 from . import torch_tiled as tt
-from .filter_select import Histogram, PositivePairs, Workspace, _clear_self, _kth_of_members, num_bins
-from .torch_tiled import tile_positives
+from .filter_bracket import bracket_select, chunk_rows
+from .filter_select import Histogram, PositivePairs, Workspace, _clear_self, _k_of, _kth_of_members, num_bins
+from .torch_tiled import _valid_keys, tile_positives
 
 __all__ = ["filtered_info_nce", "FilteredResult", "filter_tiles", "tiling_mode", "TILINGS"]
 
@@ -137,47 +138,102 @@ def _forward_stats(p: ContrastProblem, qs, k, bound, rho: float, mode: str, posi
     lse = qs.new_full((G, N), -math.inf)
     pos_sum = qs.new_zeros(G, N)
     count = torch.zeros(G, N, dtype=torch.int64, device=dev)
+    allowed = None
     for (g0, g1, r0, r1), chunks in _blocks(G, N, M, mode).items():
-        blk = Histogram(bound, g0, g1, r0, r1, num_bins(M), qs.shape[-1], ws)
-        kept_tiles = []
-        for c0, c1 in chunks:
-            zp = _shifted_logits(qs, k, bound, g0, g1, r0, r1, c0, c1, ws)
-            pidx = positives.tile(g0, g1, r0, r1, c0, c1)
-            slot = blk.slots(p, zp, pidx, g0, g1, r0, r1, c0, c1)
-            blk.add(zp, slot, pidx)
-            if len(chunks) == 1:  # "rows": the member pass reads the same tile
-                kept_tiles.append((zp, slot))
-        k_i, in_bin, target, rank, _, e_strict, cnt_pos = blk.select(rho)
-        vals, rows = [], []
-        n_rows = k_i.numel()
-        for ci, (c0, c1) in enumerate(chunks):
-            if kept_tiles:  # one chunk: the members in row-major order, their anchors from the bin counts
-                zp, slot = kept_tiles[0]
-                eq = torch.eq(slot, target[..., None], out=ws.get("hit", slot.shape, torch.bool, slot.device))
-                vals.append(torch.masked_select(zp, eq))
-                rows.append(torch.repeat_interleave(torch.arange(n_rows, device=dev), in_bin.reshape(-1)))
-                continue
-            else:
-                zp = _shifted_logits(qs, k, bound, g0, g1, r0, r1, c0, c1, ws)
-                slot = blk.slots(p, zp, positives.tile(g0, g1, r0, r1, c0, c1), g0, g1, r0, r1, c0, c1)
-            eq = torch.eq(slot, target[..., None], out=ws.get("hit", slot.shape, torch.bool, slot.device))
-            hit = eq.nonzero(as_tuple=True)                                # row-major: grouped by anchor
-            vals.append(zp[hit])
-            rows.append(hit[0] * (r1 - r0) + hit[1])
-        tb, e_mem = _kth_of_members(torch.cat(vals), torch.cat(rows), n_rows, rank.reshape(-1),
-                                    grouped=len(chunks) == 1)
-        tb, e_mem = tb.reshape(blk.shape), e_mem.reshape(blk.shape)
-        total = e_strict + e_mem
+        if len(chunks) == 1 and bool(torch.isfinite(bound[g0:g1, r0:r1]).all()):
+            if allowed is None:
+                allowed = _valid_keys(p).to(torch.int64)
+            tb, k_i, total, ps, cnt_pos = _rows_block(p, qs, k, bound, rho, positives, allowed, ws, g0, g1, r0, r1)
+        else:
+            tb, k_i, total, ps, cnt_pos = _histogram_block(p, qs, k, bound, rho, positives, ws, g0, g1, r0, r1,
+                                                            chunks)
         t[g0:g1, r0:r1] = tb
         k_all[g0:g1, r0:r1] = k_i
         lse[g0:g1, r0:r1] = torch.log(total)
-        pos_sum[g0:g1, r0:r1] = blk.pos_sum
+        pos_sum[g0:g1, r0:r1] = ps
         count[g0:g1, r0:r1] = cnt_pos
         low = (total < UNDERFLOW) & ((k_i > 0) | (cnt_pos > 0))
         if bool(low.any()):
             lse[g0:g1, r0:r1] = torch.where(low, _exact_lse(p, qs, k, bound, tb, g0, g1, r0, r1, chunks),
                                             lse[g0:g1, r0:r1])
     return t, k_all, lse + bound, pos_sum + count * bound, count
+
+
+def _rows_block(p, qs, k, bound, rho, positives, allowed, ws, g0, g1, r0, r1):
+    """One block of the "rows" tiling (all keys in one tile, finite bounds): `filter_bracket.bracket_select`
+    on the tile with its non-negatives set to −inf, then Σ_kept exp(z') in one masked pass.
+    Returns t' (g, r), k_i, Σ_kept exp(z'), Σ_P z' and |P| (g, r)."""
+    M = k.shape[1]
+    shape = (g1 - g0, r1 - r0)
+    zp = _shifted_logits(qs, k, bound, g0, g1, r0, r1, 0, M, ws)
+    gi, ri, ci = pidx = positives.tile(g0, g1, r0, r1, 0, M)
+    row = gi * shape[1] + ri
+    n_rows = shape[0] * shape[1]
+    zpos = zp[pidx]
+    cnt_pos = torch.bincount(row, minlength=n_rows)
+    pos_sum = zp.new_zeros(n_rows).index_add_(0, row, zpos)
+    e_pos = zp.new_zeros(n_rows).index_add_(0, row, torch.exp(zpos))
+    # the negatives tile: positives, invalid keys and the anchor itself leave it (−inf); a few writes, no mask
+    zp[pidx] = -math.inf
+    if p.k_valid is not None:
+        for g in range(g0, g1):
+            bad = (~p.k_valid[g]).nonzero()[:, 0]
+            if bad.numel():
+                zp[g - g0].index_fill_(-1, bad, -math.inf)
+    _clear_self(p, zp, -math.inf, r0, r1, 0, M)
+    n = allowed[g0:g1, r0:r1].reshape(-1) - cnt_pos
+    k_i = _k_of(n, rho)
+    zn = zp.view(n_rows, M)
+    get = lambda name, shp, dtype: ws.get(name, shp, dtype, zp.device)  # noqa: E731
+    tb = bracket_select(zn, k_i, n, get).t
+    # Σ over the kept negatives (z' ≥ t) by a 0/1 mask multiplied in, in row chunks that stay in cache;
+    # the positives (all kept) from the list
+    rc = chunk_rows(M)
+    keep = get("cmp", (min(n_rows, rc), M), zn.dtype)
+    ex = get("cmp2", keep.shape, zn.dtype)
+    e_neg = torch.empty(n_rows, dtype=zn.dtype, device=zn.device)
+    for c0 in range(0, n_rows, rc):
+        c1 = min(n_rows, c0 + rc)
+        kc = torch.ge(zn[c0:c1], tb[c0:c1, None], out=keep[:c1 - c0])
+        torch.sum(torch.exp(zn[c0:c1], out=ex[:c1 - c0]).mul_(kc), -1, out=e_neg[c0:c1])
+    return (tb.reshape(shape), k_i.reshape(shape), (e_neg + e_pos).reshape(shape), pos_sum.reshape(shape),
+            cnt_pos.reshape(shape))
+
+
+def _histogram_block(p, qs, k, bound, rho, positives, ws, g0, g1, r0, r1, chunks):
+    """One block by the histogram + member passes (the "chunks" tiling, or non-finite bounds).
+    Returns t' (g, r), k_i, Σ_kept exp(z'), Σ_P z' and |P| (g, r)."""
+    M = k.shape[1]
+    dev = qs.device
+    blk = Histogram(bound, g0, g1, r0, r1, num_bins(M), qs.shape[-1], ws)
+    kept_tiles = []
+    for c0, c1 in chunks:
+        zp = _shifted_logits(qs, k, bound, g0, g1, r0, r1, c0, c1, ws)
+        pidx = positives.tile(g0, g1, r0, r1, c0, c1)
+        slot = blk.slots(p, zp, pidx, g0, g1, r0, r1, c0, c1)
+        blk.add(zp, slot, pidx)
+        if len(chunks) == 1:  # "rows": the member pass reads the same tile
+            kept_tiles.append((zp, slot))
+    k_i, in_bin, target, rank, _, e_strict, cnt_pos = blk.select(rho)
+    vals, rows = [], []
+    n_rows = k_i.numel()
+    for c0, c1 in chunks:
+        if kept_tiles:  # one chunk: the members in row-major order, their anchors from the bin counts
+            zp, slot = kept_tiles[0]
+            eq = torch.eq(slot, target[..., None], out=ws.get("hit", slot.shape, torch.bool, slot.device))
+            vals.append(torch.masked_select(zp, eq))
+            rows.append(torch.repeat_interleave(torch.arange(n_rows, device=dev), in_bin.reshape(-1)))
+            continue
+        zp = _shifted_logits(qs, k, bound, g0, g1, r0, r1, c0, c1, ws)
+        slot = blk.slots(p, zp, positives.tile(g0, g1, r0, r1, c0, c1), g0, g1, r0, r1, c0, c1)
+        eq = torch.eq(slot, target[..., None], out=ws.get("hit", slot.shape, torch.bool, slot.device))
+        hit = eq.nonzero(as_tuple=True)                                # row-major: grouped by anchor
+        vals.append(zp[hit])
+        rows.append(hit[0] * (r1 - r0) + hit[1])
+    tb, e_mem = _kth_of_members(torch.cat(vals), torch.cat(rows), n_rows, rank.reshape(-1),
+                                grouped=len(chunks) == 1)
+    tb, e_mem = tb.reshape(blk.shape), e_mem.reshape(blk.shape)
+    return tb, k_i, e_strict + e_mem, blk.pos_sum, cnt_pos
 
 
 def _kept(p, zp, t, g0, g1, r0, r1, c0, c1):
@@ -232,39 +288,58 @@ class _FilteredInfoNCE(torch.autograd.Function):
         need_q = ctx.needs_input_grad[0] or ctx.needs_input_grad[2]
         need_k = ctx.needs_input_grad[1]
         g = torch.where(counted, g_loss.to(qf.dtype), torch.zeros_like(lse))
-        # dz = g·(P^F − Y) = sign(g)·w with w = exp(z' − (LSE' − log|g|)) on the kept pairs − |g|/|P| on P:
-        # |g| is folded into the exponent and sign(g) applied on the (N, D) side, never on a tile.
+        # dz = g·(P^F − Y) with P^F = exp(z' − LSE') on the kept pairs (LSE' = LSE − b: on the z' scale).
+        # Folded form (every row of the tile has LSE' above FOLD_LIMIT): w = exp(z')·keep on the tile and
+        # exp(z') − exp(LSE')/|P| on the positives, times the row factor sign(g)·|g|·exp(−LSE') applied on the
+        # (N, D) side: three elementwise passes per tile (mask, exp, multiply). Otherwise (a row whose kept
+        # logits all lie far below b, where exp(z') would underflow) the shift goes into the exponent:
+        # w = exp(z' − LSE' + log|g|)·keep, an extra pass.
+        lse_p = lse - bound
+        nz = g != 0
         sign = torch.sign(g)
-        shift = (lse - bound - torch.log(g.abs())).masked_fill_(g == 0, math.inf)
+        limit = 0.5 * math.log(torch.finfo(qf.dtype).tiny)
+        foldable = (lse_p > limit) | ~nz
+        row_f = torch.where(nz, sign * g.abs() * torch.exp(-lse_p), torch.zeros_like(g)) * s
+        y_f = torch.where(nz, torch.exp(lse_p) / count.clamp(min=1), torch.zeros_like(g))
+        shift = (lse_p - torch.log(g.abs())).masked_fill_(~nz, math.inf)
         y = g.abs() / count.clamp(min=1)
         qs = qf * s
         dq = torch.zeros_like(qf) if need_q else None
         dk = torch.zeros_like(kf) if need_k else None
-        q_signed = qf * sign[..., None] if need_k else None
+        q_fold = qf * row_f[..., None] if need_k else None
+        q_signed = qf * (sign * s)[..., None] if need_k else None
         dzz = qf.new_zeros(())
         G, N, M = qf.shape[0], qf.shape[1], kf.shape[1]
         ws = Workspace()
         for g0, g1, r0, r1, c0, c1 in filter_tiles(G, N, M, ctx.mode):
             zp = _shifted_logits(qs, kf, bound, g0, g1, r0, r1, c0, c1, ws)
             pidx = ctx.positives.tile(g0, g1, r0, r1, c0, c1)
+            gi, ri, _ = pidx
+            fold = bool(foldable[g0:g1, r0:r1].all())
             # the mask as 0/1 in the tile's dtype, multiplied in: masked_fill_/where branch per element and
             # a bool operand is converted first (each several times slower than this on CPU)
             keep = torch.ge(zp, t[g0:g1, r0:r1, None], out=ws.get("mask", zp.shape, zp.dtype, zp.device))
-            sh = shift[g0:g1, r0:r1]
-            gi, ri, _ = pidx
-            w_pos = torch.exp(zp[pidx] - sh[gi, ri]) - y[g0:g1, r0:r1][gi, ri]
+            zpos = zp[pidx]
             z = zp + bound[g0:g1, r0:r1, None] if ctx.needs_input_grad[2] else None
-            w = zp.sub_(sh[..., None]).exp_().mul_(keep)                       # in place: zp is not needed again
+            if fold:
+                factor, q_side = row_f[g0:g1, r0:r1], q_fold
+                w_pos = torch.exp(zpos) - y_f[g0:g1, r0:r1][gi, ri]
+                w = zp.exp_().mul_(keep)                                    # in place: zp is not needed again
+            else:
+                factor, q_side = sign[g0:g1, r0:r1] * s, q_signed
+                sh = shift[g0:g1, r0:r1]
+                w_pos = torch.exp(zpos - sh[gi, ri]) - y[g0:g1, r0:r1][gi, ri]
+                w = zp.sub_(sh[..., None]).exp_().mul_(keep)
             if p.k_valid is not None:
                 w.mul_(p.k_valid[g0:g1, None, c0:c1])
             _clear_self(p, w, 0.0, r0, r1, c0, c1)
             w[pidx] = w_pos
             if z is not None:
-                dzz = dzz + ((w * z).sum(-1) * sign[g0:g1, r0:r1]).sum()
+                dzz = dzz + ((w * z).sum(-1) * factor).sum() / s
             if need_q:
-                dq[g0:g1, r0:r1] += torch.bmm(w, kf[g0:g1, c0:c1]) * (sign[g0:g1, r0:r1, None] * s)
+                dq[g0:g1, r0:r1] += torch.bmm(w, kf[g0:g1, c0:c1]).mul_(factor[..., None])
             if need_k:
-                dk[g0:g1, c0:c1] += torch.bmm(w.transpose(1, 2), q_signed[g0:g1, r0:r1]) * s
+                dk[g0:g1, c0:c1].baddbmm_(w.transpose(1, 2), q_side[g0:g1, r0:r1])
         ds = (dzz / s).to(ctx.scale_dtype) if ctx.needs_input_grad[2] else None
         dq_out = dq.to(ctx.dtypes[0]) if ctx.needs_input_grad[0] else None
         dk_out = dk.to(ctx.dtypes[1]) if need_k else None
