@@ -6,27 +6,30 @@ Input: a "negatives tile" zn (R, M): row i holds anchor i's negatives at their s
 −inf everywhere else (positives, invalid keys, the anchor itself); n_i = the number of finite entries of row i
 and k_i ∈ [0, n_i]. Output: t_i = the exact k_i-th largest entry of row i (+inf where k_i = 0).
 
-With R(v) = #{j : zn_ij ≥ v} (exact: a compare and a row sum over the tile, one "counting pass"), every row
-keeps a bracket a_i < b_i of positions in an extended, sorted sample of its own values, with
-    R(value at a_i) < k_i ≤ R(value at b_i)                                   (the invariant)
-so that t_i lies in [value at b_i, value at a_i):
-1. sample: the entries of SAMPLE_COLUMNS fixed, pseudo-randomly chosen key columns (the same for every tile
-   of a call: a seeded local generator), sorted per row; extended by +inf in front (R = 0) and −FLT_MAX
-   behind the finite ones (R = n_i): the trivial bracket, valid for every row whatever the sample;
-2. two counting passes at the sample values around the expected position of the k_i-th largest
-   (k_i/n_i of the finite sample ± BRACKET_SIGMAS binomial standard deviations) narrow the bracket where they
-   land inside it; a row whose sample is unlucky (the true position outside the ±σ window) keeps a trivial
-   end there: slower (more members), never wrong;
-3. up to MAX_PROBES more counting passes, each probing per row the sample position interpolated linearly
-   between the bracket's counts, until every bracket holds at most MEMBER_TARGET entries (typically
-   adjacent sample positions, ≈ M/SAMPLE_COLUMNS entries);
-4. members: the entries in [value at b_i, value at a_i) are gathered (their count per row is known exactly,
-   R(b) − R(a), which also checks the gather), sorted per row, and t_i = the (k_i − R(a))-th largest.
-Exactness rests only on the counts (exact comparisons of the same values), never on the sample: the sample
-and the interpolation decide only how many passes and members it takes. Ties are handled by the
-invariant (t_i may equal many entries; the caller keeps every entry ≥ t_i).
-Cost per tile of 2^20 logits on one CPU thread (measured): a counting pass ≈ 0.45 ms, the sample sort
-≈ 1 ms, the member gather ≈ 2 ms; the GEMM of the tile ≈ 2 ms.
+With the count R(v) = #{j : zn_ij ≥ v} (exact: a compare and a row sum, one "counting pass" over the tile),
+every row keeps a bracket of two values va > vb with their exact counts and the invariant
+    R(va) < k_i ≤ R(vb)                    (so t_i ∈ [vb, va); initially va = +inf, vb = −FLT_MAX)
+A probe at any value v counts R(v) and replaces va (R(v) < k_i) or vb (otherwise): the invariant holds
+whatever v is; a good v only makes the bracket narrow faster. The steps:
+1. sample: the entries of SAMPLE_COLUMNS fixed, pseudo-randomly chosen key columns (the same for every tile:
+   a seeded local generator), sorted per row;
+2. two probes at the sample values around the expected position of the k_i-th largest (k_i/n_i of the
+   finite sample ± BRACKET_SIGMAS binomial sd); where the first lands on the wrong side (an unlucky sample),
+   the second steps further out;
+3. up to MAX_PROBES more probes, each at the value interpolated linearly between the bracket's ends and
+   counts (regula falsi with the Illinois rule against the curvature of the count in the tails), aimed
+   alternately REFINE_SIGMAS binomial sd above and below the target, until the brackets hold ≤
+   MEMBER_TARGET entries on average. A row that still has a trivial end probes its sample's extreme value;
+4. members: the entries in [vb, va) are gathered (their number per row is R(vb) − R(va), which checks the
+   gather), sorted, and t_i = the (k_i − R(va))-th largest.
+Exactness rests only on the counts (exact comparisons of the same values), never on the sample or the
+interpolation: those decide only how many passes and members it takes (an adversarial row costs more
+passes, or a larger member sort, never a wrong threshold). Ties: t_i may equal many entries; the caller
+keeps every entry ≥ t_i.
+CPU notes (measured): every elementwise pass runs over the tile in row chunks of CHUNK_ELEMENTS into one
+chunk-sized 0/1 float buffer (it stays in the core's L2 cache: half the time of a pass over the whole tile),
+with float compares (several times faster than bool ones); the chunk views are made once per call
+(slicing per pass and chunk costs as much as a small pass).
 """
 from __future__ import annotations
 
@@ -60,50 +63,74 @@ def sample_columns(M: int, device) -> torch.Tensor:
 
 
 class Selection:
-    """t (R,): the k-th largest entry per row (+inf where k = 0); probes: counting passes made; members: the
-    entries gathered for the final sort; widened: rows whose first two probes did not both land inside the
-    bracket on the expected sides (their bracket kept a trivial end after step 2)."""
+    """t (R,): the k-th largest entry per row (+inf where k = 0); kept_exp (R,): Σ exp(x) over the entries
+    ≥ t (0 where k = 0); probes: counting passes made; members: the entries gathered for the final sort;
+    widened: rows whose first sample probe landed on the wrong side."""
 
-    def __init__(self, t, probes, members, widened):
-        self.t, self.probes, self.members, self.widened = t, probes, members, widened
-
-
-def chunk_rows(M: int) -> int:
-    """Rows per chunk of the elementwise passes: CHUNK_ELEMENTS / M (at least 1)."""
-    return max(1, CHUNK_ELEMENTS // max(M, 1))
+    def __init__(self, t, kept_exp, probes, members, widened):
+        self.t, self.kept_exp, self.probes = t, kept_exp, probes
+        self.members, self.widened = members, widened
 
 
-def bracket_select(zn: torch.Tensor, k: torch.Tensor, n: torch.Tensor, scratch=None) -> Selection:
+class Chunks:
+    """Row-chunk views of a tile x (R, M) and of two chunk-sized scratch buffers, made once.
+    get(name, shape, dtype) gives reusable buffers (e.g. `Workspace.get` bound to a device)."""
+
+    def __init__(self, x: torch.Tensor, get):
+        R, M = x.shape
+        rc = max(1, min(R, CHUNK_ELEMENTS // max(M, 1)))
+        self.bounds = [(r0, min(R, r0 + rc)) for r0 in range(0, R, rc)]
+        self.x = [x[a:b] for a, b in self.bounds]
+        self.buf1 = _views(get("chunk1", (rc, M), x.dtype), self.bounds)
+        self.buf2 = _views(get("chunk2", (rc, M), x.dtype), self.bounds)
+        self.mask = _views(get("chunk_mask", (rc, M), torch.bool), self.bounds)
+        self.col = torch.empty(R, 1, dtype=x.dtype, device=x.device)    # a per-row value, as a column
+        self.cols = [self.col[a:b] for a, b in self.bounds]
+        self.out = torch.empty(R, dtype=x.dtype, device=x.device)
+        self.outs = [self.out[a:b] for a, b in self.bounds]
+
+    def count_ge(self, v: torch.Tensor) -> torch.Tensor:
+        """(R,) #{j : x_ij ≥ v_i} as exact integers in x's dtype (a view, valid until the next call)."""
+        self.col[:, 0] = v
+        for x, f, c, o in zip(self.x, self.buf1, self.cols, self.outs):
+            torch.sum(torch.ge(x, c, out=f), -1, out=o)
+        return self.out
+
+    def exp_where_ge(self, v: torch.Tensor, shift=None) -> None:
+        """In place, chunk by chunk: x_ij ← exp(x_ij − shift_i)·1[x_ij ≥ v_i] (without shift: exp(x_ij)·…)."""
+        self.col[:, 0] = v
+        for (a, b), x, f, c in zip(self.bounds, self.x, self.buf1, self.cols):
+            keep = torch.ge(x, c, out=f)
+            if shift is not None:
+                x.sub_(shift[a:b, None])
+            x.exp_().mul_(keep)
+
+
+def _views(buf, bounds):
+    return [buf[:b - a] for a, b in bounds]
+
+
+def bracket_select(zn: torch.Tensor, k: torch.Tensor, n: torch.Tensor, chunks: Chunks) -> Selection:
     """Exact k_i-th largest entry of each row of zn (see the module docstring).
 
     zn (R, M) float, contiguous (−inf = not a candidate; every other entry finite); k, n (R,) int64 with
-    0 ≤ k_i ≤ n_i = the number of finite entries of row i; scratch: an optional callable
-    (name, shape, dtype) → tensor giving reusable buffers. Returns a `Selection`.
+    0 ≤ k_i ≤ n_i = the number of finite entries of row i; chunks: `Chunks(zn, ...)`. Returns a `Selection`.
     Raises RuntimeError if the finite entries of a row do not number n_i (the counts would be meaningless)."""
     R, M = zn.shape
     dev, dt = zn.device, zn.dtype
-    get = scratch or (lambda name, shape, dtype: torch.empty(shape, dtype=dtype, device=dev))
     t = torch.full((R,), math.inf, dtype=dt, device=dev)
     active = k > 0
     if R == 0 or M == 0 or not bool(active.any()):
-        return Selection(t, 0, 0, 0)
+        return Selection(t, torch.zeros_like(t), 0, 0, 0)
     big = torch.finfo(dt).max
-    rc = chunk_rows(M)
-    cmp = get("cmp", (min(R, rc), M), dt)
-    cnt = torch.empty(R, dtype=dt, device=dev)
     kf = k.to(dt)
-    # the bracket: values va > vb with exact counts ra < k ≤ rb (counts as exact integers in dt)
     va = torch.full((R,), math.inf, dtype=dt, device=dev)
     vb = torch.full((R,), -big, dtype=dt, device=dev)
     ra = torch.zeros(R, dtype=dt, device=dev)
     rb = n.to(dt)
 
     def probe(v):
-        """One counting pass at v (R,), chunk by chunk (the 0/1 buffer stays in cache); the bracket keeps
-        its invariant whatever v is (a v outside it only fails to narrow it)."""
-        for r0 in range(0, R, rc):
-            r1 = min(R, r0 + rc)
-            torch.sum(torch.ge(zn[r0:r1], v[r0:r1, None], out=cmp[:r1 - r0]), -1, out=cnt[r0:r1])
+        cnt = chunks.count_ge(v)
         low = cnt < kf
         torch.where(low, v, va, out=va)
         torch.where(low, cnt, ra, out=ra)
@@ -111,74 +138,73 @@ def bracket_select(zn: torch.Tensor, k: torch.Tensor, n: torch.Tensor, scratch=N
         torch.where(low, rb, cnt, out=rb)
         return low
 
-    # 1.–2. the sorted sample and the first two probes: the expected sample position of the k-th largest
-    # ± BRACKET_SIGMAS sd (inside the sample); where the first lands on the wrong side, the second steps
-    # further out
+    # 1.–2. the sorted sample (−inf → −FLT_MAX: R(−FLT_MAX) = n) and the first two probes
     smp = zn.index_select(1, sample_columns(M, dev)).sort(dim=1, descending=True).values
-    S = smp.shape[1]
     ns = (smp > -math.inf).sum(1)
-    smp.clamp_(min=-big)                                        # R(−FLT_MAX) = n: no −inf probe
+    smp.clamp_(min=-big)
     f = k.double() / n.clamp(min=1).double()
-    mid = f * ns.double()
-    sd = torch.sqrt(ns.double() * f * (1 - f)).mul_(BRACKET_SIGMAS)
+    mid = f * ns
+    sd = torch.sqrt(mid * (1 - f)).mul_(BRACKET_SIGMAS)
     last = (ns - 1).clamp_(min=0)
-    p_hi = torch.minimum((torch.floor(mid - sd).long() - 1).clamp_(min=0), last)
-    p_lo = torch.minimum(torch.ceil(mid + sd).long(), last)
-    v1 = smp.gather(1, p_hi[:, None])[:, 0]
-    missed = ~probe(torch.where(active, v1, va))
+    p_hi = torch.minimum((mid - sd).floor_().long().sub_(1).clamp_(min=0), last)
+    p_lo = torch.minimum((mid + sd).ceil_().long(), last)
+    missed = ~probe(torch.where(active, smp.gather(1, p_hi[:, None])[:, 0], va))
     p_lo = torch.where(missed, (2 * p_hi - p_lo).clamp_(min=0), p_lo)
-    v2 = smp.gather(1, p_lo[:, None])[:, 0]
-    probe(torch.where(active, v2, va))
+    probe(torch.where(active, smp.gather(1, p_lo[:, None])[:, 0], va))
     widened = int((missed & active).sum())
     probes = 2
     s_max, s_min = smp[:, 0], smp.gather(1, last[:, None])[:, 0]
-    # 3. probes alternately just above and just below the value of the k-th largest interpolated linearly
-    # between the bracket's ends (regula falsi with the Illinois rule: an end kept twice in a row has its
-    # residual halved, against the curvature of the count in the tails); the count above a value inside is
-    # binomial, hence the margin of REFINE_SIGMAS sd. A row with a trivial end probes the sample's extreme
-    # value on that side (the bracket then holds ≈ M/S entries even if that probe lands on the far side).
-    # Until the brackets hold ≤ MEMBER_TARGET entries on average (the final sort costs by the total)
+    trivial = bool(((va == math.inf) | (vb == -big)).logical_and_(active).any())
+    # 3. interpolation probes (regula falsi, Illinois rule: the residual of an end kept twice is halved)
     wa = torch.ones(R, dtype=dt, device=dev)
     wb = torch.ones(R, dtype=dt, device=dev)
-    prev = torch.zeros(R, dtype=torch.bool, device=dev)          # the previous probe moved va
+    prev = torch.zeros(R, dtype=torch.bool, device=dev)        # the previous probe replaced va
     for it in range(MAX_PROBES):
-        m = (rb - ra).masked_fill_(~active, 0.0)
+        m = (rb - ra).mul_(active)
         if float(m.sum()) <= MEMBER_TARGET * R:
             break
         probes += 1
-        fa = (kf - ra - 0.5).mul_(wa)
-        fb = (rb - kf + 0.5).mul_(wb)
-        pf = fa / (fa + fb)
+        fa = (kf - ra).sub_(0.5).mul_(wa)
+        fb = (rb - kf).add_(0.5).mul_(wb)
+        pf = fa.div_(fa + fb)
         md = m.clamp(min=1.0)
-        marg = torch.sqrt(md * pf * (1 - pf)).add_(1.0).mul_(REFINE_SIGMAS / md)
-        pf = (pf - marg if it % 2 == 0 else pf + marg).clamp_(0.0, 1.0)  # aim above, then below the target
+        marg = (md * pf * (1 - pf)).sqrt_().add_(1.0).mul_(REFINE_SIGMAS).div_(md)
+        pf = (pf - marg if it % 2 == 0 else pf + marg).clamp_(0.0, 1.0)   # aim above, then below the target
         v = torch.lerp(va, vb, pf)
-        v = torch.where(va == math.inf, s_max, torch.where(vb == -big, s_min, v))
-        v = torch.where(m > MEMBER_TARGET, v, va)                # closed rows: R(va) = ra, nothing changes
-        low = probe(v)
-        wb = torch.where(low & prev, wb * 0.5, torch.where(low, wb, torch.ones_like(wb)))
-        wa = torch.where(~low & ~prev, wa * 0.5, torch.where(low, torch.ones_like(wa), wa))
+        if trivial:
+            v = torch.where(va == math.inf, s_max, torch.where(vb == -big, s_min, v))
+        low = probe(torch.where(m > MEMBER_TARGET, v, va))        # closed rows probe va: nothing changes
+        wb = torch.where(low, torch.where(prev, wb * 0.5, wb), torch.ones_like(wb))
+        wa = torch.where(low, torch.ones_like(wa), torch.where(prev, wa, wa * 0.5))
         prev = low
-    # 4. the members [vb, va) of each row, sorted: t = the (k − R(va))-th largest
-    v_hi = va.masked_fill(~active, math.inf)[:, None]
-    v_lo = vb.masked_fill(~active, math.inf)[:, None]
-    cmp2 = get("cmp2", cmp.shape, dt)
-    hit = get("hit", cmp.shape, torch.bool)
-    parts = []
-    for r0 in range(0, R, rc):
-        r1 = min(R, r0 + rc)
-        zc = zn[r0:r1]
-        # 1[z ≥ vb] − 1[z ≥ va] as 0/1 floats (float compares are several times faster than bool ones here)
-        ind = torch.ge(zc, v_lo[r0:r1], out=cmp[:r1 - r0]).sub_(torch.ge(zc, v_hi[r0:r1], out=cmp2[:r1 - r0]))
-        parts.append(_gather_true(zc, hit[:r1 - r0].copy_(ind)))
-    vals = torch.cat(parts) if len(parts) > 1 else parts[0]
-    counts = torch.where(active, (rb - ra).round_().long(), torch.zeros_like(k))
+    # 4. the members [vb, va) of each row, sorted: t = the (k − R(va))-th largest; Σ_{x ≥ t} exp(x) = the
+    # sum above va (same pass) + the members ≥ t
+    vals, esum = _members(vb.masked_fill(~active, math.inf), va, chunks)
+    counts = (rb - ra).round_().long().mul_(active)
     if vals.numel() != int(counts.sum()):
         raise RuntimeError(f"bracket_select: {vals.numel()} members gathered, the counts say {int(counts.sum())} "
                            "(non-finite candidates, or n_i not the number of finite entries)")
-    rank = (k - ra.round().long()).clamp_(min=1)
-    t = torch.where(active, _kth_largest(vals, counts, rank), t)
-    return Selection(t, probes, vals.numel(), widened)
+    rank = (kf - ra).round_().long().clamp_(min=1)
+    rows = torch.repeat_interleave(torch.arange(R, device=dev), counts)
+    t = torch.where(active, _kth_largest(vals, rows, counts, rank), t)
+    mem = torch.exp(vals).mul_(vals >= t[rows])
+    kept = torch.where(active, esum.index_add(0, rows, mem), torch.zeros_like(esum))
+    return Selection(t, kept, probes, vals.numel(), widened)
+
+
+def _members(lo, hi, chunks: Chunks):
+    """The entries x with lo_i ≤ x < hi_i, row-major, and (R,) Σ_j exp(x_ij)·1[x_ij ≥ hi_i], chunk by chunk:
+    1[x ≥ hi] multiplies exp(x) in, then 1[x ≥ lo] − 1[x ≥ hi] (0/1 floats) goes to a bool copy whose True
+    bytes are gathered 8 at a time (the nonzero scan runs over int64 words)."""
+    parts = []
+    esum = chunks.out
+    for (a, b), x, f1, f2, mask, o in zip(chunks.bounds, chunks.x, chunks.buf1, chunks.buf2, chunks.mask,
+                                          chunks.outs):
+        above = torch.ge(x, hi[a:b, None], out=f2)
+        torch.sum(torch.exp(x, out=f1).mul_(above), -1, out=o)
+        ind = torch.ge(x, lo[a:b, None], out=f1).sub_(above)
+        parts.append(_gather_true(x, mask.copy_(ind)))
+    return torch.cat(parts) if len(parts) > 1 else parts[0], esum
 
 
 def _gather_true(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -192,9 +218,9 @@ def _gather_true(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, 8)[hit][mask.reshape(-1, 8)[hit]]
 
 
-def _kth_largest(vals: torch.Tensor, counts: torch.Tensor, rank: torch.Tensor) -> torch.Tensor:
-    """Per row the rank-th largest of its values. vals (T,) grouped by row (row-major), counts (R,) values per
-    row, rank (R,) in [1, counts] where counts > 0. Returns (R,) (−inf where a row has no values).
+def _kth_largest(vals: torch.Tensor, rows: torch.Tensor, counts: torch.Tensor, rank: torch.Tensor) -> torch.Tensor:
+    """Per row the rank-th largest of its values. vals (T,) grouped by row (row-major), rows (T,) their rows,
+    counts (R,) values per row, rank (R,) in [1, counts] where counts > 0. Returns (R,) (−inf where a row has no values).
     One 1-D sort, no (R, max count) padding (one row with many members does not make every row wide):
     float32 values as order-preserving int32 keys under their row in the high bits of an int64; other dtypes
     sorted by value, then stably by row."""
@@ -202,7 +228,6 @@ def _kth_largest(vals: torch.Tensor, counts: torch.Tensor, rank: torch.Tensor) -
     dev = vals.device
     if vals.numel() == 0:
         return torch.full((R,), -math.inf, dtype=vals.dtype, device=dev)
-    rows = torch.repeat_interleave(torch.arange(R, device=dev), counts)
     pos = (torch.cumsum(counts, 0) - rank.clamp(max=counts.clamp(min=1))).clamp_(0, vals.numel() - 1)
     if vals.dtype == torch.float32:
         b = vals.view(torch.int32).long()

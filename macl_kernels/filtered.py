@@ -51,7 +51,7 @@ import torch
 from .api import REDUCTIONS, Temperature, _build_problem
 from .problem import ContrastProblem, stats_dtype
 from . import torch_tiled as tt
-from .filter_bracket import bracket_select, chunk_rows
+from .filter_bracket import Chunks, bracket_select
 from .filter_select import Histogram, PositivePairs, Workspace, _clear_self, _k_of, _kth_of_members, num_bins
 from .torch_tiled import _valid_keys, tile_positives
 
@@ -69,7 +69,7 @@ class FilteredResult(NamedTuple):
     pos_count: torch.Tensor
 
 
-TILE_BUDGET = 1 << 20          # logits per tile in the "rows" tiling (4 MiB of float32)
+TILE_BUDGET = 1 << 21          # logits per tile in the "rows" tiling (8 MiB of float32)
 FULL_ROW_MAX_KEYS = 1 << 18    # above this many keys per group, the "chunks" tiling
 UNDERFLOW = 1e-30              # a kept sum below this is recomputed with a running max
 TILINGS = ("rows", "chunks")
@@ -184,18 +184,9 @@ def _rows_block(p, qs, k, bound, rho, positives, allowed, ws, g0, g1, r0, r1):
     n = allowed[g0:g1, r0:r1].reshape(-1) - cnt_pos
     k_i = _k_of(n, rho)
     zn = zp.view(n_rows, M)
-    get = lambda name, shp, dtype: ws.get(name, shp, dtype, zp.device)  # noqa: E731
-    tb = bracket_select(zn, k_i, n, get).t
-    # Σ over the kept negatives (z' ≥ t) by a 0/1 mask multiplied in, in row chunks that stay in cache;
-    # the positives (all kept) from the list
-    rc = chunk_rows(M)
-    keep = get("cmp", (min(n_rows, rc), M), zn.dtype)
-    ex = get("cmp2", keep.shape, zn.dtype)
-    e_neg = torch.empty(n_rows, dtype=zn.dtype, device=zn.device)
-    for c0 in range(0, n_rows, rc):
-        c1 = min(n_rows, c0 + rc)
-        kc = torch.ge(zn[c0:c1], tb[c0:c1, None], out=keep[:c1 - c0])
-        torch.sum(torch.exp(zn[c0:c1], out=ex[:c1 - c0]).mul_(kc), -1, out=e_neg[c0:c1])
+    chunks = Chunks(zn, lambda name, shp, dtype: ws.get(name, shp, dtype, zp.device))
+    sel = bracket_select(zn, k_i, n, chunks)
+    tb, e_neg = sel.t, sel.kept_exp                  # Σ exp(z') over the kept negatives; the positives: e_pos
     return (tb.reshape(shape), k_i.reshape(shape), (e_neg + e_pos).reshape(shape), pos_sum.reshape(shape),
             cnt_pos.reshape(shape))
 
@@ -316,20 +307,22 @@ class _FilteredInfoNCE(torch.autograd.Function):
             pidx = ctx.positives.tile(g0, g1, r0, r1, c0, c1)
             gi, ri, _ = pidx
             fold = bool(foldable[g0:g1, r0:r1].all())
-            # the mask as 0/1 in the tile's dtype, multiplied in: masked_fill_/where branch per element and
-            # a bool operand is converted first (each several times slower than this on CPU)
-            keep = torch.ge(zp, t[g0:g1, r0:r1, None], out=ws.get("mask", zp.shape, zp.dtype, zp.device))
             zpos = zp[pidx]
             z = zp + bound[g0:g1, r0:r1, None] if ctx.needs_input_grad[2] else None
+            # in place, in row chunks that stay in cache; the mask as 0/1 in the tile's dtype, multiplied in
+            # (masked_fill_/where branch per element, and a bool operand is converted first: each several
+            # times slower than this on CPU)
+            chunks = Chunks(zp.view(-1, zp.shape[-1]), lambda name, shp, dt: ws.get(name, shp, dt, zp.device))
             if fold:
                 factor, q_side = row_f[g0:g1, r0:r1], q_fold
                 w_pos = torch.exp(zpos) - y_f[g0:g1, r0:r1][gi, ri]
-                w = zp.exp_().mul_(keep)                                    # in place: zp is not needed again
+                chunks.exp_where_ge(t[g0:g1, r0:r1].reshape(-1))
             else:
                 factor, q_side = sign[g0:g1, r0:r1] * s, q_signed
                 sh = shift[g0:g1, r0:r1]
                 w_pos = torch.exp(zpos - sh[gi, ri]) - y[g0:g1, r0:r1][gi, ri]
-                w = zp.sub_(sh[..., None]).exp_().mul_(keep)
+                chunks.exp_where_ge(t[g0:g1, r0:r1].reshape(-1), sh.reshape(-1))
+            w = zp
             if p.k_valid is not None:
                 w.mul_(p.k_valid[g0:g1, None, c0:c1])
             _clear_self(p, w, 0.0, r0, r1, c0, c1)
