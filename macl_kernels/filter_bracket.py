@@ -41,8 +41,8 @@ SAMPLE_COLUMNS = 64      # sampled key columns per tile (sorted per row)
 BRACKET_SIGMAS = 2.5     # the first two probes at the expected sample position ± this many binomial sd
 REFINE_SIGMAS = 2.0      # the later probes aim this many binomial sd above / below the interpolated target
 MAX_PROBES = 6           # probes after the first two (each one counting pass over the tile)
-MEMBER_TARGET = 64       # stop probing once the brackets hold ≤ this many entries on average
-CHUNK_ELEMENTS = 1 << 18  # elementwise passes go through the tile in row chunks of this size (L2-resident)
+MEMBER_TARGET = 32       # stop probing once the brackets hold ≤ this many entries on average
+CHUNK_ELEMENTS = 1 << 17  # elementwise passes go through the tile in row chunks of this size (cache-resident)
 
 _COLUMNS: dict = {}
 
@@ -163,7 +163,6 @@ def bracket_select(zn: torch.Tensor, k: torch.Tensor, n: torch.Tensor, chunks: C
         m = (rb - ra).mul_(active)
         if float(m.sum()) <= MEMBER_TARGET * R:
             break
-        probes += 1
         fa = (kf - ra).sub_(0.5).mul_(wa)
         fb = (rb - kf).add_(0.5).mul_(wb)
         pf = fa.div_(fa + fb)
@@ -173,7 +172,11 @@ def bracket_select(zn: torch.Tensor, k: torch.Tensor, n: torch.Tensor, chunks: C
         v = torch.lerp(va, vb, pf)
         if trivial:
             v = torch.where(va == math.inf, s_max, torch.where(vb == -big, s_min, v))
-        low = probe(torch.where(m > MEMBER_TARGET, v, va))        # closed rows probe va: nothing changes
+        open_ = (m > MEMBER_TARGET) & (v < va) & (v > vb)
+        if not bool(open_.any()):                              # e.g. only rows with a trivial end are left
+            break
+        low = probe(torch.where(open_, v, va))                 # closed rows probe va: nothing changes
+        probes += 1
         wb = torch.where(low, torch.where(prev, wb * 0.5, wb), torch.ones_like(wb))
         wa = torch.where(low, torch.ones_like(wa), torch.where(prev, wa, wa * 0.5))
         prev = low

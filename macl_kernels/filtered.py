@@ -140,7 +140,7 @@ def _forward_stats(p: ContrastProblem, qs, k, bound, rho: float, mode: str, posi
     count = torch.zeros(G, N, dtype=torch.int64, device=dev)
     allowed = None
     for (g0, g1, r0, r1), chunks in _blocks(G, N, M, mode).items():
-        if len(chunks) == 1 and bool(torch.isfinite(bound[g0:g1, r0:r1]).all()):
+        if len(chunks) == 1 and bool((bound[g0:g1, r0:r1] < torch.finfo(qs.dtype).max / 4).all()):
             if allowed is None:
                 allowed = _valid_keys(p).to(torch.int64)
             tb, k_i, total, ps, cnt_pos = _rows_block(p, qs, k, bound, rho, positives, allowed, ws, g0, g1, r0, r1)
