@@ -74,6 +74,7 @@ FULL_ROW_MAX_KEYS = 1 << 18    # above this many keys per group, the "chunks" ti
 UNDERFLOW = 1e-30              # a kept sum below this is recomputed with a running max
 TILINGS = ("rows", "chunks")
 MAX_BLOCK_ROWS = 1024          # anchors per block: slot ids (< 2^20) stay exact in float32
+ROWS_SELECT = "bracket"        # "rows" tiling: "bracket" (filter_bracket) or "histogram" (the chunks' method)
 
 
 # ------------------------------------------------------------------------------------------ tiles
@@ -140,7 +141,8 @@ def _forward_stats(p: ContrastProblem, qs, k, bound, rho: float, mode: str, posi
     count = torch.zeros(G, N, dtype=torch.int64, device=dev)
     allowed = None
     for (g0, g1, r0, r1), chunks in _blocks(G, N, M, mode).items():
-        if len(chunks) == 1 and bool((bound[g0:g1, r0:r1] < torch.finfo(qs.dtype).max / 4).all()):
+        if (len(chunks) == 1 and ROWS_SELECT == "bracket"
+                and bool((bound[g0:g1, r0:r1] < torch.finfo(qs.dtype).max / 4).all())):
             if allowed is None:
                 allowed = _valid_keys(p).to(torch.int64)
             tb, k_i, total, ps, cnt_pos = _rows_block(p, qs, k, bound, rho, positives, allowed, ws, g0, g1, r0, r1)
@@ -166,15 +168,16 @@ def _rows_block(p, qs, k, bound, rho, positives, allowed, ws, g0, g1, r0, r1):
     M = k.shape[1]
     shape = (g1 - g0, r1 - r0)
     zp = _shifted_logits(qs, k, bound, g0, g1, r0, r1, 0, M, ws)
-    gi, ri, ci = pidx = positives.tile(g0, g1, r0, r1, 0, M)
+    gi, ri, ci = positives.tile(g0, g1, r0, r1, 0, M)
     row = gi * shape[1] + ri
+    flat = row * M + ci                                  # the positives in the flat tile (1-D indexing is cheaper)
     n_rows = shape[0] * shape[1]
-    zpos = zp[pidx]
+    zpos = zp.view(-1)[flat]
     cnt_pos = torch.bincount(row, minlength=n_rows)
     pos_sum = zp.new_zeros(n_rows).index_add_(0, row, zpos)
     e_pos = zp.new_zeros(n_rows).index_add_(0, row, torch.exp(zpos))
     # the negatives tile: positives, invalid keys and the anchor itself leave it (−inf); a few writes, no mask
-    zp[pidx] = -math.inf
+    zp.view(-1).index_fill_(0, flat, -math.inf)
     if p.k_valid is not None:
         for g in range(g0, g1):
             bad = (~p.k_valid[g]).nonzero()[:, 0]
@@ -304,10 +307,11 @@ class _FilteredInfoNCE(torch.autograd.Function):
         ws = Workspace()
         for g0, g1, r0, r1, c0, c1 in filter_tiles(G, N, M, ctx.mode):
             zp = _shifted_logits(qs, kf, bound, g0, g1, r0, r1, c0, c1, ws)
-            pidx = ctx.positives.tile(g0, g1, r0, r1, c0, c1)
-            gi, ri, _ = pidx
+            gi, ri, ci = ctx.positives.tile(g0, g1, r0, r1, c0, c1)
+            row = gi * (r1 - r0) + ri
+            flat = row * (c1 - c0) + ci                    # the positives in the flat tile
             fold = bool(foldable[g0:g1, r0:r1].all())
-            zpos = zp[pidx]
+            zpos = zp.view(-1)[flat]
             z = zp + bound[g0:g1, r0:r1, None] if ctx.needs_input_grad[2] else None
             # in place, in row chunks that stay in cache; the mask as 0/1 in the tile's dtype, multiplied in
             # (masked_fill_/where branch per element, and a bool operand is converted first: each several
@@ -315,18 +319,18 @@ class _FilteredInfoNCE(torch.autograd.Function):
             chunks = Chunks(zp.view(-1, zp.shape[-1]), lambda name, shp, dt: ws.get(name, shp, dt, zp.device))
             if fold:
                 factor, q_side = row_f[g0:g1, r0:r1], q_fold
-                w_pos = torch.exp(zpos) - y_f[g0:g1, r0:r1][gi, ri]
+                w_pos = torch.exp(zpos) - y_f[g0:g1, r0:r1].reshape(-1)[row]
                 chunks.exp_where_ge(t[g0:g1, r0:r1].reshape(-1))
             else:
                 factor, q_side = sign[g0:g1, r0:r1] * s, q_signed
                 sh = shift[g0:g1, r0:r1]
-                w_pos = torch.exp(zpos - sh[gi, ri]) - y[g0:g1, r0:r1][gi, ri]
+                w_pos = torch.exp(zpos - sh.reshape(-1)[row]) - y[g0:g1, r0:r1].reshape(-1)[row]
                 chunks.exp_where_ge(t[g0:g1, r0:r1].reshape(-1), sh.reshape(-1))
             w = zp
             if p.k_valid is not None:
                 w.mul_(p.k_valid[g0:g1, None, c0:c1])
             _clear_self(p, w, 0.0, r0, r1, c0, c1)
-            w[pidx] = w_pos
+            w.view(-1).index_copy_(0, flat, w_pos)
             if z is not None:
                 dzz = dzz + ((w * z).sum(-1) * factor).sum() / s
             if need_q:

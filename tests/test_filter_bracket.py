@@ -136,3 +136,19 @@ def test_far_bound_uses_the_exact_lse_and_the_shifted_backward():
     assert torch.allclose(res.loss, ref, rtol=1e-10, atol=1e-12)
     for a, b in zip(torch.autograd.grad(res.loss, (q, k)), torch.autograd.grad(ref, (q, k))):
         assert torch.allclose(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_bracket_and_histogram_selections_agree_on_float32(monkeypatch):
+    """The two exact selections of the "rows" tiling (sample bracket + counting passes, and the histogram
+    + member pass) give bit-identical thresholds, kept counts and losses on the same float32 logits."""
+    import macl_kernels.filtered as flt
+    gen = torch.Generator().manual_seed(8)
+    x = torch.nn.functional.normalize(torch.randn(600, 24, generator=gen), dim=1)
+    lab = torch.randint(0, 30, (600,), generator=gen)
+    out = {}
+    for how in ("bracket", "histogram"):
+        monkeypatch.setattr(flt, "ROWS_SELECT", how)
+        out[how] = filtered_info_nce(x, rho=0.3, q_labels=lab, exclude_self=True, temperature=0.1, tiling="rows")
+    a, b = out["bracket"], out["histogram"]
+    assert torch.equal(a.threshold, b.threshold) and torch.equal(a.kept, b.kept)
+    assert torch.allclose(a.per_anchor, b.per_anchor, rtol=1e-5, atol=1e-6)
