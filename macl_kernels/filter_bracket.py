@@ -78,7 +78,8 @@ class Chunks:
 
     def __init__(self, x: torch.Tensor, get):
         R, M = x.shape
-        rc = max(1, min(R, CHUNK_ELEMENTS // max(M, 1)))
+        # a cache-sized piece per thread: with T threads a chunk of T pieces (one fork/join per pass and chunk)
+        rc = max(1, min(R, CHUNK_ELEMENTS * max(1, torch.get_num_threads()) // max(M, 1)))
         self.bounds = [(r0, min(R, r0 + rc)) for r0 in range(0, R, rc)]
         self.x = [x[a:b] for a, b in self.bounds]
         self.buf1 = _views(get("chunk1", (rc, M), x.dtype), self.bounds)
