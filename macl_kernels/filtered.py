@@ -19,26 +19,36 @@ How it is computed without an N×M tensor (every pass streams tiles; memory O(ti
 positive pairs, at most PAIR_BUDGET)):
 Logits are taken shifted by a per-anchor upper bound b_i = s·‖q_i‖·max_j ‖k_j‖ ≥ z_ij (Cauchy–Schwarz):
 z'_ij = z_ij − b_i ≤ 0, one `baddbmm` per tile, the ONE way every pass computes a tile (bit-identical
-across passes, so the selection made once is reproduced exactly later). Per block of anchors:
-1. histogram pass: each allowed pair goes to a slot of its anchor's row: the non-negatives to slot 0, the
-   positives to the top slot, a negative to one of nb (+2 guard) bins that cut [−2b_i, 0] into equal widths
-   (⌊z'·nb/(2b_i)⌋, a monotone map, so bins are ordered like the logits; nb = min(NUM_BINS, M/16)). One pass counts
-   the pairs per slot (`index_add_`) and a second sums exp(z') per slot (no overflow: z' ≤ 0).
-   From the counts: |negatives|, k_i = ⌈ρ·|negatives|⌉ and the bin that holds the k_i-th largest negative;
-2. member pass: the logits of that one bin are gathered, sorted per anchor, and the exact k_i-th largest
-   value t_i is read off (ties at t_i are all kept). The forward statistics need no further pass:
-   Σ_kept exp(z') = Σ_{slots above the bin} (positives included) + Σ_{members ≥ t_i} exp(z').
-   In the "rows" tiling a tile holds all keys of a block of anchors, so both passes read the same tile
-   (one GEMM); in the "chunks" tiling (more keys than FULL_ROW_MAX_KEYS) the member pass recomputes the tiles.
-3. the backward recomputes each tile and applies dz_ij = g_i·(P^F_ij − Y_ij) on the kept pairs
-   {positives} ∪ {allowed : z' ≥ t_i}.
-Anchors whose kept sum underflows (every kept logit more than ~69 below b_i) are recomputed exactly.
+across passes, so the selection made once is reproduced exactly later). Two tilings:
+- "rows" (up to FULL_ROW_MAX_KEYS keys per group): a tile = a block of anchors × ALL keys, one GEMM per block
+  for threshold and forward statistics together. The positives' logits are read from the positive-pair list
+  (Σ_P z', Σ_P exp(z'), |P|), then the positives, invalid keys and the anchor itself are set to −inf in the
+  tile (a few writes), leaving each row's negatives; k_i = ⌈ρ·n_i⌉ with n_i = |valid keys| − |P| − self.
+  `filter_bracket.bracket_select` finds the exact k_i-th largest negative t_i per row: a sorted sample of
+  64 fixed columns brackets it, vectorised counting passes (#{z' ≥ v} per row: one compare, one row sum)
+  narrow the bracket, and the few entries left inside are sorted; the same member pass sums exp(z') above
+  the bracket, so Σ_kept exp(z') = that + the members ≥ t_i + the positives (no further pass). Exactness
+  rests only on the exact counts; the sample decides how many passes it takes (see that module).
+  Blocks with a bound ≥ FLT_MAX/4 (non-finite or huge features) use the histogram below; `ROWS_SELECT =
+  "histogram"` forces it (the method before the sample bracket, kept for comparison and tests).
+- "chunks" (more keys): per block of anchors, chunks of keys; the histogram method (`filter_select.py`):
+  1. histogram pass: each allowed pair goes to a slot of its anchor's row: the non-negatives to slot 0, the
+     positives to the top slot, a negative to one of nb (+2 guard) bins that cut [−2b_i, 0] into equal widths
+     (⌊z'·nb/(2b_i)⌋, a monotone map, so bins are ordered like the logits; nb = min(NUM_BINS, M/16)). One
+     pass counts the pairs per slot (`index_add_`) and a second sums exp(z') per slot (no overflow: z' ≤ 0).
+     From the counts: |negatives|, k_i and the bin that holds the k_i-th largest negative;
+  2. member pass: the logits of that one bin are gathered (recomputing the key chunks), sorted per anchor,
+     and t_i is read off. Σ_kept exp(z') = Σ_{slots above the bin} (positives included) + the members ≥ t_i.
+  The member buffer holds the logits of one bin per anchor: a few for spread logits; only logits collapsed
+  into one bin (all features nearly equal) make it large.
+Ties at t_i are all kept in both. The backward recomputes each tile and applies dz_ij = g_i·(P^F_ij − Y_ij)
+on the kept pairs {positives} ∪ {allowed : z' ≥ t_i}: the mask, exp(z') and their product in place, in
+row chunks that stay in cache; exp(−LSE'_i)·|g_i|·sign(g_i) is a row factor on the (N, D) side (tiles whose
+kept logits all lie far below b_i subtract the shift before the exp instead). Anchors whose kept sum
+underflows (every kept logit more than ~69 below b_i) are recomputed exactly in the forward.
 CPU notes (measured): tile temporaries live in a per-call `Workspace` (fresh multi-MiB tensors page-fault on
 first touch), masks are multiplied in as 0/1 floats (masked_fill_/where branch per element), and the positive
-pairs of the label/index rules are listed once per call instead of compared in every tile. The histogram, the
-member selection, the pair list and the workspace are in `filter_select.py`.
-The member buffer of a block holds the logits of one bin per anchor: a few per anchor for spread logits, at
-most a tile in the "rows" tiling; only logits collapsed into one bin (all features nearly equal) make it large.
+pairs of the label/index rules are listed once per call instead of compared in every tile.
 Runs on any device with PyTorch ops (no Triton kernel). Cost on CPU: docs/gcl.md.
 """
 from __future__ import annotations
@@ -52,7 +62,7 @@ from .api import REDUCTIONS, Temperature, _build_problem
 from .problem import ContrastProblem, stats_dtype
 from . import torch_tiled as tt
 from .filter_bracket import Chunks, bracket_select
-from .filter_select import Histogram, PositivePairs, Workspace, _clear_self, _k_of, _kth_of_members, num_bins
+from .filter_select import PositivePairs, Workspace, _clear_self, _k_of, histogram_block
 from .torch_tiled import _valid_keys, tile_positives
 
 __all__ = ["filtered_info_nce", "FilteredResult", "filter_tiles", "tiling_mode", "TILINGS"]
@@ -147,8 +157,8 @@ def _forward_stats(p: ContrastProblem, qs, k, bound, rho: float, mode: str, posi
                 allowed = _valid_keys(p).to(torch.int64)
             tb, k_i, total, ps, cnt_pos = _rows_block(p, qs, k, bound, rho, positives, allowed, ws, g0, g1, r0, r1)
         else:
-            tb, k_i, total, ps, cnt_pos = _histogram_block(p, qs, k, bound, rho, positives, ws, g0, g1, r0, r1,
-                                                            chunks)
+            tb, k_i, total, ps, cnt_pos = histogram_block(p, qs, k, bound, rho, positives, ws, g0, g1, r0, r1,
+                                                          chunks, _shifted_logits)
         t[g0:g1, r0:r1] = tb
         k_all[g0:g1, r0:r1] = k_i
         lse[g0:g1, r0:r1] = torch.log(total)
@@ -192,42 +202,6 @@ def _rows_block(p, qs, k, bound, rho, positives, allowed, ws, g0, g1, r0, r1):
     tb, e_neg = sel.t, sel.kept_exp                  # Σ exp(z') over the kept negatives; the positives: e_pos
     return (tb.reshape(shape), k_i.reshape(shape), (e_neg + e_pos).reshape(shape), pos_sum.reshape(shape),
             cnt_pos.reshape(shape))
-
-
-def _histogram_block(p, qs, k, bound, rho, positives, ws, g0, g1, r0, r1, chunks):
-    """One block by the histogram + member passes (the "chunks" tiling, or non-finite bounds).
-    Returns t' (g, r), k_i, Σ_kept exp(z'), Σ_P z' and |P| (g, r)."""
-    M = k.shape[1]
-    dev = qs.device
-    blk = Histogram(bound, g0, g1, r0, r1, num_bins(M), qs.shape[-1], ws)
-    kept_tiles = []
-    for c0, c1 in chunks:
-        zp = _shifted_logits(qs, k, bound, g0, g1, r0, r1, c0, c1, ws)
-        pidx = positives.tile(g0, g1, r0, r1, c0, c1)
-        slot = blk.slots(p, zp, pidx, g0, g1, r0, r1, c0, c1)
-        blk.add(zp, slot, pidx)
-        if len(chunks) == 1:  # "rows": the member pass reads the same tile
-            kept_tiles.append((zp, slot))
-    k_i, in_bin, target, rank, _, e_strict, cnt_pos = blk.select(rho)
-    vals, rows = [], []
-    n_rows = k_i.numel()
-    for c0, c1 in chunks:
-        if kept_tiles:  # one chunk: the members in row-major order, their anchors from the bin counts
-            zp, slot = kept_tiles[0]
-            eq = torch.eq(slot, target[..., None], out=ws.get("hit", slot.shape, torch.bool, slot.device))
-            vals.append(torch.masked_select(zp, eq))
-            rows.append(torch.repeat_interleave(torch.arange(n_rows, device=dev), in_bin.reshape(-1)))
-            continue
-        zp = _shifted_logits(qs, k, bound, g0, g1, r0, r1, c0, c1, ws)
-        slot = blk.slots(p, zp, positives.tile(g0, g1, r0, r1, c0, c1), g0, g1, r0, r1, c0, c1)
-        eq = torch.eq(slot, target[..., None], out=ws.get("hit", slot.shape, torch.bool, slot.device))
-        hit = eq.nonzero(as_tuple=True)                                # row-major: grouped by anchor
-        vals.append(zp[hit])
-        rows.append(hit[0] * (r1 - r0) + hit[1])
-    tb, e_mem = _kth_of_members(torch.cat(vals), torch.cat(rows), n_rows, rank.reshape(-1),
-                                grouped=len(chunks) == 1)
-    tb, e_mem = tb.reshape(blk.shape), e_mem.reshape(blk.shape)
-    return tb, k_i, e_strict + e_mem, blk.pos_sum, cnt_pos
 
 
 def _kept(p, zp, t, g0, g1, r0, r1, c0, c1):
