@@ -84,7 +84,9 @@ class Chunks:
         self.x = [x[a:b] for a, b in self.bounds]
         self.buf1 = _views(get("chunk1", (rc, M), x.dtype), self.bounds)
         self.buf2 = _views(get("chunk2", (rc, M), x.dtype), self.bounds)
-        self.mask = _views(get("chunk_mask", (rc, M), torch.bool), self.bounds)
+        self.tile = x
+        self.full_mask = get("tile_mask", (R, M), torch.bool)          # the member mask, 1 byte per logit
+        self.mask = [self.full_mask[a:b] for a, b in self.bounds]
         self.col = torch.empty(R, 1, dtype=x.dtype, device=x.device)    # a per-row value, as a column
         self.cols = [self.col[a:b] for a, b in self.bounds]
         self.out = torch.empty(R, dtype=x.dtype, device=x.device)
@@ -105,6 +107,16 @@ class Chunks:
             if shift is not None:
                 x.sub_(shift[a:b, None])
             x.exp_().mul_(keep)
+
+
+def chunks_of(x: torch.Tensor, ws) -> Chunks:
+    """`Chunks` of x with buffers from the workspace ws (`filter_select.Workspace`), made once and kept in it
+    while x is the same tensor (the tiles of a call are computed into one workspace buffer)."""
+    key = (x.data_ptr(), tuple(x.shape), x.stride(), x.dtype, torch.get_num_threads())
+    cached = ws.bufs.get("_chunks")
+    if cached is None or cached[0] != key:
+        cached = ws.bufs["_chunks"] = (key, Chunks(x, lambda name, shape, dt: ws.get(name, shape, dt, x.device)))
+    return cached[1]
 
 
 def _views(buf, bounds):
@@ -197,18 +209,18 @@ def bracket_select(zn: torch.Tensor, k: torch.Tensor, n: torch.Tensor, chunks: C
 
 
 def _members(lo, hi, chunks: Chunks):
-    """The entries x with lo_i ≤ x < hi_i, row-major, and (R,) Σ_j exp(x_ij)·1[x_ij ≥ hi_i], chunk by chunk:
-    1[x ≥ hi] multiplies exp(x) in, then 1[x ≥ lo] − 1[x ≥ hi] (0/1 floats) goes to a bool copy whose True
-    bytes are gathered 8 at a time (the nonzero scan runs over int64 words)."""
-    parts = []
+    """The entries x with lo_i ≤ x < hi_i, row-major, and (R,) Σ_j exp(x_ij)·1[x_ij ≥ hi_i]: chunk by chunk,
+    1[x ≥ hi] multiplies exp(x) in, then 1[x ≥ lo] − 1[x ≥ hi] (0/1 floats) goes to the chunk's rows of a
+    tile-wide bool mask; one gather over the whole mask at the end (8 bytes at a time)."""
     esum = chunks.out
-    for (a, b), x, f1, f2, mask, o in zip(chunks.bounds, chunks.x, chunks.buf1, chunks.buf2, chunks.mask,
-                                          chunks.outs):
-        above = torch.ge(x, hi[a:b, None], out=f2)
+    chunks.col[:, 0] = hi
+    lo_col = lo[:, None]
+    for (a, b), x, f1, f2, c, mask, o in zip(chunks.bounds, chunks.x, chunks.buf1, chunks.buf2, chunks.cols,
+                                             chunks.mask, chunks.outs):
+        above = torch.ge(x, c, out=f2)
         torch.sum(torch.exp(x, out=f1).mul_(above), -1, out=o)
-        ind = torch.ge(x, lo[a:b, None], out=f1).sub_(above)
-        parts.append(_gather_true(x, mask.copy_(ind)))
-    return torch.cat(parts) if len(parts) > 1 else parts[0], esum
+        mask.copy_(torch.ge(x, lo_col[a:b], out=f1).sub_(above))
+    return _gather_true(chunks.tile, chunks.full_mask), esum
 
 
 def _gather_true(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -61,7 +61,7 @@ import torch
 from .api import REDUCTIONS, Temperature, _build_problem
 from .problem import ContrastProblem, stats_dtype
 from . import torch_tiled as tt
-from .filter_bracket import Chunks, bracket_select
+from .filter_bracket import bracket_select, chunks_of
 from .filter_select import PositivePairs, Workspace, _clear_self, _k_of, histogram_block
 from .torch_tiled import _valid_keys, tile_positives
 
@@ -197,7 +197,7 @@ def _rows_block(p, qs, k, bound, rho, positives, allowed, ws, g0, g1, r0, r1):
     n = allowed[g0:g1, r0:r1].reshape(-1) - cnt_pos
     k_i = _k_of(n, rho)
     zn = zp.view(n_rows, M)
-    chunks = Chunks(zn, lambda name, shp, dtype: ws.get(name, shp, dtype, zp.device))
+    chunks = chunks_of(zn, ws)
     sel = bracket_select(zn, k_i, n, chunks)
     tb, e_neg = sel.t, sel.kept_exp                  # Σ exp(z') over the kept negatives; the positives: e_pos
     return (tb.reshape(shape), k_i.reshape(shape), (e_neg + e_pos).reshape(shape), pos_sum.reshape(shape),
@@ -290,7 +290,7 @@ class _FilteredInfoNCE(torch.autograd.Function):
             # in place, in row chunks that stay in cache; the mask as 0/1 in the tile's dtype, multiplied in
             # (masked_fill_/where branch per element, and a bool operand is converted first: each several
             # times slower than this on CPU)
-            chunks = Chunks(zp.view(-1, zp.shape[-1]), lambda name, shp, dt: ws.get(name, shp, dt, zp.device))
+            chunks = chunks_of(zp.view(-1, zp.shape[-1]), ws)
             if fold:
                 factor, q_side = row_f[g0:g1, r0:r1], q_fold
                 w_pos = torch.exp(zpos) - y_f[g0:g1, r0:r1].reshape(-1)[row]
