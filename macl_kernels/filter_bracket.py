@@ -21,15 +21,18 @@ whatever v is; a good v only makes the bracket narrow faster. The steps:
    alternately REFINE_SIGMAS binomial sd above and below the target, until the brackets hold ≤
    MEMBER_TARGET entries on average. A row that still has a trivial end probes its sample's extreme value;
 4. members: the entries in [vb, va) are gathered (their number per row is R(vb) − R(va), which checks the
-   gather), sorted, and t_i = the (k_i − R(va))-th largest.
+   gather), sorted, and t_i = the (k_i − R(va))-th largest. The same pass sums exp(x) over x ≥ va, so the
+   kept exp-sum Σ_{x ≥ t_i} exp(x) = that + the members ≥ t_i comes without another pass.
 Exactness rests only on the counts (exact comparisons of the same values), never on the sample or the
 interpolation: those decide only how many passes and members it takes (an adversarial row costs more
 passes, or a larger member sort, never a wrong threshold). Ties: t_i may equal many entries; the caller
 keeps every entry ≥ t_i.
-CPU notes (measured): every elementwise pass runs over the tile in row chunks of CHUNK_ELEMENTS into one
-chunk-sized 0/1 float buffer (it stays in the core's L2 cache: half the time of a pass over the whole tile),
-with float compares (several times faster than bool ones); the chunk views are made once per call
-(slicing per pass and chunk costs as much as a small pass).
+CPU notes (measured): every elementwise pass runs over the tile in row chunks of CHUNK_ELEMENTS per thread
+into one chunk-sized 0/1 float buffer (it stays in the core's L2 cache: half the time of a pass over the whole
+tile), with float compares (several times faster than bool ones); the chunk views are made once and kept in
+the call's workspace across tiles (slicing per pass and chunk costs as much as a small pass); the member mask
+of the whole tile is gathered at once, 8 mask bytes at a time.
+Typical cost (N = M = 8192, ρ = 0.5, one thread): 2 + 3–4 counting passes, ≈ 20–50 members per row.
 """
 from __future__ import annotations
 
@@ -236,7 +239,8 @@ def _gather_true(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 def _kth_largest(vals: torch.Tensor, rows: torch.Tensor, counts: torch.Tensor, rank: torch.Tensor) -> torch.Tensor:
     """Per row the rank-th largest of its values. vals (T,) grouped by row (row-major), rows (T,) their rows,
-    counts (R,) values per row, rank (R,) in [1, counts] where counts > 0. Returns (R,) (−inf where a row has no values).
+    counts (R,) values per row, rank (R,) in [1, counts] where counts > 0. Returns (R,) (−inf where a row has
+    no values).
     One 1-D sort, no (R, max count) padding (one row with many members does not make every row wide):
     float32 values as order-preserving int32 keys under their row in the high bits of an int64; other dtypes
     sorted by value, then stably by row."""
