@@ -3,6 +3,7 @@ split, and the Gradient Filter against the plain fused pixel loss (issue 16, "Pe
 
     python benchmarks/bench_gcl_step.py                          # batch 16, 128², F = 32, depth 4; filter at 8192
     python benchmarks/bench_gcl_step.py --reps 5 --threads 2 --filter-n 8192
+    python benchmarks/bench_gcl_step.py --filter-only --filter-threads 1,2 --filter-reps 7   # the filter alone
 
 Step (what `macl.train.pretrain` does per iteration: forward, L = Σ weight·term, backward, SGD update), both
 methods built in this process and timed INTERLEAVED (macl, gcl, macl, gcl, …) so that a shared machine's load
@@ -17,8 +18,13 @@ timed directly, its backward between an autograd stamp on its output and one on 
 loss's backward nodes back to back, so this is its backward time; with more threads it is approximate).
 "rest" = step − Σ terms: the networks' forward and backward, the mitigator's PCGrad, the optimiser.
 Filter: pixel SupCon over N = M = --filter-n rows (D = 64, labels from 256 classes, self excluded, τ = 0.1),
-forward + backward, `grouped_info_nce` (impl torch) against `filtered_info_nce` (ρ = 0.5), interleaved.
-Results go to benchmarks/results/gcl_step_cpu.csv (one row per measured thing).
+forward + backward, `grouped_info_nce` (impl torch) against `filtered_info_nce` (ρ = --rho), interleaved (core,
+filtered, core, …) after one warm-up each, for each of --filter-threads in the same process; --filter-histogram
+adds the filter with the histogram selection in the "rows" tiling (`filtered.ROWS_SELECT`, the method before
+the sample bracket; same backward). Each row records the median wall time (median_s) and the median CPU time
+of the process (cpu_s: less sensitive to other jobs on a shared machine; with more threads it adds the
+threads up), the host (benchmarks/host.py: CPU, ISA flags) and the 1-minute load average after the row.
+Results go to benchmarks/results/gcl_step_cpu.csv (one row per measured thing; --csv to change).
 """
 from __future__ import annotations
 
@@ -44,7 +50,9 @@ from macl.config import MethodConfig, NetConfig  # noqa: E402
 from macl.methods import Batch, build_method  # noqa: E402
 from macl_kernels import grouped_info_nce  # noqa: E402
 from macl_kernels.filtered import filtered_info_nce  # noqa: E402
+import macl_kernels.filtered as filtered_mod  # noqa: E402
 from benchmarks.csv_out import write_csv  # noqa: E402
+from benchmarks.host import host_info, host_line  # noqa: E402
 
 CLOCK: dict = defaultdict(float)          # term → seconds in the current step
 STAMPS: dict = {}
@@ -140,6 +148,12 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=3, help="timed steps per method (after one warm-up each)")
     ap.add_argument("--filter-n", type=int, default=8192, help="rows of the filter comparison (0: skip it)")
     ap.add_argument("--filter-reps", type=int, default=3)
+    ap.add_argument("--filter-only", action="store_true", help="time only the filter against the plain loss")
+    ap.add_argument("--filter-threads", default=None,
+                    help="comma-separated torch thread counts for the filter comparison (default: --threads)")
+    ap.add_argument("--filter-histogram", action="store_true",
+                    help="also time the filter with the histogram selection in the rows tiling")
+    ap.add_argument("--rho", type=float, default=0.5, help="the filter's ρ")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--csv", default=os.path.join(HERE, "results", "gcl_step_cpu.csv"))
     args = ap.parse_args(argv)
@@ -148,15 +162,35 @@ def main(argv=None) -> int:
     print(f"host: {host()}; torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
     rows = []
 
-    def record(what, impl, seconds, ratio=None, note=""):
+    def record(what, impl, seconds, ratio=None, note="", cpu=None, cpu_ratio=None):
+        h = host_info()
         rows.append({"what": what, "impl": impl, "median_s": round(seconds, 4),
                      "ratio": None if ratio is None else round(ratio, 3), "note": note,
                      "threads": torch.get_num_threads(), "torch": torch.__version__, "machine": platform.machine(),
-                     "host": host()})
+                     "host": host(), "cpu_s": None if cpu is None else round(cpu, 4),
+                     "cpu_ratio": None if cpu_ratio is None else round(cpu_ratio, 3), "isa": h["isa"],
+                     "load_1min": h["load_1min"]})
         print(f"{what:8s} {impl:22s} {seconds:9.4f} s" + ("" if ratio is None else f"  ×{ratio:.2f}") +
-              (f"  ({note})" if note else ""), flush=True)
+              ("" if cpu is None else f"   cpu {cpu:.4f} s ×{cpu_ratio:.2f}") + (f"  ({note})" if note else ""),
+              flush=True)
 
-    # ---------------------------------------------------------------- steps
+    print(host_line(), flush=True)
+    if not args.filter_only:
+        run_steps(args, record)
+    if args.filter_n:
+        threads = [int(t) for t in args.filter_threads.split(",")] if args.filter_threads else [None]
+        for th in threads:
+            if th:
+                torch.set_num_threads(th)
+            run_filter(args, record)
+
+    write_csv(args.csv, rows)
+    print(f"wrote {args.csv}")
+    return 0
+
+
+def run_steps(args, record) -> None:
+    """The MACL and GCL-style steps, interleaved, with the per-term split."""
     install_timers()
     torch.manual_seed(0)
     net = NetConfig(dims=2, base_width=args.width, depth=args.depth)
@@ -190,31 +224,43 @@ def main(argv=None) -> int:
         for term, secs in sorted(splits[k].items()):
             record("term", f"{k}:{term}", statistics.median(secs), statistics.median(secs) / med, "share of its step")
 
-    # ---------------------------------------------------------------- filter
-    n = args.filter_n
-    if n:
-        x = F.normalize(torch.randn(n, 64), dim=1).requires_grad_()
-        lab = torch.randint(0, 256, (n,))
-        fns = {"core": lambda: grouped_info_nce(x, q_labels=lab, exclude_self=True, temperature=0.1,
-                                                impl="torch").loss.backward(),
-               "filtered": lambda: filtered_info_nce(x, rho=0.5, q_labels=lab, exclude_self=True,
-                                                     temperature=0.1).loss.backward()}
-        ft = defaultdict(list)
-        for f in fns.values():
-            f()
-        for _ in range(args.filter_reps):
-            for k, f in fns.items():
-                t0 = time.perf_counter()
-                f()
-                ft[k].append(time.perf_counter() - t0)
-        core = statistics.median(ft["core"])
-        for k in fns:
-            record("filter", k, statistics.median(ft[k]), statistics.median(ft[k]) / core,
-                   f"N=M={n}, D=64, rho=0.5, fwd+bwd")
 
-    write_csv(args.csv, rows)
-    print(f"wrote {args.csv}")
-    return 0
+def run_filter(args, record) -> None:
+    """Forward + backward of the plain fused loss and of the filtered one, interleaved (wall and CPU time)."""
+    n = args.filter_n
+    gen = torch.Generator().manual_seed(0)
+    x = F.normalize(torch.randn(n, 64, generator=gen), dim=1).requires_grad_()
+    lab = torch.randint(0, 256, (n,), generator=gen)
+
+    def filtered(select):
+        def fn():
+            filtered_mod.ROWS_SELECT = select
+            try:
+                filtered_info_nce(x, rho=args.rho, q_labels=lab, exclude_self=True, temperature=0.1).loss.backward()
+            finally:
+                filtered_mod.ROWS_SELECT = "bracket"
+        return fn
+
+    fns = {"core": lambda: grouped_info_nce(x, q_labels=lab, exclude_self=True, temperature=0.1,
+                                            impl="torch").loss.backward(),
+           "filtered": filtered("bracket")}
+    if args.filter_histogram:
+        fns["filtered_histogram"] = filtered("histogram")
+    wall, cpu = defaultdict(list), defaultdict(list)
+    for f in fns.values():
+        f()
+    for _ in range(args.filter_reps):
+        for k, f in fns.items():
+            t0, c0 = time.perf_counter(), time.process_time()
+            f()
+            wall[k].append(time.perf_counter() - t0)
+            cpu[k].append(time.process_time() - c0)
+            x.grad = None
+    core, core_cpu = statistics.median(wall["core"]), statistics.median(cpu["core"])
+    for k in fns:
+        w, c = statistics.median(wall[k]), statistics.median(cpu[k])
+        record("filter", k, w, w / core, f"N=M={n}, D=64, 256 classes, rho={args.rho}, fwd+bwd, "
+               f"{args.filter_reps} interleaved reps", c, c / core_cpu)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
-"""The exact top-ρ selection of the Gradient Filter (`macl_kernels.filtered`): per-anchor histograms of the
-shifted logits, the exact k-th largest from the members of one bin, the positive-pair list, and the per-call
-scratch buffers. See the module docstring of `macl_kernels.filtered` for the algorithm."""
+"""Parts of the Gradient Filter (`macl_kernels.filtered`): the histogram selection of the "chunks" tiling
+(per-anchor histograms of the shifted logits, the exact k-th largest from the members of one bin; the "rows"
+tiling uses `filter_bracket` instead), the positive-pair list, and the per-call scratch buffers. See the
+module docstring of `macl_kernels.filtered` for the algorithm."""
 from __future__ import annotations
 
 import math
@@ -110,6 +111,43 @@ class Histogram:
         e_strict = torch.where(k_i > 0, e_strict, es[..., NB + 4])
         in_bin = torch.where(k_i > 0, neg.gather(-1, j[..., None])[..., 0], torch.zeros_like(k_i))
         return k_i, in_bin, target, k_i - strictly, strictly, e_strict, cnt[..., NB + 4]
+
+
+def histogram_block(p, qs, k, bound, rho, positives, ws, g0, g1, r0, r1, chunks, shifted_logits):
+    """One block of anchors (g0:g1, r0:r1) by the histogram + member passes over its key chunks [(c0, c1)]
+    (the "chunks" tiling, or bounds too large for `filter_bracket`); shifted_logits: `filtered._shifted_logits`
+    (the one way a tile is computed). Returns t' (g, r), k_i, Σ_kept exp(z'), Σ_P z' and |P| (g, r)."""
+    M = k.shape[1]
+    dev = qs.device
+    blk = Histogram(bound, g0, g1, r0, r1, num_bins(M), qs.shape[-1], ws)
+    kept_tiles = []
+    for c0, c1 in chunks:
+        zp = shifted_logits(qs, k, bound, g0, g1, r0, r1, c0, c1, ws)
+        pidx = positives.tile(g0, g1, r0, r1, c0, c1)
+        slot = blk.slots(p, zp, pidx, g0, g1, r0, r1, c0, c1)
+        blk.add(zp, slot, pidx)
+        if len(chunks) == 1:  # "rows": the member pass reads the same tile
+            kept_tiles.append((zp, slot))
+    k_i, in_bin, target, rank, _, e_strict, cnt_pos = blk.select(rho)
+    vals, rows = [], []
+    n_rows = k_i.numel()
+    for c0, c1 in chunks:
+        if kept_tiles:  # one chunk: the members in row-major order, their anchors from the bin counts
+            zp, slot = kept_tiles[0]
+            eq = torch.eq(slot, target[..., None], out=ws.get("hit", slot.shape, torch.bool, slot.device))
+            vals.append(torch.masked_select(zp, eq))
+            rows.append(torch.repeat_interleave(torch.arange(n_rows, device=dev), in_bin.reshape(-1)))
+            continue
+        zp = shifted_logits(qs, k, bound, g0, g1, r0, r1, c0, c1, ws)
+        slot = blk.slots(p, zp, positives.tile(g0, g1, r0, r1, c0, c1), g0, g1, r0, r1, c0, c1)
+        eq = torch.eq(slot, target[..., None], out=ws.get("hit", slot.shape, torch.bool, slot.device))
+        hit = eq.nonzero(as_tuple=True)                                # row-major: grouped by anchor
+        vals.append(zp[hit])
+        rows.append(hit[0] * (r1 - r0) + hit[1])
+    tb, e_mem = _kth_of_members(torch.cat(vals), torch.cat(rows), n_rows, rank.reshape(-1),
+                                grouped=len(chunks) == 1)
+    tb, e_mem = tb.reshape(blk.shape), e_mem.reshape(blk.shape)
+    return tb, k_i, e_strict + e_mem, blk.pos_sum, cnt_pos
 
 
 _ONES: dict = {}

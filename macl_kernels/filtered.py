@@ -19,26 +19,36 @@ How it is computed without an N×M tensor (every pass streams tiles; memory O(ti
 positive pairs, at most PAIR_BUDGET)):
 Logits are taken shifted by a per-anchor upper bound b_i = s·‖q_i‖·max_j ‖k_j‖ ≥ z_ij (Cauchy–Schwarz):
 z'_ij = z_ij − b_i ≤ 0, one `baddbmm` per tile, the ONE way every pass computes a tile (bit-identical
-across passes, so the selection made once is reproduced exactly later). Per block of anchors:
-1. histogram pass: each allowed pair goes to a slot of its anchor's row: the non-negatives to slot 0, the
-   positives to the top slot, a negative to one of nb (+2 guard) bins that cut [−2b_i, 0] into equal widths
-   (⌊z'·nb/(2b_i)⌋, a monotone map, so bins are ordered like the logits; nb = min(NUM_BINS, M/16)). One pass counts
-   the pairs per slot (`index_add_`) and a second sums exp(z') per slot (no overflow: z' ≤ 0).
-   From the counts: |negatives|, k_i = ⌈ρ·|negatives|⌉ and the bin that holds the k_i-th largest negative;
-2. member pass: the logits of that one bin are gathered, sorted per anchor, and the exact k_i-th largest
-   value t_i is read off (ties at t_i are all kept). The forward statistics need no further pass:
-   Σ_kept exp(z') = Σ_{slots above the bin} (positives included) + Σ_{members ≥ t_i} exp(z').
-   In the "rows" tiling a tile holds all keys of a block of anchors, so both passes read the same tile
-   (one GEMM); in the "chunks" tiling (more keys than FULL_ROW_MAX_KEYS) the member pass recomputes the tiles.
-3. the backward recomputes each tile and applies dz_ij = g_i·(P^F_ij − Y_ij) on the kept pairs
-   {positives} ∪ {allowed : z' ≥ t_i}.
-Anchors whose kept sum underflows (every kept logit more than ~69 below b_i) are recomputed exactly.
+across passes, so the selection made once is reproduced exactly later). Two tilings:
+- "rows" (up to FULL_ROW_MAX_KEYS keys per group): a tile = a block of anchors × ALL keys, one GEMM per block
+  for threshold and forward statistics together. The positives' logits are read from the positive-pair list
+  (Σ_P z', Σ_P exp(z'), |P|), then the positives, invalid keys and the anchor itself are set to −inf in the
+  tile (a few writes), leaving each row's negatives; k_i = ⌈ρ·n_i⌉ with n_i = |valid keys| − |P| − self.
+  `filter_bracket.bracket_select` finds the exact k_i-th largest negative t_i per row: a sorted sample of
+  64 fixed columns brackets it, vectorised counting passes (#{z' ≥ v} per row: one compare, one row sum)
+  narrow the bracket, and the few entries left inside are sorted; the same member pass sums exp(z') above
+  the bracket, so Σ_kept exp(z') = that + the members ≥ t_i + the positives (no further pass). Exactness
+  rests only on the exact counts; the sample decides how many passes it takes (see that module).
+  Blocks with a bound ≥ FLT_MAX/4 (non-finite or huge features) use the histogram below; `ROWS_SELECT =
+  "histogram"` forces it (the method before the sample bracket, kept for comparison and tests).
+- "chunks" (more keys): per block of anchors, chunks of keys; the histogram method (`filter_select.py`):
+  1. histogram pass: each allowed pair goes to a slot of its anchor's row: the non-negatives to slot 0, the
+     positives to the top slot, a negative to one of nb (+2 guard) bins that cut [−2b_i, 0] into equal widths
+     (⌊z'·nb/(2b_i)⌋, a monotone map, so bins are ordered like the logits; nb = min(NUM_BINS, M/16)). One
+     pass counts the pairs per slot (`index_add_`) and a second sums exp(z') per slot (no overflow: z' ≤ 0).
+     From the counts: |negatives|, k_i and the bin that holds the k_i-th largest negative;
+  2. member pass: the logits of that one bin are gathered (recomputing the key chunks), sorted per anchor,
+     and t_i is read off. Σ_kept exp(z') = Σ_{slots above the bin} (positives included) + the members ≥ t_i.
+  The member buffer holds the logits of one bin per anchor: a few for spread logits; only logits collapsed
+  into one bin (all features nearly equal) make it large.
+Ties at t_i are all kept in both. The backward recomputes each tile and applies dz_ij = g_i·(P^F_ij − Y_ij)
+on the kept pairs {positives} ∪ {allowed : z' ≥ t_i}: the mask, exp(z') and their product in place, in
+row chunks that stay in cache; exp(−LSE'_i)·|g_i|·sign(g_i) is a row factor on the (N, D) side (tiles whose
+kept logits all lie far below b_i subtract the shift before the exp instead). Anchors whose kept sum
+underflows (every kept logit more than ~69 below b_i) are recomputed exactly in the forward.
 CPU notes (measured): tile temporaries live in a per-call `Workspace` (fresh multi-MiB tensors page-fault on
 first touch), masks are multiplied in as 0/1 floats (masked_fill_/where branch per element), and the positive
-pairs of the label/index rules are listed once per call instead of compared in every tile. The histogram, the
-member selection, the pair list and the workspace are in `filter_select.py`.
-The member buffer of a block holds the logits of one bin per anchor: a few per anchor for spread logits, at
-most a tile in the "rows" tiling; only logits collapsed into one bin (all features nearly equal) make it large.
+pairs of the label/index rules are listed once per call instead of compared in every tile.
 Runs on any device with PyTorch ops (no Triton kernel). Cost on CPU: docs/gcl.md.
 """
 from __future__ import annotations
@@ -51,8 +61,9 @@ import torch
 from .api import REDUCTIONS, Temperature, _build_problem
 from .problem import ContrastProblem, stats_dtype
 from . import torch_tiled as tt
-from .filter_select import Histogram, PositivePairs, Workspace, _clear_self, _kth_of_members, num_bins
-from .torch_tiled import tile_positives
+from .filter_bracket import bracket_select, chunks_of
+from .filter_select import PositivePairs, Workspace, _clear_self, _k_of, histogram_block
+from .torch_tiled import _valid_keys, tile_positives
 
 __all__ = ["filtered_info_nce", "FilteredResult", "filter_tiles", "tiling_mode", "TILINGS"]
 
@@ -68,11 +79,12 @@ class FilteredResult(NamedTuple):
     pos_count: torch.Tensor
 
 
-TILE_BUDGET = 1 << 20          # logits per tile in the "rows" tiling (4 MiB of float32)
+TILE_BUDGET = 1 << 21          # logits per tile in the "rows" tiling (8 MiB of float32)
 FULL_ROW_MAX_KEYS = 1 << 18    # above this many keys per group, the "chunks" tiling
 UNDERFLOW = 1e-30              # a kept sum below this is recomputed with a running max
 TILINGS = ("rows", "chunks")
 MAX_BLOCK_ROWS = 1024          # anchors per block: slot ids (< 2^20) stay exact in float32
+ROWS_SELECT = "bracket"        # "rows" tiling: "bracket" (filter_bracket) or "histogram" (the chunks' method)
 
 
 # ------------------------------------------------------------------------------------------ tiles
@@ -137,47 +149,59 @@ def _forward_stats(p: ContrastProblem, qs, k, bound, rho: float, mode: str, posi
     lse = qs.new_full((G, N), -math.inf)
     pos_sum = qs.new_zeros(G, N)
     count = torch.zeros(G, N, dtype=torch.int64, device=dev)
+    allowed = None
     for (g0, g1, r0, r1), chunks in _blocks(G, N, M, mode).items():
-        blk = Histogram(bound, g0, g1, r0, r1, num_bins(M), qs.shape[-1], ws)
-        kept_tiles = []
-        for c0, c1 in chunks:
-            zp = _shifted_logits(qs, k, bound, g0, g1, r0, r1, c0, c1, ws)
-            pidx = positives.tile(g0, g1, r0, r1, c0, c1)
-            slot = blk.slots(p, zp, pidx, g0, g1, r0, r1, c0, c1)
-            blk.add(zp, slot, pidx)
-            if len(chunks) == 1:  # "rows": the member pass reads the same tile
-                kept_tiles.append((zp, slot))
-        k_i, in_bin, target, rank, _, e_strict, cnt_pos = blk.select(rho)
-        vals, rows = [], []
-        n_rows = k_i.numel()
-        for ci, (c0, c1) in enumerate(chunks):
-            if kept_tiles:  # one chunk: the members in row-major order, their anchors from the bin counts
-                zp, slot = kept_tiles[0]
-                eq = torch.eq(slot, target[..., None], out=ws.get("hit", slot.shape, torch.bool, slot.device))
-                vals.append(torch.masked_select(zp, eq))
-                rows.append(torch.repeat_interleave(torch.arange(n_rows, device=dev), in_bin.reshape(-1)))
-                continue
-            else:
-                zp = _shifted_logits(qs, k, bound, g0, g1, r0, r1, c0, c1, ws)
-                slot = blk.slots(p, zp, positives.tile(g0, g1, r0, r1, c0, c1), g0, g1, r0, r1, c0, c1)
-            eq = torch.eq(slot, target[..., None], out=ws.get("hit", slot.shape, torch.bool, slot.device))
-            hit = eq.nonzero(as_tuple=True)                                # row-major: grouped by anchor
-            vals.append(zp[hit])
-            rows.append(hit[0] * (r1 - r0) + hit[1])
-        tb, e_mem = _kth_of_members(torch.cat(vals), torch.cat(rows), n_rows, rank.reshape(-1),
-                                    grouped=len(chunks) == 1)
-        tb, e_mem = tb.reshape(blk.shape), e_mem.reshape(blk.shape)
-        total = e_strict + e_mem
+        if (len(chunks) == 1 and ROWS_SELECT == "bracket"
+                and bool((bound[g0:g1, r0:r1] < torch.finfo(qs.dtype).max / 4).all())):
+            if allowed is None:
+                allowed = _valid_keys(p).to(torch.int64)
+            tb, k_i, total, ps, cnt_pos = _rows_block(p, qs, k, bound, rho, positives, allowed, ws, g0, g1, r0, r1)
+        else:
+            tb, k_i, total, ps, cnt_pos = histogram_block(p, qs, k, bound, rho, positives, ws, g0, g1, r0, r1,
+                                                          chunks, _shifted_logits)
         t[g0:g1, r0:r1] = tb
         k_all[g0:g1, r0:r1] = k_i
         lse[g0:g1, r0:r1] = torch.log(total)
-        pos_sum[g0:g1, r0:r1] = blk.pos_sum
+        pos_sum[g0:g1, r0:r1] = ps
         count[g0:g1, r0:r1] = cnt_pos
         low = (total < UNDERFLOW) & ((k_i > 0) | (cnt_pos > 0))
         if bool(low.any()):
             lse[g0:g1, r0:r1] = torch.where(low, _exact_lse(p, qs, k, bound, tb, g0, g1, r0, r1, chunks),
                                             lse[g0:g1, r0:r1])
     return t, k_all, lse + bound, pos_sum + count * bound, count
+
+
+def _rows_block(p, qs, k, bound, rho, positives, allowed, ws, g0, g1, r0, r1):
+    """One block of the "rows" tiling (all keys in one tile, finite bounds): `filter_bracket.bracket_select`
+    on the tile with its non-negatives set to −inf, then Σ_kept exp(z') in one masked pass.
+    Returns t' (g, r), k_i, Σ_kept exp(z'), Σ_P z' and |P| (g, r)."""
+    M = k.shape[1]
+    shape = (g1 - g0, r1 - r0)
+    zp = _shifted_logits(qs, k, bound, g0, g1, r0, r1, 0, M, ws)
+    gi, ri, ci = positives.tile(g0, g1, r0, r1, 0, M)
+    row = gi * shape[1] + ri
+    flat = row * M + ci                                  # the positives in the flat tile (1-D indexing is cheaper)
+    n_rows = shape[0] * shape[1]
+    zpos = zp.view(-1)[flat]
+    cnt_pos = torch.bincount(row, minlength=n_rows)
+    pos_sum = zp.new_zeros(n_rows).index_add_(0, row, zpos)
+    e_pos = zp.new_zeros(n_rows).index_add_(0, row, torch.exp(zpos))
+    # the negatives tile: positives, invalid keys and the anchor itself leave it (−inf); a few writes, no mask
+    zp.view(-1).index_fill_(0, flat, -math.inf)
+    if p.k_valid is not None:
+        for g in range(g0, g1):
+            bad = (~p.k_valid[g]).nonzero()[:, 0]
+            if bad.numel():
+                zp[g - g0].index_fill_(-1, bad, -math.inf)
+    _clear_self(p, zp, -math.inf, r0, r1, 0, M)
+    n = allowed[g0:g1, r0:r1].reshape(-1) - cnt_pos
+    k_i = _k_of(n, rho)
+    zn = zp.view(n_rows, M)
+    chunks = chunks_of(zn, ws)
+    sel = bracket_select(zn, k_i, n, chunks)
+    tb, e_neg = sel.t, sel.kept_exp                  # Σ exp(z') over the kept negatives; the positives: e_pos
+    return (tb.reshape(shape), k_i.reshape(shape), (e_neg + e_pos).reshape(shape), pos_sum.reshape(shape),
+            cnt_pos.reshape(shape))
 
 
 def _kept(p, zp, t, g0, g1, r0, r1, c0, c1):
@@ -232,39 +256,61 @@ class _FilteredInfoNCE(torch.autograd.Function):
         need_q = ctx.needs_input_grad[0] or ctx.needs_input_grad[2]
         need_k = ctx.needs_input_grad[1]
         g = torch.where(counted, g_loss.to(qf.dtype), torch.zeros_like(lse))
-        # dz = g·(P^F − Y) = sign(g)·w with w = exp(z' − (LSE' − log|g|)) on the kept pairs − |g|/|P| on P:
-        # |g| is folded into the exponent and sign(g) applied on the (N, D) side, never on a tile.
+        # dz = g·(P^F − Y) with P^F = exp(z' − LSE') on the kept pairs (LSE' = LSE − b: on the z' scale).
+        # Folded form (every row of the tile has LSE' above FOLD_LIMIT): w = exp(z')·keep on the tile and
+        # exp(z') − exp(LSE')/|P| on the positives, times the row factor sign(g)·|g|·exp(−LSE') applied on the
+        # (N, D) side: three elementwise passes per tile (mask, exp, multiply). Otherwise (a row whose kept
+        # logits all lie far below b, where exp(z') would underflow) the shift goes into the exponent:
+        # w = exp(z' − LSE' + log|g|)·keep, an extra pass.
+        lse_p = lse - bound
+        nz = g != 0
         sign = torch.sign(g)
-        shift = (lse - bound - torch.log(g.abs())).masked_fill_(g == 0, math.inf)
+        limit = 0.5 * math.log(torch.finfo(qf.dtype).tiny)
+        foldable = (lse_p > limit) | ~nz
+        row_f = torch.where(nz, sign * g.abs() * torch.exp(-lse_p), torch.zeros_like(g)) * s
+        y_f = torch.where(nz, torch.exp(lse_p) / count.clamp(min=1), torch.zeros_like(g))
+        shift = (lse_p - torch.log(g.abs())).masked_fill_(~nz, math.inf)
         y = g.abs() / count.clamp(min=1)
         qs = qf * s
         dq = torch.zeros_like(qf) if need_q else None
         dk = torch.zeros_like(kf) if need_k else None
-        q_signed = qf * sign[..., None] if need_k else None
+        q_fold = qf * row_f[..., None] if need_k else None
+        q_signed = qf * (sign * s)[..., None] if need_k else None
         dzz = qf.new_zeros(())
         G, N, M = qf.shape[0], qf.shape[1], kf.shape[1]
         ws = Workspace()
         for g0, g1, r0, r1, c0, c1 in filter_tiles(G, N, M, ctx.mode):
             zp = _shifted_logits(qs, kf, bound, g0, g1, r0, r1, c0, c1, ws)
-            pidx = ctx.positives.tile(g0, g1, r0, r1, c0, c1)
-            # the mask as 0/1 in the tile's dtype, multiplied in: masked_fill_/where branch per element and
-            # a bool operand is converted first (each several times slower than this on CPU)
-            keep = torch.ge(zp, t[g0:g1, r0:r1, None], out=ws.get("mask", zp.shape, zp.dtype, zp.device))
-            sh = shift[g0:g1, r0:r1]
-            gi, ri, _ = pidx
-            w_pos = torch.exp(zp[pidx] - sh[gi, ri]) - y[g0:g1, r0:r1][gi, ri]
+            gi, ri, ci = ctx.positives.tile(g0, g1, r0, r1, c0, c1)
+            row = gi * (r1 - r0) + ri
+            flat = row * (c1 - c0) + ci                    # the positives in the flat tile
+            fold = bool(foldable[g0:g1, r0:r1].all())
+            zpos = zp.view(-1)[flat]
             z = zp + bound[g0:g1, r0:r1, None] if ctx.needs_input_grad[2] else None
-            w = zp.sub_(sh[..., None]).exp_().mul_(keep)                       # in place: zp is not needed again
+            # in place, in row chunks that stay in cache; the mask as 0/1 in the tile's dtype, multiplied in
+            # (masked_fill_/where branch per element, and a bool operand is converted first: each several
+            # times slower than this on CPU)
+            chunks = chunks_of(zp.view(-1, zp.shape[-1]), ws)
+            if fold:
+                factor, q_side = row_f[g0:g1, r0:r1], q_fold
+                w_pos = torch.exp(zpos) - y_f[g0:g1, r0:r1].reshape(-1)[row]
+                chunks.exp_where_ge(t[g0:g1, r0:r1].reshape(-1))
+            else:
+                factor, q_side = sign[g0:g1, r0:r1] * s, q_signed
+                sh = shift[g0:g1, r0:r1]
+                w_pos = torch.exp(zpos - sh.reshape(-1)[row]) - y[g0:g1, r0:r1].reshape(-1)[row]
+                chunks.exp_where_ge(t[g0:g1, r0:r1].reshape(-1), sh.reshape(-1))
+            w = zp
             if p.k_valid is not None:
                 w.mul_(p.k_valid[g0:g1, None, c0:c1])
             _clear_self(p, w, 0.0, r0, r1, c0, c1)
-            w[pidx] = w_pos
+            w.view(-1).index_copy_(0, flat, w_pos)
             if z is not None:
-                dzz = dzz + ((w * z).sum(-1) * sign[g0:g1, r0:r1]).sum()
+                dzz = dzz + ((w * z).sum(-1) * factor).sum() / s
             if need_q:
-                dq[g0:g1, r0:r1] += torch.bmm(w, kf[g0:g1, c0:c1]) * (sign[g0:g1, r0:r1, None] * s)
+                dq[g0:g1, r0:r1] += torch.bmm(w, kf[g0:g1, c0:c1]).mul_(factor[..., None])
             if need_k:
-                dk[g0:g1, c0:c1] += torch.bmm(w.transpose(1, 2), q_signed[g0:g1, r0:r1]) * s
+                dk[g0:g1, c0:c1].baddbmm_(w.transpose(1, 2), q_side[g0:g1, r0:r1])
         ds = (dzz / s).to(ctx.scale_dtype) if ctx.needs_input_grad[2] else None
         dq_out = dq.to(ctx.dtypes[0]) if ctx.needs_input_grad[0] else None
         dk_out = dk.to(ctx.dtypes[1]) if need_k else None

@@ -187,14 +187,22 @@ def our_kept(q, k, rho, s, tiling, **kw):
     return kept, k_i
 
 
-@pytest.mark.parametrize("tiling", ["rows", "chunks"])
+@pytest.mark.parametrize("tiling", ["rows", "rows_forced_misses", "chunks"])
 @pytest.mark.parametrize("ties", [False, True])
 @pytest.mark.parametrize("rho", [0.05, 0.3, 0.5, 0.77, 1.0])
 def test_filter_keeps_exactly_the_pairs_of_a_float64_brute_force(rho, ties, tiling, monkeypatch):
-    """Several ρ; ties: integer features make many logits exactly equal (every tie at the threshold kept)."""
+    """Several ρ; ties: integer features make many logits exactly equal (every tie at the threshold kept).
+    "rows": the sample bracket + counting passes (filter_bracket); "rows_forced_misses": the same with a
+    2-column sample, no margins and one refinement probe (brackets miss, wide member sets); "chunks": the
+    histogram path."""
+    import macl_kernels.filter_bracket as fb
     import macl_kernels.torch_tiled as tt
     monkeypatch.setattr(tt, "KEY_BLOCK", 48)                 # "chunks": several key chunks per anchor block
     monkeypatch.setattr(tt, "ROW_BLOCK", 40)
+    if tiling == "rows_forced_misses":
+        for name, value in dict(SAMPLE_COLUMNS=2, BRACKET_SIGMAS=0.0, REFINE_SIGMAS=0.0, MAX_PROBES=1).items():
+            monkeypatch.setattr(fb, name, value)
+        tiling = "rows"
     gen = torch.Generator().manual_seed(int(rho * 100) + 7 * ties)
     N, M, D, s = 90, 130, 5, 2.0
     if ties:
