@@ -20,7 +20,7 @@ On a CPU with several intra-op threads the tiles run on worker threads, one core
 normalize=True: q̂ = q/‖q‖ is never stored. Each tile's q rows are scaled by s/‖q_i‖ in the per-tile copy the
 GEMM needs anyway, and each key block by 1/‖k_j‖ (one (KEY_BLOCK, D) copy, reused over the row blocks);
 the accumulators hold dq̂ and dk̂, projected onto the tangent space in place at the end (rownorm.project_).
-Problems whose logits fit 2 MiB take the dense path instead (torch_dense.py).
+Problems whose logits fit torch_dense.DENSE_MAX_BYTES (4 MiB) take the dense path instead (torch_dense.py).
 """
 from __future__ import annotations
 
@@ -402,7 +402,7 @@ class _ChunkedInfoNCE(torch.autograd.Function):
 
 
 def torch_rows(p: ContrastProblem) -> RowOutputs:
-    """Per-anchor loss, LSE and positive count: one GEMM when the logits fit 2 MiB (torch_dense.py), else
+    """Per-anchor loss, LSE and positive count: one GEMM when the logits fit torch_dense.DENSE_MAX_BYTES, else
     chunked over keys (see module docstring)."""
     if torch_dense.fits(p):
         return torch_dense.dense_rows(p)
