@@ -35,9 +35,9 @@ from .positives import PositiveOperator
 from .problem import ContrastProblem, RowOutputs, stats_dtype
 from .rownorm import EPS, project_, rowdot
 
-TILE_ELEMENTS = 1 << 19  # z-tile size: 2 MiB of float32, sized for the per-core L2 of today's CPUs
+TILE_ELEMENTS = 1 << 19  # groups per tile: at most this many logits when a group is smaller than a tile
 ROW_BLOCK = 512
-KEY_BLOCK = 1024
+KEY_BLOCK = 2048   # 512×2048 tiles: best of 7 shapes at 1 and 2 threads (docs/cpu_path.md)
 
 
 def tiles(G: int, N: int, M: int, budget: int = TILE_ELEMENTS):
