@@ -51,6 +51,7 @@ from macl.methods import Batch, build_method  # noqa: E402
 from macl_kernels import grouped_info_nce  # noqa: E402
 from macl_kernels.filtered import filtered_info_nce  # noqa: E402
 import macl_kernels.filtered as filtered_mod  # noqa: E402
+import macl_kernels.self_tiles as self_tiles  # noqa: E402
 from benchmarks.csv_out import write_csv  # noqa: E402
 from benchmarks.host import host_info, host_line  # noqa: E402
 
@@ -241,8 +242,16 @@ def run_filter(args, record) -> None:
                 filtered_mod.ROWS_SELECT = "bracket"
         return fn
 
+    def core_general():   # the plain loss without the symmetric self-contrast tiling (as when q is not k)
+        self_tiles.ENABLED = False
+        try:
+            grouped_info_nce(x, q_labels=lab, exclude_self=True, temperature=0.1, impl="torch").loss.backward()
+        finally:
+            self_tiles.ENABLED = True
+
     fns = {"core": lambda: grouped_info_nce(x, q_labels=lab, exclude_self=True, temperature=0.1,
                                             impl="torch").loss.backward(),
+           "core_general_tiling": core_general,
            "filtered": filtered("bracket")}
     if args.filter_histogram:
         fns["filtered_histogram"] = filtered("histogram")
