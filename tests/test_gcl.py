@@ -185,11 +185,14 @@ def our_kept(q, k, rho, s, tiling, **kw):
                           None, kw.get("exclude_self", False), None, kw.get("k_valid"))
     qs, kf = p.q.double() * s, p.k.double()
     bound = flt._bound(p, qs, kf)
-    t, k_i, *_ = flt._forward_stats(p, qs, kf, bound, rho, tiling)
+    shifted = not flt._unshifted(bound, kf, tiling)   # as the filter decides: plain z tiles where safe
+    if not shifted:
+        bound = torch.zeros_like(bound)
+    t, k_i, *_ = flt._forward_stats(p, qs, kf, bound, rho, tiling, shifted=shifted)
     G, N, M = qs.shape[0], qs.shape[1], kf.shape[1]
     kept = torch.zeros(G, N, M, dtype=torch.bool)
     for g0, g1, r0, r1, c0, c1 in flt.filter_tiles(G, N, M, tiling):
-        zp = flt._shifted_logits(qs, kf, bound, g0, g1, r0, r1, c0, c1)
+        zp = flt._shifted_logits(qs, kf, bound if shifted else None, g0, g1, r0, r1, c0, c1)
         kept[g0:g1, r0:r1, c0:c1] = flt._kept(p, zp, t, g0, g1, r0, r1, c0, c1)
     return kept, k_i
 
