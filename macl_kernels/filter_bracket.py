@@ -40,6 +40,8 @@ import math
 
 import torch
 
+from . import chunk_loops as loops
+
 SAMPLE_COLUMNS = 64      # sampled key columns per tile (sorted per row)
 BRACKET_SIGMAS = 2.5     # the first two probes at the expected sample position ± this many binomial sd
 REFINE_SIGMAS = 2.0      # the later probes aim this many binomial sd above / below the interpolated target
@@ -111,18 +113,18 @@ class Chunks:
         cache); views, valid until the next call."""
         self.col[:, 0] = v1
         self.col2[:, 0] = v2
-        for x, f, c, c2, o, o2 in zip(self.x, self.buf1, self.cols, self.cols2, self.outs, self.outs2):
-            torch.sum(torch.ge(x, c, out=f), -1, out=o)
-            torch.sum(torch.ge(x, c2, out=f), -1, out=o2)
+        loops.get(loops.count2)(self.x, self.buf1, self.cols, self.cols2, self.outs, self.outs2)
         return self.out, self.out2
 
     def exp_where_ge(self, v: torch.Tensor, shift=None) -> None:
         """In place, chunk by chunk: x_ij ← exp(x_ij − shift_i)·1[x_ij ≥ v_i] (without shift: exp(x_ij)·…)."""
         self.col[:, 0] = v
+        if shift is None:
+            loops.get(loops.exp_ge)(self.x, self.buf1, self.cols)
+            return
         for (a, b), x, f, c in zip(self.bounds, self.x, self.buf1, self.cols):
             keep = torch.ge(x, c, out=f)
-            if shift is not None:
-                x.sub_(shift[a:b, None])
+            x.sub_(shift[a:b, None])
             x.exp_().mul_(keep)
 
 
@@ -238,12 +240,8 @@ def _members(lo, hi, chunks: Chunks):
     tile-wide bool mask; one gather over the whole mask at the end (8 bytes at a time)."""
     esum = chunks.out
     chunks.col[:, 0] = hi
-    lo_col = lo[:, None]
-    for (a, b), x, f1, f2, c, mask, o in zip(chunks.bounds, chunks.x, chunks.buf1, chunks.buf2, chunks.cols,
-                                             chunks.mask, chunks.outs):
-        above = torch.ge(x, c, out=f2)
-        torch.sum(torch.exp(x, out=f1).mul_(above), -1, out=o)
-        mask.copy_(torch.ge(x, lo_col[a:b], out=f1).sub_(above))
+    chunks.col2[:, 0] = lo
+    loops.get(loops.members)(chunks.x, chunks.buf1, chunks.buf2, chunks.cols, chunks.cols2, chunks.mask, chunks.outs)
     return _gather_true(chunks.tile, chunks.full_mask), esum
 
 

@@ -52,3 +52,33 @@ def test_workers_keep_the_brute_force_pairs_and_match_the_serial_run(two_threads
     ref = per.sum() / (cnt > 0).sum()
     assert torch.allclose(a.loss, ref, rtol=1e-12) and torch.allclose(b.loss, ref, rtol=1e-12)
     assert torch.allclose(ga, gb, rtol=1e-9, atol=1e-12)
+
+
+def test_scripted_chunk_loops_equal_the_python_loops():
+    """`chunk_loops`: the TorchScript forms give bit-identical results to the Python loops they come from."""
+    import macl_kernels.chunk_loops as cl
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(40, 64, generator=gen)
+    x[x > 1.5] = -math.inf
+    hi, lo = torch.rand(40, 1, generator=gen), -torch.rand(40, 1, generator=gen)
+    b = [(a, min(40, a + 16)) for a in range(0, 40, 16)]
+
+    def run(fn_of):
+        xx = x.clone()
+        xs = [xx[a:e] for a, e in b]
+        buf1, buf2 = torch.empty(16, 64), torch.empty(16, 64)
+        b1, b2 = [buf1[:e - a] for a, e in b], [buf2[:e - a] for a, e in b]
+        o1, o2, mask = torch.empty(40), torch.empty(40), torch.empty(40, 64, dtype=torch.bool)
+        his, los = [hi[a:e] for a, e in b], [lo[a:e] for a, e in b]
+        fn_of(cl.count2)(xs, b1, his, los, [o1[a:e] for a, e in b], [o2[a:e] for a, e in b])
+        counts = o2.clone()
+        fn_of(cl.members)(xs, b1, b2, his, los, [mask[a:e] for a, e in b], [o1[a:e] for a, e in b])
+        fn_of(cl.exp_ge)(xs, b1, his)
+        return counts, o1, mask, xx
+
+    scripted = run(cl.get)
+    assert isinstance(cl.get(cl.count2), torch.jit.ScriptFunction)
+    plain = run(lambda f: f)
+    for a, c in zip(scripted, plain):
+        assert torch.equal(a, c)
+    assert int(plain[2].sum()) == int(((x >= lo) & (x < hi)).sum()) > 0
