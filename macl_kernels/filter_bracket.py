@@ -43,10 +43,10 @@ import torch
 from . import chunk_loops as loops
 
 SAMPLE_COLUMNS = 64      # sampled key columns per tile (sorted per row)
-BRACKET_SIGMAS = 2.5     # the first two probes at the expected sample position ± this many binomial sd
-REFINE_SIGMAS = 2.0      # the later probes aim this many binomial sd above / below the interpolated target
-MAX_PROBES = 6           # probes after the first two (each one counting pass over the tile)
-MEMBER_TARGET = 32       # stop probing once the brackets hold ≤ this many entries on average
+BRACKET_SIGMAS = 3.0     # the first two probes at the expected sample position ± this many binomial sd
+REFINE_SIGMAS = 1.5      # the later probes aim this many binomial sd above / below the interpolated target
+MAX_PROBES = 6           # probes after the first two (in pairs: one counting sweep over the tile per pair)
+MEMBER_TARGET = 64       # stop probing once the brackets hold ≤ this many entries on average
 CHUNK_ELEMENTS = 1 << 17  # elementwise passes go through the tile in row chunks of this size (cache-resident)
 
 _COLUMNS: dict = {}

@@ -80,7 +80,7 @@ class FilteredResult(NamedTuple):
     pos_count: torch.Tensor
 
 
-TILE_BUDGET = 1 << 21          # logits per tile in the "rows" tiling (8 MiB of float32)
+TILE_BUDGET = 1 << 22          # logits per tile in the "rows" tiling (16 MiB of float32; 2^21 and 2^23: slower)
 FULL_ROW_MAX_KEYS = 1 << 18    # above this many keys per group, the "chunks" tiling
 UNDERFLOW = 1e-30              # a kept sum below this is recomputed with a running max
 TILINGS = ("rows", "chunks")

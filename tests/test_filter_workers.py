@@ -21,7 +21,7 @@ def two_threads():
 
 def test_workers_keep_the_brute_force_pairs_and_match_the_serial_run(two_threads, monkeypatch):
     gen = torch.Generator().manual_seed(3)
-    N, D, rho = 2600, 8, 0.4                                       # 2^21 // 2600 = 806 rows a block: 4 blocks
+    N, D, rho = 2600, 8, 0.4                                       # 3 row blocks (≤ MAX_BLOCK_ROWS rows each)
     x = torch.nn.functional.normalize(torch.randn(N, D, generator=gen, dtype=torch.float64), dim=1)
     lab = torch.randint(0, 40, (N,), generator=gen)
     plans = []
