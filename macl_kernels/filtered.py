@@ -318,7 +318,8 @@ class _FilteredInfoNCE(torch.autograd.Function):
         states = []
 
         def make_state():   # a workspace, a dk partial (workers share no key rows) and a Σ dz·z partial
-            st = [Workspace(), torch.zeros_like(kf) if need_k else None, qf.new_zeros(())]
+            # dk is accumulated transposed, (G, D, M): the GEMM qᵀ·W is ~20 % faster than Wᵀ·q into (M, D)
+            st = [Workspace(), kf.new_zeros(G, kf.shape[2], M) if need_k else None, qf.new_zeros(())]
             states.append(st)
             return st
 
@@ -355,13 +356,14 @@ class _FilteredInfoNCE(torch.autograd.Function):
             if need_q:
                 dq[g0:g1, r0:r1] += torch.bmm(w, kf[g0:g1, c0:c1]).mul_(factor[..., None])
             if need_k:
-                dk[g0:g1, c0:c1].baddbmm_(w.transpose(1, 2), q_side[g0:g1, r0:r1])
+                dk[g0:g1, :, c0:c1].baddbmm_(q_side[g0:g1, r0:r1].transpose(1, 2), w)
 
         _run(list(filter_tiles(G, N, M, ctx.mode)), ctx.mode, make_state, tile, qf.device)
         dk = states[0][1]
-        for st in states[1:]:
-            if need_k:
+        if need_k:
+            for st in states[1:]:
                 dk += st[1]
+            dk = dk.transpose(1, 2).contiguous()
         dzz = sum(st[2] for st in states[1:]) + states[0][2]
         ds = (dzz / s).to(ctx.scale_dtype) if ctx.needs_input_grad[2] else None
         dq_out = dq.to(ctx.dtypes[0]) if ctx.needs_input_grad[0] else None
