@@ -2,24 +2,25 @@
 keys): a sample bracket refined by vectorised counting passes, then the exact k-th largest from the few
 members left inside the bracket. No histogram, no scalar scatter over the tile.
 
-Input: a "negatives tile" zn (R, M): row i holds anchor i's negatives at their shifted logits z' (finite) and
+Input: a "negatives tile" zn (R, M): row i holds anchor i's negatives at their logits (z or z', finite) and
 −inf everywhere else (positives, invalid keys, the anchor itself); n_i = the number of finite entries of row i
 and k_i ∈ [0, n_i]. Output: t_i = the exact k_i-th largest entry of row i (+inf where k_i = 0).
 
 With the count R(v) = #{j : zn_ij ≥ v} (exact: a compare and a row sum, one "counting pass" over the tile),
 every row keeps a bracket of two values va > vb with their exact counts and the invariant
     R(va) < k_i ≤ R(vb)                    (so t_i ∈ [vb, va); initially va = +inf, vb = −FLT_MAX)
-A probe at any value v counts R(v) and replaces va (R(v) < k_i) or vb (otherwise): the invariant holds
-whatever v is; a good v only makes the bracket narrow faster. The steps:
+A probe at any value v counts R(v) and replaces va (R(v) < k_i, v < va) or vb (R(v) ≥ k_i, v > vb): the
+invariant holds whatever v is; a good v only makes the bracket narrow faster. Probes come in pairs: one
+"counting sweep" over the tile counts at two values per row (each row chunk is read from memory once, the
+second compare hits the cache: ~1.6× one count, not 2×). The steps:
 1. sample: the entries of SAMPLE_COLUMNS fixed, pseudo-randomly chosen key columns (the same for every tile:
    a seeded local generator), sorted per row;
-2. two probes at the sample values around the expected position of the k_i-th largest (k_i/n_i of the
-   finite sample ± BRACKET_SIGMAS binomial sd); where the first lands on the wrong side (an unlucky sample),
-   the second steps further out;
-3. up to MAX_PROBES more probes, each at the value interpolated linearly between the bracket's ends and
-   counts (regula falsi with the Illinois rule against the curvature of the count in the tails), aimed
-   alternately REFINE_SIGMAS binomial sd above and below the target, until the brackets hold ≤
-   MEMBER_TARGET entries on average. A row that still has a trivial end probes its sample's extreme value;
+2. one sweep at the two sample values around the expected position of the k_i-th largest (k_i/n_i of the
+   finite sample ± BRACKET_SIGMAS binomial sd); an unlucky sample leaves a trivial end (+inf / −FLT_MAX);
+3. up to MAX_PROBES more probes, two per sweep, at the values interpolated linearly between the bracket's
+   ends and counts (regula falsi; Illinois rule: the residual of an end that did not move is halved), aimed
+   REFINE_SIGMAS binomial sd above and below the target, until the brackets hold ≤ MEMBER_TARGET entries
+   on average. A row with a trivial end probes its sample's extreme value there instead;
 4. members: the entries in [vb, va) are gathered (their number per row is R(vb) − R(va), which checks the
    gather), sorted, and t_i = the (k_i − R(va))-th largest. The same pass sums exp(x) over x ≥ va, so the
    kept exp-sum Σ_{x ≥ t_i} exp(x) = that + the members ≥ t_i comes without another pass.
@@ -31,8 +32,9 @@ CPU notes (measured): every elementwise pass runs over the tile in row chunks of
 into one chunk-sized 0/1 float buffer (it stays in the core's L2 cache: half the time of a pass over the whole
 tile), with float compares (several times faster than bool ones); the chunk views are made once and kept in
 the call's workspace across tiles (slicing per pass and chunk costs as much as a small pass); the member mask
-of the whole tile is gathered at once, 8 mask bytes at a time.
-Typical cost (N = M = 8192, ρ = 0.5, one thread): 2 + 3–4 counting passes, ≈ 20–50 members per row.
+of the whole tile is gathered at once, 8 mask bytes at a time; the chunk loops run as TorchScript
+(`chunk_loops.py`: without the GIL, so tile workers overlap).
+Typical cost (N = M = 8192, ρ = 0.5, 512-row tiles): 3 sweeps (6 counts), ≈ 26 members per row.
 """
 from __future__ import annotations
 

@@ -18,8 +18,11 @@ Interpretation choices (GCL has no public code):
 How it is computed without an N×M tensor (every pass streams tiles; memory O(tile + block·bins + the list of
 positive pairs, at most PAIR_BUDGET)):
 Logits are taken shifted by a per-anchor upper bound b_i = s·‖q_i‖·max_j ‖k_j‖ ≥ z_ij (Cauchy–Schwarz):
-z'_ij = z_ij − b_i ≤ 0, one `baddbmm` per tile, the ONE way every pass computes a tile (bit-identical
-across passes, so the selection made once is reproduced exactly later). Two tilings:
+z'_ij = z_ij − b_i ≤ 0, one `baddbmm` per tile, the ONE way every pass of a call computes a tile
+(bit-identical across passes, so the selection made once is reproduced exactly later). In the "rows" tiling
+with the sample bracket, when `torch_tiled.unshifted_ok` holds for b (normalised features, τ ≳ 0.015), the
+tiles are plain z instead (one `bmm`: no bias copy; b is taken as 0 throughout the call, thresholds on the z
+scale; `UNSHIFTED`). Two tilings:
 - "rows" (up to FULL_ROW_MAX_KEYS keys per group): a tile = a block of anchors × ALL keys, one GEMM per block
   for threshold and forward statistics together. The positives' logits are read from the positive-pair list
   (Σ_P z', Σ_P exp(z'), |P|), then the positives, invalid keys and the anchor itself are set to −inf in the
@@ -41,7 +44,11 @@ across passes, so the selection made once is reproduced exactly later). Two tili
      and t_i is read off. Σ_kept exp(z') = Σ_{slots above the bin} (positives included) + the members ≥ t_i.
   The member buffer holds the logits of one bin per anchor: a few for spread logits; only logits collapsed
   into one bin (all features nearly equal) make it large.
-Ties at t_i are all kept in both. The backward recomputes each tile and applies dz_ij = g_i·(P^F_ij − Y_ij)
+Ties at t_i are all kept in both. The "rows" tiling runs on tile workers (`tile_workers.run`, "rows"
+schedule: a worker owns whole row blocks, one intra-op thread each, its own workspace) in the forward and in
+the backward, where each worker accumulates its own dk partial, transposed (G, D, M) (qᵀ·W is the faster
+GEMM); forward and backward take the same branch, so every tile's GEMM runs with the same thread count in
+every pass. `PARALLEL = False`: the serial loop. The backward recomputes each tile and applies dz_ij = g_i·(P^F_ij − Y_ij)
 on the kept pairs {positives} ∪ {allowed : z' ≥ t_i}: the mask, exp(z') and their product in place, in
 row chunks that stay in cache; exp(−LSE'_i)·|g_i|·sign(g_i) is a row factor on the (N, D) side (tiles whose
 kept logits all lie far below b_i subtract the shift before the exp instead). Anchors whose kept sum
