@@ -48,8 +48,8 @@ Ties at t_i are all kept in both. The "rows" tiling runs on tile workers (`tile_
 schedule: a worker owns whole row blocks, one intra-op thread each, its own workspace) in the forward and in
 the backward, where each worker accumulates its own dk partial, transposed (G, D, M) (qᵀ·W is the faster
 GEMM); forward and backward take the same branch, so every tile's GEMM runs with the same thread count in
-every pass. `PARALLEL = False`: the serial loop. The backward recomputes each tile and applies dz_ij = g_i·(P^F_ij − Y_ij)
-on the kept pairs {positives} ∪ {allowed : z' ≥ t_i}: the mask, exp(z') and their product in place, in
+every pass. `PARALLEL = False`: the serial loop. The backward (`filter_backward.py`) recomputes each tile and
+applies dz_ij = g_i·(P^F_ij − Y_ij) on the kept pairs {positives} ∪ {allowed : z' ≥ t_i}: the mask, exp(z') and their product in place, in
 row chunks that stay in cache; exp(−LSE'_i)·|g_i|·sign(g_i) is a row factor on the (N, D) side (tiles whose
 kept logits all lie far below b_i subtract the shift before the exp instead). Anchors whose kept sum
 underflows (every kept logit more than ~69 below b_i) are recomputed exactly in the forward.
