@@ -235,12 +235,13 @@ class PositivePairs:
                 total += int(cnt.sum())
                 if total > min(N * M * G // 8, PAIR_BUDGET):
                     return
-                rows = torch.repeat_interleave(torch.arange(N, device=dev), cnt)
-                first = torch.repeat_interleave(lo - (torch.cumsum(cnt, 0) - cnt), cnt)
-                cols = sid[first + torch.arange(rows.numel(), device=dev)]
+                T = int(cnt.sum())
+                rows = torch.repeat_interleave(torch.arange(N, device=dev), cnt, output_size=T)
+                first = torch.repeat_interleave(lo - (torch.cumsum(cnt, 0) - cnt), cnt, output_size=T)
+                cols = sid.index_select(0, first.add_(torch.arange(T, device=dev)))   # index_select: faster
             if p.exclude_self:
-                keep = rows != cols
-                rows, cols = rows[keep], cols[keep]
+                keep = (rows != cols).nonzero()[:, 0]
+                rows, cols = rows.index_select(0, keep), cols.index_select(0, keep)
             ptr = torch.zeros(N + 1, dtype=torch.long, device=dev)
             ptr[1:] = torch.cumsum(torch.bincount(rows, minlength=N), 0)
             out.append((ptr.tolist(), rows, cols))

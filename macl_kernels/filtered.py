@@ -18,8 +18,11 @@ Interpretation choices (GCL has no public code):
 How it is computed without an N×M tensor (every pass streams tiles; memory O(tile + block·bins + the list of
 positive pairs, at most PAIR_BUDGET)):
 Logits are taken shifted by a per-anchor upper bound b_i = s·‖q_i‖·max_j ‖k_j‖ ≥ z_ij (Cauchy–Schwarz):
-z'_ij = z_ij − b_i ≤ 0, one `baddbmm` per tile, the ONE way every pass computes a tile (bit-identical
-across passes, so the selection made once is reproduced exactly later). Two tilings:
+z'_ij = z_ij − b_i ≤ 0, one `baddbmm` per tile, the ONE way every pass of a call computes a tile
+(bit-identical across passes, so the selection made once is reproduced exactly later). In the "rows" tiling
+with the sample bracket, when `torch_tiled.unshifted_ok` holds for b (normalised features, τ ≳ 0.015), the
+tiles are plain z instead (one `bmm`: no bias copy; b is taken as 0 throughout the call, thresholds on the z
+scale; `UNSHIFTED`). Two tilings:
 - "rows" (up to FULL_ROW_MAX_KEYS keys per group): a tile = a block of anchors × ALL keys, one GEMM per block
   for threshold and forward statistics together. The positives' logits are read from the positive-pair list
   (Σ_P z', Σ_P exp(z'), |P|), then the positives, invalid keys and the anchor itself are set to −inf in the
@@ -41,8 +44,12 @@ across passes, so the selection made once is reproduced exactly later). Two tili
      and t_i is read off. Σ_kept exp(z') = Σ_{slots above the bin} (positives included) + the members ≥ t_i.
   The member buffer holds the logits of one bin per anchor: a few for spread logits; only logits collapsed
   into one bin (all features nearly equal) make it large.
-Ties at t_i are all kept in both. The backward recomputes each tile and applies dz_ij = g_i·(P^F_ij − Y_ij)
-on the kept pairs {positives} ∪ {allowed : z' ≥ t_i}: the mask, exp(z') and their product in place, in
+Ties at t_i are all kept in both. The "rows" tiling runs on tile workers (`tile_workers.run`, "rows"
+schedule: a worker owns whole row blocks, one intra-op thread each, its own workspace) in the forward and in
+the backward, where each worker accumulates its own dk partial, transposed (G, D, M) (qᵀ·W is the faster
+GEMM); forward and backward take the same branch, so every tile's GEMM runs with the same thread count in
+every pass. `PARALLEL = False`: the serial loop. The backward (`filter_backward.py`) recomputes each tile and
+applies dz_ij = g_i·(P^F_ij − Y_ij) on the kept pairs {positives} ∪ {allowed : z' ≥ t_i}: the mask, exp(z') and their product in place, in
 row chunks that stay in cache; exp(−LSE'_i)·|g_i|·sign(g_i) is a row factor on the (N, D) side (tiles whose
 kept logits all lie far below b_i subtract the shift before the exp instead). Anchors whose kept sum
 underflows (every kept logit more than ~69 below b_i) are recomputed exactly in the forward.
@@ -54,13 +61,14 @@ Runs on any device with PyTorch ops (no Triton kernel). Cost on CPU: docs/gcl.md
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 from typing import NamedTuple, Optional
 
 import torch
 
 from .api import REDUCTIONS, Temperature, _build_problem
 from .problem import ContrastProblem, stats_dtype
-from . import torch_tiled as tt
+from . import filter_backward, tile_workers, torch_tiled as tt
 from .filter_bracket import bracket_select, chunks_of
 from .filter_select import PositivePairs, Workspace, _clear_self, _k_of, histogram_block
 from .torch_tiled import _valid_keys, tile_positives
@@ -79,12 +87,14 @@ class FilteredResult(NamedTuple):
     pos_count: torch.Tensor
 
 
-TILE_BUDGET = 1 << 21          # logits per tile in the "rows" tiling (8 MiB of float32)
+TILE_BUDGET = 1 << 22          # logits per tile in the "rows" tiling (16 MiB of float32; 2^21 and 2^23: slower)
 FULL_ROW_MAX_KEYS = 1 << 18    # above this many keys per group, the "chunks" tiling
 UNDERFLOW = 1e-30              # a kept sum below this is recomputed with a running max
 TILINGS = ("rows", "chunks")
 MAX_BLOCK_ROWS = 1024          # anchors per block: slot ids (< 2^20) stay exact in float32
 ROWS_SELECT = "bracket"        # "rows" tiling: "bracket" (filter_bracket) or "histogram" (the chunks' method)
+PARALLEL = True                # "rows" tiling: blocks on tile workers where `tile_workers.plan` allows
+UNSHIFTED = True               # "rows" tiling: plain z tiles where `_unshifted` allows (False: always z − b)
 
 
 # ------------------------------------------------------------------------------------------ tiles
@@ -118,11 +128,24 @@ def _blocks(G, N, M, mode):
     return out
 
 
-def _shifted_logits(qs, k, bound, g0, g1, r0, r1, c0, c1, ws: Optional[Workspace] = None):
-    """z' = z − b for one tile: the ONE way every pass computes logits (bit-identical across passes).
-    With a workspace the result lives in its "z" buffer (valid until the next call)."""
+def _shifted_logits(qs, k, shift, g0, g1, r0, r1, c0, c1, ws: Optional[Workspace] = None):
+    """z' = z − b for one tile (shift = b), or z itself (shift None: the unshifted tiles, `_unshifted`): the
+    ONE way every pass of a call computes logits (bit-identical across passes). With a workspace the result
+    lives in its "z" buffer (valid until the next call)."""
     out = None if ws is None else ws.get("z", (g1 - g0, r1 - r0, c1 - c0), qs.dtype, qs.device)
-    return torch.baddbmm(-bound[g0:g1, r0:r1, None], qs[g0:g1, r0:r1], k[g0:g1, c0:c1].transpose(1, 2), out=out)
+    kt = k[g0:g1, c0:c1].transpose(1, 2)
+    if shift is None:
+        return torch.bmm(qs[g0:g1, r0:r1], kt, out=out)
+    return torch.baddbmm(-shift[g0:g1, r0:r1, None], qs[g0:g1, r0:r1], kt, out=out)
+
+
+def _unshifted(bound: torch.Tensor, k: torch.Tensor, mode: str) -> bool:
+    """True when the "rows" tiling with the sample bracket may take plain z (no shift, no bias copy in the
+    GEMM): exp(z) and its sums safe by `torch_tiled.unshifted_ok` (normalised features with τ ≳ 0.015)."""
+    if not UNSHIFTED or mode != "rows" or ROWS_SELECT != "bracket" or not bool(torch.isfinite(bound).all()):
+        return False
+    ops = SimpleNamespace(kn=k.norm(dim=-1), qf=k)
+    return tt.unshifted_ok(bound, ops, k.shape[1])
 
 
 def _bound(p: ContrastProblem, qs: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -135,29 +158,32 @@ def _bound(p: ContrastProblem, qs: torch.Tensor, k: torch.Tensor) -> torch.Tenso
 
 
 @torch.no_grad()
-def _forward_stats(p: ContrastProblem, qs, k, bound, rho: float, mode: str, positives=None):
-    """Thresholds and forward statistics (module docstring, steps 1–2).
+def _forward_stats(p: ContrastProblem, qs, k, bound, rho: float, mode: str, positives=None, shifted: bool = True):
+    """Thresholds and forward statistics (module docstring, steps 1–2). bound: b (G, N), zeros when not
+    shifted (the tiles are plain z, `_unshifted`).
 
     Returns t' (G, N) (on the z' scale, +inf where nothing is kept), k_i, lse (G, N) of the kept pairs,
     pos_sum (Σ_P z, G, N) and count (|P|, G, N int64)."""
     G, N, M = qs.shape[0], qs.shape[1], k.shape[1]
     positives = positives if positives is not None else PositivePairs(p)
     dev = qs.device
-    ws = Workspace()
+    shift = bound if shifted else None
     t = qs.new_full((G, N), math.inf)
     k_all = torch.zeros(G, N, dtype=torch.int64, device=dev)
     lse = qs.new_full((G, N), -math.inf)
     pos_sum = qs.new_zeros(G, N)
     count = torch.zeros(G, N, dtype=torch.int64, device=dev)
-    allowed = None
-    for (g0, g1, r0, r1), chunks in _blocks(G, N, M, mode).items():
+    allowed = _valid_keys(p).to(torch.int64)
+    blocks = _blocks(G, N, M, mode)
+
+    def block(ws, tile):   # writes the rows of its block only: workers own row blocks
+        g0, g1, r0, r1 = tile[:4]
+        chunks = blocks[(g0, g1, r0, r1)]
         if (len(chunks) == 1 and ROWS_SELECT == "bracket"
                 and bool((bound[g0:g1, r0:r1] < torch.finfo(qs.dtype).max / 4).all())):
-            if allowed is None:
-                allowed = _valid_keys(p).to(torch.int64)
-            tb, k_i, total, ps, cnt_pos = _rows_block(p, qs, k, bound, rho, positives, allowed, ws, g0, g1, r0, r1)
+            tb, k_i, total, ps, cnt_pos = _rows_block(p, qs, k, shift, rho, positives, allowed, ws, g0, g1, r0, r1)
         else:
-            tb, k_i, total, ps, cnt_pos = histogram_block(p, qs, k, bound, rho, positives, ws, g0, g1, r0, r1,
+            tb, k_i, total, ps, cnt_pos = histogram_block(p, qs, k, shift, rho, positives, ws, g0, g1, r0, r1,
                                                           chunks, _shifted_logits)
         t[g0:g1, r0:r1] = tb
         k_all[g0:g1, r0:r1] = k_i
@@ -166,18 +192,34 @@ def _forward_stats(p: ContrastProblem, qs, k, bound, rho: float, mode: str, posi
         count[g0:g1, r0:r1] = cnt_pos
         low = (total < UNDERFLOW) & ((k_i > 0) | (cnt_pos > 0))
         if bool(low.any()):
-            lse[g0:g1, r0:r1] = torch.where(low, _exact_lse(p, qs, k, bound, tb, g0, g1, r0, r1, chunks),
+            lse[g0:g1, r0:r1] = torch.where(low, _exact_lse(p, qs, k, shift, bound, tb, g0, g1, r0, r1, chunks),
                                             lse[g0:g1, r0:r1])
+
+    _run([(g0, g1, r0, r1, c[0][0], c[-1][1]) for (g0, g1, r0, r1), c in blocks.items()], mode, Workspace,
+         block, dev)
     return t, k_all, lse + bound, pos_sum + count * bound, count
 
 
-def _rows_block(p, qs, k, bound, rho, positives, allowed, ws, g0, g1, r0, r1):
+def _run(tiles: list, mode: str, make_state, body, device) -> None:
+    """body(state, tile) for every tile of `filter_tiles`: the "rows" tiling (a tile = a block of anchors ×
+    all keys) on `tile_workers.run`'s "rows" schedule (one worker owns each row block; one state each), the
+    "chunks" tiling serially. Forward and backward take the same branch for the same tiles, so every tile's
+    GEMM runs with the same intra-op thread count in every pass (bit-identical logits)."""
+    if mode == "rows" and PARALLEL:
+        tile_workers.run(tiles, "rows", make_state, body, device)
+    else:
+        state = make_state()
+        for tile in tiles:
+            body(state, tile)
+
+
+def _rows_block(p, qs, k, shift, rho, positives, allowed, ws, g0, g1, r0, r1):
     """One block of the "rows" tiling (all keys in one tile, finite bounds): `filter_bracket.bracket_select`
     on the tile with its non-negatives set to −inf, then Σ_kept exp(z') in one masked pass.
     Returns t' (g, r), k_i, Σ_kept exp(z'), Σ_P z' and |P| (g, r)."""
     M = k.shape[1]
     shape = (g1 - g0, r1 - r0)
-    zp = _shifted_logits(qs, k, bound, g0, g1, r0, r1, 0, M, ws)
+    zp = _shifted_logits(qs, k, shift, g0, g1, r0, r1, 0, M, ws)
     gi, ri, ci = positives.tile(g0, g1, r0, r1, 0, M)
     row = gi * shape[1] + ri
     flat = row * M + ci                                  # the positives in the flat tile (1-D indexing is cheaper)
@@ -214,13 +256,13 @@ def _kept(p, zp, t, g0, g1, r0, r1, c0, c1):
     return keep.logical_or_(pos)
 
 
-def _exact_lse(p, qs, k, bound, tb, g0, g1, r0, r1, chunks):
+def _exact_lse(p, qs, k, shift, bound, tb, g0, g1, r0, r1, chunks):
     """log Σ_kept exp(z') of one block with a running max (for the rare underflowing anchors)."""
     out = qs.new_full((g1 - g0, r1 - r0), -math.inf)
     tt = torch.full_like(bound, math.inf)
     tt[g0:g1, r0:r1] = tb
     for c0, c1 in chunks:
-        zp = _shifted_logits(qs, k, bound, g0, g1, r0, r1, c0, c1)
+        zp = _shifted_logits(qs, k, shift, g0, g1, r0, r1, c0, c1)
         keep = _kept(p, zp, tt, g0, g1, r0, r1, c0, c1)
         torch.logaddexp(out, torch.logsumexp(zp.masked_fill(~keep, -math.inf), -1), out=out)
     return out
@@ -234,14 +276,17 @@ class _FilteredInfoNCE(torch.autograd.Function):
         s = float(scale)
         qs = qf * s
         bound = _bound(p, qs, kf)
+        shifted = not _unshifted(bound, kf, mode)
+        if not shifted:
+            bound = torch.zeros_like(bound)
         positives = PositivePairs(p)
-        t, k_i, lse, pos_sum, count = _forward_stats(p, qs, kf, bound, rho, mode, positives)
+        t, k_i, lse, pos_sum, count = _forward_stats(p, qs, kf, bound, rho, mode, positives, shifted)
         counted = count > 0
         if p.q_valid is not None:
             counted &= p.q_valid
         loss = torch.where(counted, lse.masked_fill(~counted, 0.0) - pos_sum / count.clamp(min=1),
                            torch.zeros_like(lse))
-        ctx.p, ctx.s, ctx.mode, ctx.positives = p, s, mode, positives
+        ctx.p, ctx.s, ctx.mode, ctx.positives, ctx.shifted = p, s, mode, positives, shifted
         ctx.dtypes = (q.dtype, k.dtype)
         ctx.scale_dtype = scale.dtype if isinstance(scale, torch.Tensor) else None
         ctx.save_for_backward(qf, kf, t, lse, count, counted, bound)
@@ -251,70 +296,8 @@ class _FilteredInfoNCE(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_loss, _g_count, _g_t, _g_k):
-        qf, kf, t, lse, count, counted, bound = ctx.saved_tensors
-        p, s = ctx.p, ctx.s
-        need_q = ctx.needs_input_grad[0] or ctx.needs_input_grad[2]
-        need_k = ctx.needs_input_grad[1]
-        g = torch.where(counted, g_loss.to(qf.dtype), torch.zeros_like(lse))
-        # dz = g·(P^F − Y) with P^F = exp(z' − LSE') on the kept pairs (LSE' = LSE − b: on the z' scale).
-        # Folded form (every row of the tile has LSE' above FOLD_LIMIT): w = exp(z')·keep on the tile and
-        # exp(z') − exp(LSE')/|P| on the positives, times the row factor sign(g)·|g|·exp(−LSE') applied on the
-        # (N, D) side: three elementwise passes per tile (mask, exp, multiply). Otherwise (a row whose kept
-        # logits all lie far below b, where exp(z') would underflow) the shift goes into the exponent:
-        # w = exp(z' − LSE' + log|g|)·keep, an extra pass.
-        lse_p = lse - bound
-        nz = g != 0
-        sign = torch.sign(g)
-        limit = 0.5 * math.log(torch.finfo(qf.dtype).tiny)
-        foldable = (lse_p > limit) | ~nz
-        row_f = torch.where(nz, sign * g.abs() * torch.exp(-lse_p), torch.zeros_like(g)) * s
-        y_f = torch.where(nz, torch.exp(lse_p) / count.clamp(min=1), torch.zeros_like(g))
-        shift = (lse_p - torch.log(g.abs())).masked_fill_(~nz, math.inf)
-        y = g.abs() / count.clamp(min=1)
-        qs = qf * s
-        dq = torch.zeros_like(qf) if need_q else None
-        dk = torch.zeros_like(kf) if need_k else None
-        q_fold = qf * row_f[..., None] if need_k else None
-        q_signed = qf * (sign * s)[..., None] if need_k else None
-        dzz = qf.new_zeros(())
-        G, N, M = qf.shape[0], qf.shape[1], kf.shape[1]
-        ws = Workspace()
-        for g0, g1, r0, r1, c0, c1 in filter_tiles(G, N, M, ctx.mode):
-            zp = _shifted_logits(qs, kf, bound, g0, g1, r0, r1, c0, c1, ws)
-            gi, ri, ci = ctx.positives.tile(g0, g1, r0, r1, c0, c1)
-            row = gi * (r1 - r0) + ri
-            flat = row * (c1 - c0) + ci                    # the positives in the flat tile
-            fold = bool(foldable[g0:g1, r0:r1].all())
-            zpos = zp.view(-1)[flat]
-            z = zp + bound[g0:g1, r0:r1, None] if ctx.needs_input_grad[2] else None
-            # in place, in row chunks that stay in cache; the mask as 0/1 in the tile's dtype, multiplied in
-            # (masked_fill_/where branch per element, and a bool operand is converted first: each several
-            # times slower than this on CPU)
-            chunks = chunks_of(zp.view(-1, zp.shape[-1]), ws)
-            if fold:
-                factor, q_side = row_f[g0:g1, r0:r1], q_fold
-                w_pos = torch.exp(zpos) - y_f[g0:g1, r0:r1].reshape(-1)[row]
-                chunks.exp_where_ge(t[g0:g1, r0:r1].reshape(-1))
-            else:
-                factor, q_side = sign[g0:g1, r0:r1] * s, q_signed
-                sh = shift[g0:g1, r0:r1]
-                w_pos = torch.exp(zpos - sh.reshape(-1)[row]) - y[g0:g1, r0:r1].reshape(-1)[row]
-                chunks.exp_where_ge(t[g0:g1, r0:r1].reshape(-1), sh.reshape(-1))
-            w = zp
-            if p.k_valid is not None:
-                w.mul_(p.k_valid[g0:g1, None, c0:c1])
-            _clear_self(p, w, 0.0, r0, r1, c0, c1)
-            w.view(-1).index_copy_(0, flat, w_pos)
-            if z is not None:
-                dzz = dzz + ((w * z).sum(-1) * factor).sum() / s
-            if need_q:
-                dq[g0:g1, r0:r1] += torch.bmm(w, kf[g0:g1, c0:c1]).mul_(factor[..., None])
-            if need_k:
-                dk[g0:g1, c0:c1].baddbmm_(w.transpose(1, 2), q_side[g0:g1, r0:r1])
-        ds = (dzz / s).to(ctx.scale_dtype) if ctx.needs_input_grad[2] else None
-        dq_out = dq.to(ctx.dtypes[0]) if ctx.needs_input_grad[0] else None
-        dk_out = dk.to(ctx.dtypes[1]) if need_k else None
-        return dq_out, dk_out, ds, None, None, None
+        dq, dk, ds = filter_backward.backward(ctx, g_loss, _shifted_logits, filter_tiles, _run)
+        return dq, dk, ds, None, None, None
 
 
 def filtered_info_nce(

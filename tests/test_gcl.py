@@ -18,6 +18,7 @@ from macl.methods.gcl import pixel_labels, pixel_loss
 from macl.train import export_weights, load_checkpoint, pretrain
 from macl_kernels import grouped_info_nce
 from macl_kernels.filtered import filtered_info_nce
+import macl_kernels.filtered as flt
 
 
 # ------------------------------------------------------------------------------------------ mitigator
@@ -141,8 +142,14 @@ def test_filter_float32_and_rho_one_is_the_core():
         one = filtered_info_nce(x, rho=1.0, q_labels=lab, exclude_self=True, temperature=0.1, tiling=tiling).loss
         g_one, = torch.autograd.grad(one, x)
         assert torch.allclose(one, full, rtol=1e-5) and torch.allclose(g_one, g_full, atol=1e-6)
-    a = filtered_info_nce(x, rho=0.2, q_labels=lab, exclude_self=True, tiling="rows")
     b = filtered_info_nce(x, rho=0.2, q_labels=lab, exclude_self=True, tiling="radix")
+    a = filtered_info_nce(x, rho=0.2, q_labels=lab, exclude_self=True, tiling="rows")   # unshifted tiles z
+    assert torch.equal(a.kept, b.kept) and torch.allclose(a.threshold, b.threshold, rtol=1e-6, atol=1e-6)
+    flt.UNSHIFTED = False   # both tilings on the same shifted logits z − b: bit-identical thresholds
+    try:
+        a = filtered_info_nce(x, rho=0.2, q_labels=lab, exclude_self=True, tiling="rows")
+    finally:
+        flt.UNSHIFTED = True
     assert torch.equal(a.kept, b.kept) and torch.equal(a.threshold, b.threshold)
     assert float(a.loss.detach()) < float(full.detach())   # fewer negatives in every denominator
     with pytest.raises(ValueError, match="1.5"):
@@ -178,11 +185,14 @@ def our_kept(q, k, rho, s, tiling, **kw):
                           None, kw.get("exclude_self", False), None, kw.get("k_valid"))
     qs, kf = p.q.double() * s, p.k.double()
     bound = flt._bound(p, qs, kf)
-    t, k_i, *_ = flt._forward_stats(p, qs, kf, bound, rho, tiling)
+    shifted = not flt._unshifted(bound, kf, tiling)   # as the filter decides: plain z tiles where safe
+    if not shifted:
+        bound = torch.zeros_like(bound)
+    t, k_i, *_ = flt._forward_stats(p, qs, kf, bound, rho, tiling, shifted=shifted)
     G, N, M = qs.shape[0], qs.shape[1], kf.shape[1]
     kept = torch.zeros(G, N, M, dtype=torch.bool)
     for g0, g1, r0, r1, c0, c1 in flt.filter_tiles(G, N, M, tiling):
-        zp = flt._shifted_logits(qs, kf, bound, g0, g1, r0, r1, c0, c1)
+        zp = flt._shifted_logits(qs, kf, bound if shifted else None, g0, g1, r0, r1, c0, c1)
         kept[g0:g1, r0:r1, c0:c1] = flt._kept(p, zp, t, g0, g1, r0, r1, c0, c1)
     return kept, k_i
 
@@ -507,7 +517,8 @@ def test_step_benchmark_runs_and_splits_each_step_into_its_terms(tmp_path):
     rows = list(csv.DictReader(open(out)))
     step = {r["impl"]: float(r["median_s"]) for r in rows if r["what"] == "step"}
     terms = {r["impl"]: float(r["median_s"]) for r in rows if r["what"] == "term"}
-    assert set(step) == {"macl", "gcl"} and {"filtered", "core"} == {r["impl"] for r in rows if r["what"] == "filter"}
+    assert set(step) == {"macl", "gcl"}
+    assert {r["impl"] for r in rows if r["what"] == "filter"} == {"filtered", "core", "core_general_tiling"}
     assert {"gcl:L_img", "gcl:L_pix", "gcl:rest", "macl:L_g", "macl:L_d", "macl:L_ER", "macl:rest"} == set(terms)
     for m in step:
         parts = [v for k, v in terms.items() if k.startswith(m + ":")]
