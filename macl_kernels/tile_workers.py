@@ -100,11 +100,20 @@ def run(tile_list: list, kind: str, make_state: Callable[[], object], body: Call
     own tile buffer), else serially in order with one state."""
     phases = plan(tile_list, kind, device)
     if phases is None:
-        state = make_state()
-        for t in tile_list:
-            body(state, t)
-        return
+        _serial([tile_list], make_state, body)
+    else:
+        _parallel(phases, make_state, body)
 
+
+def _serial(lists: list, make_state, body) -> None:
+    state = make_state()
+    for tiles in lists:
+        for t in tiles:
+            body(state, t)
+
+
+def _parallel(phases: list, make_state, body) -> None:
+    """Run the phases one after another; phase[i] is worker i's tile list (T = len(phase))."""
     def work(args):
         state, mine = args
         for t in mine:
@@ -115,7 +124,7 @@ def run(tile_list: list, kind: str, make_state: Callable[[], object], body: Call
         pool = _executor(T)
         states = [make_state() for _ in range(T)]
         for phase in phases:
-            for f in [pool.submit(work, (states[i], phase[i])) for i in range(T)]:
+            for f in [pool.submit(work, (states[i], phase[i])) for i in range(T) if phase[i]]:
                 f.result()   # re-raises a worker's exception here
 
 
@@ -147,20 +156,6 @@ def run_rounds(rounds: list, make_state: Callable[[], object], body: Callable[[o
     T = torch.get_num_threads()
     if (not PARALLEL_TILES or T < 2 or torch.device(device).type != "cpu"
             or sum(len(r) for r in rounds) < 2 * T):
-        state = make_state()
-        for r in rounds:
-            for t in r:
-                body(state, t)
-        return
-
-    def work(args):
-        state, mine = args
-        for t in mine:
-            body(state, t)
-
-    with _one_intra_op_thread():
-        pool = _executor(T)
-        states = [make_state() for _ in range(T)]
-        for r in rounds:
-            for f in [pool.submit(work, (states[i], r[i::T])) for i in range(T) if r[i::T]]:
-                f.result()
+        _serial(rounds, make_state, body)
+    else:
+        _parallel([[r[i::T] for i in range(T)] for r in rounds], make_state, body)
