@@ -36,12 +36,23 @@ def applies(p, same: bool, shifted: bool, in_tile: bool) -> bool:
     return ENABLED and same and not shifted and not in_tile and p.k_valid is None
 
 
+def block_dims(G: int, N: int, block: int, budget: int) -> tuple:
+    """(groups per tile, block size) of the symmetric tiling."""
+    bs = max(1, min(N, block))
+    return max(1, min(G, budget // (bs * bs))), bs
+
+
+def _worker_state(ops, gc: int, bs: int, with_tmp: bool):
+    """Per worker: a flat tile buffer, its own operand copy, and (merged backward) a (block, D) temporary."""
+    state = (ops.qf.new_empty(gc * bs * bs), ops.worker_copy(gc, bs, bs))
+    return state + (ops.qf.new_empty(gc * bs * ops.qf.shape[2]),) if with_tmp else state
+
+
 def pair_rounds(G: int, N: int, block: int, budget: int) -> list:
     """Rounds of tiles (g0, g1, a0, a1, b0, b1), a0 ≤ b0, over group chunks × block pairs; tiles of one round
     share no (group, block)."""
-    bs = max(1, min(N, block))
+    gc, bs = block_dims(G, N, block, budget)
     starts = list(range(0, N, bs))
-    gc = max(1, min(G, budget // (bs * bs)))
     rounds = [[] for _ in tile_workers.tournament(len(starts))]
     for g0 in range(0, G, gc):
         g1 = min(G, g0 + gc)
@@ -66,8 +77,7 @@ def forward_sums(ops, p, scale: float, budget: int) -> torch.Tensor:
     G, N = ops.qf.shape[0], ops.qf.shape[1]
     total = ops.qf.new_zeros(G, N)
     qfac = ops.row_factor(scale)
-    bs = max(1, min(N, SELF_BLOCK))
-    gc = max(1, min(G, budget // (bs * bs)))
+    gc, bs = block_dims(G, N, SELF_BLOCK, budget)
 
     def body(state, t):
         buf, ops_w = state
@@ -78,8 +88,7 @@ def forward_sums(ops, p, scale: float, budget: int) -> torch.Tensor:
             total[g0:g1, b0:b1].add_(e.sum(-2))
 
     tile_workers.run_rounds(pair_rounds(G, N, SELF_BLOCK, budget),
-                            lambda: (ops.qf.new_empty(gc * bs * bs), ops.worker_copy(gc, bs, bs)), body,
-                            ops.qf.device)
+                            lambda: _worker_state(ops, gc, bs, False), body, ops.qf.device)
     return total
 
 
@@ -91,8 +100,7 @@ def backward_grads(ops, p, scale: float, f: torch.Tensor, budget: int, merged: b
     dq = torch.zeros_like(ops.qf)
     dk = dq if merged else torch.zeros_like(ops.qf)
     zfac, xfac, ffac = ops.row_factor(scale), ops.row_factor(1.0), ops.row_factor(f)
-    bs = max(1, min(N, SELF_BLOCK))
-    gc = max(1, min(G, budget // (bs * bs)))
+    gc, bs = block_dims(G, N, SELF_BLOCK, budget)
 
     def q_side(tmp, e, x, g0, g1, r0, r1):   # dq rows [r0, r1) += E x (scaled by f there when merged)
         if not merged:
@@ -113,6 +121,5 @@ def backward_grads(ops, p, scale: float, f: torch.Tensor, budget: int, merged: b
             dk[g0:g1, b0:b1].baddbmm_(et, ops_w.q_tile(g0, g1, a0, a1, ffac))
 
     tile_workers.run_rounds(pair_rounds(G, N, SELF_BLOCK, budget),
-                            lambda: (ops.qf.new_empty(gc * bs * bs), ops.worker_copy(gc, bs, bs),
-                                     ops.qf.new_empty(gc * bs * D)), body, ops.qf.device)
+                            lambda: _worker_state(ops, gc, bs, True), body, ops.qf.device)
     return (dq, dk) if merged else (dq.mul_(f), dk)

@@ -20,9 +20,14 @@ def _seed():
 
 
 @pytest.fixture
-def one_torch_thread():
-    """One torch thread for tiny workloads (thread start-up dominates on a busy 2-core machine); restored after."""
+def torch_threads():
+    """A setter of torch's intra-op thread count for the test (`torch_threads(T)`); the count is restored after."""
     before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
+    yield torch.set_num_threads
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def one_torch_thread(torch_threads):
+    """One torch thread for tiny workloads (thread start-up dominates on a busy 2-core machine); restored after."""
+    torch_threads(1)

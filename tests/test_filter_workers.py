@@ -12,11 +12,8 @@ from macl_kernels.filtered import filtered_info_nce
 
 
 @pytest.fixture
-def two_threads():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(saved)
+def two_threads(torch_threads):
+    torch_threads(2)
 
 
 def test_workers_keep_the_brute_force_pairs_and_match_the_serial_run(two_threads, monkeypatch):

@@ -48,18 +48,14 @@ def test_symmetric_tiles_match_reference(symmetric, rule, normalize, dtype):
 
 @pytest.mark.parametrize("learn_tau", [True, False])
 @pytest.mark.parametrize("workers", [True, False])
-def test_symmetric_tiles_with_and_without_workers(symmetric, monkeypatch, learn_tau, workers):
+def test_symmetric_tiles_with_and_without_workers(symmetric, monkeypatch, torch_threads, learn_tau, workers):
     """Without a τ gradient the two gradient contributions merge into one buffer; with workers the rounds run
     in parallel (two intra-op threads)."""
     monkeypatch.setattr(tw, "PARALLEL_TILES", workers)
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        case = make_case("label", G=2, N=70, M=70, D=8, self_contrast=True, seed=5)
-        truth = run("reference", case, torch.float64, 0.2, learn_tau=learn_tau, normalize=True)
-        got = run("torch", case, torch.float64, 0.2, learn_tau=learn_tau, normalize=True)
-    finally:
-        torch.set_num_threads(before)
+    torch_threads(2)
+    case = make_case("label", G=2, N=70, M=70, D=8, self_contrast=True, seed=5)
+    truth = run("reference", case, torch.float64, 0.2, learn_tau=learn_tau, normalize=True)
+    got = run("torch", case, torch.float64, 0.2, learn_tau=learn_tau, normalize=True)
     assert_matches_truth(got, truth, None, torch.float64, f"learn_tau={learn_tau} workers={workers}")
     assert symmetric
 

@@ -11,11 +11,9 @@ from macl_kernels import grouped_info_nce
 
 
 @pytest.fixture
-def threads():
-    """Run with T intra-op threads (restored afterwards)."""
-    before = torch.get_num_threads()
-    yield lambda T: torch.set_num_threads(T)
-    torch.set_num_threads(before)
+def threads(torch_threads):
+    """Run with T intra-op threads (restored afterwards; conftest.torch_threads)."""
+    return torch_threads
 
 
 @pytest.mark.parametrize("T", [2, 3])
