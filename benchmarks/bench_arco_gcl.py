@@ -4,7 +4,7 @@
     python benchmarks/bench_arco_gcl.py --reps 5 --all-anchors 32768 --filter-n 16384
 
 Timed (forward + backward, float32, median of --reps after one warm-up, in this process):
-- arco_sampled / ours:  `macl.methods.arco.prototype_contrast` with 256 anchors × 512 negatives per anchor
+- arco_sampled / ours:  `macl.semi.losses.prototype_contrast` with 256 anchors × 512 negatives per anchor
   (one grouped core call), per class; `--classes` classes → that many calls.
 - arco_sampled / naive: the public code's transcription (cosine_similarity over [prototype | negatives], an
   A×(1+K)×D broadcast, then cross_entropy), same inputs.
@@ -31,9 +31,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 if os.path.dirname(HERE) not in sys.path:
     sys.path.insert(0, os.path.dirname(HERE))
 
-from macl.methods.arco import prototype_contrast  # noqa: E402
+from macl.semi.losses import prototype_contrast  # noqa: E402
 from macl_kernels import grouped_info_nce, info_nce  # noqa: E402
-from macl_kernels.filtered import filtered_info_nce  # noqa: E402
+from macl_kernels.filter.filtered import filtered_info_nce  # noqa: E402
 from benchmarks.csv_out import write_csv  # noqa: E402
 
 DEFAULT_CSV = os.path.join(HERE, "results", "arco_gcl_cpu.csv")

@@ -3,7 +3,7 @@
     python benchmarks/bench_cpu_tile.py                     # N = M = 8192, D = 128, 1 and 2 threads
     python benchmarks/bench_cpu_tile.py --n 16384 --threads 2
 
-The forward of the tiled algorithm (torch_tiled.py) over an N×M problem: for each 512×1024 tile,
+The forward of the tiled algorithm (eager/tiled.py) over an N×M problem: for each 512×1024 tile,
 e = exp(s·q kᵀ − B) and its row sums. Four ways, each checked against float64 row sums:
 - eager:    what the torch path runs: torch.baddbmm(−B, q_tile, k_blockᵀ), e.exp_(), e.sum(−1): the GEMM, then
             two more passes over the 2 MiB tile.

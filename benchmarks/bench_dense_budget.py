@@ -25,7 +25,7 @@ def main(argv=None) -> int:
     import torch
     torch.set_num_threads(1)
     import macl_kernels as mk
-    from macl_kernels import torch_dense
+    from macl_kernels.eager import dense as torch_dense
     batches = [int(b) for b in (argv if argv is not None else sys.argv[1:])] or [256, 512]
     print(host_line(host_info()), flush=True)
     D, keep = 128, torch_dense.DENSE_MAX_BYTES

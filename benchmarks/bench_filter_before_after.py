@@ -34,7 +34,7 @@ if ROOT not in sys.path:
 from benchmarks.csv_out import write_csv  # noqa: E402
 from benchmarks.host import host_info, host_line  # noqa: E402
 from macl_kernels import grouped_info_nce  # noqa: E402
-from macl_kernels.filtered import filtered_info_nce  # noqa: E402
+from macl_kernels.filter.filtered import filtered_info_nce  # noqa: E402
 
 
 def old_filter(commit: str, where: str):

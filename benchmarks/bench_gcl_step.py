@@ -46,12 +46,12 @@ if os.path.dirname(HERE) not in sys.path:
 
 import macl.methods.gcl as gcl_mod  # noqa: E402
 import macl.methods.macl as macl_mod  # noqa: E402
-from macl.config import MethodConfig, NetConfig  # noqa: E402
+from macl.settings.config import MethodConfig, NetConfig  # noqa: E402
 from macl.methods import Batch, build_method  # noqa: E402
 from macl_kernels import grouped_info_nce  # noqa: E402
-from macl_kernels.filtered import filtered_info_nce  # noqa: E402
-import macl_kernels.filtered as filtered_mod  # noqa: E402
-import macl_kernels.self_tiles as self_tiles  # noqa: E402
+from macl_kernels.filter.filtered import filtered_info_nce  # noqa: E402
+import macl_kernels.filter.filtered as filtered_mod  # noqa: E402
+import macl_kernels.eager.self_tiles as self_tiles  # noqa: E402
 from benchmarks.csv_out import write_csv  # noqa: E402
 from benchmarks.host import host_info, host_line  # noqa: E402
 

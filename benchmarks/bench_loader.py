@@ -30,7 +30,7 @@ def main(argv=None) -> int:
 
     import torch
 
-    from macl.config import MethodConfig, NetConfig
+    from macl.settings.config import MethodConfig, NetConfig
     from macl.data import (PhantomConfig, PreprocessConfig, PretrainDataConfig, PretrainDataset,
                            iterate_pretrain_batches, load_volumes, open_dataset, write_phantom_dataset)
     from macl.methods import Batch, build_method

@@ -30,7 +30,7 @@ def run_case(name: str, reps: int) -> dict:
 
     import torch
 
-    from macl.config import MethodConfig, NetConfig
+    from macl.settings.config import MethodConfig, NetConfig
     from macl.methods import Batch, build_method
     c = CASES[name]
     torch.manual_seed(0)

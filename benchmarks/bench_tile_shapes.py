@@ -21,8 +21,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-import macl_kernels.tile_workers as tw  # noqa: E402
-import macl_kernels.torch_tiled as tt  # noqa: E402
+import macl_kernels.eager.tile_workers as tw  # noqa: E402
+import macl_kernels.eager.tiled as tt  # noqa: E402
 from benchmarks.host import host_line  # noqa: E402
 from benchmarks.limits import limit_seconds, measure_rates  # noqa: E402
 from macl_kernels import info_nce  # noqa: E402

@@ -25,7 +25,7 @@ import torch
 
 
 def measure(size: int, depth: int, width: int, batch: int, pairs: int, warmup: int = 10) -> dict:
-    from macl.config import MethodConfig, NetConfig
+    from macl.settings.config import MethodConfig, NetConfig
     from macl.diagnostics import Diagnostics, DiagnosticsConfig
     from macl.methods import Batch, build_method
     torch.manual_seed(0)

@@ -345,7 +345,7 @@ def speed_cases() -> list:
 def _macl_setup(impl: str, c: dict):
     import torch
 
-    from macl.config import MethodConfig, NetConfig
+    from macl.settings.config import MethodConfig, NetConfig
     from macl.methods import Batch, build_method
     torch.manual_seed(0)
     method = build_method(NetConfig(dims=c["dims"], depth=c["depth"]), MethodConfig(name="macl", impl=impl)).cuda()

@@ -79,9 +79,9 @@ def compare(rows: list[dict]) -> dict:
 
 
 def default_macl() -> str:
-    """The benchmark row of the default MACL preset (``macl.presets.DEFAULT_PRESET`` where it exists)."""
+    """The benchmark row of the default MACL preset (``macl.settings.presets.DEFAULT_PRESET`` where it exists)."""
     try:
-        from macl.presets import DEFAULT_PRESET
+        from macl.settings.presets import DEFAULT_PRESET
     except ImportError:
         return "macl_faithful"
     return f"macl_{DEFAULT_PRESET}"

@@ -4,7 +4,7 @@
     python -m benchmarks.readiness --no-aot          # roofline only (seconds)
     python -m benchmarks.readiness --arch 90 --jobs 2
 
-1. Ahead-of-time compile (macl_kernels.aot): every shipped kernel configuration for sm_80 and sm_90 (fp32
+1. Ahead-of-time compile (macl_kernels.triton.aot): every shipped kernel configuration for sm_80 and sm_90 (fp32
    also with TF32 dots): registers, shared memory, spills (stack / local memory / LDL / STL), HMMA / HGMMA
    counts, compile errors.
 2. Cost model (benchmarks/roofline.py): for each shape of the GPU benchmark grid (and the issue's target
@@ -33,12 +33,12 @@ TARGET_SHAPES = [("info_nce", (("D", d), ("N", n)), "bfloat16") for n in (16384,
 
 def aot_rows(archs: Sequence[int] = (80, 90), entries=None, jobs: Optional[int] = None, tf32: bool = True,
              full: bool = False) -> list:
-    """`macl_kernels.aot.run_report` rows (AotRow) for the shipped configurations (or `entries`).
+    """`macl_kernels.triton.aot.run_report` rows (AotRow) for the shipped configurations (or `entries`).
 
     TRITON_INTERPRET is removed from the environment during the compile (restored after): with it set, as in
     the test session, triton 3.9's compile of the kernels fails ("'value' object has no attribute 'dtype'").
     """
-    from macl_kernels.aot import run_report
+    from macl_kernels.triton.aot import run_report
     saved = os.environ.pop("TRITON_INTERPRET", None)
     try:
         return run_report(archs, entries=entries, jobs=jobs, tf32=tf32, full=full)
@@ -122,7 +122,7 @@ def _md_table(rows: list[dict], cols: list[str]) -> str:
 def aot_summary(rows: list) -> dict:
     """Counts for the report's headline: compiled, failed, with spills, over shared memory, wgmma-shaped 16-bit
     sm_90 kernels without HGMMA, tensor-core sm_80 kernels without HMMA, pipelined forwards that drain."""
-    from macl_kernels.aot import expects_wgmma
+    from macl_kernels.triton.aot import expects_wgmma
     ok = [r for r in rows if not r.error]
     return dict(total=len(rows), failed=len(rows) - len(ok), spills=sum(r.spills for r in ok),
                 over_shared_memory=sum(not r.smem_ok for r in ok),

@@ -74,7 +74,7 @@ def _preprocess_overrides(args: argparse.Namespace) -> dict:
 
 # ------------------------------------------------------------------------------------------ commands
 def cmd_pretrain(args: argparse.Namespace, log: EventLog, bars: Bars) -> int:
-    from macl.config import PretrainConfig
+    from macl.settings.config import PretrainConfig
     from macl.workflow import RESOLVED, PretrainSpec, read_config_file, run_pretrain
     run = Path(args.out)
     spec = PretrainSpec(str(args.data), PretrainConfig())
@@ -127,7 +127,7 @@ def cmd_pretrain(args: argparse.Namespace, log: EventLog, bars: Bars) -> int:
 
 
 def cmd_finetune(args: argparse.Namespace, log: EventLog, bars: Bars) -> int:
-    from macl.config import NetConfig
+    from macl.settings.config import NetConfig
     from macl.data import PreprocessConfig, read_case_list
     from macl.finetune import FinetuneConfig
     from macl.train import resolve_device
@@ -235,7 +235,7 @@ def cmd_predict(args: argparse.Namespace, log: EventLog, bars: Bars) -> int:
 
 
 def cmd_train_semi(args: argparse.Namespace, log: EventLog, bars: Bars) -> int:
-    from macl.semi import SemiConfig, train_semi
+    from macl.semi.loop import SemiConfig, train_semi
     from macl.workflow import parse_value
     d: dict = {}
     for flag, key in (("sampler", "sampler"), ("labels_fraction", "labels_fraction"), ("steps", "steps"),
@@ -275,7 +275,7 @@ def cmd_train_semi(args: argparse.Namespace, log: EventLog, bars: Bars) -> int:
 
 
 def cmd_demo(args: argparse.Namespace, log: EventLog, bars: Bars) -> int:
-    from macl.demo import DemoConfig, run_demo
+    from macl.demo.pipeline import DemoConfig, run_demo
     cfg = DemoConfig.quick() if args.quick else DemoConfig.full()
     if args.seed is not None:
         cfg.seed = args.seed
@@ -313,7 +313,7 @@ def cmd_bench(args: argparse.Namespace, log: EventLog, bars: Bars) -> int:
 
 def _tb(args: argparse.Namespace, run, progress, tag: str):
     """The progress callback, writing TensorBoard scalars too with --tensorboard (rank 0 only)."""
-    from macl.tensorboard_log import with_tensorboard
+    from macl.run.tensorboard_log import with_tensorboard
     on = bool(getattr(args, "tensorboard", False)) and os.environ.get("RANK", "0") == "0"
     return with_tensorboard(on, Path(run), progress, tag)
 
@@ -486,7 +486,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, metavar="N", help="labelled images per step (default 4)")
     p.add_argument("--seed", type=int, metavar="N", help="seed of split and training (default 0)")
     p.add_argument("--no-evaluate", action="store_true", help="do not evaluate on the test cases at the end")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any SemiConfig field (macl/semi.py), "
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any SemiConfig field (macl/semi/loop.py), "
                    "e.g. --set lambda_contrast=0.1 (repeatable)")
     _common(p, tensorboard=True)
     p.set_defaults(func=cmd_train_semi, folder="out")
@@ -559,7 +559,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     lock = None
     try:
         if folder is not None and main_rank:  # one writer per run folder; stale temporary files go first
-            from macl import runfolder
+            from macl.run import folder as runfolder
             lock = runfolder.RunLock(Path(folder), args.command, create=args.command != "evaluate").acquire()
             runfolder.clean_temp(folder)
             runfolder.repair_tail(Path(folder) / "events.jsonl")
@@ -574,7 +574,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return EXIT_INTERRUPTED
     except Exception as e:  # every failure ends in one line (the traceback only with --debug)
         bars.close()
-        from macl.runfolder import error_message
+        from macl.run.folder import error_message
         known = any(c.__name__ in KNOWN_ERRORS for c in type(e).__mro__)
         message = error_message(e) or (_one_line(e) if known else f"{type(e).__name__}: {_one_line(e)}")
         _quiet_event(log, "error", type=type(e).__name__, message=message, traceback=traceback.format_exc())

@@ -41,7 +41,7 @@ class EventLog(logging.Handler):
 
     def sync(self) -> None:
         """Append the pending lines if the folder exists by now."""
-        from macl.runfolder import append_text, has_content
+        from macl.run.folder import append_text, has_content
         if self.pending and self.folder is not None and has_content(self.folder):
             text, self.pending = "".join(line + "\n" for line in self.pending), []
             try:

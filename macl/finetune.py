@@ -36,8 +36,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from macl import runfolder
-from macl.config_types import check_labels_fraction, coerce_fields
+from macl.run import folder as runfolder
+from macl.settings.fields import check_labels_fraction, coerce_fields
 from macl.data.channels import finetune_channels, pretrained_input, select_volumes
 from macl.data.errors import DataError
 from macl.data.value_checks import classes_from_values

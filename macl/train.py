@@ -41,11 +41,11 @@ from typing import Any, Callable, Dict, Iterable, Iterator, Optional, Union
 import numpy as np
 import torch
 
-from . import runfolder
-from .config import OptimConfig, PretrainConfig, from_dict, to_dict
+from .run import folder as runfolder
+from .settings.config import OptimConfig, PretrainConfig, from_dict, to_dict
 from .diagnostics import Diagnostics, DiagnosticsConfig
-from .geometry import require_valid_geometry
-from .presets import stored_config
+from .settings.geometry import require_valid_geometry
+from .settings.presets import stored_config
 from .methods import Batch, Method, build_method
 from .parallel import SINGLE, World, local_device, loss_group, wrap_ddp
 
@@ -296,7 +296,7 @@ def pretrain(config: PretrainConfig, batches: Batches, run_dir: str, *, resume: 
                     continue
                 fresh_pass = False
                 batch = Batch.from_any(raw).to(device, non_blocking=True)
-                if not geometry_checked:  # a degenerate loss term fails before the first step (macl.geometry)
+                if not geometry_checked:  # a degenerate loss term fails before the first step (macl.settings.geometry)
                     views = [getattr(batch, v) for v in ("img1", "img3") if getattr(batch, v) is not None]
                     if views:
                         require_valid_geometry(config.net, config.method, tuple(views[0].shape[2:]))

@@ -30,16 +30,16 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
 
-from macl import runfolder
-from macl.rerun_checks import check_finetune_rerun, resume_checkpoint
-from macl.config import NetConfig, PretrainConfig, apply_overrides, from_dict, to_dict
-from macl.config_types import coerce, require_yaml
+from macl.run import folder as runfolder
+from macl.run.rerun_checks import check_finetune_rerun, resume_checkpoint
+from macl.settings.config import NetConfig, PretrainConfig, apply_overrides, from_dict, to_dict
+from macl.settings.fields import coerce, require_yaml
 from macl.data import (DataError, PreprocessConfig, PretrainDataConfig, PretrainDataset, ViewConfig,
                        batches_from_step, batches_per_epoch, load_volumes, open_dataset)
 from macl.data.metrics import write_json_atomic
-from macl.geometry import min_patch, require_valid_geometry
+from macl.settings.geometry import min_patch, require_valid_geometry
 from macl.parallel import SINGLE, World
-from macl.presets import check_reference_size, resolve_reference_size, stored_config
+from macl.settings.presets import check_reference_size, resolve_reference_size, stored_config
 
 logger = logging.getLogger(__name__)
 Progress = Callable[[int, int, dict], None]
@@ -77,7 +77,7 @@ def read_config_file(path: str | os.PathLike) -> dict:
         require_yaml(p)  # the optional extra macl[yaml]: a one-line error when it is missing
     try:
         if ext == ".toml":
-            from macl.toml_compat import loads  # tomllib, or tomli on Python < 3.11
+            from macl.settings.toml_compat import loads  # tomllib, or tomli on Python < 3.11
             data = loads(p.read_text())
         elif ext == ".json":
             data = json.loads(p.read_text())
@@ -138,7 +138,7 @@ class PretrainSpec:
 
     def default_patch(self) -> int:
         """The patch side used when none is given: 64, or for MACL the smallest non-degenerate side when that is
-        larger (128 at depth 4: 64 would leave a 1x1 dominant bottleneck, see :mod:`macl.geometry`)."""
+        larger (128 at depth 4: 64 would leave a 1x1 dominant bottleneck, see :mod:`macl.settings.geometry`)."""
         m, net = self.config.method, self.config.net
         if m.name != "macl":
             return 64

@@ -12,7 +12,7 @@ from typing import NamedTuple, Optional, Union
 
 import torch
 
-from . import const_cache
+from .eager import const_cache
 from .input_checks import checks_enabled, guarded_scale
 from .problem import ContrastProblem, RowOutputs
 
@@ -158,10 +158,10 @@ def _dispatch(p: ContrastProblem, impl: str, allow_tf32: Optional[bool], reducti
         from .reference import reference_rows
         return reference_rows(p), None
     if impl == "torch":
-        from . import torch_dense
+        from .eager import dense as torch_dense
         if reduction != "none" and torch_dense.fits(p):
             return torch_dense.dense_reduced(p, reduction, flat)
-        from .torch_tiled import torch_rows
+        from .eager.tiled import torch_rows
         return torch_rows(p), None
     from .triton import triton_rows
     return triton_rows(p, allow_tf32=allow_tf32), None

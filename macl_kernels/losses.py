@@ -17,7 +17,7 @@ W·S_r for "sum"; so the gradient of a rank's own inputs is W × the single-proc
 "none" returns this rank's rows of the single-process per-anchor loss. Ranks may hold different batch sizes;
 they must agree on D and dtype (checked; every rank raises otherwise). A group of one rank, or
 process_group=None (the default), changes nothing. A `process_group` when torch.distributed is not initialised
-raises RuntimeError. See docs/distributed.md and macl_kernels/dist_core.py.
+raises RuntimeError. See docs/distributed.md and macl_kernels/distributed/core.py.
 """
 from __future__ import annotations
 
@@ -27,10 +27,10 @@ from typing import Optional
 import torch
 from torch import nn
 
-from . import const_cache, small_path
+from .eager import const_cache, small_path
 from .api import Temperature
-from .dist_core import contrast
-from .distributed import GroupArg, group_rank, resolve_group, world_size
+from .distributed.core import contrast
+from .distributed.gather import GroupArg, group_rank, resolve_group, world_size
 
 NEGATIVES = ("image", "batch", "location")
 
@@ -82,7 +82,7 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, *, temperature: Temperature = 0.
     B = z1.shape[0]
     pos = const_cache.other_view_index(B, z1.device)   # (1, 2B): i + B mod 2B, cached and trusted in range
     out = small_path.two_views(z1, z2, pos, temperature, normalize, reduction, impl, process_group)
-    if out is not None:   # small problem: straight to the dense torch path (small_path.py)
+    if out is not None:   # small problem: straight to the dense torch path (eager/small_path.py)
         return out
     z = _prep(torch.cat([z1, z2]))
     out = contrast(z, group=resolve_group(process_group), temperature=temperature, pos_index=pos,

@@ -18,7 +18,7 @@ import torch
 
 triton = pytest.importorskip("triton")
 
-from macl_kernels.aot import FLAG_NAMES, cuobjdump_path, expects_wgmma, jobs_for, run_report  # noqa: E402
+from macl_kernels.triton.aot import FLAG_NAMES, cuobjdump_path, expects_wgmma, jobs_for, run_report  # noqa: E402
 from macl_kernels.triton.config import shipped_configs  # noqa: E402
 
 pytestmark = [pytest.mark.skipif(not os.path.exists(cuobjdump_path()), reason="Triton's bundled cuobjdump is missing"),

@@ -8,13 +8,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from macl.config import NetConfig
+from macl.settings.config import NetConfig
 from macl.data import PhantomConfig, write_phantom_dataset
-from macl.methods.arco import (ClassMemoryBank, ContrastMasks, NNPool, arco_contrast, contrast_masks, ema_update,
+from macl.semi.losses import (ClassMemoryBank, ContrastMasks, NNPool, arco_contrast, contrast_masks, ema_update,
                                nn_term, percentile, prototype_contrast, unsup_loss)
 from macl.nets import UNet
-from macl.semi import SemiConfig, train_semi
-from macl.semi_aug import cutmix, cutmix_boxes, strong_intensity
+from macl.semi.loop import SemiConfig, train_semi
+from macl.semi.augment import cutmix, cutmix_boxes, strong_intensity
 
 
 # ------------------------------------------------------------------------------------------ bank

@@ -19,7 +19,7 @@ from macl.data import PhantomConfig, write_phantom_dataset
 
 REPO = Path(__file__).resolve().parent.parent
 # a tiny network and short runs: every pre-training below takes a few seconds
-# 32² at depth 2: the smallest patch at which every MACL term is non-degenerate (macl.geometry)
+# 32² at depth 2: the smallest patch at which every MACL term is non-degenerate (macl.settings.geometry)
 TINY = ["--patch-size", "32", "--batch-size", "4", "--base-width", "4", "--depth", "2", "--device", "cpu"]
 
 
@@ -317,7 +317,7 @@ def test_sigkill_during_a_checkpoint_write_keeps_the_previous_one(data, tmp_path
 
 # ------------------------------------------------------------------------------------------ the demo
 def test_demo_pipeline_at_a_tiny_size(tmp_path):
-    from macl.demo import DemoConfig, run_demo
+    from macl.demo.pipeline import DemoConfig, run_demo
     cfg = DemoConfig(name="test", n_subjects=5, shape=(32, 32, 16), test_fraction=0.4, labelled=1, base_width=4,
                      depth=2, patch=32, pretrain_steps=3, pretrain_batch=4, finetune_steps=3, finetune_batch=2,
                      finetune_seeds=(0, 1))

@@ -13,8 +13,8 @@ from macl_kernels.api import NATIVE_NORMALIZE
 
 @pytest.fixture(params=["dense", "in-tile", "operator"])
 def strategy(request, monkeypatch):
-    import macl_kernels.torch_dense as td
-    import macl_kernels.torch_tiled as tt
+    import macl_kernels.eager.dense as td
+    import macl_kernels.eager.tiled as tt
     monkeypatch.setattr(td, "DENSE_MAX_BYTES", 1 << 40 if request.param == "dense" else -1)
     monkeypatch.setattr(tt, "IN_TILE_MAX_KEYS", 1 << 30 if request.param == "in-tile" else 0)
     return request.param
@@ -97,8 +97,8 @@ def test_gradcheck_float64(strategy):
 def test_index_rule_in_row_chunks(monkeypatch, normalize, self_contrast):
     """The tiled path's index-rule positives go in row chunks (index_terms.py): chunks of 5 rows, ragged."""
     import macl_kernels.index_terms as it
-    import macl_kernels.torch_dense as td
-    import macl_kernels.torch_tiled as tt
+    import macl_kernels.eager.dense as td
+    import macl_kernels.eager.tiled as tt
     monkeypatch.setattr(td, "DENSE_MAX_BYTES", -1)
     monkeypatch.setattr(tt, "IN_TILE_MAX_KEYS", 0)
     monkeypatch.setattr(it, "CHUNK", 5)

@@ -11,10 +11,10 @@ RULES = ["index", "label", "radius"]
 @pytest.fixture(params=["dense", "in-tile", "operator"], autouse=True)
 def positive_strategy(request, monkeypatch):
     """Run every test with the three ways the torch path runs: the whole logit matrix in one GEMM (small
-    problems, torch_dense.py), and tiles with masks inside each tile (few keys per group) or with the
+    problems, eager/dense.py), and tiles with masks inside each tile (few keys per group) or with the
     linear operator Y outside the tiles (many keys)."""
-    import macl_kernels.torch_dense as td
-    import macl_kernels.torch_tiled as tt
+    import macl_kernels.eager.dense as td
+    import macl_kernels.eager.tiled as tt
     monkeypatch.setattr(td, "DENSE_MAX_BYTES", 1 << 40 if request.param == "dense" else -1)
     monkeypatch.setattr(tt, "IN_TILE_MAX_KEYS", 1 << 30 if request.param == "in-tile" else 0)
     return request.param
@@ -143,7 +143,7 @@ def test_forward_bound_shift_and_its_exact_fallback(monkeypatch, positive_strate
     it (unnormalised features, small τ) underflow and are recomputed exactly. Both paths match the reference."""
     if positive_strategy == "dense":
         pytest.skip("the tiled path's bound; the dense path takes the exact row maximum")
-    import macl_kernels.torch_tiled as tt
+    import macl_kernels.eager.tiled as tt
     calls = []
     exact = tt._exact_lse_rows
     monkeypatch.setattr(tt, "_exact_lse_rows", lambda *a: calls.append(a[-1].shape[0]) or exact(*a))
@@ -162,7 +162,7 @@ def test_tiles_unshifted_only_where_exp_is_safe(monkeypatch, positive_strategy, 
     finite (`unshifted_ok`: s ≤ 80 − log M for normalised features); both ways match the float64 reference."""
     if positive_strategy == "dense":
         pytest.skip("the tiled path's choice")
-    import macl_kernels.torch_tiled as tt
+    import macl_kernels.eager.tiled as tt
     seen = []
     logits = tt.TileBuffer.logits
     monkeypatch.setattr(tt.TileBuffer, "logits", lambda self, *a: seen.append(a[-1] is not None) or logits(self, *a))

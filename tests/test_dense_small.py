@@ -1,5 +1,5 @@
 """The small-problem fast paths (issue 15): the reduction inside the dense autograd function, the loss shortcut
-(small_path.py), the cached trusted nt_xent index (const_cache.py), the in-place buffers of the dense backward.
+(eager/small_path.py), the cached trusted nt_xent index (eager/const_cache.py), the in-place buffers of the dense backward.
 
 Every value and gradient is compared with the float64 reference implementation (impl="reference", which builds
 the full logit matrix and differentiates it by autograd) to 1e-10; gradcheck in float64 where a path has its own
@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from core_cases import assert_matches_truth, make_case
-from macl_kernels import const_cache, grouped_info_nce, nt_xent, positional_sup_con, small_path, sup_con
-from macl_kernels import torch_dense
+from macl_kernels.eager import const_cache, small_path
+from macl_kernels import grouped_info_nce, nt_xent, positional_sup_con, sup_con
+from macl_kernels.eager import dense as torch_dense
 
 TOL = dict(rtol=1e-10, atol=1e-10)
 

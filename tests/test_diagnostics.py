@@ -1,4 +1,4 @@
-"""Collapse diagnostics (macl.diagnostics), geometry checks (macl.geometry) and presets (macl.presets), issue 12."""
+"""Collapse diagnostics (macl.diagnostics), geometry checks (macl.settings.geometry) and presets (macl.settings.presets), issue 12."""
 import json
 import logging
 import math
@@ -7,11 +7,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from macl.config import MethodConfig, NetConfig, OptimConfig, PretrainConfig, TrainConfig
+from macl.settings.config import MethodConfig, NetConfig, OptimConfig, PretrainConfig, TrainConfig
 from macl.diagnostics import Diagnostics, DiagnosticsConfig, embedding_spread
-from macl.geometry import GeometryError, geometry_problems, require_valid_geometry
+from macl.settings.geometry import GeometryError, geometry_problems, require_valid_geometry
 from macl.methods import Batch, build_method
-from macl.presets import resolve_reference_size
+from macl.settings.presets import resolve_reference_size
 from macl.train import pretrain
 from tests.test_train import read_log, synthetic_batches
 
@@ -189,8 +189,8 @@ def test_presets_decide_the_head_and_the_augmentation_scale():
 
 def test_runs_stored_before_the_presets_resume_as_faithful():
     """Configs saved before `method.preset` existed were the public code: they must rebuild its heads."""
-    from macl.config import to_dict
-    from macl.presets import stored_config
+    from macl.settings.config import to_dict
+    from macl.settings.presets import stored_config
     from macl.workflow import PretrainSpec
     old = to_dict(PretrainConfig())
     del old["method"]["preset"], old["method"]["head_norm"]

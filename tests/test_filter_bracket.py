@@ -1,4 +1,4 @@
-"""The Gradient Filter's threshold in the "rows" tiling (`macl_kernels.filter_bracket`): the exact k-th largest
+"""The Gradient Filter's threshold in the "rows" tiling (`macl_kernels.filter.bracket`): the exact k-th largest
 per row against a sort, on its normal path and on the paths where the sample bracket misses (forced by tiny
 samples, zero margins, no refinement probes, and by adversarial rows); the kept exp-sum; and the filtered
 loss where every kept logit lies far below the bound (the forward's exact log-sum-exp and the backward's
@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-import macl_kernels.filter_bracket as fb
-from macl_kernels.filtered import filtered_info_nce
+import macl_kernels.filter.bracket as fb
+from macl_kernels.filter.filtered import filtered_info_nce
 
 
 def negatives_tile(R, M, dtype, gen, ties=False, holes=0.1):
@@ -142,7 +142,7 @@ def test_bracket_and_histogram_selections_agree_on_float32(monkeypatch):
     """The two exact selections of the "rows" tiling (sample bracket + counting passes, and the histogram
     + member pass) give bit-identical thresholds, kept counts and losses on the same float32 logits (both
     on the shifted tiles z − b: the histogram needs them)."""
-    import macl_kernels.filtered as flt
+    import macl_kernels.filter.filtered as flt
     monkeypatch.setattr(flt, "UNSHIFTED", False)
     gen = torch.Generator().manual_seed(8)
     x = torch.nn.functional.normalize(torch.randn(600, 24, generator=gen), dim=1)

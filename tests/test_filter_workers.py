@@ -6,9 +6,9 @@ import math
 import pytest
 import torch
 
-import macl_kernels.filtered as flt
-import macl_kernels.tile_workers as tw
-from macl_kernels.filtered import filtered_info_nce
+import macl_kernels.filter.filtered as flt
+import macl_kernels.eager.tile_workers as tw
+from macl_kernels.filter.filtered import filtered_info_nce
 
 
 @pytest.fixture
@@ -53,7 +53,7 @@ def test_workers_keep_the_brute_force_pairs_and_match_the_serial_run(two_threads
 
 def test_scripted_chunk_loops_equal_the_python_loops():
     """`chunk_loops`: the TorchScript forms give bit-identical results to the Python loops they come from."""
-    import macl_kernels.chunk_loops as cl
+    import macl_kernels.filter.chunk_loops as cl
     gen = torch.Generator().manual_seed(5)
     x = torch.randn(40, 64, generator=gen)
     x[x > 1.5] = -math.inf

@@ -10,15 +10,15 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from macl.config import MethodConfig, NetConfig, OptimConfig, PretrainConfig, TrainConfig
+from macl.settings.config import MethodConfig, NetConfig, OptimConfig, PretrainConfig, TrainConfig
 from macl.data import PhantomConfig, PretrainDataConfig, batches_from_step, load_volumes, open_dataset, write_phantom_dataset
 from macl.data.metalabels import MetaLabelDataset, read_attributes_csv
 from macl.methods import Batch, build_method, mitigate, pcgrad
 from macl.methods.gcl import pixel_labels, pixel_loss
 from macl.train import export_weights, load_checkpoint, pretrain
 from macl_kernels import grouped_info_nce
-from macl_kernels.filtered import filtered_info_nce
-import macl_kernels.filtered as flt
+from macl_kernels.filter.filtered import filtered_info_nce
+import macl_kernels.filter.filtered as flt
 
 
 # ------------------------------------------------------------------------------------------ mitigator
@@ -179,7 +179,7 @@ def old_topk_kept(z, pos, allowed, rho):
 
 def our_kept(q, k, rho, s, tiling, **kw):
     """The pairs the filter keeps, assembled from the same tiles and thresholds its passes use."""
-    import macl_kernels.filtered as flt
+    import macl_kernels.filter.filtered as flt
     from macl_kernels.api import _build_problem
     p, _ = _build_problem(q, k, 1.0 / s, kw.get("pos_index"), kw.get("q_labels"), kw.get("k_labels"), None, None,
                           None, kw.get("exclude_self", False), None, kw.get("k_valid"))
@@ -205,8 +205,8 @@ def test_filter_keeps_exactly_the_pairs_of_a_float64_brute_force(rho, ties, tili
     "rows": the sample bracket + counting passes (filter_bracket); "rows_forced_misses": the same with a
     2-column sample, no margins and one refinement probe (brackets miss, wide member sets); "chunks": the
     histogram path."""
-    import macl_kernels.filter_bracket as fb
-    import macl_kernels.torch_tiled as tt
+    import macl_kernels.filter.bracket as fb
+    import macl_kernels.eager.tiled as tt
     monkeypatch.setattr(tt, "KEY_BLOCK", 48)                 # "chunks": several key chunks per anchor block
     monkeypatch.setattr(tt, "ROW_BLOCK", 40)
     if tiling == "rows_forced_misses":
@@ -247,7 +247,7 @@ def test_filter_keeps_exactly_the_pairs_of_a_float64_brute_force(rho, ties, tili
 def test_filter_clamped_slot_path_keeps_the_same_pairs(monkeypatch):
     """Slots are clamped into the guard bins when rounding could exceed a bin (huge D, non-finite bounds):
     forcing that path changes nothing."""
-    import macl_kernels.filter_select as fsel
+    import macl_kernels.filter.select as fsel
     gen = torch.Generator().manual_seed(5)
     q, k = torch.randn(60, 7, generator=gen, dtype=torch.float64), torch.randn(90, 7, generator=gen, dtype=torch.float64)
     lq, lk = torch.randint(0, 5, (60,), generator=gen), torch.randint(0, 5, (90,), generator=gen)
@@ -288,9 +288,9 @@ class LargestTensor(TorchDispatchMode):
 
 @pytest.mark.parametrize("tiling", ["rows", "radix"])
 def test_filter_never_allocates_n_by_m(tiling, monkeypatch):
-    import macl_kernels.filter_select as fsel
-    import macl_kernels.filtered as flt
-    import macl_kernels.torch_tiled as tt
+    import macl_kernels.filter.select as fsel
+    import macl_kernels.filter.filtered as flt
+    import macl_kernels.eager.tiled as tt
     monkeypatch.setattr(flt, "TILE_BUDGET", 4096)          # rows tiling: 8 anchors × 512 keys per tile
     monkeypatch.setattr(tt, "ROW_BLOCK", 32)               # radix tiling: 32 anchors × 64 keys per tile
     monkeypatch.setattr(tt, "KEY_BLOCK", 64)

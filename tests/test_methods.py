@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import macl.methods.macl as macl_mod
-from macl.config import MethodConfig, NetConfig
+from macl.settings.config import MethodConfig, NetConfig
 from macl.methods import Batch, build_method, dense_loss, equivariance_loss, global_loss, select_positions
 
 sys.path.insert(0, os.path.dirname(__file__))

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from macl.config import NetConfig
+from macl.settings.config import NetConfig
 from macl.nets import MACLModel, UNet, UNetDecoder, UNetEncoder, build_finetune_net, load_pretrained
 from macl.nets.macl_model import EncoderProjector
 

@@ -112,7 +112,7 @@ def test_cuda_default_mode_through_the_losses(monkeypatch, no_sync):
     """check_inputs=None as on CUDA (checks off), through the losses MACL calls every step: a learnable τ in
     `PositionalSupConLoss` and the dense location term with positions, forward and backward."""
     monkeypatch.setattr(api, "checks_enabled", lambda check_inputs, device: bool(check_inputs))
-    from macl.config import MethodConfig
+    from macl.settings.config import MethodConfig
     from macl.methods.macl import dense_loss, global_loss
     g = torch.Generator().manual_seed(2)
     feats = torch.randn(6, 2, 16, generator=g, requires_grad=True)

@@ -157,7 +157,7 @@ def test_one_version_source():
     import macl
     import macl_kernels
     assert macl_kernels.__version__ == macl.__version__
-    from macl.toml_compat import loads
+    from macl.settings.toml_compat import loads
     meta = loads((ROOT / "pyproject.toml").read_text())
     assert "version" not in meta["project"] and meta["project"]["dynamic"] == ["version"]
     assert meta["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "macl.__version__"}
@@ -195,11 +195,11 @@ def test_tomli_fallback_path_parses_a_config(monkeypatch, tmp_path):
     fake = type(sys)("tomli")
     fake.loads = tomllib.loads
     monkeypatch.setitem(sys.modules, "tomli", fake)
-    import macl.toml_compat as tc
+    import macl.settings.toml_compat as tc
     tc = importlib.reload(tc)
     try:
         assert tc._toml is fake
-        from macl.config import load_config
+        from macl.settings.config import load_config
         (tmp_path / "c.toml").write_text(CONFIG)
         cfg = load_config(tmp_path / "c.toml")
         assert (cfg.net.dims, cfg.net.base_width, cfg.method.name) == (3, 8, "pcl")
@@ -214,7 +214,7 @@ def test_tomli_fallback_path_parses_a_config(monkeypatch, tmp_path):
 
 @pytest.mark.parametrize("version", ["3.9", "3.10"])
 def test_real_old_python_parses_a_config(version, tmp_path):
-    """Under a real Python 3.9 / 3.10 (pyenv, where present) with tomli installed, macl.config reads TOML."""
+    """Under a real Python 3.9 / 3.10 (pyenv, where present) with tomli installed, macl.settings.config reads TOML."""
     candidates = [shutil.which(f"python{version}")] + sorted(
         str(p) for p in (Path.home() / ".pyenv" / "versions").glob(f"{version}.*/bin/python{version}"))
     exe = next((c for c in candidates if c and _sp([c, "-c", "pass"], capture_output=True).returncode == 0), None)
@@ -225,7 +225,7 @@ def test_real_old_python_parses_a_config(version, tmp_path):
     if got.returncode != 0:
         pytest.skip(f"cannot install tomli for python{version}: {got.stderr.strip().splitlines()[-1:]}")
     (tmp_path / "c.toml").write_text(CONFIG)
-    out = _sp([exe, "-c", "import sys; from macl.config import load_config; "
+    out = _sp([exe, "-c", "import sys; from macl.settings.config import load_config; "
                           f"c = load_config({str(tmp_path / 'c.toml')!r}); "
                           "print(sys.version_info[:2], c.net.dims, c.net.base_width, c.method.name)"],
                          capture_output=True, text=True,

@@ -22,7 +22,8 @@ import numpy as np
 import pytest
 import torch
 
-from macl import cli, runfolder
+from macl import cli
+from macl.run import files, folder as runfolder
 from macl.data import PhantomConfig, write_phantom_dataset
 
 REPO = Path(__file__).resolve().parent.parent
@@ -233,7 +234,7 @@ def test_negative_and_255_label_values_are_refused_before_training(tmp_path, cap
 
 
 # ------------------------------------------------------------------------------------------ item 9
-_REAL_WRITE = runfolder._write_all
+_REAL_WRITE = files._write_all
 
 
 def _full_disk(monkeypatch, when):
@@ -244,7 +245,7 @@ def _full_disk(monkeypatch, when):
         if when(Path(str(getattr(fh, "name", ""))).name, fh):
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(fh, data)
-    monkeypatch.setattr(runfolder, "_write_all", write)
+    monkeypatch.setattr(files, "_write_all", write)
 
 
 def test_a_full_disk_at_start_is_one_line_naming_the_file_and_leaves_nothing(data, tmp_path, capsys, monkeypatch):
@@ -257,7 +258,7 @@ def test_a_full_disk_at_start_is_one_line_naming_the_file_and_leaves_nothing(dat
     assert _pretrain(data, run, steps=1) == 1
     assert _one_error(capsys) == f"macl: error: {run / 'resolved_config.json'}: no space left on device"
     assert not run.exists()
-    monkeypatch.setattr(runfolder, "_write_all", _REAL_WRITE)
+    monkeypatch.setattr(files, "_write_all", _REAL_WRITE)
     assert _pretrain(data, run, steps=1) == 0
     capsys.readouterr()
     before, events = _files(run), (run / "events.jsonl").read_bytes()

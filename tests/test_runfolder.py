@@ -1,4 +1,4 @@
-"""macl.runfolder and the input checks of issue 13, in-process and without training: the lock (live holder,
+"""macl.run.folder and the input checks of issue 13, in-process and without training: the lock (live holder,
 stale holder), atomic writes under a full disk, appends that never leave half a line, log repair on resume,
 the resume fallback from a damaged latest.pt, stale temporary files; typed settings; label values, NIfTI
 headers that claim more than the file holds, extreme / constant intensities, malformed dataset.json fields."""
@@ -17,15 +17,15 @@ import numpy as np
 import pytest
 import torch
 
-from macl import runfolder
-from macl.config import MethodConfig, NetConfig, OptimConfig, PretrainConfig, TrainConfig, apply_overrides
-from macl.config_types import field_types
+from macl.run import files, folder as runfolder
+from macl.settings.config import MethodConfig, NetConfig, OptimConfig, PretrainConfig, TrainConfig, apply_overrides
+from macl.settings.fields import field_types
 from macl.data import DataError, PreprocessConfig, PretrainDataConfig, open_dataset
 from macl.data.loading import read_nifti
 from macl.data.preprocess import zscore
 from macl.data.value_checks import check_intensities, classes_from_values
 from macl.finetune import FinetuneConfig
-from macl.semi import SemiConfig
+from macl.semi.loop import SemiConfig
 
 
 def _dead_pid() -> int:
@@ -37,7 +37,7 @@ def _dead_pid() -> int:
 def _full_disk(monkeypatch, when=lambda fh: True, partial=False):
     """Patch the one writer of run folders: writes for which `when(fh)` holds raise ENOSPC (after writing half
     of the data when `partial`)."""
-    real = runfolder._write_all
+    real = files._write_all
 
     def write(fh, data):
         if when(fh):
@@ -45,7 +45,7 @@ def _full_disk(monkeypatch, when=lambda fh: True, partial=False):
                 fh.write(data[: len(data) // 2])
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(fh, data)
-    monkeypatch.setattr(runfolder, "_write_all", write)
+    monkeypatch.setattr(files, "_write_all", write)
 
 
 # ------------------------------------------------------------------------------------------------ lock

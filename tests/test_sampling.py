@@ -1,4 +1,4 @@
-"""ARCO's samplers (macl.sampling) on fixed synthetic fields, over many seeded draws.
+"""ARCO's samplers (macl.semi.sampling) on fixed synthetic fields, over many seeded draws.
 
 The field has class-dependent means (so strata differ), a smooth spatial trend and noise; the "truth" is the
 plain average of the field over the candidates. Every check below would fail for a sampler that favours some
@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from macl.sampling import (SAMPLERS, allocate, grid_cells, sample, sample_index_grid, stratum_ids, unit_coords)
+from macl.semi.sampling import (SAMPLERS, allocate, grid_cells, sample, sample_index_grid, stratum_ids, unit_coords)
 
 DRAWS = 400
 

@@ -1,11 +1,11 @@
-"""The symmetric self-contrast tiling (macl_kernels/self_tiles.py) against the float64 reference."""
+"""The symmetric self-contrast tiling (macl_kernels/eager/self_tiles.py) against the float64 reference."""
 import pytest
 import torch
 
-import macl_kernels.self_tiles as st
-import macl_kernels.tile_workers as tw
-import macl_kernels.torch_dense as td
-import macl_kernels.torch_tiled as tt
+import macl_kernels.eager.self_tiles as st
+import macl_kernels.eager.tile_workers as tw
+import macl_kernels.eager.dense as td
+import macl_kernels.eager.tiled as tt
 from core_cases import assert_matches_truth, make_case, run
 
 

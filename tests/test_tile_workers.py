@@ -1,12 +1,12 @@
-"""Tile-parallel execution of the torch path (macl_kernels/tile_workers.py): the schedule and the results."""
+"""Tile-parallel execution of the torch path (macl_kernels/eager/tile_workers.py): the schedule and the results."""
 import itertools
 
 import pytest
 import torch
 
-import macl_kernels.tile_workers as tw
-import macl_kernels.torch_dense as td
-import macl_kernels.torch_tiled as tt
+import macl_kernels.eager.tile_workers as tw
+import macl_kernels.eager.dense as td
+import macl_kernels.eager.tiled as tt
 from macl_kernels import grouped_info_nce
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from macl.config import (MethodConfig, NetConfig, OptimConfig, PretrainConfig, TrainConfig, apply_overrides,
+from macl.settings.config import (MethodConfig, NetConfig, OptimConfig, PretrainConfig, TrainConfig, apply_overrides,
                          from_dict, load_config, to_dict)
 from macl.methods import Batch, build_method
 from macl.nets import build_finetune_net, load_pretrained
@@ -112,7 +112,7 @@ def tiny_config(steps=6, **train):
 # ------------------------------------------------------------------ learning
 @pytest.mark.parametrize("dims,size,batch,steps,min_gain", [(2, 32, 16, 120, 0.2), (3, 16, 8, 160, 0.15)])
 def test_pretraining_lowers_loss_and_raises_retrieval(tmp_path, dims, size, batch, steps, min_gain):
-    # non-degenerate geometries (macl.geometry): 32² at depth 2; 16³ at depth 2 with one decoder block (↓2)
+    # non-degenerate geometries (macl.settings.geometry): 32² at depth 2; 16³ at depth 2 with one decoder block (↓2)
     cfg = PretrainConfig(net=NetConfig(dims=dims, base_width=8, depth=2),
                          method=MethodConfig() if dims == 2 else MethodConfig(decoder_blocks=1, dominant_scale=0.5),
                          optim=OptimConfig(lr=0.05),
@@ -282,7 +282,7 @@ def test_amp_on_gpu(tmp_path):
 # ------------------------------------------------------------------ voxel-level L_d memory
 MEMORY_SCRIPT = textwrap.dedent("""
     import json, resource, sys, tempfile, torch
-    from macl.config import *
+    from macl.settings.config import *
     from macl.methods import Batch
     from macl.train import pretrain
     torch.set_num_threads(2)

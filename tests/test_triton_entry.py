@@ -266,7 +266,7 @@ def test_modules_pass_allow_tf32(launches, tf32_setting):
 
 def test_macl_terms_reach_16bit_kernels_under_autocast(launches):
     """MACL's L_g and L_d (location, with positions) of float32 maps under autocast fp16: every launch fp16."""
-    from macl.config import MethodConfig
+    from macl.settings.config import MethodConfig
     from macl.methods.macl import dense_loss, global_loss
     cfg = MethodConfig(name="macl", impl="triton")
     g = torch.Generator().manual_seed(7)

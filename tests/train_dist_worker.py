@@ -5,7 +5,7 @@ import os
 
 import torch
 
-from macl.config import MethodConfig, NetConfig, OptimConfig, PretrainConfig, TrainConfig
+from macl.settings.config import MethodConfig, NetConfig, OptimConfig, PretrainConfig, TrainConfig
 from macl.parallel import init_from_env, shutdown
 from macl.train import pretrain
 

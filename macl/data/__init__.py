@@ -1,5 +1,8 @@
 """Data for MACL: readers, pre-processing, sampling with positions, views, the demo phantom.
 
+Open `readers.py` first (cases from a folder, MSD or datalist), then `preprocess.py`, `pretrain.py` (batches with
+positions) and `views.py` (MACL's augmented views); `segsampling.py` serves fine-tuning.
+
 Typical use::
 
     from macl.data import open_dataset, load_volumes, PreprocessConfig

@@ -34,7 +34,7 @@ def write_json_atomic(path: str | Path, obj: Any) -> None:
         if isinstance(o, (list, tuple)):
             return [clean(v) for v in o]
         return o
-    from macl import runfolder
+    from macl.run import folder as runfolder
     runfolder.atomic_write(path, json.dumps(clean(obj), indent=2, allow_nan=False))
 
 

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from macl.config_types import coerce_fields
+from macl.settings.fields import coerce_fields
 from macl.data.errors import DataError
 from macl.data.value_checks import check_intensities
 from macl.data.loading import RawCase, load_case
@@ -248,7 +248,7 @@ class VolumeCache:
             except OSError:  # another process stored it first
                 pass
         except OSError as e:
-            from macl.runfolder import DiskFullError, error_message
+            from macl.run.folder import DiskFullError, error_message
             if error_message(e):  # a full disk: one line naming the cache folder, nothing half-written kept
                 raise DiskFullError(self.folder) from e
             raise

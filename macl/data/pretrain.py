@@ -21,7 +21,7 @@ from typing import Iterator, Optional, Sequence
 import numpy as np
 import torch
 
-from macl.config_types import coerce_fields
+from macl.settings.fields import coerce_fields
 from macl.data import channels as chan
 from macl.data.preprocess import Volume
 from macl.data.sampling import crop_start, enumerate_slices, extract_slice, patch_position, window

@@ -1,4 +1,7 @@
-"""Pre-training methods: each turns a `Batch` into named loss terms (MACL, PCL, SimCLR, GCL-style)."""
+"""Pre-training methods: each turns a `Batch` into named loss terms (MACL, PCL, SimCLR, GCL-style).
+
+Open `base.py` first (the `Method` contract and registry), then `macl.py`; ARCO lives in `macl.semi`.
+"""
 from .base import METHODS, Batch, Method, build_method, register_method, select_positions
 from .gcl import GCL, GCLModel
 from .gcl_mitigator import mitigate, pcgrad

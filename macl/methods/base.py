@@ -22,7 +22,7 @@ from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from ..config import MethodConfig, NetConfig
+from ..settings.config import MethodConfig, NetConfig
 
 VIEWS = ("img1", "img2", "img3", "img4")
 

@@ -23,7 +23,7 @@ Losses, one per meta-label m and branch (c = τ/0.07 when the base-temperature r
   image branch uses the radius rule). Anchors and keys are sampled per meta-label bin (`gcl_pixel_anchors` ⊆
   `gcl_pixel_keys` locations per image, both views; `gcl_sampling.py`), which keeps every positive of a sampled
   anchor; "all" contrasts every pixel with every pixel. Negatives: every other key row. The Gradient Filter
-  (`macl_kernels.filtered.filtered_info_nce`) keeps, per anchor, all positives and the fraction ρ = `gcl_rho`
+  (`macl_kernels.filter.filtered.filtered_info_nce`) keeps, per anchor, all positives and the fraction ρ = `gcl_rho`
   of the negatives with the largest gradient magnitude |P_ij − Y_ij| (the hardest ones); ρ = 1 is plain SupCon.
 - Gradient Mitigator (`gcl_mitigator`): the T per-label losses of a branch read T copies of the branch's
   features (the image projections (B, 2, D); the pixel maps (2B, C, *S')); the encoder (and decoder) below
@@ -41,9 +41,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from macl_kernels import positional_sup_con, sup_con
-from macl_kernels.filtered import filtered_info_nce
+from macl_kernels.filter.filtered import filtered_info_nce
 
-from ..config import MethodConfig, NetConfig
+from ..settings.config import MethodConfig, NetConfig
 from ..nets.heads import ImageHead, PixelHead
 from ..nets.unet import UNetDecoder, UNetEncoder, he_init
 from .base import Batch, Method, register_method

@@ -7,7 +7,7 @@ pixels against all of them costs (2BL)² pairs per label (docs/gcl.md); this mod
 the positive structure intact:
 
 - per group g (all images of one meta-label bin) one set of key locations K_g (|K_g| = n_keys) and, inside
-  it, one set of anchor locations A_g ⊆ K_g (|A_g| = n_anchors), drawn with a `macl.sampling` sampler on the
+  it, one set of anchor locations A_g ⊆ K_g (|A_g| = n_anchors), drawn with a `macl.semi.sampling` sampler on the
   unit coordinates of the pixel grid ("sg" stratified over a grid of cells: spatially spread; "sag" its
   antithetic variant; "ns" uniform);
 - every image b of group g uses A_g and K_g, in BOTH views.
@@ -27,7 +27,7 @@ from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
 
-from ..sampling import sample, unit_coords
+from ..semi.sampling import sample, unit_coords
 
 ALL = "all"
 PIXEL_SAMPLERS = ("ns", "sg", "sag")

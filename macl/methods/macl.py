@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from macl_kernels import dense_info_nce, positional_sup_con
 
-from ..config import MethodConfig, NetConfig
+from ..settings.config import MethodConfig, NetConfig
 from ..nets.macl_model import MACLModel, resize
 from .base import Batch, EmbeddingProbe, Method, register_method, world_size_of
 

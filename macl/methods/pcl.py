@@ -13,7 +13,7 @@ import torch
 
 from macl_kernels import positional_sup_con
 
-from ..config import MethodConfig, NetConfig
+from ..settings.config import MethodConfig, NetConfig
 from ..nets.macl_model import EncoderProjector
 from .base import Batch, Method, register_method
 

@@ -1,4 +1,7 @@
-"""Networks: the 2D/3D U-Net, projection heads, MACL's asymmetric model, the fine-tuning net."""
+"""Networks: the 2D/3D U-Net, projection heads, MACL's asymmetric model, the fine-tuning net.
+
+Open `unet.py` first, then `macl_model.py` (the asymmetric encoder / decoder branches and their heads).
+"""
 from .finetune import build_finetune_net, load_pretrained
 from .heads import ImageHead, PixelHead
 from .macl_model import EncoderProjector, MACLModel, MACLOutputs

@@ -12,7 +12,7 @@ from typing import Dict, List, Mapping, Union
 
 import torch
 
-from ..config import NetConfig
+from ..settings.config import NetConfig
 from .unet import UNet
 
 

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import NetConfig
+from ..settings.config import NetConfig
 from .heads import ImageHead, PixelHead
 from .unet import UNetDecoder, UNetEncoder, check_spatial, he_init
 

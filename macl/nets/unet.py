@@ -16,7 +16,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from ..config import NetConfig
+from ..settings.config import NetConfig
 
 
 def conv_cls(dims: int) -> type:

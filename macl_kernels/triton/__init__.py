@@ -3,6 +3,9 @@
 Importing this package never imports Triton and never reads the environment: `triton_rows` and
 `triton_unavailable_reason` do both at call time, so a machine without a GPU (or without Triton) can
 import it, and TRITON_INTERPRET=1 set after import still takes effect.
+
+Open `README.md` first (the derivation), then `entry.py` (launch), `kernels_fwd.py` / `kernels_bwd.py`
+(the kernels), `autograd.py`, `config.py` / `autotune.py` (tile tables) and `aot.py` (the ahead-of-time report).
 """
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 `config_list` gives the candidates of one launch; its first entry is the fixed, deterministic default
 (`choose_config`), used wherever no GPU tunes (the interpreter, the ahead-of-time compile, or a GPU with
 MACL_TRITON_AUTOTUNE=0). On a real GPU `autotune.py` times the candidates once per problem class and keeps
-the fastest. `shipped_configs` lists every candidate of every class, so that `macl_kernels.aot` compiles each
+the fastest. `shipped_configs` lists every candidate of every class, so that `macl_kernels.triton.aot` compiles each
 one for sm_80 and sm_90 and checks registers, spills, shared memory and tensor-core instructions.
 
 Shape rules (KERNELS.md §4, README "Block choice"):

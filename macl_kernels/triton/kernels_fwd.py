@@ -3,7 +3,7 @@
 The kernels are plain Python functions, wrapped by `kernel(fn)` when launched: as a `triton.JITFunction`
 normally, or as the interpreter's `InterpretedFunction` when TRITON_INTERPRET=1 at call time. Wrapping at
 call time (not with an import-time `@triton.jit`) means importing this module never picks a backend from
-the environment, and `macl_kernels.aot` always gets a real JITFunction to compile. The cost: the kernels
+the environment, and `macl_kernels.triton.aot` always gets a real JITFunction to compile. The cost: the kernels
 cannot call other jitted helpers (they would be of the wrong kind in one of the two modes), so the small
 tile prologue (z by tl.dot, the masks) is written out in each kernel.
 """

@@ -19,9 +19,9 @@ from typing import Optional
 
 import torch
 
-from . import const_cache, torch_dense
-from .distributed import resolve_group, world_size
-from .problem import ContrastProblem
+from . import const_cache, dense as torch_dense
+from ..distributed.gather import resolve_group, world_size
+from ..problem import ContrastProblem
 
 _REDUCED = ("mean", "sum")
 

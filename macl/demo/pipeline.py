@@ -11,7 +11,7 @@
    (``out_dir/finetune_scratch_seed<S>``);
 4. evaluate every run on the test cases (Dice, HD95; ``summary.json`` in each run folder); the table
    averages over test volumes and seeds, counts the seeds where pre-training won, gives paired p-values over
-   the seeds (t-test and Wilcoxon, :mod:`macl.demo_stats`), and ends with the pre-training's per-term verdicts
+   the seeds (t-test and Wilcoxon, :mod:`macl.demo.stats`), and ends with the pre-training's per-term verdicts
    (:mod:`macl.diagnostics`: did L_g, L_d learn or collapse);
 5. write ``results.json``, ``table.txt`` and three PNGs: ``loss_curves.png``, ``dice_per_class.png``,
    ``prediction_overlay.png``.
@@ -44,14 +44,14 @@ class DemoConfig:
 
     n_subjects / shape: the phantom data set; test_fraction: held-out test cases; labelled: how many
     training cases fine-tuning may use the labels of; base_width / depth: the 2D U-Net; pretrain_*:
-    MACL's steps, batch and learning rate; preset: MACL's preset (:mod:`macl.presets`: "robust", the
+    MACL's steps, batch and learning rate; preset: MACL's preset (:mod:`macl.settings.presets`: "robust", the
     package default, or "faithful", the public code); finetune_*: fine-tuning steps, batch, learning rate, and
     the seeds (each seed fine-tunes both rows once: different initialisation of the layers not pre-trained,
     different batches); seed: data, split, label selection and pre-training; threads: torch CPU threads
     (1 is fastest for these small networks on 2 cores, and robust on a busy machine).
 
     Geometry: 64² crops at depth 3 give MACL a 2x2 dominant bottleneck and an 8x8 L_d grid, the smallest sizes at
-    which every term is non-degenerate (:mod:`macl.geometry`; 64² at depth 4 is refused).
+    which every term is non-degenerate (:mod:`macl.settings.geometry`; 64² at depth 4 is refused).
     """
 
     name: str = "full"
@@ -142,7 +142,7 @@ def run_demo(out_dir: str | Path, cfg: Optional[DemoConfig] = None,
 
 
 def _run(out: Path, cfg: DemoConfig, progress: Optional[StageProgress]) -> dict[str, Any]:
-    from macl.config import MethodConfig, NetConfig, OptimConfig, PretrainConfig, TrainConfig
+    from macl.settings.config import MethodConfig, NetConfig, OptimConfig, PretrainConfig, TrainConfig
     from macl.data import PhantomConfig, select_labelled, write_phantom_dataset
     from macl.finetune import FinetuneConfig
     from macl.workflow import PretrainSpec, run_finetune, run_pretrain
@@ -222,9 +222,9 @@ def table_rows(runs: dict) -> list[dict]:
     Each row: class, scratch, pretrained (means), scratch_std / pretrained_std (std over seeds of the per-seed
     mean), difference (pretrained - scratch), wins (seeds where pre-trained scored higher), seeds, the
     two-sided p-values of a paired t-test (p_t) and a Wilcoxon signed-rank test (p_wilcoxon) over the seeds
-    (:func:`macl.demo_stats.paired_tests`; NaN with one seed), and per_seed (the per-seed means of both columns).
+    (:func:`macl.demo.stats.paired_tests`; NaN with one seed), and per_seed (the per-seed means of both columns).
     """
-    from macl.demo_stats import paired_tests
+    from macl.demo.stats import paired_tests
     seeds = sorted(runs["scratch"])
     names = runs["scratch"][seeds[0]]["summary"]["class_names"]
     rows = []
@@ -244,7 +244,7 @@ def table_rows(runs: dict) -> list[dict]:
 def format_table(cfg: DemoConfig, rows: list[dict], labelled: list, train: list, test: list, pre_steps: int,
                  verdicts: Optional[list] = None) -> str:
     """The printed Dice table, headed by what produced it, then the pre-training's per-term verdicts."""
-    from macl.demo_stats import format_p
+    from macl.demo.stats import format_p
     n = rows[0]["seeds"]
     lines = [
         f"MACL demo ({cfg.name}): {cfg.n_subjects} phantom volumes {tuple(cfg.shape)}, {len(train)} for training, "

@@ -23,7 +23,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Sequence, Union
 
-from .config_types import coerce_fields, require_yaml
+from .fields import coerce_fields, require_yaml
 
 from .presets import DEFAULT_PRESET, check_preset, resolve_head_norm
 
@@ -104,7 +104,7 @@ class MethodConfig:
         meta-label bin (anchors ⊆ keys, both views; docs/gcl.md), or "all" (every pixel, the exact formula).
     gcl_pixel_sampler: how those locations are drawn: "sg" (stratified over a 4×4(×4) grid), "sag", "ns".
     preset: "faithful" (the public code) or "robust" (anti-collapse head, augmentations scaled to the crop);
-        decides every setting left at None below and `data.reference_size` (see `macl.presets`).
+        decides every setting left at None below and `data.reference_size` (see `macl.settings.presets`).
     head_norm: MACL's image heads: "none" (GAP → Linear → ReLU → Linear, the public code) or "batch"
         (BatchNorm1d after the first Linear, as SimCLR v2 / MoCo v3 heads); None = the preset's.
     """
@@ -305,7 +305,7 @@ def load_config(path: str | os.PathLike) -> PretrainConfig:
     path = os.fspath(path)
     ext = os.path.splitext(path)[1].lower()
     if ext == ".toml":
-        from macl.toml_compat import loads  # tomllib, or tomli on Python < 3.11
+        from macl.settings.toml_compat import loads  # tomllib, or tomli on Python < 3.11
 
         with open(path, encoding="utf-8") as fh:
             data = loads(fh.read())

@@ -4,7 +4,7 @@
 it marks the holder alive (the kernel drops it when the process dies, even by SIGKILL). A second command into the
 same folder fails with :class:`RunLockedError` naming the lock and its holder; a lock left by a dead process on this
 host is taken over with a warning; a lock from another host is never guessed about. Writes go through
-:func:`macl.runfolder._write_all` (the fault-injection seam), so a full disk is a ``DiskFullError`` naming the lock.
+:func:`macl.run.files._write_all` (the fault-injection seam), so a full disk is a ``DiskFullError`` naming the lock.
 """
 from __future__ import annotations
 
@@ -16,17 +16,13 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+from macl.run import files
+
 
 logger = logging.getLogger(__name__)
 
 LOCK_NAME = ".macl.lock"
 _CREATED: set = set()  # run folders a lock of this process created (removed again when left empty)
-
-
-def _rf():
-    """macl.runfolder, imported late: it re-exports this module (and tests patch its writer)."""
-    from macl import runfolder
-    return runfolder
 
 
 class RunLockedError(OSError):
@@ -117,7 +113,7 @@ class RunLock:
             try:
                 self._write_info(fh)
             except BaseException:  # the lock is ours but says nothing: take it away again
-                _rf()._remove_quietly(self.path)
+                files._remove_quietly(self.path)
                 fh.close()
                 self._drop_created()
                 raise
@@ -165,16 +161,16 @@ class RunLock:
         try:
             fh.seek(0)
             fh.truncate()
-            _rf()._write_all(fh, (json.dumps(info) + "\n").encode())
+            files._write_all(fh, (json.dumps(info) + "\n").encode())
             fh.flush()
         except OSError as e:
-            if _rf()._is_enospc(e):
-                raise _rf().DiskFullError(self.path) from e
+            if files._is_enospc(e):
+                raise files.DiskFullError(self.path) from e
             raise
 
     def _drop_created(self) -> None:
         if self.created and not has_content(self.folder):
-            _rf()._remove_quietly(self.path)
+            files._remove_quietly(self.path)
             try:
                 self.folder.rmdir()
             except OSError:
@@ -185,7 +181,7 @@ class RunLock:
         """Remove the lock (and a folder this lock created that holds nothing else)."""
         if self.fh is None:
             return
-        _rf()._remove_quietly(self.path)
+        files._remove_quietly(self.path)
         self.fh.close()
         self.fh = None
         self._drop_created()

@@ -19,7 +19,7 @@ of SimCLR v2 and MoCo v3) keeps the embeddings spread. The public code's elastic
 512² slices; unscaled on a 64² crop it distorts a quarter of the image.
 
 Both presets keep every other setting of the public code (views, λ, τ, the τ/0.07 rescale, the optimiser).
-The geometry checks (`macl.geometry`) apply to both.
+The geometry checks (`macl.settings.geometry`) apply to both.
 """
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ _SETTINGS = {
 
 
 def stored_config(data: Any) -> Any:
-    """A stored config (nested dict with a "method" section, as `macl.config.to_dict` writes into checkpoints and
+    """A stored config (nested dict with a "method" section, as `macl.settings.config.to_dict` writes into checkpoints and
     run folders) written before presets existed gets ``method.preset = "faithful"``: those runs used the public
     code's heads and augmentation scale. Other input is returned unchanged."""
     if isinstance(data, dict) and isinstance(data.get("method"), dict) and "preset" not in data["method"]:

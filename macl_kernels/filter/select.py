@@ -1,15 +1,15 @@
-"""Parts of the Gradient Filter (`macl_kernels.filtered`): the histogram selection of the "chunks" tiling
+"""Parts of the Gradient Filter (`macl_kernels.filter.filtered`): the histogram selection of the "chunks" tiling
 (per-anchor histograms of the shifted logits, the exact k-th largest from the members of one bin; the "rows"
 tiling uses `filter_bracket` instead), the positive-pair list, and the per-call scratch buffers. See the
-module docstring of `macl_kernels.filtered` for the algorithm."""
+module docstring of `macl_kernels.filter.filtered` for the algorithm."""
 from __future__ import annotations
 
 import math
 
 import torch
 
-from .problem import ContrastProblem
-from .torch_tiled import tile_positives
+from ..problem import ContrastProblem
+from ..eager.tiled import tile_positives
 
 NUM_BINS = 512                 # histogram bins per anchor over [−2b_i, 0] (at most)
 PAIR_BUDGET = 1 << 22          # at most this many positive pairs are listed (two int64 vectors: 64 MiB)

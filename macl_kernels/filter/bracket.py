@@ -33,7 +33,7 @@ into one chunk-sized 0/1 float buffer (it stays in the core's L2 cache: half the
 tile), with float compares (several times faster than bool ones); the chunk views are made once and kept in
 the call's workspace across tiles (slicing per pass and chunk costs as much as a small pass); the member mask
 of the whole tile is gathered at once, 8 mask bytes at a time; the chunk loops run as TorchScript
-(`chunk_loops.py`: without the GIL, so tile workers overlap).
+(`filter/chunk_loops.py`: without the GIL, so tile workers overlap).
 Typical cost (N = M = 8192, ρ = 0.5, 512-row tiles): 3 sweeps (6 counts), ≈ 26 members per row.
 """
 from __future__ import annotations

@@ -15,12 +15,12 @@ Backward recomputes each tile once and uses it twice (4 GEMM units and 2 exp pas
     dq  += E k (unscaled, accumulated in place by the GEMM; times f once at the end),  dk += Eᵀ (f·q)
     then the −g·Y part through Y, outside the tiles, and ds = (1/s)·Σ_i ⟨dq_i, q_i⟩ (Σ_j dz_ij z_ij = ⟨dq_i, q_i⟩).
 Features of 16-bit dtypes are promoted to float32 once (O((N + M)·D)); gradients are cast back.
-On a CPU with several intra-op threads the tiles run on worker threads, one core each (tile_workers.py).
+On a CPU with several intra-op threads the tiles run on worker threads, one core each (eager/tile_workers.py).
 
 normalize=True: q̂ = q/‖q‖ is never stored. Each tile's q rows are scaled by s/‖q_i‖ in the per-tile copy the
 GEMM needs anyway, and each key block by 1/‖k_j‖ (one (KEY_BLOCK, D) copy, reused over the row blocks);
 the accumulators hold dq̂ and dk̂, projected onto the tangent space in place at the end (rownorm.project_).
-Problems whose logits fit torch_dense.DENSE_MAX_BYTES (4 MiB) take the dense path instead (torch_dense.py).
+Problems whose logits fit torch_dense.DENSE_MAX_BYTES (4 MiB) take the dense path instead (eager/dense.py).
 """
 from __future__ import annotations
 
@@ -28,10 +28,11 @@ import math
 
 import torch
 
-from . import index_terms, self_tiles, tile_workers, torch_dense
-from .positives import PositiveOperator
-from .problem import ContrastProblem, RowOutputs, stats_dtype
-from .rownorm import project_, rowdot
+from .. import index_terms
+from . import self_tiles, tile_workers, dense as torch_dense
+from ..positives import PositiveOperator
+from ..problem import ContrastProblem, RowOutputs, stats_dtype
+from ..rownorm import project_, rowdot
 from .tile_operands import Operands
 
 TILE_ELEMENTS = 1 << 19  # groups per tile: at most this many logits when a group is smaller than a tile
@@ -171,7 +172,7 @@ class TileBuffer:
 def _forward_tiles(ops: Operands, p: ContrastProblem, scale: float, in_tile: bool, same: bool = False):
     """LSE_i (G, N), −inf where V(i) is empty; with in_tile also Σ_{P(i)} z and |P(i)| from tile masks; whether
     the tiles were shifted by the bound (False: plain exp(z), see `unshifted_ok`); and whether the symmetric
-    self-contrast tiling ran (self_tiles.py; `same`: k is q)."""
+    self-contrast tiling ran (eager/self_tiles.py; `same`: k is q)."""
     qf = ops.qf
     G, N, M = qf.shape[0], qf.shape[1], ops.kf.shape[1]
     bound = row_bound(ops.qn, ops.kn, p, scale)
@@ -301,7 +302,7 @@ class _ChunkedInfoNCE(torch.autograd.Function):
 
         # q is k (self-contrast) and no temperature gradient: one tensor takes both contributions.
         merged = ctx.same and need_q and need_k and not ctx.needs_input_grad[2]
-        if ctx.symmetric:   # k is q: both gradients from half the tiles (self_tiles.py)
+        if ctx.symmetric:   # k is q: both gradients from half the tiles (eager/self_tiles.py)
             dq, dk = self_tiles.backward_grads(ops, p, s, f, TILE_ELEMENTS, merged)
         else:
             dq = torch.zeros_like(qf) if need_q else None

@@ -1,4 +1,4 @@
-"""Operands of the tiled torch paths (torch_tiled.py, self_tiles.py): q and k as the tiles see them.
+"""Operands of the tiled torch paths (eager/tiled.py, eager/self_tiles.py): q and k as the tiles see them.
 
 With normalize the rows are scaled by 1/max(‖x‖, ε) in per-tile copies, never as whole normalised (N, D) tensors;
 each tile worker gets a copy with its own key-block cache and buffers (`worker_copy`).
@@ -10,7 +10,7 @@ from typing import Optional
 
 import torch
 
-from .rownorm import EPS
+from ..rownorm import EPS
 
 
 class Operands:

@@ -34,7 +34,7 @@ scale; `UNSHIFTED`). Two tilings:
   rests only on the exact counts; the sample decides how many passes it takes (see that module).
   Blocks with a bound ≥ FLT_MAX/4 (non-finite or huge features) use the histogram below; `ROWS_SELECT =
   "histogram"` forces it (the method before the sample bracket, kept for comparison and tests).
-- "chunks" (more keys): per block of anchors, chunks of keys; the histogram method (`filter_select.py`):
+- "chunks" (more keys): per block of anchors, chunks of keys; the histogram method (`filter/select.py`):
   1. histogram pass: each allowed pair goes to a slot of its anchor's row: the non-negatives to slot 0, the
      positives to the top slot, a negative to one of nb (+2 guard) bins that cut [−2b_i, 0] into equal widths
      (⌊z'·nb/(2b_i)⌋, a monotone map, so bins are ordered like the logits; nb = min(NUM_BINS, M/16)). One
@@ -48,7 +48,7 @@ Ties at t_i are all kept in both. The "rows" tiling runs on tile workers (`tile_
 schedule: a worker owns whole row blocks, one intra-op thread each, its own workspace) in the forward and in
 the backward, where each worker accumulates its own dk partial, transposed (G, D, M) (qᵀ·W is the faster
 GEMM); forward and backward take the same branch, so every tile's GEMM runs with the same thread count in
-every pass. `PARALLEL = False`: the serial loop. The backward (`filter_backward.py`) recomputes each tile and
+every pass. `PARALLEL = False`: the serial loop. The backward (`filter/backward.py`) recomputes each tile and
 applies dz_ij = g_i·(P^F_ij − Y_ij) on the kept pairs {positives} ∪ {allowed : z' ≥ t_i}: the mask, exp(z') and their product in place, in
 row chunks that stay in cache; exp(−LSE'_i)·|g_i|·sign(g_i) is a row factor on the (N, D) side (tiles whose
 kept logits all lie far below b_i subtract the shift before the exp instead). Anchors whose kept sum
@@ -66,12 +66,13 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from .api import REDUCTIONS, Temperature, _build_problem
-from .problem import ContrastProblem, stats_dtype
-from . import filter_backward, tile_workers, torch_tiled as tt
-from .filter_bracket import bracket_select, chunks_of
-from .filter_select import PositivePairs, Workspace, _clear_self, _k_of, histogram_block
-from .torch_tiled import _valid_keys, tile_positives
+from ..api import REDUCTIONS, Temperature, _build_problem
+from ..problem import ContrastProblem, stats_dtype
+from . import backward as filter_backward
+from ..eager import tile_workers, tiled as tt
+from .bracket import bracket_select, chunks_of
+from .select import PositivePairs, Workspace, _clear_self, _k_of, histogram_block
+from ..eager.tiled import _valid_keys, tile_positives
 
 __all__ = ["filtered_info_nce", "FilteredResult", "filter_tiles", "tiling_mode", "TILINGS"]
 

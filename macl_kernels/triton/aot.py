@@ -12,7 +12,7 @@ TRITON_INTERPRET=1 (tests/conftest.py sets it for the whole session) cannot comp
 therefore compiles in *spawned* worker processes started with TRITON_INTERPRET removed from their
 environment; `compile_one` is only safe in a process that imported triton without it.
 
-    python -m macl_kernels.aot [--csv PATH] [--arch 80 90] [--jobs N] [--full]
+    python -m macl_kernels.triton.aot [--csv PATH] [--arch 80 90] [--jobs N] [--full]
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .triton.config import ShippedConfig, shipped_configs
+from .config import ShippedConfig, shipped_configs
 
 _TL_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 #: kernel switch sets every configuration is compiled with (the full matrix; the fast test rotates through
@@ -84,7 +84,7 @@ class AotRow:
     @property
     def smem_ok(self) -> bool:
         """Shared memory within the arch's per-block maximum (`config.SMEM_LIMIT`)."""
-        from .triton.config import SMEM_LIMIT
+        from .config import SMEM_LIMIT
         return 0 <= self.shared <= SMEM_LIMIT.get(self.arch, SMEM_LIMIT[80])
 
 
@@ -103,8 +103,8 @@ def cuobjdump_path() -> str:
 
 def signature(entry: ShippedConfig, precision: str, flags: str = FLAG_NAMES[0]) -> tuple:
     """(fn, signature, constexprs, attrs) of one shipped configuration and flag set, as the JIT specialises it."""
-    from .triton import kernels_bwd, kernels_fwd
-    from .triton.autograd import _dz_scale
+    from . import kernels_bwd, kernels_fwd
+    from .autograd import _dz_scale
     t = _TL_DTYPE[entry.dtype]
     f = dict(FLAG_SETS[flags])
     meta = "*fp32" if f["RULE"] == 2 else "*i32"

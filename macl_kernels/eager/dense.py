@@ -2,7 +2,7 @@
 
 `torch_tiled.torch_rows` takes this path when the logits of all groups fit `DENSE_MAX_BYTES` (4 MiB, chosen by
 measurement); `api._dispatch` calls `dense_reduced` directly for a reduced loss, and the
-drop-in losses `dense_loss` (small_path.py). There the tiled path's per-tile bookkeeping costs more than the
+drop-in losses `dense_loss` (eager/small_path.py). There the tiled path's per-tile bookkeeping costs more than the
 arithmetic; this path does what naive code does with fewer tensor operations and no autograd graph: at B = 64
 each eager operation costs several microseconds whatever its size, and more with a cold cache (docs/cpu_path.md).
 
@@ -28,8 +28,8 @@ from typing import Optional
 import torch
 
 from . import const_cache
-from .problem import ContrastProblem, RowOutputs, stats_dtype
-from .rownorm import EPS
+from ..problem import ContrastProblem, RowOutputs, stats_dtype
+from ..rownorm import EPS
 
 #: logits of all groups, in the statistics dtype. Measured (docs/cpu_path.md, fwd+bwd, 1 thread, CPU time): at
 #: 1 MiB (nt_xent B = 256) this path takes 0.4-0.6x the tiled path's time, at 4 MiB (B = 512) 0.7x (nt_xent) to

@@ -1,4 +1,4 @@
-"""The backward of the Gradient Filter (`macl_kernels.filtered`; see its module docstring): each tile recomputed
+"""The backward of the Gradient Filter (`macl_kernels.filter.filtered`; see its module docstring): each tile recomputed
 once, dz = g·(P^F − Y) on the kept pairs {positives} ∪ {allowed: z' ≥ t'} applied through two GEMMs, dq rows
 per row block and dk per worker (transposed partials, summed at the end)."""
 from __future__ import annotations
@@ -7,8 +7,8 @@ import math
 
 import torch
 
-from .filter_bracket import chunks_of
-from .filter_select import Workspace, _clear_self
+from .bracket import chunks_of
+from .select import Workspace, _clear_self
 
 
 def backward(ctx, g_loss, shifted_logits, filter_tiles, run):

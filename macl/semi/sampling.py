@@ -28,7 +28,7 @@ replacement, which keeps every candidate's expected multiplicity at n_m/N_m.
 
 Layout of the returned indices: "sg" and "ns" in random order within each stratum, strata in increasing id;
 "sag" = [bases (⌈n/2⌉) | reflections of bases 0..⌊n/2⌋−1]. Callers that reshape a draw into per-anchor
-groups should permute it first (`macl.methods.arco` does).
+groups should permute it first (`macl.semi.losses` does).
 """
 from __future__ import annotations
 

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import NetConfig
-from .unet import UNet, conv_cls, he_init
+from ..settings.config import NetConfig
+from ..nets.unet import UNet, conv_cls, he_init
 
 
 class ArcoNet(nn.Module):

@@ -15,8 +15,8 @@ import json
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
-from macl import runfolder
-from macl.config import PretrainConfig, from_dict
+from macl.run import folder as runfolder
+from macl.settings.config import PretrainConfig, from_dict
 
 
 def resume_checkpoint(config: PretrainConfig, run: Path, resume: Optional[str]) -> Optional[str]:

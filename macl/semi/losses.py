@@ -18,7 +18,7 @@ Masks per class c (`contrast_masks`), as the public code (`compute_contra_memoba
 The contrast (`prototype_contrast`, through `macl_kernels`): for each class c with anchors and a non-empty bank,
     ℓ_a = −log( exp(cos(r_a, proto_c)/τ) / (exp(cos(r_a, proto_c)/τ) + Σ_{n∈neg(a)} exp(cos(r_a, n)/τ)) ),
 τ = 0.5, averaged over the anchors, then over the classes that contributed (the public code returns 0 when
-fewer than two classes are present). Sampled mode: 256 anchors per class drawn by the sampler (`macl.sampling`:
+fewer than two classes are present). Sampled mode: 256 anchors per class drawn by the sampler (`macl.semi.sampling`:
 "sg", "sag", "ns", "index_sg", "index_sag"), and for every anchor its own 512 negatives drawn from the bank by
 the same sampler over the bank entries' unit coordinates (one grouped core call, G = anchors). "all" mode:
 every anchor against the prototype and the whole bank (one core call per class, never an A×M matrix).
@@ -41,7 +41,7 @@ from torch import nn
 
 from macl_kernels import grouped_info_nce, info_nce
 
-from ..sampling import sample, unit_coords
+from .sampling import sample, unit_coords
 
 NN_MODES = ("public", "student", "off")
 
@@ -190,7 +190,7 @@ def arco_contrast(rep: torch.Tensor, teacher_rep: torch.Tensor, masks: ContrastM
                   update_bank: bool = True) -> Dict[str, torch.Tensor]:
     """L_contrast (module docstring): enqueue each class's negatives, then contrast its anchors.
 
-    rep (B, D, *S) student (grad), teacher_rep (B, D, *S); sampler ∈ macl.sampling.SAMPLERS or "all".
+    rep (B, D, *S) student (grad), teacher_rep (B, D, *S); sampler ∈ macl.semi.sampling.SAMPLERS or "all".
     Returns {"loss": 0-d, "classes": number of classes that contributed (0-d)}; the loss is 0 (with a zero
     gradient into rep) when fewer than two classes are present or none contributed.
     """

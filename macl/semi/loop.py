@@ -5,16 +5,16 @@ cases are split into train / test exactly as fine-tuning does (``labels_fraction
 the training cases keep their labels); every other training case, and every case without a label file, is
 used as unlabelled images.
 
-One step (public ARCO code, `macl.methods.arco` for the loss pieces):
+One step (public ARCO code, `macl.semi.losses` for the loss pieces):
 1. the teacher (EMA of the student, momentum 0.99) predicts the unlabelled batch: pseudo-labels and
    confidences; CutMix mixes images, pseudo-labels and confidences, then brightness/contrast jitter and
-   Gaussian blur make the strong view (`macl.semi_aug`);
+   Gaussian blur make the strong view (`macl.semi.augment`);
 2. the student sees [labelled | strong unlabelled] → logits and representation; the teacher the same images;
 3. L = L_sup + λ_c·L_contrast + λ_u·L_unsup + λ_nn·L_nn (1, 0.01, 1, 1):
    L_sup = Dice + CE (MONAI ``DiceCELoss``) on the labelled images; L_unsup = confidence-weighted pseudo-label CE;
    L_contrast = ARCO's prototype-vs-bank contrast with the chosen sampler ("sg", "sag", "ns", "index_sg",
    "index_sag", or "all"); L_nn = the nearest-neighbour term (by default the public code's, which carries no
-   gradient: see `macl.methods.arco`);
+   gradient: see `macl.semi.losses`);
 4. SGD (momentum 0.9, Nesterov, weight decay 1e-4), lr = lr₀·(1 − step/steps)^0.9; then the EMA update.
 Every random choice of step t is drawn from a generator seeded by (seed, t), so a resumed run repeats it.
 
@@ -42,20 +42,20 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from macl import runfolder
-from macl.config import NetConfig
-from macl.config_types import check_labels_fraction, coerce_fields
+from macl.run import folder as runfolder
+from macl.settings.config import NetConfig
+from macl.settings.fields import check_labels_fraction, coerce_fields
 from macl.data.metrics import write_json_atomic
 from macl.data.preprocess import PreprocessConfig, load_volumes
 from macl.data.readers import DatasetIndex, open_dataset
 from macl.data.segsampling import SegBatchSampler, SegSamplingConfig
 from macl.finetune import FinetuneConfig, _classes, evaluate, prepare_split, save_checkpoint
-from macl.methods.arco import (NN_MODES, ClassMemoryBank, NNPool, arco_contrast, contrast_masks, ema_update, nn_term,
+from macl.semi.losses import (NN_MODES, ClassMemoryBank, NNPool, arco_contrast, contrast_masks, ema_update, nn_term,
                                unsup_loss)
-from macl.nets.arco import ArcoNet
+from macl.semi.net import ArcoNet
 from macl.parallel import SINGLE, World, local_device, wrap_ddp
-from macl.sampling import SAMPLERS
-from macl.semi_aug import cutmix, strong_intensity
+from macl.semi.sampling import SAMPLERS
+from macl.semi.augment import cutmix, strong_intensity
 
 logger = logging.getLogger(__name__)
 Progress = Callable[[int, int, dict], None]

@@ -21,8 +21,8 @@ from typing import Optional
 
 import torch
 
-from .api import REDUCTIONS, _build_problem, grouped_info_nce, resolve_impl
-from .distributed import GatherPlan, all_reduce_sum, group_rank, world_size
+from ..api import REDUCTIONS, _build_problem, grouped_info_nce, resolve_impl
+from .gather import GatherPlan, all_reduce_sum, group_rank, world_size
 
 
 def contrast(q: torch.Tensor, k: Optional[torch.Tensor] = None, *, group=None, gather_keys: bool = True,
