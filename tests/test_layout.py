@@ -148,3 +148,26 @@ def test_no_import_cycle():
 def test_cycle_finder_sees_a_circle():
     assert _find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert _find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+_IMPORT_LINE = r"(from (?:macl|macl_kernels)[\w.]* import [A-Za-z_][\w, ]*|import (?:macl|macl_kernels)[\w.]*)"
+
+
+def _doc_import_lines():
+    import re
+    docs = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / "benchmarks" / "README.md",
+            ROOT / "macl_kernels" / "triton" / "README.md"]
+    lines = set()
+    for doc in docs:
+        for m in re.finditer(_IMPORT_LINE, doc.read_text()):
+            lines.add(m.group(1).strip().rstrip(","))
+    return sorted(lines)
+
+
+def test_docs_have_import_lines():
+    assert "from macl.semi import SemiConfig, train_semi" in _doc_import_lines()
+
+
+@pytest.mark.parametrize("line", _doc_import_lines())
+def test_every_import_line_in_the_docs_runs(line):
+    exec(line, {})
