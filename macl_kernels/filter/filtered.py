@@ -18,7 +18,8 @@ Interpretation choices (GCL has no public code):
 How it is computed without an N×M tensor (every pass streams tiles; memory O(tile + block·bins + the list of
 positive pairs, at most PAIR_BUDGET)):
 Logits are taken shifted by a per-anchor upper bound b_i = s·‖q_i‖·max_j ‖k_j‖ ≥ z_ij (Cauchy–Schwarz):
-z'_ij = z_ij − b_i ≤ 0, one `baddbmm` per tile, the ONE way every pass of a call computes a tile
+z'_ij = z_ij − b_i ≤ 0, one `bmm` and one subtraction per tile (never fused into the GEMM, so ties of z
+stay ties of z'), the ONE way every pass of a call computes a tile
 (bit-identical across passes, so the selection made once is reproduced exactly later). In the "rows" tiling
 with the sample bracket, when `torch_tiled.unshifted_ok` holds for b (normalised features, τ ≳ 0.015), the
 tiles are plain z instead (one `bmm`: no bias copy; b is taken as 0 throughout the call, thresholds on the z
@@ -134,10 +135,13 @@ def _shifted_logits(qs, k, shift, g0, g1, r0, r1, c0, c1, ws: Optional[Workspace
     ONE way every pass of a call computes logits (bit-identical across passes). With a workspace the result
     lives in its "z" buffer (valid until the next call)."""
     out = None if ws is None else ws.get("z", (g1 - g0, r1 - r0, c1 - c0), qs.dtype, qs.device)
-    kt = k[g0:g1, c0:c1].transpose(1, 2)
-    if shift is None:
-        return torch.bmm(qs[g0:g1, r0:r1], kt, out=out)
-    return torch.baddbmm(-shift[g0:g1, r0:r1, None], qs[g0:g1, r0:r1], kt, out=out)
+    z = torch.bmm(qs[g0:g1, r0:r1], k[g0:g1, c0:c1].transpose(1, 2), out=out)
+    if shift is not None:
+        # after the GEMM, not fused into it (baddbmm): fl(z − b) is a function of the GEMM's z, so logits that
+        # the GEMM gives equal stay equal; a BLAS kernel that accumulates from the bias rounds each element
+        # along its own path and broke exact ties on some hosts (issue 22 item 7)
+        z.sub_(shift[g0:g1, r0:r1, None])
+    return z
 
 
 def _unshifted(bound: torch.Tensor, k: torch.Tensor, mode: str) -> bool:
