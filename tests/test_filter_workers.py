@@ -10,6 +10,8 @@ import macl_kernels.filter.filtered as flt
 import macl_kernels.eager.tile_workers as tw
 from macl_kernels.filter.filtered import filtered_info_nce
 
+pytestmark = pytest.mark.exactness   # .ci/run runs these under each MKL_CBWR code path too (issue 22)
+
 
 @pytest.fixture
 def two_threads(torch_threads):

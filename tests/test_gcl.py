@@ -111,6 +111,7 @@ def _problem(case, gen):
     return (q, k), kw, pos, allowed, qv, (q, k)
 
 
+@pytest.mark.exactness
 @pytest.mark.parametrize("tiling", ["rows", "radix"])
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("rho", [0.15, 0.5])
@@ -132,6 +133,7 @@ def test_filter_equals_dense_top_rho_values_gradients_and_counts(case, tiling, r
     assert torch.equal(res.kept.long(), exact_k if qv is None else exact_k * qv)   # exactly ⌈ρ·negatives⌉
 
 
+@pytest.mark.exactness
 def test_filter_float32_and_rho_one_is_the_core():
     gen = torch.Generator().manual_seed(1)
     x = F.normalize(torch.randn(300, 16, generator=gen), dim=1).requires_grad_()
@@ -197,6 +199,7 @@ def our_kept(q, k, rho, s, tiling, **kw):
     return kept, k_i
 
 
+@pytest.mark.exactness
 @pytest.mark.parametrize("tiling", ["rows", "rows_forced_misses", "chunks"])
 @pytest.mark.parametrize("ties", [False, True])
 @pytest.mark.parametrize("rho", [0.05, 0.3, 0.5, 0.77, 1.0])
@@ -274,6 +277,7 @@ def accumulating_gemm(real_bmm):
     return bmm, baddbmm
 
 
+@pytest.mark.exactness
 @pytest.mark.parametrize("tiling", ["rows", "rows_shifted", "chunks"])
 @pytest.mark.parametrize("rho", [0.05, 0.3, 0.5, 0.77])
 def test_filter_ties_stay_ties_whatever_order_the_gemm_sums_in(rho, tiling, monkeypatch):
@@ -306,6 +310,7 @@ def test_filter_ties_stay_ties_whatever_order_the_gemm_sums_in(rho, tiling, monk
     assert int((kept & ~pos).sum()) > int(k_ref.sum())       # ties at the threshold did occur and were kept
 
 
+@pytest.mark.exactness
 def test_filter_clamped_slot_path_keeps_the_same_pairs(monkeypatch):
     """Slots are clamped into the guard bins when rounding could exceed a bin (huge D, non-finite bounds):
     forcing that path changes nothing."""
@@ -320,6 +325,7 @@ def test_filter_clamped_slot_path_keeps_the_same_pairs(monkeypatch):
     assert torch.equal(plain, ref) and torch.equal(clamped, ref)
 
 
+@pytest.mark.exactness
 def test_filter_float32_big_enough_for_the_histogram_path_matches_float64_selection():
     """N = M = 700 float32 rows (bins hold several logits each): same kept pairs as a float64 brute force on
     the float32 logits the filter computes."""
@@ -439,6 +445,7 @@ def test_sampled_anchors_keep_every_positive_of_their_group_and_their_other_view
     assert int(r.q_labels[(v * B + b) * a + j]) == code * L + s_loc
 
 
+@pytest.mark.exactness
 def test_sampling_all_and_counts_above_the_grid_give_the_exact_filtered_loss():
     """"all" is the unsampled formula (loss and gradients of the plain filtered call); counts ≥ L sample every
     location (rows permuted), which gives the same loss and gradients."""
