@@ -463,8 +463,8 @@ def test_pml_unsupported_keywords_are_type_errors_that_name_them():
 @pytest.mark.parametrize("cls", [PMLNTXentLoss, PMLSupConLoss])
 def test_pml_half_inputs_give_a_float32_loss_at_float32_accuracy(cls):
     """Issue 22 item 8: float16 embeddings give a float32 loss (the core's policy, docs/precision.md), as close
-    to the float64 loss of the same float16 values as float32 statistics allow (PML's own float16 result was
-    0.023 off for NT-Xent)."""
+    to the float64 loss of the same float16 values as float32 statistics allow (PMLNTXentLoss returned a float16
+    loss before, 0.023 off in the issue's example)."""
     lab = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3, 4, 4, 0, 2])
     x16 = (_emb(12, 16) * 2).half()
     loss = cls(0.07, impl="torch")(x16, lab)
@@ -477,3 +477,27 @@ def test_pml_half_inputs_give_a_float32_loss_at_float32_accuracy(cls):
     cls(0.07, impl="torch")(xd, lab).backward()
     assert x.grad.dtype == torch.float16
     torch.testing.assert_close(x.grad.double(), xd.grad, rtol=2e-3, atol=2e-3)
+
+
+# ----------------------------------------------------------------- dtype casts of the loss modules (issue 22)
+
+def test_half_or_double_on_a_loss_module_keeps_a_fixed_temperature():
+    """`.half()` / `.double()` / `.to(dtype)` on a loss module must not round a fixed τ (float16 made 0.1 into
+    0.09998); a learnable τ is a parameter and is cast like any other. The compat classes hold τ as a float."""
+    from macl_kernels import DenseInfoNCELoss, InfoNCELoss, NTXentLoss, PositionalSupConLoss, SupConLoss
+    x, y = _emb(12, 6), _emb(12, 6, seed=1)
+    lab = torch.tensor([0, 1, 2, 0, 1, 2, 3, 3, 0, 1, 2, 3])
+    for make, call in ((lambda: NTXentLoss(0.1), lambda m: m(x, y)), (lambda: SupConLoss(0.1), lambda m: m(x, lab)),
+                       (lambda: InfoNCELoss(0.1), lambda m: m(x, y))):
+        ref = call(make())
+        for cast in (lambda m: m.half(), lambda m: m.double(), lambda m: m.to(torch.bfloat16), lambda m: m.float()):
+            m = cast(make())
+            assert m.temperature.dtype == torch.float32 and float(m.temperature) == float(torch.tensor(0.1))
+            assert torch.equal(call(m), ref)
+    for cls in (PositionalSupConLoss, DenseInfoNCELoss):
+        assert cls(temperature=0.1).half().temperature.dtype == torch.float32
+    learn = NTXentLoss(0.1, learn_temperature=True).half()
+    assert learn.temperature.dtype == torch.float16                  # a parameter: cast with the module
+    for m in (PMLSupConLoss(0.1), PMLNTXentLoss(0.1), LightlyNTXentLoss(0.1), MonaiContrastiveLoss(0.1),
+              SupContrastLoss(0.1)):
+        assert m.half().temperature == 0.1
