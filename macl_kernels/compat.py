@@ -5,13 +5,17 @@ computed by the fused core (`grouped_info_nce`, through the adapters of `losses.
     lightly.loss.NTXentLoss(temperature=0.5, ...)(z0, z1)     LightlyNTXentLoss(temperature=0.5, ...)(z0, z1)
     monai.losses.ContrastiveLoss(temperature=0.5)(x, y)       MonaiContrastiveLoss(temperature=0.5)(x, y)
     pytorch_metric_learning.losses.NTXentLoss(0.07)(emb, lab) PMLNTXentLoss(0.07)(emb, lab)
+    pytorch_metric_learning.losses.SupConLoss(0.1)(emb, lab)  PMLSupConLoss(0.1)(emb, lab)
     SupContrast's SupConLoss(0.07, "all", 0.07)(f, labels)    SupContrastLoss(0.07, "all", 0.07)(f, labels)
 
 Each class takes every argument of the peer's documented constructor (plus a keyword-only `impl=`), with the
 peer's defaults, and returns the peer's value and gradient (tests/test_compat.py; float64 ≤ 1e-6 relative).
-An argument whose meaning the core cannot reproduce raises (ValueError / NotImplementedError) with the reason,
-never silently changes the loss. Differences from this package's own losses (`nt_xent`, `sup_con`):
-- τ defaults are the peers' (0.5, 0.5, 0.07, 0.07), not 0.1.
+An argument whose meaning the core cannot reproduce raises `UnsupportedArgument` (a TypeError and a
+NotImplementedError) naming it and saying what to do, never silently changes the loss. The loss is float64 for
+float64 inputs and float32 otherwise (the core's policy), also where the peer returns float16. Differences from this package's own losses (`nt_xent`, `sup_con`):
+- τ defaults are the peers' (0.5, 0.5, 0.07, 0.1, 0.07).
+- PML SupCon: `macl_kernels.SupConLoss` is this package's loss, not PML's: a batch of one class gives PML 0 but
+  `sup_con` the mean LSE over the positives; `PMLSupConLoss` reproduces PML's call forms (its docstring).
 - SupContrast: no L2 normalisation (the reference expects normalised features), the loss is multiplied by
   τ/base_temperature, and anchors without a positive count (as 0) in the mean.
 - PML NT-Xent: each positive PAIR (a, p) is one term, -log(e^{z_ap} / (e^{z_ap} + Σ_{n: label_n ≠ label_a} e^{z_an})),
@@ -35,9 +39,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from .api import grouped_info_nce
+from .problem import stats_dtype
 from .losses import info_nce, nt_xent
 
-__all__ = ["LightlyNTXentLoss", "MonaiContrastiveLoss", "PMLNTXentLoss", "SupContrastLoss"]
+__all__ = ["LightlyNTXentLoss", "MonaiContrastiveLoss", "PMLNTXentLoss", "PMLSupConLoss", "SupContrastLoss",
+           "UnsupportedArgument"]
 
 
 def _dense_labels(labels: torch.Tensor, n: int, name: str = "labels") -> torch.Tensor:
@@ -171,7 +177,61 @@ class MonaiContrastiveLoss(nn.Module):
 
 # ------------------------------------------------------------------------------------------------- PML
 
+class UnsupportedArgument(TypeError, NotImplementedError):
+    """A peer's argument, or a value of it, that the fused core does not reproduce; the message names it and says
+    what to do. A TypeError (as an unknown keyword is) and a NotImplementedError (what these raised before)."""
+
+
 _PML_KWARGS = ("collect_stats", "reducer", "distance", "embedding_regularizer", "embedding_reg_weight")
+
+
+def _pml_options(loss: str, kwargs: dict, reducers: tuple) -> tuple:
+    """PML's loss kwargs (BaseMetricLossFunction) -> (reducer name, normalize). reducers: the reducer class
+    names reproduced, the default first. Raises UnsupportedArgument naming the keyword otherwise."""
+    unknown = sorted(set(kwargs) - set(_PML_KWARGS))
+    if unknown:
+        raise TypeError(f"{loss}: unexpected keyword argument(s) {unknown}; PML's loss kwargs are "
+                        f"{list(_PML_KWARGS)}")
+    reducer, distance = kwargs.get("reducer"), kwargs.get("distance")
+    name = reducers[0] if reducer is None else type(reducer).__name__
+    if name not in reducers or (name == "AvgNonZeroReducer" and (getattr(reducer, "low", 0) != 0
+                                                                  or getattr(reducer, "high", None) is not None)):
+        raise UnsupportedArgument(
+            f"{loss}: reducer={type(reducer).__name__}() is not reproduced (only {' and '.join(reducers)} with "
+            f"default settings); take reduction='none' per-anchor losses from macl_kernels.grouped_info_nce and "
+            f"reduce them yourself, or use PML's loss")
+    normalize = True
+    if distance is not None:
+        dname = type(distance).__name__
+        if dname not in ("CosineSimilarity", "DotProductSimilarity") or getattr(distance, "p", 2) != 2 \
+                or getattr(distance, "power", 1) != 1:
+            raise UnsupportedArgument(
+                f"{loss}: distance={distance!r} is not reproduced (the core contrasts dot products: only "
+                f"CosineSimilarity() and DotProductSimilarity(normalize_embeddings=...)); transform the embeddings "
+                f"yourself, or use PML's loss")
+        normalize = bool(getattr(distance, "normalize_embeddings", True))
+    if kwargs.get("embedding_regularizer") is not None:
+        raise UnsupportedArgument(f"{loss}: embedding_regularizer is not reproduced; drop it and add the "
+                                  f"regulariser's term to the loss yourself (the core computes the contrastive "
+                                  f"term only), or use PML's loss")
+    return name, normalize
+
+
+def _pml_labels(labels, n: int, name: str = "labels") -> torch.Tensor:
+    """PML's label checks (1-D, one per embedding; ints, floats or bools compared by value)."""
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(labels).__name__}")
+    if labels.dim() != 1:
+        raise ValueError(f"{name} must be a 1D tensor of shape (batch_size,), got shape {tuple(labels.shape)}")
+    if labels.shape[0] != n:
+        raise ValueError(f"Number of embeddings must equal number of {name}: {n} embeddings, {labels.shape[0]} "
+                         f"{name}")
+    return labels
+
+
+def _zero(embeddings: torch.Tensor) -> torch.Tensor:
+    """PML's zero loss (sum(embeddings·0): 0 with a zero gradient) in the core's output dtype."""
+    return (embeddings * 0).sum().to(stats_dtype(embeddings.dtype))
 
 
 class PMLNTXentLoss(nn.Module):
@@ -182,31 +242,22 @@ class PMLNTXentLoss(nn.Module):
     different-label embeddings; the mean over pairs (module docstring). Cosine similarity (embeddings are
     L2-normalised). kwargs: `collect_stats` and `embedding_reg_weight` are accepted (no effect on the loss);
     `reducer` may be None or a MeanReducer, `distance` None or CosineSimilarity (default settings),
-    `embedding_regularizer` None.
+    `embedding_regularizer` None. Returns a 0-d loss, float64 for float64 embeddings and float32 otherwise
+    (the core's policy; PML returns the embeddings' dtype).
 
     Raises:
-        NotImplementedError: indices_tuple (a miner's pairs are chosen pair by pair, the core's positives are
-            per label: compute with PML), ref_emb / ref_labels, other reducers / distances / regularisers.
-        ValueError: labels missing (PML needs labels or indices_tuple), wrong shapes, unknown kwargs.
+        UnsupportedArgument (a TypeError): indices_tuple (a miner's pairs are chosen pair by pair, the core's
+            positives are per label: compute with PML), ref_emb / ref_labels, other reducers / distances /
+            regularisers. TypeError: unknown kwargs.
+        ValueError: labels missing (PML needs labels or indices_tuple), wrong shapes.
     """
 
     def __init__(self, temperature: float = 0.07, *, impl: str = "auto", **kwargs):
         super().__init__()
-        unknown = sorted(set(kwargs) - set(_PML_KWARGS))
-        if unknown:
-            raise TypeError(f"unexpected keyword argument(s) {unknown}; PML's loss kwargs are {list(_PML_KWARGS)}")
-        reducer, distance = kwargs.get("reducer"), kwargs.get("distance")
-        if reducer is not None and type(reducer).__name__ != "MeanReducer":
-            raise NotImplementedError(f"reducer={type(reducer).__name__}: only PML's default MeanReducer (mean over "
-                                      f"positive pairs) is reproduced; use PML for other reducers")
-        if distance is not None and not (type(distance).__name__ == "CosineSimilarity"
-                                         and getattr(distance, "p", 2) == 2 and getattr(distance, "power", 1) == 1
-                                         and getattr(distance, "normalize_embeddings", True)):
-            raise NotImplementedError(f"distance={distance!r}: only PML's default CosineSimilarity() is reproduced "
-                                      f"(the core contrasts dot products of normalised embeddings)")
-        if kwargs.get("embedding_regularizer") is not None:
-            raise NotImplementedError("embedding_regularizer: add the regulariser's term yourself; the core computes "
-                                      "the contrastive term only")
+        _pml_options("PMLNTXentLoss", kwargs, ("MeanReducer",))
+        if kwargs.get("distance") is not None and type(kwargs["distance"]).__name__ != "CosineSimilarity":
+            raise UnsupportedArgument(f"PMLNTXentLoss: distance={kwargs['distance']!r} is not reproduced (only "
+                                      f"PML's default CosineSimilarity()); use PML's loss")
         self.temperature = temperature
         self.impl = impl
         self.collect_stats = kwargs.get("collect_stats", False)
@@ -215,11 +266,13 @@ class PMLNTXentLoss(nn.Module):
     def forward(self, embeddings: torch.Tensor, labels: Optional[torch.Tensor] = None, indices_tuple=None,
                 ref_emb: Optional[torch.Tensor] = None, ref_labels: Optional[torch.Tensor] = None) -> torch.Tensor:
         if indices_tuple is not None:
-            raise NotImplementedError("indices_tuple (mined pairs) is not reproduced: the fused core picks positives "
-                                      "by label for every anchor at once; use PML's NTXentLoss with a miner")
+            raise UnsupportedArgument("PMLNTXentLoss: indices_tuple (mined pairs) is not reproduced: the fused core "
+                                      "picks positives by label for every anchor at once; use PML's NTXentLoss with "
+                                      "a miner")
         if ref_emb is not None or ref_labels is not None:
-            raise NotImplementedError("ref_emb / ref_labels are not reproduced; use PML's NTXentLoss for a reference "
-                                      "set, or macl_kernels.grouped_info_nce(q, k, q_labels=, k_labels=)")
+            raise UnsupportedArgument("PMLNTXentLoss: ref_emb / ref_labels are not reproduced; use PML's NTXentLoss "
+                                      "for a reference set, or macl_kernels.grouped_info_nce(q, k, q_labels=, "
+                                      "k_labels=)")
         if labels is None:
             raise ValueError("labels are required (PML needs labels or indices_tuple); for two views of B samples "
                              "pass torch.arange(B).repeat(2)")
@@ -228,13 +281,14 @@ class PMLNTXentLoss(nn.Module):
         n = embeddings.shape[0]
         lab = _dense_labels(labels, n).to(embeddings.device)
         tau = self.temperature
-        x = F.normalize(embeddings, dim=1)
+        # the pair terms in the core's statistics dtype (float32 for half inputs, as the core's LSE)
+        x = F.normalize(embeddings.to(stats_dtype(embeddings.dtype)), dim=1)
         a, p = _positive_pairs(lab)
         if a.numel() == 0 or bool((lab == lab[0]).all()):   # no positive pair, or no negative at all: PML's zero
-            return (x.sum() * 0).to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+            return _zero(embeddings)
         # LSE over every other key, differentiable: ℓ_i = LSE_i − mean_{P(i)} z  (label rule, self excluded)
-        per = grouped_info_nce(x, temperature=tau, q_labels=lab, exclude_self=True, reduction="none",
-                               impl=self.impl).loss
+        per = grouped_info_nce(embeddings, temperature=tau, q_labels=lab, exclude_self=True, reduction="none",
+                               impl=self.impl, normalize=True).loss
         z_ap = (x[a] * x[p]).sum(1) / tau
         count = torch.zeros(n, dtype=z_ap.dtype, device=x.device).index_add_(0, a, torch.ones_like(z_ap))
         mean_pos = torch.zeros(n, dtype=z_ap.dtype, device=x.device).index_add_(0, a, z_ap) / count.clamp(min=1)
@@ -244,6 +298,93 @@ class PMLNTXentLoss(nn.Module):
         lse_neg = lse + torch.log((1 - share).clamp(min=tiny))
         terms = F.softplus(lse_neg[a] - z_ap)
         return terms.mean()
+
+
+class PMLSupConLoss(nn.Module):
+    """pytorch-metric-learning's `SupConLoss(temperature=0.1, **kwargs)`:
+    forward(embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None).
+
+    Per anchor: LSE over the other keys − the mean positive logit (as `sup_con`), keys = the batch (self
+    excluded) or ref_emb. As PML, in each call form it accepts:
+    - 0 (with a zero gradient) when the call has no positive pair or no negative pair at all (a batch of one
+      class, all labels distinct), or at most one of each;
+    - reduced by PML's default AvgNonZeroReducer (mean over the anchors whose loss is > 0: anchors without a
+      positive drop out) or MeanReducer (mean over all N anchors);
+    - labels of any dtype compared by value (floats, bools); indices_tuple=None is the labels-only call;
+    - ref_emb (M, D) with ref_labels (M,): keys = ref_emb, nothing excluded; ref_labels None (or the labels
+      object itself): PML gives ref row j the label labels[j] and excludes the pair (i, i), so only the first N
+      ref rows take part (M < N: PML fails with an IndexError; this raises ValueError);
+    - ref_labels without ref_emb is ignored (as PML).
+    kwargs: `reducer` None / AvgNonZeroReducer() / MeanReducer(), `distance` None / CosineSimilarity() /
+    DotProductSimilarity(normalize_embeddings=...), `embedding_regularizer` None; `collect_stats` and
+    `embedding_reg_weight` accepted (no effect). Returns a 0-d loss, float64 for float64 embeddings and float32
+    otherwise (the core's policy; PML returns the embeddings' dtype).
+
+    Raises:
+        UnsupportedArgument (a TypeError): indices_tuple given (a miner's pairs: use PML's SupConLoss), other
+            reducers / distances / regularisers. TypeError: unknown kwargs.
+        ValueError: no labels (as PML: "labels and indices_tuple cannot both be None"), wrong shapes.
+    """
+
+    def __init__(self, temperature: float = 0.1, *, impl: str = "auto", **kwargs):
+        super().__init__()
+        self.reducer, self.normalize = _pml_options("PMLSupConLoss", kwargs, ("AvgNonZeroReducer", "MeanReducer"))
+        self.temperature = temperature
+        self.impl = impl
+        self.collect_stats = kwargs.get("collect_stats", False)
+        self.embedding_reg_weight = kwargs.get("embedding_reg_weight", 1)
+
+    def forward(self, embeddings: torch.Tensor, labels: Optional[torch.Tensor] = None, indices_tuple=None,
+                ref_emb: Optional[torch.Tensor] = None, ref_labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if indices_tuple is not None:
+            raise UnsupportedArgument("PMLSupConLoss: indices_tuple (mined pairs) is not reproduced: the fused core "
+                                      "picks positives by label for every anchor at once; leave it out (all pairs), "
+                                      "or use PML's SupConLoss with a miner")
+        if labels is None:
+            raise ValueError("labels and indices_tuple cannot both be None (as PML): pass labels (N,); for two "
+                             "views of B samples torch.arange(B).repeat(2)")
+        if not isinstance(embeddings, torch.Tensor) or embeddings.dim() != 2:
+            raise ValueError(f"embeddings must be an (N, D) tensor, got "
+                             f"{tuple(embeddings.shape) if isinstance(embeddings, torch.Tensor) else embeddings!r}")
+        n = embeddings.shape[0]
+        _pml_labels(labels, n)
+        keys, exclude_self = None, True
+        if ref_emb is not None:
+            if ref_emb.dim() != 2 or ref_emb.shape[1] != embeddings.shape[1]:
+                raise ValueError(f"ref_emb must be (M, {embeddings.shape[1]}), got shape {tuple(ref_emb.shape)}")
+            if ref_labels is None or ref_labels is labels:    # PML: ref row j takes labels[j], (i, i) excluded
+                if ref_emb.shape[0] < n:
+                    raise ValueError(f"ref_emb without ref_labels takes labels[j] as the label of ref row j, so it "
+                                     f"needs at least N = {n} rows, got {ref_emb.shape[0]} (PML: IndexError); "
+                                     f"pass ref_labels (M,)")
+                keys = ref_emb[:n]
+            else:
+                _pml_labels(ref_labels, ref_emb.shape[0], "ref_labels")
+                keys, exclude_self = ref_emb, False
+        if keys is None or exclude_self:
+            lab_q = lab_k = _dense_labels(labels, n).to(embeddings.device)
+        else:
+            both = _dense_labels(torch.cat([labels.reshape(-1), ref_labels.to(labels.device).reshape(-1)]),
+                                 n + ref_emb.shape[0]).to(embeddings.device)
+            lab_q, lab_k = both[:n], both[n:]
+        m = n if keys is None else keys.shape[0]
+        # PML's zero: no positive pair or no negative pair in the call, or at most one of each
+        nc = int(max(int(lab_q.max()) if n else -1, int(lab_k.max()) if m else -1)) + 1
+        same = int((torch.bincount(lab_q, minlength=nc) * torch.bincount(lab_k, minlength=nc)).sum())
+        n_pos = same - (n if exclude_self else 0)
+        n_neg = n * m - same
+        if n_pos == 0 or n_neg == 0 or (n_pos <= 1 and n_neg <= 1):
+            return _zero(embeddings)
+        per = grouped_info_nce(embeddings, keys, temperature=self.temperature, q_labels=lab_q,
+                               k_labels=lab_k if keys is not None else None, exclude_self=exclude_self,
+                               normalize=self.normalize, reduction="none", impl=self.impl).loss
+        per = per.to(stats_dtype(embeddings.dtype))
+        if self.reducer == "MeanReducer":
+            return per.mean()
+        counted = per > 0
+        if not bool(counted.any()):
+            return _zero(embeddings)
+        return per[counted].mean()
 
 
 def _positive_pairs(lab: torch.Tensor):

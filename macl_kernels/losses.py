@@ -267,6 +267,15 @@ class _LossModule(nn.Module):
         if allow_tf32 is not None:
             self.opts["allow_tf32"] = allow_tf32
 
+    def _apply(self, fn, recurse=True):
+        # a fixed τ is a setting, not a weight: .half() / .double() / .to(dtype) leave it float32 (in float16 a τ
+        # of 0.1 would become 0.09998); device moves still apply. A learnable τ is a parameter and is cast.
+        tau = None if self.learn_temperature else self.temperature
+        out = super()._apply(fn, recurse)
+        if tau is not None and self.temperature.dtype != tau.dtype:
+            self.temperature = tau.to(self.temperature.device)
+        return out
+
     def _tau(self):
         # a fixed τ on a CUDA device stays a tensor: float() of it would synchronise with the host every step
         if self.learn_temperature or self.temperature.device.type == "cuda":

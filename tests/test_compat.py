@@ -17,7 +17,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from macl_kernels.compat import LightlyNTXentLoss, MonaiContrastiveLoss, PMLNTXentLoss, SupContrastLoss
+from macl_kernels.compat import (LightlyNTXentLoss, MonaiContrastiveLoss, PMLNTXentLoss, PMLSupConLoss, SupContrastLoss,
+                                 UnsupportedArgument)
 
 RTOL = 1e-6
 
@@ -32,6 +33,8 @@ DOCUMENTED = {
     # (temperature=0.07, **kwargs); kwargs of BaseMetricLossFunction: collect_stats, reducer, distance,
     # embedding_regularizer, embedding_reg_weight
     PMLNTXentLoss: ([("temperature", 0.07)], ["embeddings", "labels", "indices_tuple", "ref_emb", "ref_labels"]),
+    # .../losses/supcon_loss.py: (temperature=0.1, **kwargs), the same forward as every PML loss
+    PMLSupConLoss: ([("temperature", 0.1)], ["embeddings", "labels", "indices_tuple", "ref_emb", "ref_labels"]),
     # https://github.com/HobbitLong/SupContrast/blob/master/losses.py
     SupContrastLoss: ([("temperature", 0.07), ("contrast_mode", "all"), ("base_temperature", 0.07)],
                       ["features", "labels", "mask"]),
@@ -57,6 +60,8 @@ def test_pml_kwargs_accepted_or_refused_with_reason():
     class WeirdReducer:
         pass
     with pytest.raises(NotImplementedError, match="MeanReducer"):
+        PMLNTXentLoss(reducer=WeirdReducer())
+    with pytest.raises(TypeError, match="reducer=WeirdReducer"):            # also a TypeError (issue 22)
         PMLNTXentLoss(reducer=WeirdReducer())
     with pytest.raises(TypeError, match="unexpected"):
         PMLNTXentLoss(foo=1)
@@ -309,3 +314,190 @@ def test_peer_pml_supcon_is_sup_con():
     x = torch.randn(10, 8, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
     _assert_same(_grads(lambda e: sup_con(e, labels, temperature=0.1, impl="torch"), x),
                  _grads(lambda e: losses.SupConLoss(temperature=0.1)(e, labels), x))
+
+
+# ------------------------------------------------------------------------- PML SupCon: every call form
+
+def _pml_supcon_pair(tau=0.1, **kw):
+    losses = _peer("pytorch_metric_learning.losses")
+    return PMLSupConLoss(tau, impl="torch", **kw), losses.SupConLoss(tau, **kw)
+
+
+def _emb(n, d=8, seed=8):
+    return torch.randn(n, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def _both(ours, peer, *tensors, **kw):
+    """Values and gradients (float64) of ours(*tensors, **kw) and peer(...); a gradient PML leaves None is 0."""
+    out = []
+    for fn in (ours, peer):
+        xs = [t.detach().clone().requires_grad_(True) for t in tensors]
+        loss = fn(*xs, **kw)
+        grads = torch.autograd.grad(loss, xs, allow_unused=True) if loss.requires_grad else [None] * len(xs)
+        out.append((loss.detach(), [torch.zeros_like(x) if g is None else g for x, g in zip(xs, grads)]))
+    return out
+
+
+PML_LABELS = {
+    "several_positives": [0, 0, 0, 1, 1, 2, 2, 2, 2, 3],     # label 3: an anchor without positive
+    "two_views": [0, 1, 2, 3, 4, 0, 1, 2, 3, 4],
+    "one_class": [7] * 10,                                    # PML: no negative pair at all, 0.0
+    "all_distinct": list(range(10)),                          # no positive pair, 0.0
+    "one_pair_no_negative": [3, 3],
+    "float": [0.5, 0.5, 1.25, 1.25, 1.25, -2.0, -2.0, 0.5, 3.0, 1.25],
+    "bool": [True, False, True, True, False, False, True, False, True, True],
+}
+
+
+@pytest.mark.parametrize("case", list(PML_LABELS))
+@pytest.mark.parametrize("tau", [0.1, 0.5])
+def test_peer_pml_supcon_labels(case, tau):
+    """(emb, labels) and (emb, labels, None) against the installed PML: one class, distinct labels, float and bool
+    labels included; float64 values and gradients."""
+    ours, peer = _pml_supcon_pair(tau)
+    lab = torch.tensor(PML_LABELS[case])
+    x = _emb(len(lab))
+    (lo, go), (lp, gp) = _both(ours, peer, x, labels=lab)
+    _assert_same((lo, go), (lp, gp))
+    assert lo.dtype == torch.float64
+    if case in ("one_class", "all_distinct", "one_pair_no_negative"):
+        assert lo.item() == 0.0 and go[0].abs().max().item() == 0.0
+    (lo3, go3), (lp3, gp3) = _both(lambda e: ours(e, lab, None), lambda e: peer(e, lab, None), x)
+    _assert_same((lo3, go3), (lp, gp))
+    _assert_same((lp3, gp3), (lp, gp))
+
+
+def test_peer_pml_supcon_one_class_differs_from_sup_con():
+    """The issue-22 case: one class in the batch: PML 0.0, PMLSupConLoss 0.0, this package's SupConLoss not."""
+    from macl_kernels import SupConLoss
+    ours, peer = _pml_supcon_pair(0.1)
+    x, lab = _emb(10), torch.zeros(10, dtype=torch.long)
+    assert peer(x, lab).item() == 0.0 and ours(x, lab).item() == 0.0
+    assert SupConLoss(0.1)(x, lab).item() > 1.0
+
+
+@pytest.mark.parametrize("form", ["ref_labels", "ref_labels_one_class", "no_ref_labels_m_eq_n", "no_ref_labels_m_gt_n",
+                                  "ref_labels_is_labels", "ref_labels_only", "one_pos_one_neg"])
+def test_peer_pml_supcon_reference_set(form):
+    """ref_emb / ref_labels in each form PML accepts, gradients to embeddings and ref_emb."""
+    ours, peer = _pml_supcon_pair(0.2)
+    lab = torch.tensor([0, 0, 1, 1, 2, 3, 3, 1])
+    x, r = _emb(8), _emb(11, seed=9)
+    ref_lab = torch.tensor([0, 1, 1, 3, 2, 5, 0, 0, 1, 4, 3])
+
+    def with_ref(e, f, labels, **kw):
+        return _both(lambda a, b: ours(a, labels, ref_emb=b, **kw), lambda a, b: peer(a, labels, ref_emb=b, **kw), e, f)
+
+    if form == "ref_labels":
+        pair = with_ref(x, r, lab, ref_labels=ref_lab)
+        assert pair[0][1][1].abs().sum() > 0              # the reference rows get a gradient
+    elif form == "ref_labels_one_class":
+        pair = with_ref(x, r, torch.zeros(8, dtype=torch.long), ref_labels=torch.zeros(11, dtype=torch.long))
+        assert pair[0][0].item() == 0.0 == pair[1][0].item()
+    elif form == "no_ref_labels_m_eq_n":                  # ref row j takes labels[j]; the pair (i, i) is excluded
+        pair = with_ref(x, r[:8], lab)
+    elif form == "no_ref_labels_m_gt_n":                  # only the first N ref rows take part
+        pair = with_ref(x, r, lab)
+        assert pair[0][1][1][8:].abs().max() == 0 and pair[1][1][1][8:].abs().max() == 0
+    elif form == "ref_labels_is_labels":                  # PML tests identity: the same object excludes (i, i)
+        pair = with_ref(x, r[:8], lab, ref_labels=lab)
+    elif form == "ref_labels_only":                       # ignored without ref_emb, as PML
+        pair = _both(lambda e: ours(e, lab, ref_labels=torch.arange(8)),
+                     lambda e: peer(e, lab, ref_labels=torch.arange(8)), x)
+    else:                                                 # PML: at most one positive and one negative pair: 0
+        pair = with_ref(x[:1], r[:2], lab[:1], ref_labels=torch.tensor([0, 1]))
+        assert pair[0][0].item() == 0.0 == pair[1][0].item()
+    _assert_same(*pair)
+
+
+def test_peer_pml_supcon_fewer_ref_rows_than_labels_says_why():
+    ours, peer = _pml_supcon_pair(0.1)
+    lab = torch.tensor([0, 0, 1, 1, 2, 2])
+    with pytest.raises(IndexError):
+        peer(_emb(6), lab, ref_emb=_emb(4))
+    with pytest.raises(ValueError, match="ref_labels"):
+        ours(_emb(6), lab, ref_emb=_emb(4))
+
+
+def test_peer_pml_supcon_reducers_and_distances():
+    reducers = _peer("pytorch_metric_learning.reducers")
+    distances = _peer("pytorch_metric_learning.distances")
+    lab = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 2, 3])
+    x = _emb(10) * 0.3
+    for kw in (dict(reducer=reducers.MeanReducer()), dict(reducer=reducers.AvgNonZeroReducer()),
+               dict(distance=distances.CosineSimilarity()),
+               dict(distance=distances.DotProductSimilarity(normalize_embeddings=False)),
+               dict(distance=distances.DotProductSimilarity(), reducer=reducers.MeanReducer()),
+               dict(collect_stats=True, embedding_reg_weight=3.0)):
+        ours, peer = _pml_supcon_pair(0.5, **kw)
+        _assert_same(*_both(ours, peer, x, labels=lab))
+
+
+def test_pml_unsupported_keywords_are_type_errors_that_name_them():
+    """Every peer keyword the core cannot reproduce: a TypeError naming it and saying what to do (issue 22)."""
+    reducers = _peer("pytorch_metric_learning.reducers")
+    distances = _peer("pytorch_metric_learning.distances")
+    regularizers = _peer("pytorch_metric_learning.regularizers")
+    for cls in (PMLSupConLoss, PMLNTXentLoss):
+        for kw, name in ((dict(reducer=reducers.SumReducer()), "reducer=SumReducer"),
+                         (dict(reducer=reducers.ThresholdReducer(low=0.5)), "reducer=ThresholdReducer"),
+                         (dict(distance=distances.LpDistance()), "distance=LpDistance"),
+                         (dict(distance=distances.CosineSimilarity(power=2)), "distance=CosineSimilarity"),
+                         (dict(embedding_regularizer=regularizers.LpRegularizer()), "embedding_regularizer"),
+                         (dict(margin=0.1), "margin")):
+            with pytest.raises(TypeError, match=name) as err:
+                cls(**kw)
+            assert " use " in str(err.value) or "PML's loss kwargs are" in str(err.value), str(err.value)
+        x, lab = _emb(6), torch.tensor([0, 0, 1, 1, 2, 2])
+        with pytest.raises(TypeError, match="indices_tuple") as err:
+            cls()(x, lab, (torch.tensor([0]), torch.tensor([1]), torch.tensor([2])))
+        assert isinstance(err.value, UnsupportedArgument) and isinstance(err.value, NotImplementedError)
+        with pytest.raises(ValueError, match="labels"):
+            cls()(x)
+    with pytest.raises(ValueError, match="cannot both be None"):
+        _peer("pytorch_metric_learning.losses").SupConLoss()(_emb(4))   # PML refuses the call without labels too
+    with pytest.raises(ValueError, match="1D"):
+        PMLSupConLoss()(_emb(6), torch.zeros(6, 1))
+
+
+@pytest.mark.parametrize("cls", [PMLNTXentLoss, PMLSupConLoss])
+def test_pml_half_inputs_give_a_float32_loss_at_float32_accuracy(cls):
+    """Issue 22 item 8: float16 embeddings give a float32 loss (the core's policy, docs/precision.md), as close
+    to the float64 loss of the same float16 values as float32 statistics allow (PMLNTXentLoss returned a float16
+    loss before, 0.023 off in the issue's example)."""
+    lab = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3, 4, 4, 0, 2])
+    x16 = (_emb(12, 16) * 2).half()
+    loss = cls(0.07, impl="torch")(x16, lab)
+    assert loss.dtype == torch.float32
+    ref = cls(0.07, impl="torch")(x16.double(), lab)
+    assert abs(loss.item() - ref.item()) <= 1e-5 * abs(ref.item()), (loss.item(), ref.item())
+    x = x16.clone().requires_grad_(True)
+    cls(0.07, impl="torch")(x, lab).backward()
+    xd = x16.double().requires_grad_(True)
+    cls(0.07, impl="torch")(xd, lab).backward()
+    assert x.grad.dtype == torch.float16
+    torch.testing.assert_close(x.grad.double(), xd.grad, rtol=2e-3, atol=2e-3)
+
+
+# ----------------------------------------------------------------- dtype casts of the loss modules (issue 22)
+
+def test_half_or_double_on_a_loss_module_keeps_a_fixed_temperature():
+    """`.half()` / `.double()` / `.to(dtype)` on a loss module must not round a fixed τ (float16 made 0.1 into
+    0.09998); a learnable τ is a parameter and is cast like any other. The compat classes hold τ as a float."""
+    from macl_kernels import DenseInfoNCELoss, InfoNCELoss, NTXentLoss, PositionalSupConLoss, SupConLoss
+    x, y = _emb(12, 6), _emb(12, 6, seed=1)
+    lab = torch.tensor([0, 1, 2, 0, 1, 2, 3, 3, 0, 1, 2, 3])
+    for make, call in ((lambda: NTXentLoss(0.1), lambda m: m(x, y)), (lambda: SupConLoss(0.1), lambda m: m(x, lab)),
+                       (lambda: InfoNCELoss(0.1), lambda m: m(x, y))):
+        ref = call(make())
+        for cast in (lambda m: m.half(), lambda m: m.double(), lambda m: m.to(torch.bfloat16), lambda m: m.float()):
+            m = cast(make())
+            assert m.temperature.dtype == torch.float32 and float(m.temperature) == float(torch.tensor(0.1))
+            assert torch.equal(call(m), ref)
+    for cls in (PositionalSupConLoss, DenseInfoNCELoss):
+        assert cls(temperature=0.1).half().temperature.dtype == torch.float32
+    learn = NTXentLoss(0.1, learn_temperature=True).half()
+    assert learn.temperature.dtype == torch.float16                  # a parameter: cast with the module
+    for m in (PMLSupConLoss(0.1), PMLNTXentLoss(0.1), LightlyNTXentLoss(0.1), MonaiContrastiveLoss(0.1),
+              SupContrastLoss(0.1)):
+        assert m.half().temperature == 0.1

@@ -11,6 +11,8 @@ import torch
 import macl_kernels.filter.bracket as fb
 from macl_kernels.filter.filtered import filtered_info_nce
 
+pytestmark = pytest.mark.exactness   # .ci/run runs these under each MKL_CBWR code path too (issue 22)
+
 
 def negatives_tile(R, M, dtype, gen, ties=False, holes=0.1):
     """(R, M) logits ≤ ~0 with a fraction `holes` of −inf (non-candidates), some rows with no or one

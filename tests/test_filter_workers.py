@@ -10,6 +10,8 @@ import macl_kernels.filter.filtered as flt
 import macl_kernels.eager.tile_workers as tw
 from macl_kernels.filter.filtered import filtered_info_nce
 
+pytestmark = pytest.mark.exactness   # .ci/run runs these under each MKL_CBWR code path too (issue 22)
+
 
 @pytest.fixture
 def two_threads(torch_threads):
@@ -79,3 +81,37 @@ def test_scripted_chunk_loops_equal_the_python_loops():
     for a, c in zip(scripted, plain):
         assert torch.equal(a, c)
     assert int(plain[2].sum()) == int(((x >= lo) & (x < hi)).sum()) > 0
+
+
+@pytest.mark.parametrize("tiling", ["rows", "chunks"])
+def test_backward_under_another_thread_count_recomputes_the_forwards_tiles(torch_threads, monkeypatch, tiling):
+    """The backward recomputes the forward's tiles and keeps the pairs z ≥ t: it runs with the forward's thread
+    count (then restores the caller's), since a BLAS may round a GEMM differently with another thread count
+    (MKL's AVX2 path: run this under MKL_CBWR=AVX2, as the exactness CI step does). The gradient is the float64
+    brute force's."""
+    import macl_kernels.eager.tiled as tt
+    monkeypatch.setattr(tt, "KEY_BLOCK", 512)
+    gen = torch.Generator().manual_seed(4)
+    N, D, rho = 1500, 8, 0.4
+    x = torch.nn.functional.normalize(torch.randn(N, D, generator=gen, dtype=torch.float64), dim=1)
+    lab = torch.randint(0, 30, (N,), generator=gen)
+    torch_threads(2)
+    xg = x.clone().requires_grad_()
+    res = filtered_info_nce(xg, rho=rho, q_labels=lab, exclude_self=True, temperature=0.1, tiling=tiling)
+    torch.set_num_threads(1)
+    res.loss.backward()
+    assert torch.get_num_threads() == 1
+    xr = x.clone().requires_grad_()
+    z = (xr @ xr.T) * 10
+    eye = torch.eye(N, dtype=torch.bool)
+    pos = (lab[:, None] == lab[None]) & ~eye
+    neg = ~pos & ~eye
+    k = torch.ceil(neg.sum(1).double() * rho - 1e-9).long()
+    t = z.detach().masked_fill(~neg, -math.inf).sort(1, descending=True).values.gather(1, (k - 1)[:, None])[:, 0]
+    keep = pos | (neg & (z.detach() >= t[:, None]))
+    lse = torch.logsumexp(z.masked_fill(~keep, -math.inf), 1)
+    cnt = pos.sum(1)
+    ref = torch.where(cnt > 0, lse - (z * pos).sum(1) / cnt.clamp(min=1), torch.zeros_like(lse)).sum() / (cnt > 0).sum()
+    ref.backward()
+    assert torch.allclose(res.loss, ref, rtol=1e-12)
+    assert torch.allclose(xg.grad, xr.grad, rtol=1e-9, atol=1e-12), float((xg.grad - xr.grad).abs().max())

@@ -111,6 +111,7 @@ def _problem(case, gen):
     return (q, k), kw, pos, allowed, qv, (q, k)
 
 
+@pytest.mark.exactness
 @pytest.mark.parametrize("tiling", ["rows", "radix"])
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("rho", [0.15, 0.5])
@@ -132,6 +133,7 @@ def test_filter_equals_dense_top_rho_values_gradients_and_counts(case, tiling, r
     assert torch.equal(res.kept.long(), exact_k if qv is None else exact_k * qv)   # exactly ⌈ρ·negatives⌉
 
 
+@pytest.mark.exactness
 def test_filter_float32_and_rho_one_is_the_core():
     gen = torch.Generator().manual_seed(1)
     x = F.normalize(torch.randn(300, 16, generator=gen), dim=1).requires_grad_()
@@ -197,6 +199,7 @@ def our_kept(q, k, rho, s, tiling, **kw):
     return kept, k_i
 
 
+@pytest.mark.exactness
 @pytest.mark.parametrize("tiling", ["rows", "rows_forced_misses", "chunks"])
 @pytest.mark.parametrize("ties", [False, True])
 @pytest.mark.parametrize("rho", [0.05, 0.3, 0.5, 0.77, 1.0])
@@ -244,6 +247,70 @@ def test_filter_keeps_exactly_the_pairs_of_a_float64_brute_force(rho, ties, tili
         assert torch.allclose(a, b, rtol=1e-9, atol=1e-12)
 
 
+def accumulating_gemm(real_bmm):
+    """torch.bmm / torch.baddbmm stand-ins that sum each output element term by term, starting from the bias
+    (C) when there is one, in an order that depends on the output column: the rounding of a BLAS kernel that
+    starts its accumulators from C and splits the inner dimension its own way (issue 22 item 7: MKL's AVX2 /
+    AVX-512 kernels on AMD hosts broke exactly tied logits that way). Exact products (integer features) summed
+    in any order give the same result; a bias summed in first does not."""
+
+    def gemm(bias, a, b, out=None):
+        G, R, D = a.shape
+        C = b.shape[-1]
+        terms = a[..., :, None] * b[:, None]                              # (G, R, D, C), exact for integers
+        acc = a.new_zeros(G, R, C) if bias is None else bias.expand(G, R, C).clone()
+        cols = torch.arange(C, device=a.device)
+        for step in range(D):
+            d = ((cols * 7 + step) % D).expand(G, R, 1, C)
+            acc = acc + terms.gather(2, d)[:, :, 0]
+        return acc if out is None else out.copy_(acc)
+
+    def bmm(a, b, *, out=None):
+        if a.dtype != torch.float64:
+            return real_bmm(a, b, out=out)
+        return gemm(None, a, b, out)
+
+    def baddbmm(bias, a, b, *, beta=1, alpha=1, out=None):
+        assert beta == 1 and alpha == 1
+        return gemm(bias, a, b, out)
+
+    return bmm, baddbmm
+
+
+@pytest.mark.exactness
+@pytest.mark.parametrize("tiling", ["rows", "rows_shifted", "chunks"])
+@pytest.mark.parametrize("rho", [0.05, 0.3, 0.5, 0.77])
+def test_filter_ties_stay_ties_whatever_order_the_gemm_sums_in(rho, tiling, monkeypatch):
+    """Issue 22 item 7 without an AMD host: with a GEMM that accumulates from the bias in a column-dependent
+    order (`accumulating_gemm`), the kept set of tied integer logits is still exactly the brute force's: the
+    shift is applied after the GEMM (z' = fl(z − b) is a function of z, so ties stay ties)."""
+    import macl_kernels.eager.tiled as tt
+    monkeypatch.setattr(tt, "KEY_BLOCK", 48)
+    monkeypatch.setattr(tt, "ROW_BLOCK", 40)
+    if tiling == "rows_shifted":                              # the sample bracket on z' tiles, not plain z
+        monkeypatch.setattr(flt, "UNSHIFTED", False)
+        tiling = "rows"
+    gen = torch.Generator().manual_seed(11)
+    N, M, D, s = 90, 130, 5, 2.0
+    q = torch.randint(-1, 2, (N, D), generator=gen).double()
+    k = torch.randint(-1, 2, (M, D), generator=gen).double()
+    lq, lk = torch.randint(0, 6, (N,), generator=gen), torch.randint(0, 6, (M,), generator=gen)
+    bmm, baddbmm = accumulating_gemm(torch.bmm)
+    a = torch.randn(1, 3, 5, dtype=torch.float64)
+    b = torch.randn(1, 5, 4, dtype=torch.float64)
+    bias = torch.randn(1, 3, 1, dtype=torch.float64)
+    assert torch.allclose(baddbmm(bias, a, b), torch.baddbmm(bias, a, b), rtol=1e-14)   # a GEMM, other rounding
+    monkeypatch.setattr(torch, "bmm", bmm)
+    monkeypatch.setattr(torch, "baddbmm", baddbmm)
+    kept, k_i = our_kept(q, k, rho, s, tiling, q_labels=lq, k_labels=lk)
+    pos = (lq[:, None] == lk[None])[None]
+    ref, k_ref = brute_kept((q @ k.T)[None] * s, pos, torch.ones(1, N, M, dtype=torch.bool), rho)
+    assert torch.equal(k_i, k_ref)
+    assert torch.equal(kept, ref), int((kept != ref).sum())
+    assert int((kept & ~pos).sum()) > int(k_ref.sum())       # ties at the threshold did occur and were kept
+
+
+@pytest.mark.exactness
 def test_filter_clamped_slot_path_keeps_the_same_pairs(monkeypatch):
     """Slots are clamped into the guard bins when rounding could exceed a bin (huge D, non-finite bounds):
     forcing that path changes nothing."""
@@ -258,6 +325,7 @@ def test_filter_clamped_slot_path_keeps_the_same_pairs(monkeypatch):
     assert torch.equal(plain, ref) and torch.equal(clamped, ref)
 
 
+@pytest.mark.exactness
 def test_filter_float32_big_enough_for_the_histogram_path_matches_float64_selection():
     """N = M = 700 float32 rows (bins hold several logits each): same kept pairs as a float64 brute force on
     the float32 logits the filter computes."""
@@ -377,6 +445,7 @@ def test_sampled_anchors_keep_every_positive_of_their_group_and_their_other_view
     assert int(r.q_labels[(v * B + b) * a + j]) == code * L + s_loc
 
 
+@pytest.mark.exactness
 def test_sampling_all_and_counts_above_the_grid_give_the_exact_filtered_loss():
     """"all" is the unsampled formula (loss and gradients of the plain filtered call); counts ≥ L sample every
     location (rows permuted), which gives the same loss and gradients."""

@@ -18,7 +18,8 @@ Interpretation choices (GCL has no public code):
 How it is computed without an N×M tensor (every pass streams tiles; memory O(tile + block·bins + the list of
 positive pairs, at most PAIR_BUDGET)):
 Logits are taken shifted by a per-anchor upper bound b_i = s·‖q_i‖·max_j ‖k_j‖ ≥ z_ij (Cauchy–Schwarz):
-z'_ij = z_ij − b_i ≤ 0, one `baddbmm` per tile, the ONE way every pass of a call computes a tile
+z'_ij = z_ij − b_i ≤ 0, one `bmm` and one subtraction per tile (never fused into the GEMM, so ties of z
+stay ties of z'), the ONE way every pass of a call computes a tile
 (bit-identical across passes, so the selection made once is reproduced exactly later). In the "rows" tiling
 with the sample bracket, when `torch_tiled.unshifted_ok` holds for b (normalised features, τ ≳ 0.015), the
 tiles are plain z instead (one `bmm`: no bias copy; b is taken as 0 throughout the call, thresholds on the z
@@ -61,6 +62,8 @@ Runs on any device with PyTorch ops (no Triton kernel). Cost on CPU: docs/gcl.md
 from __future__ import annotations
 
 import math
+import threading
+from contextlib import contextmanager
 from types import SimpleNamespace
 from typing import NamedTuple, Optional
 
@@ -134,10 +137,13 @@ def _shifted_logits(qs, k, shift, g0, g1, r0, r1, c0, c1, ws: Optional[Workspace
     ONE way every pass of a call computes logits (bit-identical across passes). With a workspace the result
     lives in its "z" buffer (valid until the next call)."""
     out = None if ws is None else ws.get("z", (g1 - g0, r1 - r0, c1 - c0), qs.dtype, qs.device)
-    kt = k[g0:g1, c0:c1].transpose(1, 2)
-    if shift is None:
-        return torch.bmm(qs[g0:g1, r0:r1], kt, out=out)
-    return torch.baddbmm(-shift[g0:g1, r0:r1, None], qs[g0:g1, r0:r1], kt, out=out)
+    z = torch.bmm(qs[g0:g1, r0:r1], k[g0:g1, c0:c1].transpose(1, 2), out=out)
+    if shift is not None:
+        # after the GEMM, not fused into it (baddbmm): fl(z − b) is a function of the GEMM's z, so logits that
+        # the GEMM gives equal stay equal; a BLAS kernel that accumulates from the bias rounds each element
+        # along its own path and broke exact ties on some hosts (issue 22 item 7)
+        z.sub_(shift[g0:g1, r0:r1, None])
+    return z
 
 
 def _unshifted(bound: torch.Tensor, k: torch.Tensor, mode: str) -> bool:
@@ -204,10 +210,20 @@ def _forward_stats(p: ContrastProblem, qs, k, bound, rho: float, mode: str, posi
 def _run(tiles: list, mode: str, make_state, body, device) -> None:
     """body(state, tile) for every tile of `filter_tiles`: the "rows" tiling (a tile = a block of anchors ×
     all keys) on `tile_workers.run`'s "rows" schedule (one worker owns each row block; one state each), the
-    "chunks" tiling serially. Forward and backward take the same branch for the same tiles, so every tile's
-    GEMM runs with the same intra-op thread count in every pass (bit-identical logits)."""
+    "chunks" tiling serially. Forward and backward take the same branch for the same tiles (the backward runs
+    with the forward's intra-op thread count, `_same_threads`), so every tile's GEMM runs with the same thread
+    count in every pass (bit-identical logits). A worker sets its own count to one first: a pool thread
+    otherwise keeps OpenMP's default (every core) whatever the caller set, and a BLAS whose rounding depends
+    on the thread count (MKL's AVX2 path: MKL_CBWR=AVX2, AMD hosts) gave the same tile different logits on
+    different workers, so the backward's kept set could differ from the forward's by a pair at the threshold."""
     if mode == "rows" and PARALLEL:
-        tile_workers.run(tiles, "rows", make_state, body, device)
+        caller = threading.get_ident()
+
+        def one_thread_body(state, tile):
+            if threading.get_ident() != caller:     # on a worker (the serial fallback runs in the caller)
+                torch.set_num_threads(1)
+            body(state, tile)
+        tile_workers.run(tiles, "rows", make_state, one_thread_body, device)
     else:
         state = make_state()
         for tile in tiles:
@@ -288,6 +304,7 @@ class _FilteredInfoNCE(torch.autograd.Function):
         loss = torch.where(counted, lse.masked_fill(~counted, 0.0) - pos_sum / count.clamp(min=1),
                            torch.zeros_like(lse))
         ctx.p, ctx.s, ctx.mode, ctx.positives, ctx.shifted = p, s, mode, positives, shifted
+        ctx.threads = torch.get_num_threads()
         ctx.dtypes = (q.dtype, k.dtype)
         ctx.scale_dtype = scale.dtype if isinstance(scale, torch.Tensor) else None
         ctx.save_for_backward(qf, kf, t, lse, count, counted, bound)
@@ -297,8 +314,24 @@ class _FilteredInfoNCE(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_loss, _g_count, _g_t, _g_k):
-        dq, dk, ds = filter_backward.backward(ctx, g_loss, _shifted_logits, filter_tiles, _run)
+        with _same_threads(ctx.threads):
+            dq, dk, ds = filter_backward.backward(ctx, g_loss, _shifted_logits, filter_tiles, _run)
         return dq, dk, ds, None, None, None
+
+
+@contextmanager
+def _same_threads(threads: int):
+    """The forward's intra-op thread count during the backward (restored after): the backward recomputes the
+    forward's tiles and must reproduce them bit for bit, so it takes the same branch (workers or serial) and
+    its GEMMs the same thread count."""
+    before = torch.get_num_threads()
+    if before != threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
 
 
 def filtered_info_nce(
