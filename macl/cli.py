@@ -131,8 +131,12 @@ def cmd_finetune(args: argparse.Namespace, log: EventLog, bars: Bars) -> int:
     from macl.data import PreprocessConfig, read_case_list
     from macl.finetune import FinetuneConfig
     from macl.train import resolve_device
-    from macl.workflow import format_summary, parse_value, patch_size, pretrained_net, run_finetune
-    net = dict(pretrained_net(args.pretrained)) if args.pretrained else {}
+    from macl.workflow import (format_summary, parse_value, patch_size, pretrained_net, run_finetune,
+                               saved_finetune_settings)
+    saved = saved_finetune_settings(args.out)  # a rerun continues with the run's own settings (resume_guard)
+    if saved is not None and args.pretrained is None:
+        args.pretrained = saved["pretrained"]
+    net = dict(pretrained_net(args.pretrained)) if args.pretrained else dict(saved["net"]) if saved else {}
     net.pop("in_channels", None)
     for key in ("dims", "base_width", "depth", "norm"):
         if getattr(args, key) is not None:
@@ -169,6 +173,11 @@ def cmd_finetune(args: argparse.Namespace, log: EventLog, bars: Bars) -> int:
                                   ("preprocess", pre, PreprocessConfig.__dataclass_fields__)):
         if set(given) - set(known):
             raise ValueError(f"unknown {section} setting(s) {sorted(set(given) - set(known))}; known: {sorted(known)}")
+    if saved is not None:  # what is not given explicitly comes from the run folder
+        base = {k: v for k, v in saved["finetune"].items() if k not in ("preprocess", "dims")}
+        if "labels_fraction" in kw or "labelled_cases" in kw:
+            base.pop("labels_fraction", None), base.pop("labelled_cases", None)
+        kw, pre = {**base, **kw}, {**saved["finetune"].get("preprocess", {}), **pre}
     net.setdefault("dims", 2)
     NetConfig(**net)  # a bad network setting fails here, named
     kw["dims"] = int(net["dims"])
