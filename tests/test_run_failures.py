@@ -185,7 +185,7 @@ def test_a_stale_lock_of_a_dead_process_is_taken_over(data, tmp_path, capsys):
 def test_finetune_resume_drops_a_partial_log_line_and_a_damaged_checkpoint_is_named(data, tmp_path, capsys):
     ft = tmp_path / "ft"
     base = ["finetune", "--data", str(data), "--out", str(ft), "--set", "log_every=1", "--checkpoint-every", "2",
-            *FT[2:]]  # FT without its --steps
+            "--set", "min_lr=0.0005", *FT[2:]]  # FT without its --steps; a constant lr lets a rerun add steps
     assert cli.main(base + ["--steps", "2"]) == 0
     log = ft / "finetune_log.jsonl"
     with open(log, "a") as fh:
