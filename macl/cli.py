@@ -214,10 +214,14 @@ def cmd_evaluate(args: argparse.Namespace, log: EventLog, bars: Bars) -> int:
         from macl.predict import evaluate_predictions
         out = args.summary or Path(args.predictions) / "summary.json"
         summary = evaluate_predictions(args.predictions, str(args.data), cases, run_dir=args.run, out=out,
-                                       progress=bars("evaluate"))
+                                       progress=bars("evaluate"), missing_as_empty=args.missing_as_empty)
         bars.close()
-        log.event("done", foreground_mean=summary["foreground_mean"], n_cases=summary["n_cases"])
+        log.event("done", foreground_mean=summary["foreground_mean"], n_cases=summary["n_cases"],
+                  missing_predictions=summary["missing_predictions"])
         print(format_summary(summary))
+        if summary["missing_predictions"]:
+            print(f"{len(summary['missing_predictions'])} case(s) had no mask and were scored as empty (Dice 0): "
+                  f"{', '.join(summary['missing_predictions'])}")
         print(f"summary: {out}")
         return 0
     if args.run is None:
@@ -236,10 +240,14 @@ def cmd_predict(args: argparse.Namespace, log: EventLog, bars: Bars) -> int:
     from macl.data import read_case_list
     from macl.predict import predict_run
     cases = read_case_list(args.cases) if args.cases else None
-    written = predict_run(args.run, str(args.data), args.out, cases, progress=bars("predict"))
+    res = predict_run(args.run, str(args.data), args.out, cases, progress=bars("predict"), skip_bad=args.skip_bad)
     bars.close()
-    log.event("done", n_masks=len(written), out=str(args.out))
+    written, skipped = res["written"], res["skipped"]
+    log.event("done", n_masks=len(written), out=str(args.out), skipped=skipped)
     print(f"{len(written)} mask(s) written to {args.out} (each in its image's own space: shape, affine, spacing)")
+    if skipped:
+        print(f"skipped {len(skipped)} case(s) that could not be read: "
+              + "; ".join(f"{s['case_id']} ({s['error']})" for s in skipped))
     return 0
 
 
@@ -461,6 +469,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--predictions", type=Path, metavar="DIR", help="score the masks in DIR instead (<case_id>.nii.gz "
                    "from any tool, in each image's own space) -> DIR/summary.json")
     p.add_argument("--summary", type=Path, metavar="FILE", help="with --predictions: where to write the summary")
+    p.add_argument("--missing-as-empty", action="store_true", help="with --predictions: score a case without a "
+                   "mask as an empty mask (Dice 0) and list it, instead of stopping with an error naming it")
     _common(p)
     p.set_defaults(func=cmd_evaluate, folder="run")
 
@@ -473,6 +483,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "datalist .json")
     p.add_argument("--out", required=True, type=Path, metavar="DIR", help="folder for the masks")
     p.add_argument("--cases", type=Path, metavar="FILE", help="only these case ids (JSON list or one per line)")
+    p.add_argument("--skip-bad", action="store_true", help="skip a case whose image cannot be read (truncated, "
+                   "NaN, ...) with a warning and a summary line, instead of stopping at it")
     _common(p)
     p.set_defaults(func=cmd_predict, folder=None)
 

@@ -278,7 +278,9 @@ def run_pretrain(spec: PretrainSpec, run_dir: str | os.PathLike, resume: Optiona
     dcfg = spec.data_config()
     require_valid_geometry(spec.config.net, spec.config.method, dcfg.patch_size)  # before reading any volume
     index = open_dataset(spec.data)
-    volumes = load_volumes(index, spec.preprocess_config(), skip_bad=spec.skip_bad, progress=load_progress)
+    unlabelled = dataclasses.replace(index, cases=[dataclasses.replace(c, label=None) for c in index.cases])
+    volumes = load_volumes(unlabelled, spec.preprocess_config(), skip_bad=spec.skip_bad,  # labels are not used,
+                           progress=load_progress)                                        # nor read or checked
     if spec.config.method.name == "gcl":  # GCL's positives come from meta-labels the batches must carry
         from macl.data.metalabels import MetaLabelDataset, read_attributes_csv
         meta_csv = spec.sampling.get("meta_csv")
