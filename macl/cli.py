@@ -585,14 +585,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             runfolder.clean_temp(folder)
             runfolder.repair_tail(Path(folder) / "events.jsonl")
         log.event("start", argv=argv, cwd=os.getcwd())
-        status = args.func(args, log, bars)
+        from macl.run.signals import sigterm_as_interrupt
+        with sigterm_as_interrupt():  # SIGTERM ends the command like Ctrl-C: an "interrupted" event, not silence
+            status = args.func(args, log, bars)
         log.event("end", status=status, seconds=round(time.perf_counter() - t0, 3))
         return status
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         bars.close()
-        _quiet_event(log, "interrupted", seconds=round(time.perf_counter() - t0, 3))
-        print("macl: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        import signal as _signal
+        signum = int(getattr(e, "signum", _signal.SIGINT))
+        where = {k: getattr(e, k) for k in ("step", "checkpoint") if getattr(e, k, None) is not None}
+        _quiet_event(log, "interrupted", signal=_signal.Signals(signum).name,
+                     seconds=round(time.perf_counter() - t0, 3), **where)
+        saved = f" after step {where['step']}; checkpoint {where['checkpoint']}" if "step" in where else ""
+        print(f"macl: interrupted by {_signal.Signals(signum).name}{saved}", file=sys.stderr)
+        return EXIT_INTERRUPTED if signum == _signal.SIGINT else 128 + signum
     except Exception as e:  # every failure ends in one line (the traceback only with --debug)
         bars.close()
         from macl.run.folder import error_message

@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from macl.run import folder as runfolder
+from macl.run.signals import Interrupted, StopRequest
 from macl.settings.fields import check_labels_fraction, coerce_fields
 from macl.data.channels import finetune_channels, pretrained_input, select_volumes
 from macl.data.errors import DataError
@@ -301,7 +302,8 @@ def finetune(data: str | Path | DatasetIndex, out_dir: str | Path, model_factory
 
     model.train()
     loss_value, t0 = float("nan"), time.perf_counter()
-    for step in range(start, cfg.steps):
+    stop = StopRequest(enabled=world.size == 1)  # SIGINT / SIGTERM: checkpoint the current step, then stop
+    for step in stop.during(range(start, cfg.steps)):
         img, lab = sampler.batch(step, hi - lo, stream=world.rank)
         logits = trained(img.to(device))
         if step == start and (logits.ndim != img.ndim or logits.shape[0] != img.shape[0]
@@ -329,6 +331,10 @@ def finetune(data: str | Path | DatasetIndex, out_dir: str | Path, model_factory
             checkpoint(done)
         if progress is not None:
             progress(done, cfg.steps, {"loss": loss_value, "lr": lr})
+        if stop.signum is not None and done < cfg.steps:  # the step is done: checkpoint it, then stop
+            runfolder.fsync_file(log_path)
+            checkpoint(done)
+            raise Interrupted(stop.signum, done, str(ckpt_path))
     if not world.is_main:
         return FinetuneResult(model, split["train"], split["test"], split["labelled"], run, len(class_names),
                               class_names, loaded, loss_value)
