@@ -11,6 +11,7 @@ import argparse
 import json
 import logging
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -122,7 +123,7 @@ def cmd_pretrain(args: argparse.Namespace, log: EventLog, bars: Bars) -> int:
           f"{out['seconds']:.0f} s")
     for verdict in out.get("verdicts", []):
         print(f"  {verdict['line']}")
-    print(f"weights for fine-tuning: {out['weights']}  (macl finetune --pretrained {run} ...)")
+    print(f"weights for fine-tuning: {out['weights']}  (macl finetune --pretrained {shlex.quote(str(run))} ...)")
     return 0
 
 
@@ -304,7 +305,8 @@ def cmd_demo(args: argparse.Namespace, log: EventLog, bars: Bars) -> int:
     bars.close()
     log.event("done", table=result["table_rows"], verdicts=result["verdicts"], seconds=result["seconds"])
     print(result["table"])
-    print(f"figures: {', '.join(result['figures'])}")
+    print(f"figures: {', '.join(result['figures'])}" if result["figures"] else
+          'figures: none (matplotlib is not installed; pip install "macl[demo]" for the PNGs)')
     print(f"total time: {result['seconds']:.0f} s")
     return 0
 
@@ -545,9 +547,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     from macl.extras import command_problem
     problem = command_problem(argv[0]) if argv else None
-    if problem:   # a workflow command without its extra: one line, even for --help
+    wants_help = bool(set(argv[1:]) & {"-h", "--help"})
+    if problem and not wants_help:   # a workflow command without its extra: one line
         print(f"macl: error: {problem}", file=sys.stderr)
         return EXIT_ERROR
+    if problem:   # the help needs no extra; it ends saying what the command needs to run
+        try:
+            build_parser().parse_args(argv)
+        except SystemExit as e:
+            print(f"\nnote: {problem}")
+            return int(e.code or 0)
     parser = build_parser()
     if argv[:1] == ["bench"] and (not set(argv[1:2]) & {"-h", "--help"} or _repo_with_benchmarks() is None):
         args = argparse.Namespace(command="bench", func=cmd_bench, folder=None, no_progress=True, verbose=False,
