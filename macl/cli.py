@@ -272,6 +272,7 @@ def cmd_train_semi(args: argparse.Namespace, log: EventLog, bars: Bars) -> int:
             raise ValueError(f"--set wants KEY=VALUE, got {item!r}")
         key, value = item.split("=", 1)
         d[key] = parse_value(value)
+    d = _semi_rerun_settings(Path(args.out), d, SemiConfig)
     cfg = SemiConfig.from_dict(d)
     log.event("config", resolved=cfg.to_dict())
     from macl.parallel import init_from_env, shutdown
@@ -290,6 +291,23 @@ def cmd_train_semi(args: argparse.Namespace, log: EventLog, bars: Bars) -> int:
         from macl.workflow import format_summary
         print(format_summary(res.summary))
     return 0
+
+
+def _semi_rerun_settings(run: Path, given: dict, config_cls) -> dict:
+    """A train-semi rerun of a run with a checkpoint continues with the checkpoint's settings: what is not given
+    comes from it, and a given value that differs is refused in one line naming it (the semi-supervised loop
+    accepts no change at all: ``macl.run.resume_guard`` with nothing safe)."""
+    ckpt_path = run / "checkpoint_latest.pt"
+    if not ckpt_path.is_file():
+        return given
+    from macl.run import folder as runfolder, resume_guard
+    ckpt = runfolder.load_checkpoint_safe(ckpt_path)
+    saved = dict(ckpt.get("config") or {})
+    normalised = config_cls.from_dict(given).to_dict()
+    explicit = {k: normalised[k] for k in given if k in normalised}
+    resume_guard.resume_changes(run, {k: saved.get(k) for k in explicit}, explicit, safe=(), steps_key="steps",
+                                done_step=int(ckpt.get("step", 0) or 0), schedule_fixed=False)
+    return {**saved, **given}
 
 
 def cmd_demo(args: argparse.Namespace, log: EventLog, bars: Bars) -> int:

@@ -181,3 +181,19 @@ def test_resume_changes_unit():
     with pytest.raises(ValueError, match=r"^cannot resume R: a.new_thing 1 differs from the run's 0; "):
         resume_guard.resume_changes("R", saved, {**saved, "a": {"x": 1, "new_thing": 1}}, safe=("a.x",),
                                     steps_key="steps", done_step=4, schedule_fixed=True)
+
+
+# ---------------------------------------------------------------------------------------------- train-semi
+def test_train_semi_rerun_takes_the_checkpoints_settings_and_refuses_changes(data, tmp_path, capsys):
+    run = tmp_path / "arco"
+    base = ["train-semi", "--data", str(data), "--out", str(run), "--labels-fraction", "0.5", "--patch-size", "32",
+            "--threads", "1", "--no-progress", "--no-evaluate", "--set", "net={'dims': 2, 'base_width': 4, 'depth': 3}",
+            "--set", "checkpoint_every=1"]
+    assert cli.main(base + ["--batch-size", "2", "--steps", "2"]) == 0
+    for flags, setting, old, new in ((["--batch-size", "2", "--steps", "3"], "steps", "2", "3"),
+                                     (["--batch-size", "3", "--steps", "2"], "batch_size", "2", "3"),
+                                     (["--batch-size", "2", "--seed", "4"], "seed", "0", "4")):
+        _assert_refused_and_untouched(run, base + flags, capsys, setting, old, new)
+    # nothing given but the folder: the checkpoint's settings, not the defaults (batch 4, patch 64, width 32)
+    assert cli.main(["train-semi", "--data", str(data), "--out", str(run), "--threads", "1", "--no-progress",
+                     "--no-evaluate"]) == 0
