@@ -390,8 +390,8 @@ def evaluate(model: nn.Module, volumes: Sequence[Volume], cfg: FinetuneConfig, s
         predictions: if a dict is given, each case's (X, Y, Z) prediction (pre-processed grid) is stored in it.
         records: case id -> :class:`~macl.data.readers.CaseRecord`. A case found here is scored in its label
             file's own voxel grid: the prediction goes back to that grid exactly as ``macl predict`` writes it
-            (:func:`macl.predict.image_space_mask`) and is scored against the label as stored, with its
-            spacing (:func:`macl.predict.score_in_image_space`), so ``macl evaluate --predictions`` on a run's
+            (:func:`macl.data.image_space.image_space_mask`) and is scored against the label as stored, with its
+            spacing (:func:`macl.data.image_space.score_in_image_space`), so ``macl evaluate --predictions`` on a run's
             own predictions reproduces its summary, with or without resampling. Other cases are scored in the
             pre-processed grid (``reference_file`` then names the image). ``allowed_labels``: the data set's
             declared label values, checked when the label is read again.
@@ -409,7 +409,7 @@ def evaluate(model: nn.Module, volumes: Sequence[Volume], cfg: FinetuneConfig, s
             predictions[vol.case_id] = pred
         rec = (records or {}).get(vol.case_id)
         if rec is not None and rec.label is not None:  # one path back to the image grid: macl.predict's
-            from macl.predict import image_space_mask, image_space_reference, score_in_image_space
+            from macl.data.image_space import image_space_mask, image_space_reference, score_in_image_space
             mask, _ = image_space_mask(pred, vol.affine, rec)
             per_case.append(score_in_image_space(mask, image_space_reference(rec, allowed_labels), classes))
         else:

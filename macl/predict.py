@@ -13,8 +13,8 @@
 
 One resampling path: every score is computed in the voxel grid of the case's own label file, with its spacing.
 A fine-tuning run's evaluation (:func:`macl.finetune.evaluate`) maps its prediction back to that grid with
-:func:`image_space_mask`, the function ``predict_run`` writes masks with, and scores it with
-:func:`score_in_image_space`, the function ``evaluate_predictions`` scores with; so evaluating a run's own
+:func:`macl.data.image_space.image_space_mask`, the function ``predict_run`` writes masks with, and scores
+it with :func:`~macl.data.image_space.score_in_image_space`, the one ``evaluate_predictions`` uses; so scoring a run's own
 ``macl predict`` output reproduces the run's summary.json exactly, with or without ``--spacing``.
 """
 from __future__ import annotations
@@ -30,8 +30,10 @@ import torch
 
 from macl.data.channels import select_volumes
 from macl.data.errors import DataError
-from macl.data.loading import RawCase, load_case, nib
-from macl.data.metrics import case_metrics, summarize, write_json_atomic
+from macl.data.image_space import (image_space_mask, image_space_reference, score_in_image_space,  # noqa: F401
+                                   to_image_grid)
+from macl.data.loading import RawCase, nib
+from macl.data.metrics import summarize, write_json_atomic
 from macl.data.preprocess import load_volume
 from macl.data.readers import CaseRecord, DatasetIndex
 from macl.data.split_files import open_with_split
@@ -39,42 +41,6 @@ from macl.data.split_files import open_with_split
 logger = logging.getLogger(__name__)
 Progress = Callable[[int, int, dict], None]
 SUFFIXES = ("", "_seg", "_pred", "_mask")
-
-
-def to_image_grid(mask: np.ndarray, mask_affine: np.ndarray, shape: Sequence[int], affine: np.ndarray
-                  ) -> np.ndarray:
-    """Resample an integer mask from its voxel grid (`mask_affine`) onto another (`shape`, `affine`), nearest.
-
-    A pure reorientation (the map between the grids is a signed permutation with an integer shift) is done
-    by exact index arithmetic; anything else by nearest-neighbour lookup of each target voxel centre.
-    """
-    M = np.linalg.inv(mask_affine) @ affine          # target voxel -> mask voxel
-    idx = np.indices(tuple(int(s) for s in shape), dtype=np.float64).reshape(3, -1)
-    src = M[:3, :3] @ idx + M[:3, 3:4]
-    src = np.rint(src).astype(np.int64)
-    inside = np.all((src >= 0) & (src < np.array(mask.shape)[:, None]), axis=0)
-    out = np.zeros(idx.shape[1], dtype=mask.dtype)
-    out[inside] = mask[src[0, inside], src[1, inside], src[2, inside]]
-    return out.reshape(tuple(int(s) for s in shape))
-
-
-def image_space_mask(pred: np.ndarray, pred_affine: np.ndarray, rec: CaseRecord):
-    """A prediction on the pre-processed grid (``pred_affine``) mapped to the voxel grid of the case's first image
-    file (nearest, :func:`to_image_grid`). Returns (mask, the image's nibabel object)."""
-    ref = nib.load(str(rec.images[0]))
-    return to_image_grid(pred, pred_affine, ref.shape[:3], np.asarray(ref.affine, dtype=np.float64)), ref
-
-
-def image_space_reference(rec: CaseRecord, allowed_labels=None) -> RawCase:
-    """The case as stored (its label in its own voxel grid), checked like every label (:func:`load_case`)."""
-    return load_case(rec, allowed_labels=allowed_labels, check_finite=False)
-
-
-def score_in_image_space(mask: np.ndarray, raw: RawCase, classes: Sequence[int], prediction_file=None) -> dict:
-    """One ``metric_per_case`` row: ``mask`` (in the label's voxel grid) against ``raw.label`` with the label
-    grid's spacing (mm); ``reference_file`` names the label file."""
-    return {"case_id": raw.case_id, "reference_file": str(raw.label_path), "prediction_file": prediction_file,
-            "spacing": list(raw.spacing), "metrics": case_metrics(mask, raw.label, classes, raw.spacing)}
 
 
 def _run_files(run: Path) -> dict[str, Any]:
