@@ -237,6 +237,8 @@ def finetune(data: str | Path | DatasetIndex, out_dir: str | Path, model_factory
         ValueError: bad settings, a network whose output shape is wrong, pre-trained tensors
             missing from the network, or a resume whose split differs.
         FloatingPointError: a non-finite loss (the last checkpoint is kept).
+        macl.run.signals.Interrupted: a SIGINT / SIGTERM during training (single process, main thread): the
+            current step finished and was checkpointed; rerunning continues exactly.
     """
     cfg = cfg or FinetuneConfig()
     index = data if isinstance(data, DatasetIndex) else open_with_split(data, cfg.split_fold)

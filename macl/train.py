@@ -203,6 +203,10 @@ def pretrain(config: PretrainConfig, batches: Batches, run_dir: str, *, resume: 
         rank's rows of every global batch (`macl.data.batches_from_step(..., world=world)` does), and only
         rank 0 writes files and reports progress.
 
+    Signals (single process, main thread): a SIGINT or SIGTERM during the loop lets the current step finish,
+    writes checkpoints/latest.pt at it and raises `macl.run.signals.Interrupted` (a KeyboardInterrupt); a second
+    signal interrupts at once. The previous handlers are restored when the loop ends.
+
     Returns a `TrainResult`. Raises `NonFiniteLossError` when a loss term is NaN/inf (see the class), and
     ValueError for a run_dir with checkpoints but no resume, or a resume whose checkpoint has another
     net/method config.
