@@ -63,18 +63,18 @@ def _interrupted(run: Path) -> dict:
 
 def test_sigterm_during_pretraining_checkpoints_the_step_and_resumes_exactly(data, tmp_path):
     run, ref = tmp_path / "run", tmp_path / "ref"
-    args = ["pretrain", "--data", data, "--out", run, "--steps", "40", *PRE]
+    args = ["pretrain", "--data", data, "--out", run, "--steps", "16", *PRE]
     res = _term_after(args, run / "log.jsonl", 3)
     assert res.returncode == 128 + signal.SIGTERM, res.stderr
     step = torch.load(run / "checkpoints" / "latest.pt", weights_only=True)["step"]
-    assert 3 <= step < 40 and not (run / "checkpoints" / "final.pt").exists()
+    assert 3 <= step < 16 and not (run / "checkpoints" / "final.pt").exists()
     assert len((run / "log.jsonl").read_text().splitlines()) == step  # no step lost: the log and checkpoint agree
     assert f"macl: interrupted by SIGTERM after step {step}" in res.stderr
     event = _interrupted(run)
     assert event["signal"] == "SIGTERM" and event["step"] == step
     again = _macl(*args, "--resume", "auto")
     assert again.returncode == 0, again.stderr
-    assert _macl("pretrain", "--data", data, "--out", ref, "--steps", "40", *PRE).returncode == 0
+    assert _macl("pretrain", "--data", data, "--out", ref, "--steps", "16", *PRE).returncode == 0
     a = torch.load(run / "checkpoints" / "final.pt", weights_only=True)["model"]
     b = torch.load(ref / "checkpoints" / "final.pt", weights_only=True)["model"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -82,20 +82,20 @@ def test_sigterm_during_pretraining_checkpoints_the_step_and_resumes_exactly(dat
 
 def test_sigterm_during_finetuning_checkpoints_the_step_and_resumes_exactly(data, tmp_path):
     run, ref = tmp_path / "ft", tmp_path / "ref"
-    args = ["finetune", "--data", data, "--out", run, "--steps", "30", *FT]
+    args = ["finetune", "--data", data, "--out", run, "--steps", "16", *FT]
     res = _term_after(args, run / "finetune_log.jsonl", 3)
     assert res.returncode == 128 + signal.SIGTERM, res.stderr
     step = torch.load(run / "checkpoint_latest.pt", weights_only=True)["step"]
-    assert 3 <= step < 30 and not (run / "model_final.pt").exists()
+    assert 3 <= step < 16 and not (run / "model_final.pt").exists()
     assert _interrupted(run)["step"] == step
     again = _macl(*args)
     assert again.returncode == 0, again.stderr
-    assert _macl("finetune", "--data", data, "--out", ref, "--steps", "30", *FT).returncode == 0
+    assert _macl("finetune", "--data", data, "--out", ref, "--steps", "16", *FT).returncode == 0
     a = torch.load(run / "model_final.pt", weights_only=True)
     b = torch.load(ref / "model_final.pt", weights_only=True)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert [json.loads(ln)["step"] for ln in (run / "finetune_log.jsonl").read_text().splitlines()] == \
-        list(range(1, 31))
+        list(range(1, 17))
 
 
 def test_sigterm_outside_training_is_an_interrupted_event(tmp_path, monkeypatch, capsys):
