@@ -11,6 +11,7 @@ import argparse
 import json
 import logging
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -122,7 +123,7 @@ def cmd_pretrain(args: argparse.Namespace, log: EventLog, bars: Bars) -> int:
           f"{out['seconds']:.0f} s")
     for verdict in out.get("verdicts", []):
         print(f"  {verdict['line']}")
-    print(f"weights for fine-tuning: {out['weights']}  (macl finetune --pretrained {run} ...)")
+    print(f"weights for fine-tuning: {out['weights']}  (macl finetune --pretrained {shlex.quote(str(run))} ...)")
     return 0
 
 
@@ -131,8 +132,12 @@ def cmd_finetune(args: argparse.Namespace, log: EventLog, bars: Bars) -> int:
     from macl.data import PreprocessConfig, read_case_list
     from macl.finetune import FinetuneConfig
     from macl.train import resolve_device
-    from macl.workflow import format_summary, parse_value, patch_size, pretrained_net, run_finetune
-    net = dict(pretrained_net(args.pretrained)) if args.pretrained else {}
+    from macl.workflow import (format_summary, parse_value, patch_size, pretrained_net, run_finetune,
+                               saved_finetune_settings)
+    saved = saved_finetune_settings(args.out)  # a rerun continues with the run's own settings (resume_guard)
+    if saved is not None and args.pretrained is None:
+        args.pretrained = saved["pretrained"]
+    net = dict(pretrained_net(args.pretrained)) if args.pretrained else dict(saved["net"]) if saved else {}
     net.pop("in_channels", None)
     for key in ("dims", "base_width", "depth", "norm"):
         if getattr(args, key) is not None:
@@ -169,6 +174,11 @@ def cmd_finetune(args: argparse.Namespace, log: EventLog, bars: Bars) -> int:
                                   ("preprocess", pre, PreprocessConfig.__dataclass_fields__)):
         if set(given) - set(known):
             raise ValueError(f"unknown {section} setting(s) {sorted(set(given) - set(known))}; known: {sorted(known)}")
+    if saved is not None:  # what is not given explicitly comes from the run folder
+        base = {k: v for k, v in saved["finetune"].items() if k not in ("preprocess", "dims")}
+        if "labels_fraction" in kw or "labelled_cases" in kw:
+            base.pop("labels_fraction", None), base.pop("labelled_cases", None)
+        kw, pre = {**base, **kw}, {**saved["finetune"].get("preprocess", {}), **pre}
     net.setdefault("dims", 2)
     NetConfig(**net)  # a bad network setting fails here, named
     kw["dims"] = int(net["dims"])
@@ -205,10 +215,14 @@ def cmd_evaluate(args: argparse.Namespace, log: EventLog, bars: Bars) -> int:
         from macl.predict import evaluate_predictions
         out = args.summary or Path(args.predictions) / "summary.json"
         summary = evaluate_predictions(args.predictions, str(args.data), cases, run_dir=args.run, out=out,
-                                       progress=bars("evaluate"))
+                                       progress=bars("evaluate"), missing_as_empty=args.missing_as_empty)
         bars.close()
-        log.event("done", foreground_mean=summary["foreground_mean"], n_cases=summary["n_cases"])
+        log.event("done", foreground_mean=summary["foreground_mean"], n_cases=summary["n_cases"],
+                  missing_predictions=summary["missing_predictions"])
         print(format_summary(summary))
+        if summary["missing_predictions"]:
+            print(f"{len(summary['missing_predictions'])} case(s) had no mask and were scored as empty (Dice 0): "
+                  f"{', '.join(summary['missing_predictions'])}")
         print(f"summary: {out}")
         return 0
     if args.run is None:
@@ -227,10 +241,14 @@ def cmd_predict(args: argparse.Namespace, log: EventLog, bars: Bars) -> int:
     from macl.data import read_case_list
     from macl.predict import predict_run
     cases = read_case_list(args.cases) if args.cases else None
-    written = predict_run(args.run, str(args.data), args.out, cases, progress=bars("predict"))
+    res = predict_run(args.run, str(args.data), args.out, cases, progress=bars("predict"), skip_bad=args.skip_bad)
     bars.close()
-    log.event("done", n_masks=len(written), out=str(args.out))
+    written, skipped = res["written"], res["skipped"]
+    log.event("done", n_masks=len(written), out=str(args.out), skipped=skipped)
     print(f"{len(written)} mask(s) written to {args.out} (each in its image's own space: shape, affine, spacing)")
+    if skipped:
+        print(f"skipped {len(skipped)} case(s) that could not be read: "
+              + "; ".join(f"{s['case_id']} ({s['error']})" for s in skipped))
     return 0
 
 
@@ -254,6 +272,7 @@ def cmd_train_semi(args: argparse.Namespace, log: EventLog, bars: Bars) -> int:
             raise ValueError(f"--set wants KEY=VALUE, got {item!r}")
         key, value = item.split("=", 1)
         d[key] = parse_value(value)
+    d = _semi_rerun_settings(Path(args.out), d, SemiConfig)
     cfg = SemiConfig.from_dict(d)
     log.event("config", resolved=cfg.to_dict())
     from macl.parallel import init_from_env, shutdown
@@ -274,6 +293,23 @@ def cmd_train_semi(args: argparse.Namespace, log: EventLog, bars: Bars) -> int:
     return 0
 
 
+def _semi_rerun_settings(run: Path, given: dict, config_cls) -> dict:
+    """A train-semi rerun of a run with a checkpoint continues with the checkpoint's settings: what is not given
+    comes from it, and a given value that differs is refused in one line naming it (the semi-supervised loop
+    accepts no change at all: ``macl.run.resume_guard`` with nothing safe)."""
+    ckpt_path = run / "checkpoint_latest.pt"
+    if not ckpt_path.is_file():
+        return given
+    from macl.run import folder as runfolder, resume_guard
+    ckpt = runfolder.load_checkpoint_safe(ckpt_path)
+    saved = dict(ckpt.get("config") or {})
+    normalised = config_cls.from_dict(given).to_dict()
+    explicit = {k: normalised[k] for k in given if k in normalised}
+    resume_guard.resume_changes(run, {k: saved.get(k) for k in explicit}, explicit, safe=(), steps_key="steps",
+                                done_step=int(ckpt.get("step", 0) or 0), schedule_fixed=False)
+    return {**saved, **given}
+
+
 def cmd_demo(args: argparse.Namespace, log: EventLog, bars: Bars) -> int:
     from macl.demo.pipeline import DemoConfig, run_demo
     cfg = DemoConfig.quick() if args.quick else DemoConfig.full()
@@ -287,7 +323,8 @@ def cmd_demo(args: argparse.Namespace, log: EventLog, bars: Bars) -> int:
     bars.close()
     log.event("done", table=result["table_rows"], verdicts=result["verdicts"], seconds=result["seconds"])
     print(result["table"])
-    print(f"figures: {', '.join(result['figures'])}")
+    print(f"figures: {', '.join(result['figures'])}" if result["figures"] else
+          'figures: none (matplotlib is not installed; pip install "macl[demo]" for the PNGs)')
     print(f"total time: {result['seconds']:.0f} s")
     return 0
 
@@ -452,6 +489,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--predictions", type=Path, metavar="DIR", help="score the masks in DIR instead (<case_id>.nii.gz "
                    "from any tool, in each image's own space) -> DIR/summary.json")
     p.add_argument("--summary", type=Path, metavar="FILE", help="with --predictions: where to write the summary")
+    p.add_argument("--missing-as-empty", action="store_true", help="with --predictions: score a case without a "
+                   "mask as an empty mask (Dice 0) and list it, instead of stopping with an error naming it")
     _common(p)
     p.set_defaults(func=cmd_evaluate, folder="run")
 
@@ -464,6 +503,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "datalist .json")
     p.add_argument("--out", required=True, type=Path, metavar="DIR", help="folder for the masks")
     p.add_argument("--cases", type=Path, metavar="FILE", help="only these case ids (JSON list or one per line)")
+    p.add_argument("--skip-bad", action="store_true", help="skip a case whose image cannot be read (truncated, "
+                   "NaN, ...) with a warning and a summary line, instead of stopping at it")
     _common(p)
     p.set_defaults(func=cmd_predict, folder=None)
 
@@ -524,9 +565,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     from macl.extras import command_problem
     problem = command_problem(argv[0]) if argv else None
-    if problem:   # a workflow command without its extra: one line, even for --help
+    wants_help = bool(set(argv[1:]) & {"-h", "--help"})
+    if problem and not wants_help:   # a workflow command without its extra: one line
         print(f"macl: error: {problem}", file=sys.stderr)
         return EXIT_ERROR
+    if problem:   # the help needs no extra; it ends saying what the command needs to run
+        try:
+            build_parser().parse_args(argv)
+        except SystemExit as e:
+            print(f"\nnote: {problem}")
+            return int(e.code or 0)
     parser = build_parser()
     if argv[:1] == ["bench"] and (not set(argv[1:2]) & {"-h", "--help"} or _repo_with_benchmarks() is None):
         args = argparse.Namespace(command="bench", func=cmd_bench, folder=None, no_progress=True, verbose=False,
@@ -564,14 +612,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             runfolder.clean_temp(folder)
             runfolder.repair_tail(Path(folder) / "events.jsonl")
         log.event("start", argv=argv, cwd=os.getcwd())
-        status = args.func(args, log, bars)
+        from macl.run.signals import sigterm_as_interrupt
+        with sigterm_as_interrupt():  # SIGTERM ends the command like Ctrl-C: an "interrupted" event, not silence
+            status = args.func(args, log, bars)
         log.event("end", status=status, seconds=round(time.perf_counter() - t0, 3))
         return status
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         bars.close()
-        _quiet_event(log, "interrupted", seconds=round(time.perf_counter() - t0, 3))
-        print("macl: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        import signal as _signal
+        signum = int(getattr(e, "signum", _signal.SIGINT))
+        where = {k: getattr(e, k) for k in ("step", "checkpoint") if getattr(e, k, None) is not None}
+        _quiet_event(log, "interrupted", signal=_signal.Signals(signum).name,
+                     seconds=round(time.perf_counter() - t0, 3), **where)
+        saved = f" after step {where['step']}; checkpoint {where['checkpoint']}" if "step" in where else ""
+        print(f"macl: interrupted by {_signal.Signals(signum).name}{saved}", file=sys.stderr)
+        return EXIT_INTERRUPTED if signum == _signal.SIGINT else 128 + signum
     except Exception as e:  # every failure ends in one line (the traceback only with --debug)
         bars.close()
         from macl.run.folder import error_message

@@ -56,7 +56,7 @@ def import_module(name: str, extra: str, what: str = "this"):
 #: says what to install)
 COMMAND_EXTRAS: Dict[str, Tuple[str, ...]] = {
     "pretrain": ("medical",), "finetune": ("medical",), "evaluate": ("medical",), "predict": ("medical",),
-    "train-semi": ("medical",), "demo": ("medical", "demo"),
+    "train-semi": ("medical",), "demo": ("medical",),  # demo: plots are optional (skipped without matplotlib)
 }
 
 

@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from macl.run import folder as runfolder
+from macl.run.signals import Interrupted, StopRequest
 from macl.settings.fields import check_labels_fraction, coerce_fields
 from macl.data.channels import finetune_channels, pretrained_input, select_volumes
 from macl.data.errors import DataError
@@ -236,6 +237,8 @@ def finetune(data: str | Path | DatasetIndex, out_dir: str | Path, model_factory
         ValueError: bad settings, a network whose output shape is wrong, pre-trained tensors
             missing from the network, or a resume whose split differs.
         FloatingPointError: a non-finite loss (the last checkpoint is kept).
+        macl.run.signals.Interrupted: a SIGINT / SIGTERM during training (single process, main thread): the
+            current step finished and was checkpointed; rerunning continues exactly.
     """
     cfg = cfg or FinetuneConfig()
     index = data if isinstance(data, DatasetIndex) else open_with_split(data, cfg.split_fold)
@@ -301,7 +304,8 @@ def finetune(data: str | Path | DatasetIndex, out_dir: str | Path, model_factory
 
     model.train()
     loss_value, t0 = float("nan"), time.perf_counter()
-    for step in range(start, cfg.steps):
+    stop = StopRequest(enabled=world.size == 1)  # SIGINT / SIGTERM: checkpoint the current step, then stop
+    for step in stop.during(range(start, cfg.steps)):
         img, lab = sampler.batch(step, hi - lo, stream=world.rank)
         logits = trained(img.to(device))
         if step == start and (logits.ndim != img.ndim or logits.shape[0] != img.shape[0]
@@ -329,12 +333,17 @@ def finetune(data: str | Path | DatasetIndex, out_dir: str | Path, model_factory
             checkpoint(done)
         if progress is not None:
             progress(done, cfg.steps, {"loss": loss_value, "lr": lr})
+        if stop.signum is not None and done < cfg.steps:  # the step is done: checkpoint it, then stop
+            runfolder.fsync_file(log_path)
+            checkpoint(done)
+            raise Interrupted(stop.signum, done, str(ckpt_path))
     if not world.is_main:
         return FinetuneResult(model, split["train"], split["test"], split["labelled"], run, len(class_names),
                               class_names, loaded, loss_value)
     save_checkpoint(model.state_dict(), run / "model_final.pt")
     if evaluate_test and split["test"]:
-        evaluate(model, [by_id[c] for c in split["test"]], cfg, run / "summary.json", class_names)
+        evaluate(model, [by_id[c] for c in split["test"]], cfg, run / "summary.json", class_names,
+                 records={c.case_id: c for c in index.cases}, allowed_labels=index.allowed_label_values)
     return FinetuneResult(model, split["train"], split["test"], split["labelled"], run, len(class_names),
                           class_names, loaded, loss_value)
 
@@ -374,12 +383,20 @@ def predict_volume(model: nn.Module, image: np.ndarray, cfg: FinetuneConfig, sli
 
 def evaluate(model: nn.Module, volumes: Sequence[Volume], cfg: FinetuneConfig, summary_path: str | Path | None,
              class_names: Mapping[int, str], progress: Progress | None = None,
-             predictions: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
+             predictions: dict[str, np.ndarray] | None = None, records: Mapping[str, Any] | None = None,
+             allowed_labels: Any = None) -> dict[str, Any]:
     """Predict each labelled volume and score it; write the summary to ``summary_path``.
 
     Args:
         volumes: pre-processed volumes with labels.
-        predictions: if a dict is given, each case's (X, Y, Z) prediction is stored in it.
+        predictions: if a dict is given, each case's (X, Y, Z) prediction (pre-processed grid) is stored in it.
+        records: case id -> :class:`~macl.data.readers.CaseRecord`. A case found here is scored in its label
+            file's own voxel grid: the prediction goes back to that grid exactly as ``macl predict`` writes it
+            (:func:`macl.data.image_space.image_space_mask`) and is scored against the label as stored, with its
+            spacing (:func:`macl.data.image_space.score_in_image_space`), so ``macl evaluate --predictions`` on a run's
+            own predictions reproduces its summary, with or without resampling. Other cases are scored in the
+            pre-processed grid (``reference_file`` then names the image). ``allowed_labels``: the data set's
+            declared label values, checked when the label is read again.
 
     Returns:
         the summary dict (see :func:`summarize`); JSON on disk has NaN as null.
@@ -392,9 +409,15 @@ def evaluate(model: nn.Module, volumes: Sequence[Volume], cfg: FinetuneConfig, s
         pred = predict_volume(model, np.asarray(vol.image), cfg)
         if predictions is not None:
             predictions[vol.case_id] = pred
-        per_case.append({"case_id": vol.case_id, "reference_file": vol.source, "prediction_file": None,
-                         "spacing": list(vol.spacing),
-                         "metrics": case_metrics(pred, np.asarray(vol.label), classes, vol.spacing)})
+        rec = (records or {}).get(vol.case_id)
+        if rec is not None and rec.label is not None:  # one path back to the image grid: macl.predict's
+            from macl.data.image_space import image_space_mask, image_space_reference, score_in_image_space
+            mask, _ = image_space_mask(pred, vol.affine, rec)
+            per_case.append(score_in_image_space(mask, image_space_reference(rec, allowed_labels), classes))
+        else:
+            per_case.append({"case_id": vol.case_id, "reference_file": vol.source, "prediction_file": None,
+                             "spacing": list(vol.spacing),
+                             "metrics": case_metrics(pred, np.asarray(vol.label), classes, vol.spacing)})
         if progress is not None:
             progress(i + 1, len(volumes), {"case": vol.case_id})
     summary = summarize(per_case, class_names)
@@ -433,4 +456,5 @@ def evaluate_run(run_dir: str | Path, data: str | Path | DatasetIndex, model_fac
     volumes = select_volumes(volumes, cfg.channels, str(index.root))
     model = model_factory(volumes[0].image.shape[0], len(class_names)).to(cfg.device)
     model.load_state_dict(runfolder.load_checkpoint_safe(run / "model_final.pt", cfg.device))
-    return evaluate(model, volumes, cfg, run / "summary.json", class_names, progress)
+    return evaluate(model, volumes, cfg, run / "summary.json", class_names, progress, records=known,
+                    allowed_labels=index.allowed_label_values)

@@ -7,9 +7,15 @@
   pre-processing only reoriented (the default: no ``spacing``).
 - :func:`evaluate_predictions`: masks from a folder (``<case_id>.nii.gz`` / ``.nii``, optionally with a
   ``_seg`` / ``_pred`` / ``_mask`` suffix: nnU-Net's and MONAI's output names) are scored against the data set's
-  labels. Each mask must lie on its image's voxel grid (same shape and affine); it is pre-processed exactly as
-  the reference label (the run's settings with ``run=``, else the defaults), so a run's own predictions
-  reproduce its summary.json. The summary has the same form as the run's (``macl.data.metrics.summarize``).
+  labels. Each mask must lie on its image's voxel grid (same shape and affine). A case without a mask is an
+  error naming it, or with ``missing_as_empty`` scored as an empty mask (Dice 0) and listed in the summary's
+  ``missing_predictions``. The summary has the same form as the run's (``macl.data.metrics.summarize``).
+
+One resampling path: every score is computed in the voxel grid of the case's own label file, with its spacing.
+A fine-tuning run's evaluation (:func:`macl.finetune.evaluate`) maps its prediction back to that grid with
+:func:`macl.data.image_space.image_space_mask`, the function ``predict_run`` writes masks with, and scores
+it with :func:`~macl.data.image_space.score_in_image_space`, the one ``evaluate_predictions`` uses; so scoring a run's own
+``macl predict`` output reproduces the run's summary.json exactly, with or without ``--spacing``.
 """
 from __future__ import annotations
 
@@ -24,32 +30,17 @@ import torch
 
 from macl.data.channels import select_volumes
 from macl.data.errors import DataError
-from macl.data.loading import RawCase, load_case, nib
-from macl.data.metrics import case_metrics, summarize, write_json_atomic
-from macl.data.preprocess import PreprocessConfig, load_volume, preprocess
+from macl.data.image_space import (image_space_mask, image_space_reference, score_in_image_space,  # noqa: F401
+                                   to_image_grid)
+from macl.data.loading import RawCase, nib
+from macl.data.metrics import summarize, write_json_atomic
+from macl.data.preprocess import load_volume
 from macl.data.readers import CaseRecord, DatasetIndex
 from macl.data.split_files import open_with_split
 
 logger = logging.getLogger(__name__)
 Progress = Callable[[int, int, dict], None]
 SUFFIXES = ("", "_seg", "_pred", "_mask")
-
-
-def to_image_grid(mask: np.ndarray, mask_affine: np.ndarray, shape: Sequence[int], affine: np.ndarray
-                  ) -> np.ndarray:
-    """Resample an integer mask from its voxel grid (`mask_affine`) onto another (`shape`, `affine`), nearest.
-
-    A pure reorientation (the map between the grids is a signed permutation with an integer shift) is done
-    by exact index arithmetic; anything else by nearest-neighbour lookup of each target voxel centre.
-    """
-    M = np.linalg.inv(mask_affine) @ affine          # target voxel -> mask voxel
-    idx = np.indices(tuple(int(s) for s in shape), dtype=np.float64).reshape(3, -1)
-    src = M[:3, :3] @ idx + M[:3, 3:4]
-    src = np.rint(src).astype(np.int64)
-    inside = np.all((src >= 0) & (src < np.array(mask.shape)[:, None]), axis=0)
-    out = np.zeros(idx.shape[1], dtype=mask.dtype)
-    out[inside] = mask[src[0, inside], src[1, inside], src[2, inside]]
-    return out.reshape(tuple(int(s) for s in shape))
 
 
 def _run_files(run: Path) -> dict[str, Any]:
@@ -76,13 +67,23 @@ def _chosen(index: DatasetIndex, cases: Optional[Sequence[str]]) -> list[CaseRec
 
 
 def predict_run(run_dir: str | Path, data: str | Path, out_dir: str | Path, cases: Optional[Sequence[str]] = None,
-                progress: Optional[Progress] = None) -> list[Path]:
+                progress: Optional[Progress] = None, skip_bad: bool = False) -> dict[str, Any]:
     """Write ``out_dir/<case_id>.nii.gz`` for each case of `data` (default: every case, labelled or not).
 
-    Returns the written paths. Raises FileNotFoundError (a run file missing, named), DataError (bad data),
-    ValueError (unknown case ids).
+    Labels are not read (a case whose label is broken is still predicted). Each mask is written to a temporary
+    file and renamed (:func:`macl.run.files.atomic_write`), so a failed case leaves no mask file, half or whole.
+    ``skip_bad``: a case whose image cannot be read or checked (truncated, NaN, ...) is skipped with a warning
+    instead of stopping the run.
+
+    Returns:
+        {"written": [paths], "skipped": [{"case_id", "error"}]}.
+
+    Raises:
+        FileNotFoundError (a run file missing, named), DataError (a bad case without ``skip_bad``, or no case
+        left), ValueError (unknown case ids).
     """
     from macl.finetune import predict_volume
+    from macl.run.files import require_writable
     from macl.workflow import model_factory
     run = Path(run_dir)
     saved = _run_files(run)
@@ -90,27 +91,44 @@ def predict_run(run_dir: str | Path, data: str | Path, out_dir: str | Path, case
     index = open_with_split(data, cfg.split_fold)
     records = _chosen(index, cases)
     out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    require_writable(out)
     model = None
-    written = []
+    written: list[Path] = []
+    skipped: list[dict[str, str]] = []
     for i, rec in enumerate(records):
-        vol = select_volumes([load_volume(rec, cfg.preprocess)], cfg.channels, str(index.root))[0]
+        try:
+            vol = load_volume(dataclasses.replace(rec, label=None), cfg.preprocess)  # the label is not used
+            vol = select_volumes([vol], cfg.channels, str(index.root))[0]
+        except DataError as e:
+            if not skip_bad:
+                if written:
+                    logger.warning("%d mask(s) written before case %s failed; --skip-bad skips bad cases",
+                                   len(written), rec.case_id)
+                raise
+            logger.warning("skipping case %s: %s", rec.case_id, e)
+            skipped.append({"case_id": rec.case_id, "error": str(e)})
+            continue
         if model is None:
             model = model_factory(saved["net"])(vol.image.shape[0], len(saved["class_names"])).to(cfg.device)
             model.load_state_dict(torch.load(run / "model_final.pt", map_location=cfg.device, weights_only=True))
         pred = predict_volume(model, np.asarray(vol.image), cfg)
-        ref = nib.load(str(rec.images[0]))
-        mask = to_image_grid(pred, vol.affine, ref.shape[:3], ref.affine)
-        out.mkdir(parents=True, exist_ok=True)
+        mask, ref = image_space_mask(pred, vol.affine, rec)
         path = out / f"{rec.case_id}.nii.gz"
         _save_mask(mask, ref, path)
         written.append(path)
         if progress is not None:
             progress(i + 1, len(records), {"case": rec.case_id})
-    return written
+    if not written:
+        raise DataError(index.root, f"no case could be predicted ({len(skipped)} of {len(records)} skipped)")
+    return {"written": written, "skipped": skipped}
 
 
 def _save_mask(mask: np.ndarray, ref, path: Path) -> None:
-    """`mask` as NIfTI with `ref`'s affine, qform / sform codes, zooms and header fields (a 3D integer image)."""
+    """`mask` as NIfTI with `ref`'s affine, qform / sform codes, zooms and header fields (a 3D integer image),
+    written atomically (``path.tmpPID``, fsync, rename: never a half file under ``path``)."""
+    import gzip
+    from macl.run.files import atomic_write
     header = ref.header.copy()
     dtype = np.uint8 if mask.min() >= 0 and mask.max() < 256 else np.int16
     img = type(ref)(mask.astype(dtype), ref.affine, header)   # Nifti1Image or Nifti2Image, as the input
@@ -121,9 +139,8 @@ def _save_mask(mask: np.ndarray, ref, path: Path) -> None:
     if hasattr(ref, "get_qform"):
         img.set_qform(ref.get_qform(), code=int(ref.header["qform_code"]))
         img.set_sform(ref.get_sform(), code=int(ref.header["sform_code"]))
-    tmp = path.with_name(f".{path.name}.tmp.nii.gz")
-    nib.save(img, str(tmp))
-    tmp.replace(path)
+    raw = img.to_bytes()
+    atomic_write(path, gzip.compress(raw, compresslevel=6) if path.name.endswith(".gz") else raw)
 
 
 def find_prediction(folder: Path, case_id: str) -> Optional[Path]:
@@ -138,64 +155,76 @@ def find_prediction(folder: Path, case_id: str) -> Optional[Path]:
 
 def evaluate_predictions(predictions: str | Path, data: str | Path, cases: Optional[Sequence[str]] = None,
                          run_dir: Optional[str | Path] = None, out: Optional[str | Path] = None,
-                         progress: Optional[Progress] = None) -> dict[str, Any]:
+                         progress: Optional[Progress] = None, missing_as_empty: bool = False) -> dict[str, Any]:
     """Score the masks in `predictions` against the labels of `data`; write the summary (default
     ``predictions/summary.json``) and return it.
 
-    Cases: `cases`, else the test cases of `run_dir` when given, else every labelled case with a mask.
-    Pre-processing and class names: the run's when `run_dir` is given, else the defaults and the data set's
-    labels (dataset.json / datalist), else 0..max label.
+    Cases: `cases`, else the test cases of `run_dir` when given, else every labelled case of `data`. A case
+    without a mask is an error naming it; with ``missing_as_empty`` it is scored as an empty mask (Dice 0 for
+    every class it holds) and listed in the summary's ``missing_predictions``. Class names: the run's when
+    `run_dir` is given, else the data set's labels (dataset.json / datalist), else 0..max label. Scores are
+    computed in each label's own voxel grid (:func:`score_in_image_space`).
 
     Raises:
-        FileNotFoundError: the folder, a named case's mask, or a run file is missing. DataError: a mask that
-            is not on its image's voxel grid, or bad data. ValueError: no case to score, unknown case ids.
+        FileNotFoundError: the folder, a case's mask, or a run file is missing. PermissionError: the summary's
+            folder is not writable (checked first). DataError: a mask that is not on its image's voxel grid, or
+            bad data. ValueError: no case to score, unknown case ids.
     """
+    from macl.run.files import require_writable
     folder = Path(predictions)
     if not folder.is_dir():
         raise FileNotFoundError(f"predictions folder not found: {folder}")
-    cfg_pre, class_names, split_fold = PreprocessConfig(), None, 0
+    out_path = Path(out) if out is not None else folder / "summary.json"
+    require_writable(out_path.parent)  # before anything is computed, naming the folder
+    class_names, split_fold = None, 0
     if run_dir is not None:
         saved = _run_files(Path(run_dir))
-        cfg_pre, class_names, split_fold = saved["cfg"].preprocess, saved["class_names"], saved["cfg"].split_fold
+        class_names, split_fold = saved["class_names"], saved["cfg"].split_fold
         if cases is None:
             cases = saved["split"]["test"]
     index = open_with_split(data, split_fold)
     labelled = {c.case_id: c for c in index.labelled()}
-    if cases is None:
-        cases = [cid for cid in sorted(labelled) if find_prediction(folder, cid) is not None]
-        if not cases:
-            raise ValueError(f"no mask in {folder} matches a labelled case of {index.root} "
-                             f"(expected <case_id>.nii.gz, e.g. {next(iter(sorted(labelled)), '?')}.nii.gz)")
+    cases = sorted(labelled) if cases is None else list(cases)
     unknown = sorted(set(cases) - set(labelled))
     if unknown:
         raise ValueError(f"cases not among the labelled cases of {index.root}: {unknown[:10]}")
-    pairs = []
-    for cid in cases:
-        path = find_prediction(folder, cid)
-        if path is None:
-            raise FileNotFoundError(f"no mask for case {cid!r} in {folder} (looked for {cid}.nii.gz / .nii)")
-        pairs.append((labelled[cid], path))
-    per_case, refs = [], []
-    for i, (rec, path) in enumerate(pairs):
-        raw = load_case(rec, allowed_labels=index.allowed_label_values, check_finite=False)
-        ref_vol = preprocess(raw, cfg_pre)
-        pred_vol = preprocess(dataclasses.replace(raw, label=_read_mask(path, raw)),
-                              dataclasses.replace(cfg_pre, zscore=False, ct_window=None))
-        refs.append(int(np.max(ref_vol.label)))
-        per_case.append({"case_id": rec.case_id, "reference_file": ref_vol.source, "prediction_file": str(path),
-                         "spacing": list(ref_vol.spacing), "metrics": None,
-                         "_arrays": (pred_vol.label, ref_vol.label, ref_vol.spacing)})
+    if not cases:
+        raise ValueError(f"no labelled case to score in {index.root}")
+    found = {cid: find_prediction(folder, cid) for cid in cases}
+    missing = [cid for cid in cases if found[cid] is None]
+    if len(missing) == len(cases):
+        raise FileNotFoundError(f"no mask in {folder} matches a case to score of {index.root} "
+                                f"(expected <case_id>.nii.gz, e.g. {cases[0]}.nii.gz)")
+    if missing and not missing_as_empty:
+        raise FileNotFoundError(
+            f"{folder}: no mask for {len(missing)} of {len(cases)} case(s): {', '.join(missing[:10])}"
+            f"{' ...' if len(missing) > 10 else ''} (looked for <case_id>[_seg|_pred|_mask].nii[.gz]); score only "
+            f"some cases with --cases FILE, or count a missing mask as empty (Dice 0) with --missing-as-empty")
+    if missing:
+        logger.warning("%d case(s) without a mask scored as empty masks (Dice 0): %s", len(missing),
+                       ", ".join(missing[:10]))
+    rows = []
+    for i, cid in enumerate(cases):
+        raw = image_space_reference(labelled[cid], index.allowed_label_values)
+        path = found[cid]
+        mask = _read_mask(path, raw) if path is not None else np.zeros(raw.label.shape, np.int16)
+        rows.append((raw, mask, None if path is None else str(path)))
         if progress is not None:
-            progress(i + 1, len(pairs), {"case": rec.case_id})
+            progress(i + 1, len(cases), {"case": cid})
     if class_names is None:
+        top = max(int(np.max(raw.label)) for raw, _, _ in rows)
         class_names = (dict(sorted(index.labels.items())) if index.labels is not None else
-                       {k: ("background" if k == 0 else f"class_{k}") for k in range(max(refs) + 1)})
+                       {k: ("background" if k == 0 else f"class_{k}") for k in range(top + 1)})
     classes = [k for k in sorted(class_names) if k != 0]
-    for row in per_case:
-        pred, ref, spacing = row.pop("_arrays")
-        row["metrics"] = case_metrics(pred, ref, classes, spacing)
+    per_case = []
+    for raw, mask, path in rows:
+        row = score_in_image_space(mask, raw, classes, path)
+        if path is None:
+            row["missing"] = True
+        per_case.append(row)
     summary = summarize(per_case, class_names)
-    write_json_atomic(Path(out) if out is not None else folder / "summary.json", summary)
+    summary["missing_predictions"] = missing
+    write_json_atomic(out_path, summary)
     return summary
 
 

@@ -42,6 +42,7 @@ import numpy as np
 import torch
 
 from .run import folder as runfolder
+from .run.signals import Interrupted, StopRequest
 from .settings.config import OptimConfig, PretrainConfig, from_dict, to_dict
 from .diagnostics import Diagnostics, DiagnosticsConfig
 from .settings.geometry import require_valid_geometry
@@ -202,6 +203,10 @@ def pretrain(config: PretrainConfig, batches: Batches, run_dir: str, *, resume: 
         rank's rows of every global batch (`macl.data.batches_from_step(..., world=world)` does), and only
         rank 0 writes files and reports progress.
 
+    Signals (single process, main thread): a SIGINT or SIGTERM during the loop lets the current step finish,
+    writes checkpoints/latest.pt at it and raises `macl.run.signals.Interrupted` (a KeyboardInterrupt); a second
+    signal interrupts at once. The previous handlers are restored when the loop ends.
+
     Returns a `TrainResult`. Raises `NonFiniteLossError` when a loss term is NaN/inf (see the class), and
     ValueError for a run_dir with checkpoints but no resume, or a resume whose checkpoint has another
     net/method config.
@@ -282,7 +287,8 @@ def pretrain(config: PretrainConfig, batches: Batches, run_dir: str, *, resume: 
         fresh_pass = True
         method.train()
         tick = time.perf_counter()
-        with runfolder.JsonlAppender(log_path) if world.is_main else contextlib.nullcontext() as log_file:
+        with runfolder.JsonlAppender(log_path) if world.is_main else contextlib.nullcontext() as log_file, \
+                StopRequest(enabled=world.size == 1) as stop:  # SIGINT / SIGTERM: checkpoint, then stop
             while step < total:
                 try:
                     raw = next(it)
@@ -342,6 +348,11 @@ def pretrain(config: PretrainConfig, batches: Batches, run_dir: str, *, resume: 
                     last_good = latest
                 if progress is not None:
                     progress(step, total, record)
+                if stop.signum is not None and step < total:  # at most the current step was lost: none
+                    if log_file is not None:
+                        log_file.sync()
+                    checkpoint(latest)
+                    raise Interrupted(stop.signum, step, latest)
                 tick = time.perf_counter()  # throughput counts data + compute, not checkpoints or callbacks
         verdicts = diag.verdicts() if diag is not None else []
         if verdicts and world.is_main:  # a resumed run that was already finished keeps its earlier file

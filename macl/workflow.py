@@ -31,7 +31,8 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import torch
 
 from macl.run import folder as runfolder
-from macl.run.rerun_checks import check_finetune_rerun, resume_checkpoint
+from macl.run import resume_guard
+from macl.run.rerun_checks import check_finetune_rerun, resume_point
 from macl.settings.config import NetConfig, PretrainConfig, apply_overrides, from_dict, to_dict
 from macl.settings.fields import coerce, require_yaml
 from macl.data import (DataError, PreprocessConfig, PretrainDataConfig, PretrainDataset, ViewConfig,
@@ -223,6 +224,31 @@ def _dry_run(spec: PretrainSpec, ds: PretrainDataset) -> None:
         method(Batch.from_any(ds.get_batch([0, min(1, len(ds) - 1)])))
 
 
+#: pre-training settings a resume may change (resolved_config.json keys; see macl.run.resume_guard)
+PRETRAIN_SAFE = ("pretrain.train.log_every", "pretrain.train.checkpoint_every", "pretrain.train.device",
+                 "data.skip_bad", "preprocess.cache_dir")
+
+
+def _pretrain_resume_history(spec: PretrainSpec, run: Path, point: Optional[tuple[str, int]]) -> list:
+    """The ``resumes`` list of resolved_config.json after this resume, with its accepted (safe) changes logged.
+
+    Raises:
+        ValueError: a trajectory setting differs from the run's (see :func:`macl.run.resume_guard.resume_changes`).
+    """
+    if point is None or not (run / RESOLVED).is_file():
+        return []
+    raw = json.loads((run / RESOLVED).read_text())
+    saved = PretrainSpec.from_dict(raw).to_dict()  # normalised like the new settings (stored presets, defaults)
+    optim = spec.config.optim
+    changes = resume_guard.resume_changes(
+        run, saved, spec.to_dict(), safe=PRETRAIN_SAFE, steps_key="pretrain.train.steps", done_step=point[1],
+        schedule_fixed=optim.min_lr == optim.lr, paths=("data.path", "data.meta_csv"), strip="pretrain.")
+    if changes:
+        logger.info("resuming %s at step %d with changed settings: %s", run, point[1], resume_guard.describe(changes))
+    return list(raw.get("resumes") or []) + [{"step": point[1], "checkpoint": point[0], "changes": changes,
+                                              "time": round(time.time(), 3)}]
+
+
 def run_pretrain(spec: PretrainSpec, run_dir: str | os.PathLike, resume: Optional[str] = None,
                  progress: Optional[Progress] = None, load_progress: Optional[Progress] = None,
                  world: Optional[World] = None) -> dict:
@@ -252,7 +278,9 @@ def run_pretrain(spec: PretrainSpec, run_dir: str | os.PathLike, resume: Optiona
     dcfg = spec.data_config()
     require_valid_geometry(spec.config.net, spec.config.method, dcfg.patch_size)  # before reading any volume
     index = open_dataset(spec.data)
-    volumes = load_volumes(index, spec.preprocess_config(), skip_bad=spec.skip_bad, progress=load_progress)
+    unlabelled = dataclasses.replace(index, cases=[dataclasses.replace(c, label=None) for c in index.cases])
+    volumes = load_volumes(unlabelled, spec.preprocess_config(), skip_bad=spec.skip_bad,  # labels are not used,
+                           progress=load_progress)                                        # nor read or checked
     if spec.config.method.name == "gcl":  # GCL's positives come from meta-labels the batches must carry
         from macl.data.metalabels import MetaLabelDataset, read_attributes_csv
         meta_csv = spec.sampling.get("meta_csv")
@@ -270,11 +298,15 @@ def run_pretrain(spec: PretrainSpec, run_dir: str | os.PathLike, resume: Optiona
         logger.info("net.in_channels set to %d to match the data", channels)
         spec.config.net = dataclasses.replace(spec.config.net, in_channels=channels)
     _dry_run(spec, ds)
-    resumed_from = resume_checkpoint(spec.config, run, resume)  # settings that contradict the checkpoint fail here
+    point = resume_point(spec.config, run, resume)  # net / method settings that contradict the checkpoint fail here
+    resumed_from = None if point is None else point[0]
+    history = _pretrain_resume_history(spec, run, point)  # and so does any other trajectory setting
     world.barrier()  # every rank has checked run_dir before rank 0 writes into it
     if world.is_main:
         run.mkdir(parents=True, exist_ok=True)
         resolved = spec.to_dict()
+        if history:
+            resolved["resumes"] = history
         resolved["data_summary"] = {"source": index.source, "root": str(index.root), "n_volumes": len(volumes),
                                     "n_cases_listed": len(index.cases), "samples_per_epoch": len(ds),
                                     "batches_per_epoch": batches_per_epoch(ds, bs),
@@ -348,6 +380,46 @@ def model_factory(net: Mapping[str, Any]) -> Callable[[int, int], torch.nn.Modul
     return factory
 
 
+#: fine-tuning settings a rerun of a started run may change (resolved_config.json keys; macl.run.resume_guard)
+FINETUNE_SAFE = ("finetune.log_every", "finetune.checkpoint_every", "finetune.device", "finetune.skip_bad",
+                 "finetune.preprocess.cache_dir")
+
+
+def saved_finetune_settings(run_dir: str | os.PathLike) -> Optional[dict]:
+    """The saved settings (resolved_config.json) of a fine-tuning run that has trained (a checkpoint or a final
+    model), which a rerun continues; None for a folder without one (a fresh start takes any settings)."""
+    run = Path(run_dir)
+    if not ((run / "checkpoint_latest.pt").is_file() or (run / "model_final.pt").is_file()):
+        return None
+    try:
+        saved = json.loads((run / RESOLVED).read_text())
+    except (OSError, ValueError):
+        return None
+    return saved if isinstance(saved, dict) and "finetune" in saved and "net" in saved else None
+
+
+def _finetune_resume_history(run: Path, resolved: dict, cfg) -> list:
+    """The ``resumes`` list of a fine-tuning rerun's resolved_config.json, its accepted changes logged.
+
+    Raises:
+        ValueError: a trajectory setting differs from the run's (:func:`macl.run.resume_guard.resume_changes`).
+    """
+    saved = saved_finetune_settings(run)
+    if saved is None:
+        return []
+    done = int(saved["finetune"].get("steps", 0))
+    if (run / "checkpoint_latest.pt").is_file():
+        done = int(runfolder.load_checkpoint_safe(run / "checkpoint_latest.pt").get("step", done))
+    old = {k: saved.get(k) for k in resolved if k != "resumes"}
+    changes = resume_guard.resume_changes(run, old, {k: v for k, v in resolved.items() if k != "resumes"},
+                                          safe=FINETUNE_SAFE, steps_key="finetune.steps", done_step=done,
+                                          schedule_fixed=cfg.min_lr == cfg.lr, paths=("data", "pretrained"),
+                                          strip="finetune.")
+    if changes:
+        logger.info("continuing %s at step %d with changed settings: %s", run, done, resume_guard.describe(changes))
+    return list(saved.get("resumes") or []) + [{"step": done, "changes": changes, "time": round(time.time(), 3)}]
+
+
 def run_finetune(data: str, run_dir: str | os.PathLike, cfg, net: Mapping[str, Any],
                  pretrained: Optional[str] = None, progress: Optional[Progress] = None,
                  evaluate_test: bool = True, world: Optional[World] = None) -> dict:
@@ -376,6 +448,9 @@ def run_finetune(data: str, run_dir: str | os.PathLike, cfg, net: Mapping[str, A
     resolved = {"data": str(data), "pretrained": source,
                 "net": {k: v for k, v in dict(net).items() if k != "in_channels"}, "finetune": cfg.to_dict()}
     check_finetune_rerun(run, resolved, RESOLVED)
+    history = _finetune_resume_history(run, resolved, cfg)  # any other trajectory setting that differs fails here
+    if history:
+        resolved["resumes"] = history
     started = []
 
     def write_resolved() -> None:  # once the run has started: a failed start leaves the old settings in place
@@ -459,4 +534,4 @@ def format_summary(summary: Mapping[str, Any]) -> str:
 
 __all__ = ["PretrainSpec", "run_pretrain", "run_finetune", "run_evaluate", "pretrained_net", "pretrained_source",
            "model_factory", "patch_size", "read_config_file", "parse_value", "dice_table", "format_summary",
-           "has_checkpoint", "DataError", "RESOLVED", "WEIGHTS"]
+           "has_checkpoint", "DataError", "RESOLVED", "WEIGHTS", "saved_finetune_settings"]

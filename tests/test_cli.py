@@ -138,8 +138,8 @@ def test_config_file_with_data_section_then_flags_then_set(data, tmp_path):
 def test_resume_keeps_the_runs_own_settings(data, tmp_path, capsys):
     run = tmp_path / "pcl"
     assert cli.main(["pretrain", "--data", str(data), "--out", str(run), "--method", "pcl", "--steps", "2",
-                     "--checkpoint-every", "1", "--no-progress", *TINY]) == 0
-    # no --method, no size flags: the saved settings are used, only the length changes
+                     "--set", "optim.min_lr=0.01", "--checkpoint-every", "1", "--no-progress", *TINY]) == 0
+    # no --method, no size flags: the saved settings are used, only the length changes (a constant lr allows it)
     assert cli.main(["pretrain", "--data", str(data), "--out", str(run), "--resume", "auto", "--steps", "3",
                      "--no-progress"]) == 0
     assert "resumed from" in capsys.readouterr().out

@@ -33,6 +33,7 @@ def test_pretrain_gcl_with_csv_meta_labels_checkpoints_and_resumes(data, tmp_pat
     run = tmp_path / "gcl"
     assert cli.main(["pretrain", "--data", str(data), "--out", str(run), "--method", "gcl", "--meta-csv", str(meta),
                      "--set", "method.meta_labels=['position','volume','site']", "--steps", "2",
+                     "--set", "optim.min_lr=0.01",  # a constant lr: the resume below may extend the run
                      "--checkpoint-every", "1", "--no-progress", *TINY]) == 0
     resolved = json.loads((run / "resolved_config.json").read_text())
     assert resolved["pretrain"]["method"]["name"] == "gcl" and resolved["data"]["meta_csv"] == str(meta)

@@ -91,7 +91,8 @@ def test_predict_writes_input_space_masks_and_evaluate_reproduces_the_summary(ob
         assert int(out.header["qform_code"]) == 1 and int(out.header["sform_code"]) == 2
         assert np.issubdtype(out.get_data_dtype(), np.integer)
     capsys.readouterr()
-    assert cli.main(["evaluate", "--predictions", str(masks), "--data", str(oblique), "--no-progress"]) == 0
+    assert cli.main(["evaluate", "--predictions", str(masks), "--data", str(oblique), "--cases", str(cases),
+                     "--no-progress"]) == 0
     ours = json.loads((masks / "summary.json").read_text())
     run = json.loads((ft / "summary.json").read_text())
     assert [c["case_id"] for c in ours["metric_per_case"]] == [c["case_id"] for c in run["metric_per_case"]]
@@ -113,9 +114,9 @@ def test_evaluate_refuses_a_mask_off_the_image_grid(oblique, tmp_path):
     ref = nib.load(str(oblique / "labelsTr" / f"{cid}.nii.gz"))
     nib.save(nib.Nifti1Image(np.asanyarray(ref.dataobj), np.eye(4)), str(masks / f"{cid}_seg.nii.gz"))
     with pytest.raises(DataError, match="voxel grid"):
-        evaluate_predictions(masks, oblique)
+        evaluate_predictions(masks, oblique, [cid])
     # the reference label itself, under MONAI's _seg name, scores Dice 1
     nib.save(ref, str(masks / f"{cid}_seg.nii.gz"))
-    summary = evaluate_predictions(masks, oblique)
+    summary = evaluate_predictions(masks, oblique, [cid])
     assert summary["n_cases"] == 1
     assert all(v["Dice"] == 1.0 for v in summary["metric_per_case"][0]["metrics"].values() if v["n_ref"] > 0)

@@ -197,7 +197,12 @@ def _run(out: Path, cfg: DemoConfig, progress: Optional[StageProgress]) -> dict[
     t = time.perf_counter()
     rows = table_rows(runs)
     table = format_table(cfg, rows, labelled, train, test, pre["step"], verdicts)
-    figures = write_figures(out, data, runs, test[0])
+    from macl.extras import missing
+    if missing("demo"):  # plots are optional: the table, results.json and the run folders need no matplotlib
+        logger.warning("no figures: matplotlib is not installed (pip install \"macl[demo]\" for the PNGs)")
+        figures = []
+    else:
+        figures = write_figures(out, data, runs, test[0])
     timings["figures"] = time.perf_counter() - t
     seconds = time.perf_counter() - t_start
     result = {"config": cfg.to_dict(), "table_rows": rows, "labelled": labelled, "test": test, "train": train,

@@ -83,6 +83,23 @@ def write_json(path: Any, obj: Any, **dump_kw: Any) -> None:
     atomic_write(path, json.dumps(obj, **dump_kw))
 
 
+def require_writable(folder: Any) -> None:
+    """Fail early, naming ``folder``, when no file can be created in it (read-only, no permission, missing): a
+    command that writes its result at the end checks this before it computes anything.
+
+    Raises:
+        PermissionError / OSError: ``<folder>: cannot write into this folder (<reason>)``.
+    """
+    probe = os.path.join(os.fspath(folder), f".macl-write-test{_tmp_path('')}")  # *.tmpPID: clean_temp's name
+    try:
+        fd = os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        cls = PermissionError if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS) else OSError
+        raise cls(f"{os.fspath(folder)}: cannot write into this folder ({e.strerror or e})") from None
+
+
 class _Sink:
     """A file-like ``write`` for ``torch.save`` that routes through `_write_all` and remembers the first
     OSError (torch turns it into an opaque ``RuntimeError: ... unexpected pos``)."""

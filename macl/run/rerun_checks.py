@@ -21,7 +21,13 @@ from macl.settings.config import PretrainConfig, from_dict
 
 def resume_checkpoint(config: PretrainConfig, run: Path, resume: Optional[str]) -> Optional[str]:
     """The checkpoint a resume will load (``latest.pt``, ``final.pt``, else the newest loadable ``step_*.pt``),
-    checked against the new settings before the run folder is touched.
+    checked against the new settings before the run folder is touched (see :func:`resume_point`)."""
+    point = resume_point(config, run, resume)
+    return None if point is None else point[0]
+
+
+def resume_point(config: PretrainConfig, run: Path, resume: Optional[str]) -> Optional[tuple[str, int]]:
+    """(path, step) of the checkpoint a resume will load, or None for a fresh start; see :func:`resume_checkpoint`.
 
     Raises:
         ValueError: no loadable checkpoint among existing ones, or net / method settings that differ from the
@@ -43,7 +49,7 @@ def resume_checkpoint(config: PretrainConfig, run: Path, resume: Optional[str]) 
         if diff:
             raise ValueError(f"cannot resume {path} with other settings ({', '.join(diff)}); drop those flags to "
                              f"continue the run, or choose a new --out")
-    return path
+    return path, int(ckpt.get("step", 0) or 0)
 
 
 def check_finetune_rerun(run: Path, resolved: Mapping[str, Any], resolved_name: str) -> None:
@@ -65,4 +71,4 @@ def check_finetune_rerun(run: Path, resolved: Mapping[str, Any], resolved_name: 
                          f"it with its own settings, or choose a new --out")
 
 
-__all__ = ["resume_checkpoint", "check_finetune_rerun"]
+__all__ = ["resume_checkpoint", "resume_point", "check_finetune_rerun"]
