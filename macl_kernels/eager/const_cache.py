@@ -68,6 +68,8 @@ def other_view_index(B: int, device: torch.device) -> torch.Tensor:
     """
     if B < 0:
         raise ValueError(f"B must be >= 0, got {B}")
+    if torch.compiler.is_compiling():   # a graph constant: no cache, no version guard (never trusted)
+        return (torch.arange(B, 3 * B, device=device) % max(2 * B, 1)).reshape(1, 2 * B)
     key = ("other_view", B, device)
     t = _get(key)
     if t is not None:
@@ -79,6 +81,8 @@ def other_view_index(B: int, device: torch.device) -> torch.Tensor:
 
 def trusted(t: torch.Tensor) -> Optional[Trust]:
     """The `Trust` of `t` when it is a cached index tensor not modified since it was built, else None."""
+    if torch.compiler.is_compiling():   # (traced code never sees a cached tensor)
+        return None
     e = _BY_ID.get(id(t))
     if e is None or e.tensor is not t or e.trust is None or t._version != e.version:
         return None
