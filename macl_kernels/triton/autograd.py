@@ -103,7 +103,7 @@ def launch_fwd(q: torch.Tensor, k: torch.Tensor, scale, o: LaunchOptions):
            lambda meta: (G * -(-N // meta["BLOCK_M"]),),
            [q, k, o.q_meta, km, kv, s_ptr, cnt, loss, lse, s, o.threshold, N, M,
             *q.stride(), *k.stride(), loss.stride(0), loss.stride(1)],
-           dict(D=D, SCALE_IN_MEM=in_mem, **flags))
+           dict(D=D, SCALE_IN_MEM=in_mem, **flags), sizes=(N, M))
     return loss, lse, cnt
 
 
@@ -135,7 +135,7 @@ def launch_bwd(phase: str, q, k, scale, lse, cnt, grad, o: LaunchOptions, with_d
     launch(contrast_dq_kernel if phase == "dq" else contrast_dk_kernel, cands, o.interpret,
            lambda meta: (G * -(-rows // meta[block]) * n_dout,),
            args + [s, o.threshold, N, M, *q.stride(), *k.stride(), lse.stride(0), lse.stride(1), *out.stride()],
-           dict(D=D, SCALE_IN_MEM=in_mem, DZ_SCALE=_dz_scale(q.dtype), **flags, **extra))
+           dict(D=D, SCALE_IN_MEM=in_mem, DZ_SCALE=_dz_scale(q.dtype), **flags, **extra), sizes=(N, M))
     return out, None if ds is None else ds[..., 0]   # the n_dout copies are identical
 
 
