@@ -12,6 +12,7 @@ from typing import NamedTuple, Optional, Union
 
 import torch
 
+from . import op as _op
 from .eager import const_cache
 from .input_checks import checks_enabled, guarded_scale
 from .problem import ContrastProblem, RowOutputs
@@ -152,8 +153,7 @@ def _dispatch(p: ContrastProblem, impl: str, allow_tf32: Optional[bool], reducti
     if not eager and torch.compiler.is_compiling():
         if impl not in IMPLS:
             raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-        from .op import rows as op_rows
-        return op_rows(p, impl, allow_tf32, check_values), None
+        return _op.rows(p, impl, allow_tf32, check_values), None
     impl = resolve_impl(impl, p.q.device, p.q.dtype)
     if p.q.shape[0] * p.q.shape[1] * p.k.shape[1] == 0:
         impl = "reference"   # empty batch (no anchor or no key): zero loss, zero gradients, on any device
@@ -172,6 +172,9 @@ def _dispatch(p: ContrastProblem, impl: str, allow_tf32: Optional[bool], reducti
         return torch_rows(p), None
     from .triton import triton_rows
     return triton_rows(p, allow_tf32=allow_tf32), None
+
+
+_op.set_runner(lambda p, impl, allow_tf32: _dispatch(p, impl, allow_tf32, "none", None, eager=True)[0])
 
 
 # ----------------------------------------------------------------------------------------- validation

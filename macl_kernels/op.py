@@ -60,9 +60,21 @@ def _check_values(p: ContrastProblem) -> None:
                 raise ValueError(f"{name} contains non-finite values")
 
 
+#: runs an implementation eagerly: (p, impl, allow_tf32) -> RowOutputs. Set by `api` when it is imported
+#: (`set_runner`), so that this module, below the entry point, does not import it back.
+_RUNNER = None
+
+
+def set_runner(run) -> None:
+    """Install the eager runner the op calls (api's dispatch with reduction="none")."""
+    global _RUNNER
+    _RUNNER = run
+
+
 def _rows(p: ContrastProblem, impl: str, tf32: int) -> RowOutputs:
-    from .api import _dispatch
-    return _dispatch(p, impl, {-1: None, 0: False, 1: True}[tf32], "none", None, eager=True)[0]
+    if _RUNNER is None:   # (api imports this module and installs its runner first)
+        raise RuntimeError("macl_kernels.op: no runner installed; import macl_kernels first")
+    return _RUNNER(p, impl, {-1: None, 0: False, 1: True}[tf32])
 
 
 @torch.library.custom_op("macl::contrast_rows", mutates_args=())
