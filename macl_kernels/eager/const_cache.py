@@ -81,8 +81,6 @@ def other_view_index(B: int, device: torch.device) -> torch.Tensor:
 
 def trusted(t: torch.Tensor) -> Optional[Trust]:
     """The `Trust` of `t` when it is a cached index tensor not modified since it was built, else None."""
-    if torch.compiler.is_compiling():   # (traced code never sees a cached tensor)
-        return None
     e = _BY_ID.get(id(t))
     if e is None or e.tensor is not t or e.trust is None or t._version != e.version:
         return None
