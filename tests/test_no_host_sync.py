@@ -3,8 +3,9 @@
 `test_no_copies_or_host_reads_*` (issue 21) records, with a `TorchDispatchMode` plus a wrapper of
 `Tensor.tolist` (which reads memory without dispatching), every operation that is a host-device transfer on
 CUDA: tensors made from Python data (`aten.lift_fresh`: `torch.tensor`, `torch.as_tensor` of a list), reads of
-a value to the host (`aten._local_scalar_dense`: `.item()`, `bool()`, `float()`, `int()`; `.tolist()`), and
-copies between devices (`aten._to_copy` / `aten.copy_` whose source and destination devices differ: none can
+a value to the host (`aten._local_scalar_dense`: `.item()`, `bool()`, `float()`, `int()`; `.tolist()`), operations
+whose output size is read from values (`nonzero`, `unique`, `masked_select`, boolean indexing, `repeat_interleave`
+without `output_size`), and copies between devices (`aten._to_copy` / `aten.copy_` whose source and destination devices differ: none can
 happen on a CPU-only host, they count where a GPU runs the test). Each is attributed to the innermost Python
 frame outside torch; those in `macl_kernels/` or `macl/methods/` fail the test. On CPU the first two kinds are
 exactly what would be a copy or a sync on CUDA, so the test is meaningful without a GPU. It runs the five
@@ -195,6 +196,11 @@ def _our_frame():
     return None
 
 
+#: operations whose output size depends on tensor values: on CUDA the host waits for the size (a sync)
+_SIZE_FROM_VALUES = {_aten.nonzero.default, _aten._unique2.default, _aten.unique_dim.default,
+                     _aten.unique_consecutive.default, _aten.masked_select.default}
+
+
 class CopyRecorder(TorchDispatchMode):
     """Records (kind, op, where) for every host-device transfer our code makes (module docstring)."""
 
@@ -213,6 +219,10 @@ class CopyRecorder(TorchDispatchMode):
             self.note("tensor from Python data", str(func))
         elif func is _aten._local_scalar_dense.default:
             self.note("value read to the host", str(func))
+        elif func in _SIZE_FROM_VALUES or (func is _aten.index.Tensor and any(
+                t is not None and t.dtype in (torch.bool, torch.uint8) for t in args[1])) or (
+                func is _aten.repeat_interleave.Tensor and kwargs.get("output_size") is None):
+            self.note("output size read from values", str(func))
         elif func is _aten._to_copy.default and kwargs.get("device") is not None \
                 and torch.device(kwargs["device"]) != args[0].device:
             self.note(f"copy {args[0].device} -> {kwargs['device']}", str(func))
@@ -351,8 +361,10 @@ def test_the_recorder_can_fail(copies):
     assert "value read to the host" in kinds   # float(τ), isfinite(...).all()
     rec = CopyRecorder()
     with rec:
-        exec(compile("import torch\nt = torch.tensor([1.0])\nt.tolist()", os.path.join(OURS[0], "fake.py"), "exec"))
-    assert [e[0] for e in rec.events] == ["tensor from Python data"]   # (tolist is seen by the fixture's wrapper)
+        exec(compile("import torch\nt = torch.tensor([1.0, 0.0])\nt.tolist()\nt.nonzero()\nt[t > 0]\n"
+                     "t.repeat_interleave(torch.ones(2, dtype=torch.long))", os.path.join(OURS[0], "fake.py"), "exec"))
+    # (tolist is seen by the fixture's wrapper, not by the mode)
+    assert [e[0] for e in rec.events] == ["tensor from Python data"] + ["output size read from values"] * 3
 
 
 def test_distributed_gather_path_reduces_on_the_device(copies, monkeypatch):
