@@ -12,6 +12,7 @@ from typing import NamedTuple, Optional, Union
 
 import torch
 
+from . import op as _op
 from .eager import const_cache
 from .input_checks import checks_enabled, guarded_scale
 from .problem import ContrastProblem, RowOutputs
@@ -92,13 +93,13 @@ def grouped_info_nce(
     unbatched = isinstance(q, torch.Tensor) and q.dim() == 2
     if not isinstance(normalize, bool):
         raise TypeError(f"normalize must be a bool, got {normalize!r}")
-    p, scale_tensor = _build_problem(q, k, temperature, pos_index, q_labels, k_labels, q_positions,
-                                     k_positions, threshold, exclude_self, q_valid, k_valid, check_inputs,
-                                     normalize)
+    p, deferred = _build_problem(q, k, temperature, pos_index, q_labels, k_labels, q_positions,
+                                 k_positions, threshold, exclude_self, q_valid, k_valid, check_inputs,
+                                 normalize)
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     rows, loss = _dispatch(p, impl, allow_tf32, reduction,   # loss: None unless reduced inside
-                           (q, k) if unbatched else None)
+                           (q, k) if unbatched else None, check_values=deferred)
     if loss is None:
         if reduction == "mean":   # over counted anchors (count > 0)
             loss = rows.loss.sum() / torch.count_nonzero(rows.count).clamp_(min=1)
@@ -144,9 +145,15 @@ NATIVE_NORMALIZE: frozenset = frozenset({"triton", "torch", "reference"})
 
 
 def _dispatch(p: ContrastProblem, impl: str, allow_tf32: Optional[bool], reduction: str = "none",
-              flat: Optional[tuple] = None):
+              flat: Optional[tuple] = None, eager: bool = False, check_values: bool = False):
     """(RowOutputs, reduced loss or None): small torch problems reduce inside their autograd function.
-    flat: the caller's (q, k) when they were 2-D (see `torch_dense.dense_reduced`)."""
+    flat: the caller's (q, k) when they were 2-D (see `torch_dense.dense_reduced`).
+    While `torch.compile` traces (and not `eager`), the rows come from the custom op `macl.contrast_rows`
+    (macl_kernels/op.py), which runs the value checks `check_values` at run time and resolves `impl` there."""
+    if not eager and torch.compiler.is_compiling():
+        if impl not in IMPLS:
+            raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+        return _op.rows(p, impl, allow_tf32, check_values), None
     impl = resolve_impl(impl, p.q.device, p.q.dtype)
     if p.q.shape[0] * p.q.shape[1] * p.k.shape[1] == 0:
         impl = "reference"   # empty batch (no anchor or no key): zero loss, zero gradients, on any device
@@ -167,12 +174,20 @@ def _dispatch(p: ContrastProblem, impl: str, allow_tf32: Optional[bool], reducti
     return triton_rows(p, allow_tf32=allow_tf32), None
 
 
+_op.set_runner(lambda p, impl, allow_tf32: _dispatch(p, impl, allow_tf32, "none", None, eager=True)[0])
+
+
 # ----------------------------------------------------------------------------------------- validation
 
 def _build_problem(q, k, temperature, pos_index, q_labels, k_labels, q_positions, k_positions,
                    threshold, exclude_self, q_valid, k_valid, check_inputs=None, normalize: bool = False):
+    """(ContrastProblem, deferred): the validated problem, and whether the value checks are still to run
+    (while `torch.compile` traces they cannot read tensors: the custom op runs them, macl_kernels/op.py)."""
     _check_features("q", q)
     checks = checks_enabled(check_inputs, q.device)
+    deferred = False
+    if checks and torch.compiler.is_compiling():
+        checks, deferred = False, True
     self_contrast = k is None
     if self_contrast:
         k = q
@@ -249,7 +264,7 @@ def _build_problem(q, k, temperature, pos_index, q_labels, k_labels, q_positions
         raise TypeError(f"exclude_self must be a bool, got {exclude_self!r}")
     p = ContrastProblem(q=q, k=k, scale=scale, rule=rule, q_meta=q_meta, k_meta=k_meta, threshold=thr,
                         exclude_self=exclude_self, q_valid=qv, k_valid=kv, normalize=normalize)
-    return p, isinstance(scale, torch.Tensor)
+    return p, deferred
 
 
 def _trusted_in_range(pos_index: torch.Tensor, M: int) -> bool:

@@ -114,7 +114,9 @@ def _radius_runs(centres: torch.Tensor, sorted_pos: torch.Tensor, threshold: flo
     Binary search on the predicate as computed in float32 (fl(c − pos) is monotone in pos, so the run is
     contiguous), so that boundary ties resolve exactly as `|a − b| < t` does elsewhere.
     """
-    t = torch.tensor(threshold, dtype=torch.float32, device=centres.device)
+    # A Python float against float32 tensors is compared in float32 (a wrapped scalar takes the tensor's dtype),
+    # as `|a − b| < t` is everywhere else; no tensor is made from it (on CUDA that would be a host-device copy).
+    t = float(threshold)
     below = lambda pos, c: (c - pos) >= t   # pos too small: monotone True..True False..False
     above = lambda pos, c: (pos - c) >= t   # pos too large: monotone False..False True..True
     lo = _first_true(sorted_pos, centres, lambda pos, c: ~below(pos, c))

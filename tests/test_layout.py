@@ -26,7 +26,7 @@ PUBLIC = {
 # The only modules allowed at each package's top level; everything else lives in a folder of its kind.
 TOP_LEVEL = {
     "macl_kernels": {"__init__", "losses", "compat", "api", "problem", "positives", "precision", "input_checks",
-                     "reference", "index_terms", "rownorm"},
+                     "reference", "index_terms", "rownorm", "op"},
     "macl": {"__init__", "cli", "cli_output", "extras", "workflow", "train", "finetune", "predict", "diagnostics",
              "parallel"},
 }

@@ -1,4 +1,16 @@
-"""No host-device synchronisation in the Triton path's forward and backward (issue 11, item 4).
+"""No host-device synchronisation in the Triton path's forward and backward (issue 11 item 4, issue 21 item 4).
+
+`test_no_copies_or_host_reads_*` (issue 21) records, with a `TorchDispatchMode` plus a wrapper of
+`Tensor.tolist` (which reads memory without dispatching), every operation that is a host-device transfer on
+CUDA: tensors made from Python data (`aten.lift_fresh`: `torch.tensor`, `torch.as_tensor` of a list), reads of
+a value to the host (`aten._local_scalar_dense`: `.item()`, `bool()`, `float()`, `int()`; `.tolist()`), operations
+whose output size is read from values (`nonzero`, `unique`, `masked_select`, boolean indexing, `repeat_interleave`
+without `output_size`), and copies between devices (`aten._to_copy` / `aten.copy_` whose source and destination devices differ: none can
+happen on a CPU-only host, they count where a GPU runs the test). Each is attributed to the innermost Python
+frame outside torch; those in `macl_kernels/` or `macl/methods/` fail the test. On CPU the first two kinds are
+exactly what would be a copy or a sync on CUDA, so the test is meaningful without a GPU. It runs the five
+losses (every positive rule, fixed and learnable τ, the modules) and the core with each rule, forward and
+backward, on the Triton path (the CUDA path: the interpreter on CPU) with the input checks in their CUDA mode.
 
 On CUDA, reading a tensor value on the host (`.item()`, `bool(t)`, `float(t)`, `int(t)`, `.tolist()`) waits
 for the GPU. Here, on CPU under TRITON_INTERPRET=1, those five methods are patched to raise when called
@@ -153,3 +165,219 @@ def test_checks_off_out_of_range_pos_index_is_memory_safe_in_triton():
     pi[0, :5] = 31 + torch.arange(5)
     res = grouped_info_nce(q, k, pos_index=pi, impl="triton", check_inputs=False, reduction="none")
     assert (res.pos_count[0, :5] == 0).all() and (res.loss[0, :5] == 0).all() and (res.pos_count[:, 5:] == 1).all()
+
+
+# ------------------------------------------------------------------ copy recording (issue 21 item 4)
+
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+
+_aten = torch.ops.aten
+_TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
+_HERE = os.path.abspath(__file__)
+
+
+#: (file, function) of our code allowed to read a value on CPU, each with why it is no transfer on CUDA:
+#: `_LossModule._tau` reads a fixed τ buffer with float() only when the buffer is NOT on a CUDA device (a CPU
+#: scalar: no sync); on CUDA it passes the tensor on (losses.py).
+HOST_ONLY = {("losses.py", "_tau")}
+
+
+def _our_frame():
+    """'file:line' of the innermost frame outside torch and this file, when it is in our code (and not in
+    HOST_ONLY); else None."""
+    f = sys._getframe(1)
+    while f is not None:
+        name = f.f_code.co_filename
+        if not (name.startswith(_TORCH_DIR) or os.path.abspath(name) == _HERE):
+            if (os.path.basename(name), f.f_code.co_name) in HOST_ONLY:
+                return None
+            return f"{name}:{f.f_lineno}" if name.startswith(OURS) else None
+        f = f.f_back
+    return None
+
+
+#: operations whose output size depends on tensor values: on CUDA the host waits for the size (a sync)
+_SIZE_FROM_VALUES = {_aten.nonzero.default, _aten._unique2.default, _aten.unique_dim.default,
+                     _aten.unique_consecutive.default, _aten.masked_select.default}
+
+
+class CopyRecorder(TorchDispatchMode):
+    """Records (kind, op, where) for every host-device transfer our code makes (module docstring)."""
+
+    def __init__(self):
+        super().__init__()
+        self.events: list = []
+
+    def note(self, kind: str, what: str) -> None:
+        where = _our_frame()
+        if where is not None:
+            self.events.append((kind, what, where))
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in (_aten.lift_fresh.default, _aten.lift_fresh_copy.default):
+            self.note("tensor from Python data", str(func))
+        elif func is _aten._local_scalar_dense.default:
+            self.note("value read to the host", str(func))
+        elif func in _SIZE_FROM_VALUES or (func is _aten.index.Tensor and any(
+                t is not None and t.dtype in (torch.bool, torch.uint8) for t in args[1])) or (
+                func is _aten.repeat_interleave.Tensor and kwargs.get("output_size") is None):
+            self.note("output size read from values", str(func))
+        elif func is _aten._to_copy.default and kwargs.get("device") is not None \
+                and torch.device(kwargs["device"]) != args[0].device:
+            self.note(f"copy {args[0].device} -> {kwargs['device']}", str(func))
+        elif func is _aten.copy_.default and args[0].device != args[1].device:
+            self.note(f"copy {args[1].device} -> {args[0].device}", str(func))
+        return func(*args, **kwargs)
+
+
+@pytest.fixture
+def copies(monkeypatch):
+    """A `CopyRecorder` (enter it with `with copies:`), with Tensor.tolist reported to it too, and the input
+    checks in their CUDA mode (off: they read values back by design)."""
+    rec = CopyRecorder()
+    orig = torch.Tensor.tolist
+
+    def tolist(self, *a, **kw):
+        rec.note("value read to the host", "Tensor.tolist")
+        return orig(self, *a, **kw)
+    monkeypatch.setattr(torch.Tensor, "tolist", tolist)
+    monkeypatch.setattr(api, "checks_enabled", lambda check_inputs, device: bool(check_inputs))
+    return rec
+
+
+def _loss_cases():
+    """name -> (builder(seed, learn_tau) -> (loss callable, leaves)): the five losses with their rules."""
+    from macl_kernels import dense_info_nce, info_nce, nt_xent, sup_con
+    from macl_kernels.losses import DenseInfoNCELoss, InfoNCELoss, NTXentLoss, SupConLoss
+
+    def feats(g, *shape):
+        return torch.randn(*shape, generator=g, requires_grad=True)
+
+    def tau_of(learn):
+        return torch.tensor(0.2, requires_grad=True) if learn else 0.2
+
+    def nt(g, learn):
+        a, b, t = feats(g, 6, 8), feats(g, 6, 8), tau_of(learn)
+        return (lambda: nt_xent(a, b, temperature=t, impl="triton")), [a, b, t]
+
+    def sc(g, learn):
+        x, t, lab = feats(g, 5, 2, 8), tau_of(learn), torch.randint(0, 3, (5,), generator=g)
+        return (lambda: sup_con(x, lab, temperature=t, impl="triton")), [x, t]
+
+    def psc(g, learn):
+        x, t, pos = feats(g, 5, 2, 8), tau_of(learn), torch.rand(5, generator=g)
+        return (lambda: positional_sup_con(x, pos, 0.3, temperature=t, impl="triton")), [x, t]
+
+    def ince(g, learn):
+        q, k, t = feats(g, 6, 8), feats(g, 9, 8), tau_of(learn)
+        idx = torch.randint(0, 9, (6,), generator=g)
+        return (lambda: info_nce(q, k, idx, temperature=t, impl="triton")), [q, k, t]
+
+    def ince_bank(g, learn):   # a no-grad memory bank, the default positive (index i)
+        q, t = feats(g, 6, 8), tau_of(learn)
+        bank = torch.randn(9, 8, generator=g)
+        return (lambda: info_nce(q, bank, temperature=t, impl="triton")), [q, t]
+
+    def dense(negatives, positions):
+        def build(g, learn):
+            f1, f2, t = feats(g, 2, 8, 3, 2), feats(g, 2, 8, 3, 2), tau_of(learn)
+            mask = torch.rand(2, 3, 2, generator=g) > 0.2
+            kw = dict(positions=torch.rand(2, generator=g), threshold=0.3) if positions else {}
+            return (lambda: dense_info_nce(f1, f2, None if negatives == "location" else mask, negatives=negatives,
+                                           temperature=t, impl="triton", symmetric=negatives == "image", **kw)), \
+                [f1, f2, t]
+        return build
+
+    def module(cls, make_args):
+        def build(g, learn):
+            crit = cls(learn_temperature=learn, impl="triton")
+            args = make_args(g)
+            leaves = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
+            return (lambda: crit(*args)), leaves + ([crit.temperature] if learn else [])
+        return build
+
+    return {
+        "nt_xent/index": nt, "sup_con/label": sc, "positional_sup_con/radius": psc, "info_nce/index": ince,
+        "info_nce/bank": ince_bank, "dense_info_nce/image": dense("image", False),
+        "dense_info_nce/batch": dense("batch", False), "dense_info_nce/location-label": dense("location", False),
+        "dense_info_nce/location-radius": dense("location", True),
+        "NTXentLoss": module(NTXentLoss, lambda g: (feats(g, 4, 8), feats(g, 4, 8))),
+        "SupConLoss": module(SupConLoss, lambda g: (feats(g, 4, 2, 8), torch.randint(0, 2, (4,), generator=g))),
+        "PositionalSupConLoss": module(PositionalSupConLoss, lambda g: (feats(g, 4, 2, 8), torch.rand(4, generator=g))),
+        "InfoNCELoss": module(InfoNCELoss, lambda g: (feats(g, 4, 8), feats(g, 6, 8))),
+        "DenseInfoNCELoss": module(DenseInfoNCELoss, lambda g: (feats(g, 2, 8, 2, 2), feats(g, 2, 8, 2, 2))),
+    }
+
+
+LOSS_CASES = _loss_cases()
+
+# On the code before issue 21 (s20, commit 9ba51f4) the 8 radius cases of the two tests below failed (8 failed,
+# 37 passed), each with:
+#   AssertionError: host-device transfers from our code: [('tensor from Python data', 'aten.lift_fresh.default',
+#   '/tmp/hop/old/macl_kernels/positives.py:117')]
+# (positives._radius_runs made torch.tensor(threshold, device=...) on every call: a host-to-device copy on CUDA).
+
+
+@pytest.mark.parametrize("learn_tau", [False, True])
+@pytest.mark.parametrize("case", list(LOSS_CASES))
+def test_no_copies_or_host_reads_in_the_losses(case, learn_tau, copies):
+    g = torch.Generator().manual_seed(5)
+    loss_fn, leaves = LOSS_CASES[case](g, learn_tau)
+    leaves = [t for t in leaves if isinstance(t, torch.Tensor)]
+    with copies:
+        loss = loss_fn()
+        grads = torch.autograd.grad(loss, leaves)
+    assert copies.events == [], f"host-device transfers from our code: {copies.events}"
+    assert torch.isfinite(loss) and all(torch.isfinite(t).all() for t in grads)
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize("rule", list(RULES))
+def test_no_copies_or_host_reads_in_the_core(rule, normalize, copies):
+    """grouped_info_nce with each rule, masks, a learnable τ, reduction "mean" and "none"."""
+    g, q, k = _inputs(seed=6)
+    tau = torch.tensor(0.1, requires_grad=True)
+    kw = dict(q_valid=torch.rand(2, 24, generator=g) > 0.2, k_valid=torch.rand(2, 31, generator=g) > 0.1,
+              **RULES[rule](g, 2, 24, 31))
+    with copies:
+        for reduction in ("mean", "none"):
+            res = grouped_info_nce(q, k, temperature=tau, impl="triton", normalize=normalize, reduction=reduction,
+                                   **kw)
+            torch.autograd.grad(res.loss.sum(), (q, k, tau))
+    assert copies.events == [], f"host-device transfers from our code: {copies.events}"
+
+
+def test_the_recorder_can_fail(copies):
+    """Each kind of transfer is seen when our code makes it (here: the checks on, and a module-level call)."""
+    g, q, k = _inputs(seed=7)
+    with copies:
+        grouped_info_nce(q, k, temperature=torch.tensor(0.1), impl="triton", check_inputs=True,
+                         q_positions=torch.rand(2, 24, generator=g), k_positions=torch.rand(2, 31, generator=g),
+                         threshold=0.2)
+        from macl_kernels import positives
+        positives.PositiveOperator   # (an attribute read is no transfer)
+    kinds = {e[0] for e in copies.events}
+    assert "value read to the host" in kinds   # float(τ), isfinite(...).all()
+    rec = CopyRecorder()
+    with rec:
+        exec(compile("import torch\nt = torch.tensor([1.0, 0.0])\nt.tolist()\nt.nonzero()\nt[t > 0]\n"
+                     "t.repeat_interleave(torch.ones(2, dtype=torch.long))", os.path.join(OURS[0], "fake.py"), "exec"))
+    # (tolist is seen by the fixture's wrapper, not by the mode)
+    assert [e[0] for e in rec.events] == ["tensor from Python data"] + ["output size read from values"] * 3
+
+
+def test_distributed_gather_path_reduces_on_the_device(copies, monkeypatch):
+    """With keys gathered (one metadata exchange per call, `GatherPlan.exchange`), the mean's global count stays
+    on the device: no second host read per step (before: `.tolist()` of the all-reduced count and flags)."""
+    from macl_kernels.distributed import core
+    monkeypatch.setattr(core, "all_reduce_sum", lambda t, group, what="count": t * 2)   # two equal ranks
+    rows_sum = torch.tensor(6.0)
+    pos_count = torch.tensor([[1, 0, 2]], dtype=torch.int32)
+    with copies:
+        out = core._global_reduction(rows_sum, pos_count, None, 2, "mean", with_failures=False)
+    assert copies.events == []
+    assert out.item() == 6.0 * 2 / 4
+    with copies:   # the local-keys path keeps its one read (the failure flags of every rank)
+        core._global_reduction(rows_sum, pos_count, None, 2, "mean")
+    assert [e[0] for e in copies.events] == ["value read to the host"]

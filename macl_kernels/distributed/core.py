@@ -67,7 +67,8 @@ def contrast(q: torch.Tensor, k: Optional[torch.Tensor] = None, *, group=None, g
             t = t.long() if name == "k_labels" else t.float() if name == "k_positions" else t
             kw[name] = plan.gather(t, own_first=True, what=name)
     res = grouped_info_nce(q, keys, reduction="none" if reduction == "none" else "sum", impl=impl, **kw)
-    return _global_reduction(res.loss, res.pos_count, group, W, reduction)
+    # the exchange above was this call's one host read (its errors are raised there): the count stays on the device
+    return _global_reduction(res.loss, res.pos_count, group, W, reduction, with_failures=False)
 
 
 def _check_locally(q, k, reduction, impl, kw) -> Optional[BaseException]:
@@ -106,11 +107,17 @@ def _local_keys(q, k, group, W, reduction, impl, kw) -> torch.Tensor:
     return _global_reduction(res.loss, res.pos_count, group, W, reduction)
 
 
-def _global_reduction(rows_or_sum, pos_count, group, W, reduction) -> torch.Tensor:
+def _global_reduction(rows_or_sum, pos_count, group, W, reduction, with_failures: bool = True) -> torch.Tensor:
+    """The per-rank loss of the module docstring. with_failures: the all-reduce also carries one failure flag
+    per rank (`_local_keys`: its one host read per call, so that a rank whose inputs were rejected stops every
+    rank); without, C stays on the device (no host read: the gather path exchanged its errors already)."""
     if reduction == "none":
         return rows_or_sum
     if reduction == "sum":
         return rows_or_sum * W
+    if not with_failures:
+        count = all_reduce_sum((pos_count > 0).sum().reshape(1), group)[0]
+        return rows_or_sum * W / count.clamp(min=1).to(rows_or_sum.dtype)
     local = torch.zeros(1 + W, dtype=torch.int64, device=pos_count.device)   # [count, failed flag per rank]
     local[0] = (pos_count > 0).sum()
     count, *failed = all_reduce_sum(local, group).tolist()

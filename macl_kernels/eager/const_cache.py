@@ -68,6 +68,8 @@ def other_view_index(B: int, device: torch.device) -> torch.Tensor:
     """
     if B < 0:
         raise ValueError(f"B must be >= 0, got {B}")
+    if torch.compiler.is_compiling():   # a graph constant: no cache, no version guard (never trusted)
+        return (torch.arange(B, 3 * B, device=device) % max(2 * B, 1)).reshape(1, 2 * B)
     key = ("other_view", B, device)
     t = _get(key)
     if t is not None:

@@ -27,7 +27,7 @@ from typing import Optional
 
 import torch
 
-from . import const_cache
+from . import const_cache, double_backward
 from ..problem import ContrastProblem, RowOutputs, stats_dtype
 from ..rownorm import EPS
 
@@ -91,6 +91,7 @@ class _DenseInfoNCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, scale, p: ContrastProblem, reduction: str, rows: bool, pair: bool = False):
         ctx.set_materialize_grads(False)
+        inputs = (q, None if k is q else k, scale if isinstance(scale, torch.Tensor) else None)
         rows = rows or reduction == "none"
         ctx.dtypes = (q.dtype, k.dtype)
         ctx.pair = q.shape[0] if pair else None   # the first half's rows
@@ -143,7 +144,7 @@ class _DenseInfoNCE(torch.autograd.Function):
 
         ctx.s, ctx.same, ctx.normalize, ctx.p, ctx.reduction = s, same, p.normalize, p, reduction
         ctx.scale_dtype = scale.dtype if isinstance(scale, torch.Tensor) else None
-        ctx.save_for_backward(y, c1, counted, qh, kh, q_norm, k_norm)
+        ctx.save_for_backward(y, c1, counted, qh, kh, q_norm, k_norm, *inputs)
         ctx.prob = prob   # not saved_tensors: the backward takes it over and turns it into dz in place
         if not rows:      # the reduction straight from the positive terms, where no anchor needs masking
             if pos_term is None:
@@ -178,7 +179,9 @@ class _DenseInfoNCE(torch.autograd.Function):
             g_red, g_rows = grads[0], (grads[1] if len(grads) > 1 else None)
         if g_red is None and g_rows is None:
             return None, None, None, None, None, None, None
-        y, c1, counted, qh, kh, q_norm, k_norm = ctx.saved_tensors
+        y, c1, counted, qh, kh, q_norm, k_norm, *inputs = ctx.saved_tensors
+        if double_backward.create_graph_requested():   # create_graph=True: a gradient with its own graph
+            return _backward_with_graph(ctx, g_red, g_rows, *inputs)
         prob, ctx.prob = ctx.prob, None
         if prob is None:   # a second backward through this graph (retain_graph=True): the first consumed P
             prob = _probabilities_(_log_softmax_logits(qh, kh, ctx.s, ctx.p, with_max=False)[0], ctx.p)
@@ -239,6 +242,31 @@ class _DenseInfoNCE(torch.autograd.Function):
             dq = dq[0] if dq is not None else None
             dk = dk[0] if dk is not None else None
         return dq, dk, ds, None, None, None, None
+
+
+def _backward_with_graph(ctx, g_red, g_rows, q_in, k_in, scale_in):
+    """The backward's outputs as differentiable functions of the inputs (eager/double_backward.py): the
+    loss is recomputed with plain torch operations, from the tensors `forward` received."""
+    same = k_in is None
+    k_in = q_in if same else k_in
+
+    def total():
+        if ctx.pair is not None:
+            q = k = torch.cat([q_in, k_in])[None]
+        else:
+            q = q_in[None] if ctx.flat else q_in
+            k = q if same else (k_in[None] if ctx.flat else k_in)
+        rows = double_backward.differentiable_rows(q, k, scale_in if scale_in is not None else ctx.s, ctx.p)
+        out = rows.new_zeros(())
+        if g_red is not None:
+            red = rows.sum()
+            out = out + g_red * (red / ctx.n if ctx.reduction == "mean" else red)
+        if g_rows is not None:
+            out = out + (g_rows * rows).sum()
+        return out
+
+    grads = double_backward.grads_with_graph(total, (q_in, k_in, scale_in), ctx.needs_input_grad[:3])
+    return (*grads, None, None, None, None)
 
 
 def _split_pair(ctx, dq, ds):

@@ -30,7 +30,8 @@ def two_views(z1: torch.Tensor, z2: torch.Tensor, pos: torch.Tensor, temperature
               process_group) -> Optional[torch.Tensor]:
     """nt_xent's `self_contrast` of cat([z1, z2]) with the index rule `pos` (a `const_cache` index), the
     concatenation made without autograd: the gradient flows to z1 and z2 from the dense function itself."""
-    if z1.dtype != z2.dtype or z1.device != z2.device or not z1.is_floating_point():
+    if z1.dtype != z2.dtype or z1.device != z2.device or not z1.is_floating_point() \
+            or torch.compiler.is_compiling():
         return None   # (the general path promotes or raises)
     z = torch.cat([z1.detach(), z2.detach()])
     return self_contrast(z, temperature, normalize, reduction, impl, process_group, "index", pos, pair=(z1, z2))
@@ -52,7 +53,8 @@ def self_contrast(z: torch.Tensor, temperature, normalize, reduction, impl, proc
         The 0-d reduced loss (float32, float64 for float64 features), differentiable w.r.t. z (or the two
         halves of `pair`); or None.
     """
-    if (reduction not in _REDUCED or normalize.__class__ is not bool
+    if (torch.compiler.is_compiling()   # torch.compile: the general path's custom op (macl_kernels/op.py)
+            or reduction not in _REDUCED or normalize.__class__ is not bool
             or temperature.__class__ is not float or not (0.0 < temperature < math.inf)
             or not (impl == "torch" or (impl == "auto" and z.device.type == "cpu"))
             or z.dim() != 2 or not z.is_floating_point()):

@@ -29,7 +29,7 @@ import math
 import torch
 
 from .. import index_terms
-from . import self_tiles, tile_workers, dense as torch_dense
+from . import double_backward, self_tiles, tile_workers, dense as torch_dense
 from ..positives import PositiveOperator
 from ..problem import ContrastProblem, RowOutputs, stats_dtype
 from ..rownorm import project_, rowdot
@@ -248,14 +248,21 @@ class _ChunkedInfoNCE(torch.autograd.Function):
         ctx.same = q is k
         ctx.dtypes = (q.dtype, k.dtype)
         ctx.scale_dtype = scale.dtype if isinstance(scale, torch.Tensor) else None
-        ctx.save_for_backward(qf, kf, lse, count, counted)
+        ctx.save_for_backward(qf, kf, lse, count, counted, q, None if q is k else k,
+                              scale if isinstance(scale, torch.Tensor) else None)
         ctx.mark_non_differentiable(lse, count)
         return loss, lse, count
 
     @staticmethod
     def backward(ctx, g_loss, _g_lse, _g_count):
-        qf, kf, lse, count, counted = ctx.saved_tensors
+        qf, kf, lse, count, counted, q_in, k_in, scale_in = ctx.saved_tensors
         p, pos_op, s, in_tile = ctx.p, ctx.pos_op, ctx.s, ctx.in_tile
+        if double_backward.create_graph_requested():   # create_graph=True: a gradient with its own graph
+            k_in = q_in if ctx.same else k_in
+            sc = scale_in if scale_in is not None else s
+            rows = lambda: (double_backward.differentiable_rows(q_in, k_in, sc, p) * g_loss).sum()  # noqa: E731
+            return (*double_backward.grads_with_graph(rows, (q_in, k_in, scale_in), ctx.needs_input_grad[:3]),
+                    None)
         ops = Operands.__new__(Operands)
         ops.qf, ops.kf, (ops.q_inv, ops.k_inv), ops._block = qf, kf, ctx.inv, None
         need_q = ctx.needs_input_grad[0] or ctx.needs_input_grad[2]

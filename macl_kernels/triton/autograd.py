@@ -103,7 +103,7 @@ def launch_fwd(q: torch.Tensor, k: torch.Tensor, scale, o: LaunchOptions):
            lambda meta: (G * -(-N // meta["BLOCK_M"]),),
            [q, k, o.q_meta, km, kv, s_ptr, cnt, loss, lse, s, o.threshold, N, M,
             *q.stride(), *k.stride(), loss.stride(0), loss.stride(1)],
-           dict(D=D, SCALE_IN_MEM=in_mem, **flags))
+           dict(D=D, SCALE_IN_MEM=in_mem, **flags), sizes=(N, M))
     return loss, lse, cnt
 
 
@@ -135,8 +135,15 @@ def launch_bwd(phase: str, q, k, scale, lse, cnt, grad, o: LaunchOptions, with_d
     launch(contrast_dq_kernel if phase == "dq" else contrast_dk_kernel, cands, o.interpret,
            lambda meta: (G * -(-rows // meta[block]) * n_dout,),
            args + [s, o.threshold, N, M, *q.stride(), *k.stride(), lse.stride(0), lse.stride(1), *out.stride()],
-           dict(D=D, SCALE_IN_MEM=in_mem, DZ_SCALE=_dz_scale(q.dtype), **flags, **extra))
+           dict(D=D, SCALE_IN_MEM=in_mem, DZ_SCALE=_dz_scale(q.dtype), **flags, **extra), sizes=(N, M))
     return out, None if ds is None else ds[..., 0]   # the n_dout copies are identical
+
+
+#: raised by a backward with create_graph=True (docs/losses.md, "Higher-order gradients")
+DOUBLE_BACKWARD_ERROR = (
+    "impl='triton' does not support higher-order gradients (a backward with create_graph=True, e.g. a gradient "
+    "penalty or torch.autograd.gradgradcheck): its backward kernels are not differentiable. Use impl='torch' "
+    "for this loss (it recomputes the loss with differentiable torch operations when create_graph=True)")
 
 
 class TritonContrast(torch.autograd.Function):
@@ -156,8 +163,14 @@ class TritonContrast(torch.autograd.Function):
         return loss, lse, cnt
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, g_loss, g_lse, g_cnt):
+        if torch.is_grad_enabled():   # a backward with create_graph=True
+            raise RuntimeError(DOUBLE_BACKWARD_ERROR)
+        return TritonContrast._backward(ctx, g_loss, g_lse, g_cnt)
+
+    @staticmethod
+    @once_differentiable
+    def _backward(ctx, g_loss, g_lse, g_cnt):
         q, k, lse, cnt, scale_t = ctx.saved_tensors
         scale = scale_t if scale_t is not None else ctx.scale
         need_q, need_k, need_s = ctx.needs_input_grad[:3]
