@@ -164,16 +164,19 @@ def _large(phase: str, d: int, bd: int, k: str) -> list[KernelConfig]:
     # it streams). At D = 512 the 64-row fp32 accumulator (128 registers a thread) spilled in every 64-row
     # shape tried (64×32 and 64×16, 8 or 16 warps): 32 × 32 there (mma.sync: no wgmma for 32 rows), 16 own
     # rows at D = 1024.
-    if k == "tf32":
-        cands = [(32, 32, 8, 2)] if d <= 512 else [(16, 16, 8, 2)]     # fp32 operands: twice the bytes
+    # No warp repeats another's z rows (sass_model): a z tile that feeds the second dot gets its warps on
+    # one axis, so 8 warps need 128 rows ([8, 1]) or ≥ 64 columns ([1, 8]); the 32×32 tiles at 8 warps, the
+    # 64×32 dq tile and the 64×64 tiles at [8, 1] computed z twice.
+    if k == "tf32":    # fp32 operands: twice the bytes; at D ≥ 256 the D-chunked z spreads 8 warps as [2, 4]
+        cands = [(32, 32, 4, 3)] if d <= 128 else [(32, 32, 8, 2)] if d <= 512 else [(16, 16, 8, 2)]
     elif d <= 64:
-        cands = [(64, 64, 4, 3), (64, 64, 8, 3)]
+        cands = [(64, 64, 4, 3), (128, 64, 8, 3)] if phase == "dq" else [(64, 64, 4, 3)]
     elif d == 128:
-        cands = [(64, 64, 8, 3), (64, 32, 8, 3)]
+        cands = [(64, 64, 8, 3), (64, 64, 4, 3)] if phase == "dq" else [(64, 64, 8, 3), (64, 32, 8, 3)]
     elif d == 256:
-        cands = [(64, 32, 8, 2)]
-    elif d == 512:
-        cands = [(32, 32, 8, 2)]
+        cands = [(32, 64, 8, 3)] if phase == "dq" else [(64, 32, 8, 3)]
+    elif d == 512:     # 3 stages of 32×512 and 64×512 tiles pass sm_80's 163 KiB
+        cands = [(32, 64, 8, 2)] if phase == "dq" else [(64, 32, 8, 2)]
     else:
         cands = [(16, 32, 8, 2)]
     out = []
@@ -197,7 +200,9 @@ def _large_sm90(phase: str, d: int, bd: int, k: str) -> list[KernelConfig]:
     if k == "tf32":   # fp32 operands: half the rows of 16-bit; 4 warps so no warp repeats another's z rows
         if phase == "fwd":
             return [_C(64, 64, bd, 0, 4, 3, R)]
-        return [_C(32, 32, bd, d, 4, 3, R)]
+        if d <= 128:
+            return [_C(32, 32, bd, d, 4, 3, R)]
+        return [_C(32, 32, bd, d, 8, 2, R)] if d <= 512 else [_C(16, 16, bd, d, 8, 2, R)]   # 4 warps spilled
     if phase == "fwd":
         if d <= 128:
             return [_C(128, 64, bd, 0, 8, 3, R), _C(128, 128, bd, 0, 8, 3, R), _C(64, 64, bd, 0, 4, 4, R)]

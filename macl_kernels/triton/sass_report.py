@@ -134,10 +134,10 @@ def count_loop(instrs, lo: int, hi: int, inner_trips: int = 1) -> LoopCounts:
         w = inner_trips if any(a <= addr <= b for a, b in inner) else 1
         c.instructions += w
         if op.startswith("HGMMA"):
-            m = re.match(r"HGMMA\.(\d+)x(\d+)x(\d+)\.F32\.(\w+)", op)
+            m = re.match(r"HGMMA\.(\d+)x(\d+)x(\d+)\.F32(?:\.(\w+))?", op)   # fp16: no input suffix
             M, N, K = int(m.group(1)), int(m.group(2)), int(m.group(3))
             e = 4 if m.group(4) == "TF32" else 2
-            key = f"HGMMA.{M}x{N}x{K}.{m.group(4)}"
+            key = f"HGMMA.{M}x{N}x{K}.{m.group(4) or 'F16'}"
             c.mma[key] = c.mma.get(key, 0) + w
             c.hgmma_macs += w * M * N * K
             c.hgmma += w
