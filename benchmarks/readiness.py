@@ -171,8 +171,39 @@ def compiled_section(reports: Optional[list], error: str = "") -> list[str]:
               "(LDSM / LDS / STS / LDGSTS and wgmma operands read from shared memory), MUFU 16 lanes/clk, issue "
               "4 instructions/clk; c resident CTAs: round = max(c·max(parts), max(tensor, smem) + max(mufu, "
               "issue)); 1.83 GHz; no latency, L2 or HBM term, no prologue / epilogue.", "",
-              predictions(reports), ""]
+              predictions(reports), ""] + OPEN_ITEMS
     return lines
+
+
+#: what section 0 does not yet show met (issue 21), with the evidence; kept beside the generated tables
+OPEN_ITEMS = [
+    "### What caps the prediction, and what is not done", "",
+    "- **Targets not predicted** (D = 256: forward < 450, forward + backward < 300): every loop runs its MMAs, "
+    "waits for them (`warp_group_dot_wait {pendings = 0}` right after the dot in the TTGIR), then the softmax; "
+    "with one CTA per SM (160–224 KiB of shared memory) nothing overlaps the two, so the round is tensor-or-"
+    "shared-memory time plus issue time (`x+y serial`). Overlap would bring the forward at D = 256 from the "
+    "serial round to its largest part (issue, ~1.9× in the model). Tried, compile-only, sm_90, bf16, D = 256, "
+    "128×64: `tl.range(..., warp_specialize=True)` (same TTGIR: no warp specialisation for this loop on sm_90 "
+    "in triton 3.9) and a one-tile-ahead z (the next tile's wgmma issued before this tile's softmax: Triton "
+    "still waits with pendings = 0 right after issuing it). FA3's ping-pong needs explicit warpgroup roles "
+    "(Gluon or CUDA); not done. TMA not tried.",
+    "- **z on mma.sync** in three sm_90 16-bit backward kernels: dk at D = 256 (a 128-row z tile spilled 28 "
+    "bytes at 255 registers; 64-row tiles at 8 warps repeat z), dq and dk at D = 512 (a 64-row warpgroup's "
+    "full-width fp32 accumulator is 256 registers a thread; the wgmma path there needs the output split over "
+    "the two warpgroups along D, which Triton's layout for a chained dot does not give, or a transposed "
+    "zᵀ = k qᵀ, which rounds z differently from the forward's LSE). dk's gradient GEMM is wgmma at both D.",
+    "- **Self-contrast (q is k) in ≤ 3 GEMM units: not built.** What remains: a forward over the upper-"
+    "triangular tiles (I ≤ J) that writes per-tile row partials (m, l, positive sum) for rows I from z_IJ and "
+    "for rows J from z_IJᵀ (column max / sum of the same tile), then a small kernel that merges the partials "
+    "of each row in a fixed tile order (deterministic; (N/BLOCK)² · BLOCK · 12 bytes, 24 MiB at N = 16384, "
+    "BLOCK = 128); a backward over the same tiles with dz_sym = g_I(P_IJ − Y_IJ) + (g_J(P_JI − Y_JI))ᵀ feeding "
+    "dx_I += s·dz_sym·x_J (registers) and dx_J += s·dz_symᵀ·x_I, the latter reduced deterministically (per-"
+    "tile-row partial buffers of BLOCK × D fp32 summed in order, or an ordered-ticket accumulation; fp32 "
+    "atomics only as an opt-in). Masks must stay per-row (V(i) uses k_valid, exclude_self the diagonal tiles; "
+    "the index rule's positives are not symmetric, so Y is built per orientation). 0.5 unit forward + 1.5 "
+    "backward = 2 units. A launcher entry (autograd.py / entry.py: detect q is k) is needed too.",
+    "",
+]
 
 
 def render_markdown(aot: Optional[list], roof: list[dict], aot_error: str = "", compiled: Optional[list] = None,
