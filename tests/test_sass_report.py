@@ -139,3 +139,28 @@ def test_cache_round_trip(tmp_path, sm90):
     again = S.load_or_build(tasks, path=str(path), jobs=1)      # from the file: no compile
     assert path.exists() and [r.key for r in first] == [r.key for r in again]
     assert again[0].loop == first[0].loop and again[0].units == pytest.approx(1.0)
+
+
+@pytest.mark.slow
+def test_every_shipped_config_from_the_cached_analysis():
+    """The acceptance over the whole table (sm_80 and sm_90, fp16 / bf16 / TF32, D ∈ {64, 128, 256, 512}, every
+    candidate): read from benchmarks/results/sass_report.json, compiling only what the cache lacks (a changed
+    configuration is a new key, so the cache cannot answer for a configuration it did not compile)."""
+    from macl_kernels.triton.aot import cuobjdump_path
+    if not os.path.exists(cuobjdump_path()):
+        pytest.skip("Triton's bundled cuobjdump is missing")
+    reps = S.load_or_build(S.report_entries())
+    assert {(r.arch, r.dtype if r.precision != "tf32" else "tf32", r.D) for r in reps} == {
+        (a, dt, D) for a in (80, 90) for dt in ("fp16", "bf16", "tf32") for D in S.REPORT_D}
+    bad = [(r.key, r.units, r.loop["mma"]) for r in reps if r.error or r.ratio > 1.05 or r.spill_bytes]
+    assert not bad
+    for a in (80, 90):
+        for dt in ("fp16", "bf16", "tf32"):
+            for D in S.REPORT_D:
+                rows = [r for r in reps if r.default and r.arch == a and r.D == D
+                        and (r.dtype if r.precision != "tf32" else "tf32") == dt]
+                assert sorted(r.phase for r in rows) == ["dk", "dq", "fwd"]
+                assert sum(r.units for r in rows) <= 5.0 + 1e-9
+                assert sum(r.exp_passes for r in rows) <= 3.0 + 8.0 / 32 + 1e-9, (a, dt, D)
+    drains = [r.key for r in reps if r.arch == 90 and r.dtype in ("fp16", "bf16") and not r.pipelined]
+    assert not drains
