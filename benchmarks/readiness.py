@@ -149,13 +149,32 @@ def target_summary(roof: list[dict]) -> list[dict]:
     return out
 
 
+def _when_where() -> str:
+    """'YYYY-MM-DD HH:MM UTC on <CPU model>, triton <version>' for the generated sections."""
+    import platform
+    import time
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    try:
+        import triton
+        tv = triton.__version__
+    except Exception:
+        tv = "?"
+    return f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {cpu}, triton {tv}"
+
+
 def compiled_section(reports: Optional[list], error: str = "") -> list[str]:
     """Section 0: the compiled-code tables (`sass_model.table`, `totals`, `predictions`) and their caveats."""
     lines = ["## 0. What the compiled kernels execute (SASS main loop, per-SM cycle model)", ""]
     if reports is None:
         return lines + [f"Not run ({error or 'no report'}).", ""]
     from macl_kernels.triton.sass_model import predictions, table, totals
-    lines += ["`python -m macl_kernels.triton.sass_model --all` (cache: benchmarks/results/sass_report.json; "
+    lines += [f"Made {_when_where()}, no GPU. "
+              "`python -m macl_kernels.triton.sass_model --all` (cache: benchmarks/results/sass_report.json; "
               "flag set label-mask-self). Per configuration: the main loop found by its backward branch in "
               "cuobjdump's SASS; `MMA per warp·iter` are the instructions one warp issues per iteration (HGMMA is "
               "one warpgroup's instruction, HMMA one warp's); `units` = executed MACs per iteration (× warpgroups "
