@@ -17,7 +17,6 @@ or while building the list, so `--dry-run` lists the cases on a machine without 
 from __future__ import annotations
 
 import contextlib
-import statistics
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -71,28 +70,37 @@ def matmul_precision(p: str):
 
 
 def ceiling_tflops(N: int, M: int, D: int, phase: str) -> float:
-    """The roofline ceiling (effective TFLOP/s at the floor) of the Triton kernels: the one call into
-    `benchmarks/roofline.py` (H100 SXM peaks; the H200 has the same tensor-core peak)."""
+    """The Triton kernels' predicted effective TFLOP/s from the compiled-code model (`benchmarks/roofline.py`
+    → `macl_kernels.triton.sass_model`: the sm_90 bf16 default configurations' SASS, H100 SXM; the H200
+    has the same tensor-core peak)."""
     from benchmarks import roofline
-    return roofline.phase_floor(1, N, M, D, "bfloat16", phase)["effective_tflops"]
+    return roofline.compiled_phase(N, M, D, "bfloat16", phase)["effective_tflops"]
 
 
-def time_cuda(fn: Callable[[], None], min_reps: int = 3, max_reps: int = 30, max_s: float = 1.0):
-    """(median seconds, extra peak bytes) of fn after one warm-up call; CUDA events per call."""
+def time_cuda(fn: Callable[[], None], target_s: float = 0.3, max_iters: int = 200):
+    """(device seconds per call, host enqueue seconds per call, extra peak bytes) of fn after one warm-up.
+
+    Device time: one pair of CUDA events around n back-to-back calls (n from the warm-up's wall time so that
+    the window is ~target_s, 3 ≤ n ≤ max_iters), divided by n: the GPU is kept busy, so Python's enqueue
+    overlaps the kernels and is not in the figure unless it is the bottleneck. Host time: the wall time of
+    enqueuing the same n calls (before the closing synchronise) over n, reported beside it."""
     import torch
+    t0 = time.perf_counter()
     fn()
     torch.cuda.synchronize()
+    first = time.perf_counter() - t0
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
-    times, t_end = [], time.perf_counter() + max_s
-    while len(times) < min_reps or (len(times) < max_reps and time.perf_counter() < t_end):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
+    n = max(3, min(max_iters, int(target_s / max(first, 1e-6))))
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    h0 = time.perf_counter()
+    for _ in range(n):
         fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) / 1e3)
-    return statistics.median(times), torch.cuda.max_memory_allocated() - base
+    host = (time.perf_counter() - h0) / n
+    b.record()
+    b.synchronize()
+    return a.elapsed_time(b) / 1e3 / n, host, torch.cuda.max_memory_allocated() - base
 
 
 # --------------------------------------------------------------------------------- correctness tests
@@ -281,6 +289,23 @@ def naive_bytes(N: int, M: int) -> int:
     return 16 * N * M
 
 
+#: GPU memory the plan assumes (an H100 has 80 GB; the run checks the free memory again)
+PLAN_GPU_BYTES = 80e9
+#: fraction of the (free) memory a naive case may need; above it the case is skipped, planned or at run time
+NAIVE_FIT = 0.75
+
+
+def naive_fits(N: int, M: int, free_bytes: float = PLAN_GPU_BYTES) -> bool:
+    """True when naive PyTorch's N×M intermediates fit (65536² needs ~64 GiB: skipped on an 80 GB H100)."""
+    return naive_bytes(N, M) <= NAIVE_FIT * free_bytes
+
+
+#: first Triton call of a D (JIT compile of every autotune candidate of fwd, dq and dk, then autotuning) and
+#: first call of a new N at a known D (autotuning only), seconds on an H100 host (compile: ~2 s a kernel)
+TRITON_COMPILE_S = 20.0
+TRITON_RETUNE_S = 3.0
+
+
 def run_speed(N: int, D: int, phase: str, impl: str) -> dict:
     import torch
     M = N
@@ -288,7 +313,7 @@ def run_speed(N: int, D: int, phase: str, impl: str) -> dict:
     if impl in ("naive", "compile"):
         free, _ = torch.cuda.mem_get_info()
         need = naive_bytes(N, M)
-        if need > 0.9 * free:
+        if not naive_fits(N, M, free):
             return dict(status="SKIP(memory)", detail=f"N×M logits need ~{need / 2**30:.0f} GiB, "
                                                       f"{free / 2**30:.0f} GiB free")
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -309,30 +334,41 @@ def run_speed(N: int, D: int, phase: str, impl: str) -> dict:
         step()
         torch.cuda.synchronize()
         first = time.perf_counter() - t0
-        sec, peak = time_cuda(step)
+        sec, host, peak = time_cuda(step)
     except torch.cuda.OutOfMemoryError as e:
         return dict(status="OOM", detail=str(e).splitlines()[0][:120])
     tflops = NOMINAL_FLOP[phase] * N * M * D / sec / 1e12
-    row = dict(status="ok", ms=sec * 1e3, tflops=tflops, peak_gib=peak / 2**30,
-               detail=f"first call {first:.1f} s" if impl == "compile" and first > 5 else "")
+    detail = f"host enqueue {host * 1e3:.3f} ms/call; first call {first:.1f} s"
+    row = dict(status="ok", ms=sec * 1e3, tflops=tflops, peak_gib=peak / 2**30, detail=detail)
     if impl == "triton":
         ceil = ceiling_tflops(N, M, D, phase)
-        row.update(x_ceiling=tflops / ceil, detail=f"ceiling {ceil:.0f} TFLOP/s")
+        row.update(x_ceiling=tflops / ceil, detail=f"model {ceil:.0f} TFLOP/s; {detail}")
     return row
+
+
+def speed_estimate(N: int, D: int, phase: str, impl: str, first_n: bool, first_d: bool) -> float:
+    """Planned wall seconds of one speed case: inputs, the warm-up call, a ~0.3 s timing window (at least 3
+    calls at ~100 TFLOP/s), plus compile / autotune where this row pays it (Triton: every candidate at the
+    first N of each D (forward and fwd+bwd compile different kernels), re-tuning at each new N; torch.compile:
+    one dynamic-shape compile in its first row); 0.1 s for a naive row planned as skipped (memory)."""
+    if impl in ("naive", "compile") and not naive_fits(N, N):
+        return 0.1
+    call_s = NOMINAL_FLOP[phase] * N * N * D / 100e12
+    est = 1.0 + call_s + max(0.3, 3 * call_s)
+    if impl == "triton":
+        est += TRITON_COMPILE_S if first_n else TRITON_RETUNE_S
+    if impl == "compile" and first_n and first_d and phase == PHASES[0]:
+        est += 40.0
+    return est
 
 
 def speed_cases() -> list:
     cases = []
     for ni, N in enumerate(SPEED_N):
-        for D in SPEED_D:
+        for di, D in enumerate(SPEED_D):
             for phase in PHASES:
                 for impl in ("triton", "naive", "compile"):
-                    # inputs + warm-up + ≥ 3 timed calls at ~100 TFLOP/s (capped at 1 s of timing), plus the
-                    # one torch.compile (dynamic shapes) in the first compile row
-                    call_s = NOMINAL_FLOP[phase] * N * N * D / 100e12
-                    est = 1.5 + min(5 * call_s, 1.0 + 2 * call_s) + (40.0 if impl == "compile" and ni == 0
-                                                                     and D == SPEED_D[0] and phase == PHASES[0]
-                                                                     else 0.0)
+                    est = speed_estimate(N, D, phase, impl, ni == 0, di == 0)
                     cases.append(CheckCase("speed", f"{phase} N=M={N} D={D} bf16", impl,
                                            _bind(run_speed, N=N, D=D, phase=phase, impl=impl), est,
                                            priority=10 + (0 if ni == 0 else 20 * ni),
@@ -372,10 +408,11 @@ def run_macl_step(case: str, impl: str) -> dict:
         scaler.step(opt)
         scaler.update()
 
-    sec, peak = time_cuda(step, min_reps=3, max_reps=10, max_s=3.0)
+    sec, host, peak = time_cuda(step, target_s=1.0, max_iters=10)
     c = CASES[case]
     return dict(status="ok", ms=sec * 1e3, peak_gib=peak / 2**30,
-                detail=f"batch {c['batch']} at {c['size']}^{c['dims']}, depth {c['depth']}, autocast fp16")
+                detail=f"batch {c['batch']} at {c['size']}^{c['dims']}, depth {c['depth']}, autocast fp16; "
+                       f"host enqueue {host * 1e3:.1f} ms/step")
 
 
 def macl_cases() -> list:

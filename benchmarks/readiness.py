@@ -12,7 +12,13 @@
    and tile sizes, the H100 floor, the effective TFLOP/s ceiling at 100% and at 70% tensor-core efficiency
    and, for the target shapes, the targets. Each kernel also says which configuration `choose_config` picks
    and whether that configuration is among the AOT-compiled ones.
-A GPU run is judged against section 2: `x_limit` in a CUDA sweep is measured time / floor.
+0. What the compiled kernels execute (macl_kernels.triton.sass_report / sass_model, cached in
+   benchmarks/results/sass_report.json): per default large-tile configuration (sm_80 and sm_90; fp16 / bf16 /
+   TF32; D ∈ {64, 128, 256, 512}) the SASS main loop's MMA work × the warps / warpgroups issuing it, executed
+   GEMM units and exp passes, executed ÷ useful, the cycle model's bound; forward + backward totals; the
+   predicted bf16 TFLOP/s at N = M = 16384 beside the targets. This is the model the GPU check divides by.
+A GPU run is judged against section 0's predictions (gpu_check's x_ceiling); sections 2–3 are the older
+source-loop roofline, kept for the other shapes.
 """
 from __future__ import annotations
 
@@ -143,13 +149,91 @@ def target_summary(roof: list[dict]) -> list[dict]:
     return out
 
 
-def render_markdown(aot: Optional[list], roof: list[dict], aot_error: str = "") -> str:
+def _when_where() -> str:
+    """'YYYY-MM-DD HH:MM UTC on <CPU model>, triton <version>' for the generated sections."""
+    import platform
+    import time
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    try:
+        import triton
+        tv = triton.__version__
+    except Exception:
+        tv = "?"
+    return f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {cpu}, triton {tv}"
+
+
+def compiled_section(reports: Optional[list], error: str = "") -> list[str]:
+    """Section 0: the compiled-code tables (`sass_model.table`, `totals`, `predictions`) and their caveats."""
+    lines = ["## 0. What the compiled kernels execute (SASS main loop, per-SM cycle model)", ""]
+    if reports is None:
+        return lines + [f"Not run ({error or 'no report'}).", ""]
+    from macl_kernels.triton.sass_model import predictions, table, totals
+    lines += [f"Made {_when_where()}, no GPU. "
+              "`python -m macl_kernels.triton.sass_model --all` (cache: benchmarks/results/sass_report.json; "
+              "flag set label-mask-self). Per configuration: the main loop found by its backward branch in "
+              "cuobjdump's SASS; `MMA per warp·iter` are the instructions one warp issues per iteration (HGMMA is "
+              "one warpgroup's instruction, HMMA one warp's); `units` = executed MACs per iteration (× warpgroups "
+              "or × warps) over BLOCK_M·BLOCK_N·D, `exec/useful` = units over 1 (fwd) or 2 (dq, dk) — above 1 a "
+              "warp or warpgroup repeats another's work; `exp passes` = MUFU.EX2 lanes per z element (the "
+              "forward's extra 2/32 or 4/32 is its per-row α rescale); `async waits in loop` are the TTGIR's "
+              "`async_wait {num}` inside the loop (0 = full drain); `bound` is the cycle model's binding resource "
+              "(`x+y serial`: one CTA per SM, its MMA / shared-memory time and its softmax issue time add up).", "",
+              table(reports), "", "Forward + backward (default configurations):", "", totals(reports), "",
+              "Predicted bf16 effective TFLOP/s on an H100 SXM (sm_90 defaults, N = M = 16384, G = 1; forward "
+              "2·N·M·D / t, forward + backward 8·N·M·D / t). Model: per CTA iteration tensor = MACs / rate "
+              "(HGMMA 2048 MAC/clk/SM bf16, mma.sync 0.625 of that — an assumption), smem = bytes / 128 B/clk "
+              "(LDSM / LDS / STS / LDGSTS and wgmma operands read from shared memory), MUFU 16 lanes/clk, issue "
+              "4 instructions/clk; c resident CTAs: round = max(c·max(parts), max(tensor, smem) + max(mufu, "
+              "issue)); 1.83 GHz; no latency, L2 or HBM term, no prologue / epilogue.", "",
+              predictions(reports), ""] + OPEN_ITEMS
+    return lines
+
+
+#: what section 0 does not yet show met (issue 21), with the evidence; kept beside the generated tables
+OPEN_ITEMS = [
+    "### What caps the prediction, and what is not done", "",
+    "- **Targets not predicted** (D = 256: forward < 450, forward + backward < 300): every loop runs its MMAs, "
+    "waits for them (`warp_group_dot_wait {pendings = 0}` right after the dot in the TTGIR), then the softmax; "
+    "with one CTA per SM (160–224 KiB of shared memory) nothing overlaps the two, so the round is tensor-or-"
+    "shared-memory time plus issue time (`x+y serial`). Overlap would bring the forward at D = 256 from the "
+    "serial round to its largest part (issue, ~1.9× in the model). Tried, compile-only, sm_90, bf16, D = 256, "
+    "128×64: `tl.range(..., warp_specialize=True)` (same TTGIR: no warp specialisation for this loop on sm_90 "
+    "in triton 3.9) and a one-tile-ahead z (the next tile's wgmma issued before this tile's softmax: Triton "
+    "still waits with pendings = 0 right after issuing it). FA3's ping-pong needs explicit warpgroup roles "
+    "(Gluon or CUDA); not done. TMA not tried.",
+    "- **z on mma.sync** in three sm_90 16-bit backward kernels: dk at D = 256 (a 128-row z tile spilled 28 "
+    "bytes at 255 registers; 64-row tiles at 8 warps repeat z), dq and dk at D = 512 (a 64-row warpgroup's "
+    "full-width fp32 accumulator is 256 registers a thread; the wgmma path there needs the output split over "
+    "the two warpgroups along D, which Triton's layout for a chained dot does not give, or a transposed "
+    "zᵀ = k qᵀ, which rounds z differently from the forward's LSE). dk's gradient GEMM is wgmma at both D.",
+    "- **Self-contrast (q is k) in ≤ 3 GEMM units: not built.** What remains: a forward over the upper-"
+    "triangular tiles (I ≤ J) that writes per-tile row partials (m, l, positive sum) for rows I from z_IJ and "
+    "for rows J from z_IJᵀ (column max / sum of the same tile), then a small kernel that merges the partials "
+    "of each row in a fixed tile order (deterministic; (N/BLOCK)² · BLOCK · 12 bytes, 24 MiB at N = 16384, "
+    "BLOCK = 128); a backward over the same tiles with dz_sym = g_I(P_IJ − Y_IJ) + (g_J(P_JI − Y_JI))ᵀ feeding "
+    "dx_I += s·dz_sym·x_J (registers) and dx_J += s·dz_symᵀ·x_I, the latter reduced deterministically (per-"
+    "tile-row partial buffers of BLOCK × D fp32 summed in order, or an ordered-ticket accumulation; fp32 "
+    "atomics only as an opt-in). Masks must stay per-row (V(i) uses k_valid, exclude_self the diagonal tiles; "
+    "the index rule's positives are not symmetric, so Y is built per orientation). 0.5 unit forward + 1.5 "
+    "backward = 2 units. A launcher entry (autograd.py / entry.py: detect q is k) is needed too.",
+    "",
+]
+
+
+def render_markdown(aot: Optional[list], roof: list[dict], aot_error: str = "", compiled: Optional[list] = None,
+                    compiled_error: str = "") -> str:
     lines = ["# GPU readiness report", "",
              "Generated by `python -m benchmarks.readiness` on a machine with no GPU. Section 1 is what the "
              "shipped Triton kernel configurations compile to (Triton's own ptxas and cuobjdump); sections 2 and 3 "
              f"are the {H100['name']} cost model of each benchmark shape (benchmarks/roofline.py), counted from "
              "the kernels' loops and tile sizes: a GPU sweep's `x_limit` is its measured time over the 100% floor. "
              "These are predictions and targets, not measurements.", ""]
+    lines += compiled_section(compiled, compiled_error)
     lines += ["## 1. Ahead-of-time compile (sm_80, sm_90)", ""]
     if aot is None:
         lines += [f"Not run ({aot_error or '--no-aot'}).", ""]
@@ -213,10 +297,16 @@ def main(argv=None) -> int:
             aot = aot_rows(a.arch, jobs=a.jobs, tf32=not a.no_tf32, full=a.full)
         except Exception as e:  # Triton missing or broken: still write the roofline
             err = f"{type(e).__name__}: {e}"
+    compiled, c_err = None, ""
+    try:
+        from macl_kernels.triton.sass_report import load_or_build, report_entries
+        compiled = load_or_build(report_entries(tuple(a.arch)), jobs=a.jobs)
+    except Exception as e:  # Triton missing or broken: still write the roofline
+        c_err = f"{type(e).__name__}: {e}"
     roof = roofline_table()
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
     with open(a.out, "w") as f:
-        f.write(render_markdown(aot, roof, err))
+        f.write(render_markdown(aot, roof, err, compiled, c_err))
     write_csv(os.path.join(a.csv_dir, "readiness_roofline.csv"), roof)
     if aot is not None:
         write_csv(os.path.join(a.csv_dir, "readiness_aot.csv"),

@@ -1,4 +1,12 @@
-"""Cost model of the Triton kernels on an H100 (SXM), derived from their loop structure and tile sizes.
+"""Cost model of the Triton kernels on an H100 (SXM): from the compiled code (`compiled_phase`) and, for
+reference, from their loop structure and tile sizes (`kernel_floor`, `phase_floor`).
+
+`compiled_phase` is the one the GPU check and docs/gpu_readiness.md use: the sm_90 default configurations'
+SASS main loops (executed MMA work with the warps / warpgroups that issue it, MUFU, shared-memory traffic,
+instructions) through the per-SM cycle model of `macl_kernels.triton.sass_model`, read from the cached
+analysis in benchmarks/results/sass_report.json (compiled on a cache miss). The source-loop model below
+cannot see work the compiler duplicates (a second warpgroup repeating the first's z tile): it counts what the
+loops ask for, at a tensor-core efficiency the caller assumes.
 
 For each kernel launch the configuration comes from `macl_kernels.triton.config.choose_config` (the tile sizes
 the launcher uses where nothing tunes), and the work is counted the way the kernels loop (kernels_fwd.py,
@@ -20,6 +28,7 @@ well-tuned fused kernel reaches (FlashAttention-3 reports ~75% of H100 bf16 peak
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 #: H100 SXM5 dense peaks (NVIDIA's H100 datasheet; exp: 16 MUFU.EX2 per SM per clock, 132 SMs, ~1.83 GHz)
 H100 = {
@@ -37,11 +46,12 @@ EFFICIENCIES = (1.0, 0.7)
 
 
 def _config(phase: str, N: int, M: int, D: int, dtype: str, precision: str = "ieee"):
-    """The configuration `choose_config` gives the launch (raises ImportError without torch / the package)."""
+    """The configuration `choose_config` gives the launch on an sm_90 device (raises ImportError without torch /
+    the package)."""
     import torch
 
     from macl_kernels.triton.config import choose_config
-    return choose_config(phase, N, M, D, getattr(torch, dtype), precision)
+    return choose_config(phase, N, M, D, getattr(torch, dtype), precision, arch=90)   # the H100's table
 
 
 def loop_counts(kernel: str, G: int, N: int, M: int, D: int, cfg) -> dict:
@@ -113,3 +123,29 @@ def ceilings(G: int, N: int, M: int, D: int, dtype: str = "bfloat16", phase: str
     """Effective TFLOP/s ceiling of a phase at each tensor-core efficiency of `EFFICIENCIES`."""
     return {eff: phase_floor(G, N, M, D, dtype, phase, precision, gpu, eff)["effective_tflops"]
             for eff in EFFICIENCIES}
+
+
+_DT = {"bfloat16": "bf16", "float16": "fp16"}
+
+
+def compiled_reports(arch: int = 90) -> list:
+    """The compiled-code analysis of the default large-tile configurations of `arch` (16-bit and TF32)."""
+    from macl_kernels.triton.sass_report import load_or_build, report_entries
+    return load_or_build(report_entries((arch,), defaults_only=True))
+
+
+def compiled_phase(N: int, M: int, D: int, dtype: str = "bfloat16", phase: str = "forward+backward",
+                   arch: int = 90, reports: Optional[list] = None) -> dict:
+    """Predicted time and effective TFLOP/s of a phase (G = 1) from the compiled kernels' cycle model.
+
+    Returns dict(seconds, effective_tflops, units (executed GEMM units, fwd + dq + dk as compiled),
+    exp_passes, bound (per kernel), kernels). Raises ValueError for a dtype / D the report does not hold."""
+    from macl_kernels.triton.sass_model import predict
+    if dtype not in _DT:
+        raise ValueError(f"compiled model covers bfloat16 / float16, got {dtype!r}")
+    reps = compiled_reports(arch) if reports is None else reports
+    p = predict(reps, D, N, M, _DT[dtype], arch, phase)
+    rows = [r for r in reps if r.default and r.D == D and r.dtype == _DT[dtype] and r.arch == arch
+            and r.precision != "tf32" and r.phase in KERNELS[phase]]
+    return dict(seconds=p["seconds"], effective_tflops=p["tflops"], bound=p["bound"], kernels=p["kernels"],
+                units=sum(r.units for r in rows), exp_passes=sum(r.exp_passes for r in rows))

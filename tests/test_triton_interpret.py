@@ -299,3 +299,22 @@ def test_fp16_gradients_do_not_underflow_at_2048(monkeypatch):
     for name, a, b, t in zip(("dq", "dk"), ours, torch_path, truth):
         rel = lambda x: ((x - t).abs().max() / t.abs().max()).item()   # noqa: E731
         assert rel(a) <= 2 * rel(b), f"{name}: triton {rel(a):.3g} vs torch path {rel(b):.3g}"
+
+
+@pytest.mark.parametrize("D,dtype", [(64, F16), (128, BF16), (256, F16), (512, BF16)])
+def test_sm90_table_tiles(D, dtype):
+    """The sm_90 table's default tiles (128-row z tiles at 8 warps, 32×64 at D = 512) run the same kernels:
+    several row and key tiles, partial last tiles, masks, exclude_self, learnable τ."""
+    from macl_kernels.triton.config import config_list
+    configs = {ph: config_list(ph, 4096, 4096, D, dtype, arch=90)[0] for ph in ("fwd", "dq", "dk")}
+    assert configs["dq"].BLOCK_M * configs["dq"].BLOCK_N >= 32 * 64
+    c = replace(BASE, G=1, N=150, M=140, D=D, dtype=dtype, exclude_self=True, k_valid="random", seed=50 + D)
+    check(c, configs=configs)
+
+
+def test_config_tables_by_arch():
+    from macl_kernels.triton.config import config_list
+    with pytest.raises(ValueError, match="arch must be one of"):
+        config_list("fwd", 4096, 4096, 128, F16, arch=75)
+    assert config_list("dq", 4096, 4096, 128, F16, arch=90)[0].BLOCK_M == 128
+    assert config_list("dq", 4096, 4096, 128, F16, arch=80)[0] == choose_config("dq", 4096, 4096, 128, F16)

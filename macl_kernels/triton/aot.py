@@ -213,7 +213,8 @@ def _task(args):
 
 def jobs_for(archs: Sequence[int] = (80, 90), entries: Optional[Sequence[ShippedConfig]] = None,
              tf32: bool = True, full: bool = False) -> list[tuple]:
-    """(entry, arch, precision, flags) for every shipped config (TF32 entries only when `tf32`).
+    """(entry, arch, precision, flags) for every shipped config of `archs` (each entry for its own table's arch;
+    TF32 entries only when `tf32`).
 
     full: every flag set of `FLAG_SETS` for every entry (the full matrix); otherwise entry i is compiled with
     flag set i mod 3, so every flag set meets every phase, dtype and D class across the list."""
@@ -221,7 +222,7 @@ def jobs_for(archs: Sequence[int] = (80, 90), entries: Optional[Sequence[Shipped
     out = []
     for i, e in enumerate(x for x in entries if tf32 or x.precision != "tf32"):
         sets = FLAG_NAMES if full else (FLAG_NAMES[i % len(FLAG_NAMES)],)
-        out += [(e, a, e.precision, f) for f in sets for a in archs]
+        out += [(e, a, e.precision, f) for f in sets for a in archs if a == e.arch]
     return out
 
 

@@ -32,6 +32,8 @@ SHIPPED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 SHIPPED_D = (16, 64, 120, 128, 256, 512, 1024)
 #: shared memory per block that every shipped configuration fits (sm_80's 163 KiB opt-in maximum)
 SMEM_LIMIT = {80: 166912, 90: 232448}
+#: the configuration tables: sm_80 (mma.sync; also sm_86 / sm_89) and sm_90 (wgmma)
+ARCHS = (80, 90)
 
 
 @dataclass(frozen=True)
@@ -79,6 +81,7 @@ class ShippedConfig:
     config: KernelConfig
     precision: str = "ieee"         # tl.dot input_precision: "ieee" | "tf32" (fp32 only)
     default: bool = True            # first of its list: the configuration used where nothing tunes
+    arch: int = 80                  # the SM version whose table it comes from (80: sm_80 / sm_89; 90: sm_90)
 
 
 def _pow2(x: int) -> int:
@@ -161,16 +164,19 @@ def _large(phase: str, d: int, bd: int, k: str) -> list[KernelConfig]:
     # it streams). At D = 512 the 64-row fp32 accumulator (128 registers a thread) spilled in every 64-row
     # shape tried (64×32 and 64×16, 8 or 16 warps): 32 × 32 there (mma.sync: no wgmma for 32 rows), 16 own
     # rows at D = 1024.
-    if k == "tf32":
-        cands = [(32, 32, 8, 2)] if d <= 512 else [(16, 16, 8, 2)]     # fp32 operands: twice the bytes
+    # No warp repeats another's z rows (sass_model): a z tile that feeds the second dot gets its warps on
+    # one axis, so 8 warps need 128 rows ([8, 1]) or ≥ 64 columns ([1, 8]); the 32×32 tiles at 8 warps, the
+    # 64×32 dq tile and the 64×64 tiles at [8, 1] computed z twice.
+    if k == "tf32":    # fp32 operands: twice the bytes; at D ≥ 256 the D-chunked z spreads 8 warps as [2, 4]
+        cands = [(32, 32, 4, 3)] if d <= 128 else [(32, 32, 8, 2)] if d <= 512 else [(16, 16, 8, 2)]
     elif d <= 64:
-        cands = [(64, 64, 4, 3), (64, 64, 8, 3)]
+        cands = [(64, 64, 4, 3), (128, 64, 8, 3)] if phase == "dq" else [(64, 64, 4, 3)]
     elif d == 128:
-        cands = [(64, 64, 8, 3), (64, 32, 8, 3)]
+        cands = [(64, 64, 8, 3), (64, 64, 4, 3)] if phase == "dq" else [(64, 64, 8, 3), (64, 32, 8, 3)]
     elif d == 256:
-        cands = [(64, 32, 8, 2)]
-    elif d == 512:
-        cands = [(32, 32, 8, 2)]
+        cands = [(32, 64, 8, 3)] if phase == "dq" else [(64, 32, 8, 3)]
+    elif d == 512:     # 3 stages of 32×512 and 64×512 tiles pass sm_80's 163 KiB
+        cands = [(32, 64, 8, 2)] if phase == "dq" else [(64, 32, 8, 2)]
     else:
         cands = [(16, 32, 8, 2)]
     out = []
@@ -180,27 +186,85 @@ def _large(phase: str, d: int, bd: int, k: str) -> list[KernelConfig]:
     return out
 
 
-def config_list(phase: str, N: int, M: int, D: int, dtype: torch.dtype, precision: str = "ieee") -> list[KernelConfig]:
+def _large_sm90(phase: str, d: int, bd: int, k: str) -> list[KernelConfig]:
+    """sm_90 (wgmma) tiles, read from the compiled code (`sass_model`): no warp or warpgroup repeats another's
+    z tile, 16-bit loops pipelined with ≥ 2 copies in flight (3 stages), no spills.
+
+    Triton gives a dot whose result feeds another dot (z → dq / dk) warpsPerCTA = [num_warps, 1]: at 8 warps
+    the z tile needs 128 rows (two warpgroups of 64), else the second warpgroup repeats the first's rows
+    (the dq / dk tiles of 64 rows at 8 warps computed z twice). The full-width fp32 accumulator of a
+    64-row warpgroup needs D/2 registers a thread, so own-row blocks of 128 (8 warps) fit up to D = 256;
+    at D = 512 the backward keeps 32-row z tiles on mma.sync (dq entirely; dk's own 64-key gradient GEMM
+    is split over the two warpgroups, [4, 2], and runs on wgmma)."""
+    R = 255
+    if k == "tf32":   # fp32 operands: half the rows of 16-bit; 4 warps so no warp repeats another's z rows
+        if phase == "fwd":
+            return [_C(64, 64, bd, 0, 4, 3, R)]
+        if d <= 128:
+            return [_C(32, 32, bd, d, 4, 3, R)]
+        return [_C(32, 32, bd, d, 8, 2, R)] if d <= 512 else [_C(16, 16, bd, d, 8, 2, R)]   # 4 warps spilled
+    if phase == "fwd":
+        if d <= 128:
+            return [_C(128, 64, bd, 0, 8, 3, R), _C(128, 128, bd, 0, 8, 3, R), _C(64, 64, bd, 0, 4, 4, R)]
+        if d == 256:
+            return [_C(128, 64, bd, 0, 8, 3, R), _C(128, 32, bd, 0, 8, 3, R)]
+        if d == 512:    # q 128 KiB resident + 3 × 32 KiB of keys
+            return [_C(128, 32, bd, 0, 8, 3, R)]
+        return [_C(128, 64, bd, 0, 8, 3, R)]
+    if d <= 64:
+        cands = [(64, 64, 4, 3), (128, 64, 8, 3)] if phase == "dq" else [(64, 64, 4, 3), (64, 128, 8, 3)]
+    elif d == 128:
+        cands = [(128, 64, 8, 3)] if phase == "dq" else [(64, 128, 8, 3)]
+    elif d == 256:
+        cands = [(128, 32, 8, 3)] if phase == "dq" else [(64, 32, 8, 3)]
+    elif d == 512:
+        cands = [(32, 64, 8, 3)] if phase == "dq" else [(64, 32, 8, 3)]
+    else:
+        cands = [(16, 32, 8, 2)]
+    out = []
+    for own, other, w, st in cands:
+        bm, bn = (own, other) if phase == "dq" else (other, own)
+        out.append(_C(bm, bn, bd, d, w, st, R))
+    return out
+
+
+def current_arch() -> int:
+    """Table of the current CUDA device: 90 for compute capability 9.x (wgmma), else 80; 80 without CUDA
+    (the interpreter runs the sm_80 shapes unless a test passes configurations)."""
+    if torch.cuda.is_available():
+        major, _ = torch.cuda.get_device_capability()
+        return 90 if major == 9 else 80
+    return 80
+
+
+def config_list(phase: str, N: int, M: int, D: int, dtype: torch.dtype, precision: str = "ieee",
+                arch: Optional[int] = None) -> list[KernelConfig]:
     """Candidate configurations of one launch; the first is the deterministic default.
 
     phase: 'fwd' | 'dq' | 'dk'; N anchors and M keys per group; D features; dtype of q and k (float32,
-    float16 or bfloat16); precision: tl.dot's input_precision ('ieee' or 'tf32'; only fp32 uses tf32).
-    Raises ValueError for an unknown phase.
+    float16 or bfloat16); precision: tl.dot's input_precision ('ieee' or 'tf32'; only fp32 uses tf32);
+    arch: 80 or 90 (table), default `current_arch()`. Raises ValueError for an unknown phase or arch.
     """
     if phase not in PHASES:
         raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
+    arch = current_arch() if arch is None else arch
+    if arch not in ARCHS:
+        raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")
     k = kind(dtype, precision)
     d = max(16, _pow2(D))
     cls = size_class(N, M)
     bd = block_d(D, dtype, precision, small=cls != "large")
     if cls != "large":
         return _small(phase, 16 if cls == "s16" else 32, d, bd, k)
+    if arch == 90 and k != "fp32":
+        return _large_sm90(phase, d, bd, k)
     return _large(phase, d, bd, k)
 
 
-def choose_config(phase: str, N: int, M: int, D: int, dtype: torch.dtype, precision: str = "ieee") -> KernelConfig:
+def choose_config(phase: str, N: int, M: int, D: int, dtype: torch.dtype, precision: str = "ieee",
+                  arch: Optional[int] = None) -> KernelConfig:
     """The fixed default configuration of one launch (first of `config_list`)."""
-    return config_list(phase, N, M, D, dtype, precision)[0]
+    return config_list(phase, N, M, D, dtype, precision, arch)[0]
 
 
 def precisions(dtype: torch.dtype) -> tuple:
@@ -211,14 +275,15 @@ def precisions(dtype: torch.dtype) -> tuple:
 def shipped_configs() -> list[ShippedConfig]:
     """Every candidate `config_list` returns for the shipped dtypes, precisions, D values and size classes."""
     out = []
-    for phase in PHASES:
-        for dtype in SHIPPED_DTYPES:
-            for prec in precisions(dtype):
-                for D in SHIPPED_D:
-                    for cls in SIZE_CLASSES:
-                        N, M = SIZE_EXAMPLES[cls]
-                        for i, c in enumerate(config_list(phase, N, M, D, dtype, prec)):
-                            out.append(ShippedConfig(phase, dtype, D, cls, c, prec, i == 0))
+    for arch in ARCHS:
+        for phase in PHASES:
+            for dtype in SHIPPED_DTYPES:
+                for prec in precisions(dtype):
+                    for D in SHIPPED_D:
+                        for cls in SIZE_CLASSES:
+                            N, M = SIZE_EXAMPLES[cls]
+                            for i, c in enumerate(config_list(phase, N, M, D, dtype, prec, arch)):
+                                out.append(ShippedConfig(phase, dtype, D, cls, c, prec, i == 0, arch))
     return out
 
 
