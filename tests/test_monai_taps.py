@@ -43,14 +43,20 @@ def make(case, method="macl", **mkw):
     torch.manual_seed(0)
     m = build_method(NetConfig(dims=dims, arch=arch, arch_args=args),
                      MethodConfig(name=method, impl="torch", **mkw))
-    return m.double()
+    return m.to(dtype_of(case))
+
+
+def dtype_of(case):
+    """float64 in 2D (tight comparisons); float32 in 3D (CPU 3D convolutions in float64 are very slow)."""
+    return torch.float64 if CASES[case][2] == 2 else torch.float32
 
 
 def batch_for(case, B=3):
     dims, crop = CASES[case][2], CASES[case][3]
     g = torch.Generator().manual_seed(1)
     shape = (B, 1) + (crop,) * dims
-    return Batch(POS[:B], *(torch.rand(shape, generator=g, dtype=torch.float64) for _ in range(4)))
+    dt = dtype_of(case)
+    return Batch(POS[:B].to(dt), *(torch.rand(shape, generator=g, dtype=dt) for _ in range(4)))
 
 
 class _Done(Exception):
@@ -102,15 +108,16 @@ def test_macl_step_shapes_losses_and_gradients(case):
     p1 = model.aux_pixel_head(f1[bpath])
     z3, z4 = model.aux_image_head(f3[bpath]), model.dom_image_head(f4[dpath])
     cfg = m.cfg
-    ref_g = naive_pos_supcon(torch.stack([z3, z4], 1), POS, 0.1, 0.1)
-    ref_d = naive_location_loop(p1, f2[dpath], POS, 0.1, 0.1)
+    ref_g = naive_pos_supcon(torch.stack([z3, z4], 1).double(), POS, 0.1, 0.1)
+    ref_d = naive_location_loop(p1.double(), f2[dpath].double(), POS, 0.1, 0.1)
     small = F.interpolate(f1[bpath], size=f2[bpath].shape[2:], mode="bilinear" if dims == 2 else "trilinear",
                           align_corners=True)
     ref_er = (small - f2[bpath]).abs().mean()
     terms = m(batch)
-    for name, ref, tol in (("L_g", ref_g, 1e-9), ("L_d", ref_d, 1e-9), ("L_ER", ref_er, 1e-6)):  # L_ER: float32
-        assert terms[name].dtype == (torch.float32 if name == "L_ER" else torch.float64)
-        assert torch.allclose(terms[name].double(), ref, rtol=tol, atol=tol), (name, terms[name], ref)
+    tight = 1e-9 if dims == 2 else 2e-5
+    for name, ref, tol in (("L_g", ref_g, tight), ("L_d", ref_d, tight), ("L_ER", ref_er, 2e-6)):  # L_ER: float32
+        assert terms[name].dtype == (torch.float32 if name == "L_ER" else dtype_of(case))
+        assert torch.allclose(terms[name].double(), ref.double(), rtol=tol, atol=tol), (name, terms[name], ref)
     assert cfg.contrast_scale == pytest.approx(0.1 / 0.07)
 
     m.zero_grad(set_to_none=True)
@@ -135,7 +142,7 @@ def test_exported_weights_load_into_a_fresh_monai_net(case):
     m.combine(terms).backward()
     opt.step()  # the exported values are no longer MONAI's initial ones
     sd = m.pretrained_state_dict()
-    fresh = build_net(NetConfig(dims=dims, arch=arch, arch_args=args), 5).double()  # another out_channels
+    fresh = build_net(NetConfig(dims=dims, arch=arch, arch_args=args), 5).to(dtype_of(case))  # another out_channels
     before = {k: v.clone() for k, v in fresh.state_dict().items()}
     res = fresh.load_state_dict(sd, strict=False)
     assert res.unexpected_keys == []
@@ -171,6 +178,7 @@ def test_other_methods_on_a_monai_net(method):
         b = batch_for("DynUNet-2d")
         h3, h4 = hooked(net, ["bottleneck"], b.img3)["bottleneck"], hooked(net, ["bottleneck"], b.img4)["bottleneck"]
         ref = naive_pos_supcon(torch.stack([m.model.image_head(h3), m.model.image_head(h4)], 1), POS, 0.1, 0.1)
+        assert ref.dtype == torch.float64
         assert torch.allclose(m(b)["L_g"], ref, rtol=1e-6)
 
 
