@@ -28,12 +28,11 @@ from torch import nn
 from .taps import TapError, Taps
 
 SUPPORTED = ("BasicUNet", "UNet", "DynUNet", "SwinUNETR")
-#: arguments used when --net-args leaves them out (UNet has no defaults for channels / strides in MONAI;
-#: DynUNet's are a 5-level nnU-Net-like layout)
+#: values for the arguments MONAI requires when --net-args leaves them out (UNet: channels / strides; DynUNet:
+#: a 5-level nnU-Net-like layout); every other argument keeps MONAI's default
 DEFAULT_ARGS = {
     "UNet": {"channels": [16, 32, 64, 128, 256], "strides": [2, 2, 2, 2]},
-    "DynUNet": {"kernel_size": [3, 3, 3, 3, 3], "strides": [1, 2, 2, 2, 2], "upsample_kernel_size": [2, 2, 2, 2],
-                "norm_name": "instance"},
+    "DynUNet": {"kernel_size": [3, 3, 3, 3, 3], "strides": [1, 2, 2, 2, 2], "upsample_kernel_size": [2, 2, 2, 2]},
 }
 OWN = ("spatial_dims", "in_channels", "out_channels")
 
