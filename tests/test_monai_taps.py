@@ -229,3 +229,14 @@ def test_a_1x1_dominant_bottleneck_names_module_and_size():
     assert _one_line(e)
     with pytest.raises(GeometryError, match="not divisible by 32x32"):
         m(Batch(POS, *(torch.rand(3, 1, 48, 48, dtype=torch.float64),) * 4))
+
+
+def test_hooks_are_inert_in_the_users_own_forward():
+    from monai.networks.nets import BasicUNet
+    net = BasicUNet(2, 1, 2, features=(4, 4, 8, 8, 16, 4))
+    m = adapt(net)
+    x = torch.rand(2, 1, 64, 64)
+    y = net(x)  # the full network, nothing stopped, nothing kept
+    assert y.shape == (2, 2, 64, 64) and m.model.tapset._store == {}
+    m.model.tapset.remove()
+    assert not net.down_4._forward_hooks

@@ -139,6 +139,8 @@ class TapSet:
 
     def _hook(self, roles: Tuple[str, ...]):
         def hook(module, inputs, output):
+            if self._stop_at is None:  # the user's own forward passes: nothing recorded, nothing kept
+                return None
             for role in roles:
                 if role not in self._store:  # a module called twice: its first output
                     self._store[role] = first_tensor(output, role, self.paths[role])
@@ -157,7 +159,7 @@ class TapSet:
         except _Stop:
             pass
         finally:
-            self._stop_at = None
+            self._stop_at, self._store, self._order = None, {}, []  # keep no activation after the pass
         if stop_at not in store:
             raise TapError(f"tap {stop_at!r}: module {self.paths[stop_at]!r} did not run in {self.name}.forward")
         return store
@@ -199,7 +201,7 @@ class TapSet:
         return {r: tuple(t.shape) for r, t in store.items()}, order, ran
 
     def remove(self) -> None:
-        """Remove the hooks from the user's network."""
+        """Remove the hooks from the user's network (they are inert outside `run` / `probe` anyway)."""
         for h in self._handles:
             h.remove()
         self._handles = []
