@@ -110,3 +110,13 @@ def test_docs_example_runs(tmp_path, capsys):
     net, sd = scope["net"], torch.load(weights, weights_only=True)
     assert float(scope["loss"].detach()) > 0 and len(sd) == len(out["state_dict"])
     assert f"{len(sd)} pre-trained tensors" in capsys.readouterr().out
+
+
+def test_finetune_a_monai_net_from_scratch_with_the_net_flags(data, tmp_path, capsys):
+    ft = tmp_path / "ft"
+    assert cli.main(["finetune", "--data", str(data), "--out", str(ft), "--net", "monai:DynUNet", "--net-args",
+                     json.dumps(DYN), "--steps", "1", "--batch-size", "2", "--patch-size", "32", "--no-evaluate",
+                     "--no-progress"]) == 0
+    assert "fine-tuning done (from scratch" in capsys.readouterr().out
+    assert json.loads((ft / "resolved_config.json").read_text())["net"]["arch_args"] == DYN
+    assert "output_block.conv.conv.weight" in torch.load(ft / "model_final.pt", weights_only=True)
