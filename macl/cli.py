@@ -89,7 +89,8 @@ def cmd_pretrain(args: argparse.Namespace, log: EventLog, bars: Bars) -> int:
                       ("norm", "net.norm"), ("seed", "train.seed"), ("seed", "data.seed"), ("device", "train.device"),
                       ("checkpoint_every", "train.checkpoint_every"), ("batch_size", "data.batch_size"),
                       ("views", "data.views"), ("slice_axis", "data.slice_axis"),
-                      ("patches_per_volume", "data.patches_per_volume")):
+                      ("patches_per_volume", "data.patches_per_volume"), ("net", "net.arch"),
+                      ("net_args", "net.arch_args")):
         value = getattr(args, flag)
         if value is not None:
             flags.append(f"{key}={value!r}")
@@ -134,14 +135,16 @@ def cmd_finetune(args: argparse.Namespace, log: EventLog, bars: Bars) -> int:
     from macl.train import resolve_device
     from macl.workflow import (format_summary, parse_value, patch_size, pretrained_net, run_finetune,
                                saved_finetune_settings)
+    from macl.nets.cli_args import compact_net
     saved = saved_finetune_settings(args.out)  # a rerun continues with the run's own settings (resume_guard)
     if saved is not None and args.pretrained is None:
         args.pretrained = saved["pretrained"]
-    net = dict(pretrained_net(args.pretrained)) if args.pretrained else dict(saved["net"]) if saved else {}
+    net = compact_net(pretrained_net(args.pretrained)) if args.pretrained else dict(saved["net"]) if saved else {}
     net.pop("in_channels", None)
-    for key in ("dims", "base_width", "depth", "norm"):
-        if getattr(args, key) is not None:
-            net[key] = getattr(args, key)
+    for key, flag in (("dims", "dims"), ("base_width", "base_width"), ("depth", "depth"), ("norm", "norm"),
+                      ("arch", "net"), ("arch_args", "net_args")):
+        if getattr(args, flag) is not None:
+            net[key] = getattr(args, flag)
     kw: dict[str, Any] = {"device": str(resolve_device(args.device)), "skip_bad": args.skip_bad}
     for name in ("steps", "batch_size", "lr", "loss", "seed", "test_fraction", "checkpoint_every", "slice_axis"):
         if getattr(args, name) is not None:
@@ -363,6 +366,14 @@ def _isatty(stream) -> bool:
 
 
 # ------------------------------------------------------------------------------------------ parser
+def _net_flags(g) -> None:
+    from macl.nets.cli_args import json_object
+    g.add_argument("--net", metavar="unet|monai:NAME", help="network: the built-in U-Net (default) or monai:BasicUNet, "
+                   "monai:UNet, monai:DynUNet (docs/monai.md)")
+    g.add_argument("--net-args", type=json_object, metavar="JSON", help="the MONAI network's arguments as a JSON "
+                   "object, e.g. '{\"filters\": [32, 64, 128, 256]}' (spatial_dims, in_channels, out_channels: set by macl)")
+
+
 def _common(p: argparse.ArgumentParser, tensorboard: bool = False) -> None:
     g = p.add_argument_group("output")
     g.add_argument("--threads", type=int, metavar="N", help="CPU threads for torch (default: torch's choice, one "
@@ -424,6 +435,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--steps", type=int, metavar="N", help="optimiser steps (default 1000)")
     g.add_argument("--lr", type=float, metavar="LR", help="initial SGD learning rate (default 0.01)")
     g.add_argument("--base-width", type=int, metavar="N", help="U-Net base width F (default 32)")
+    _net_flags(g)
     g.add_argument("--depth", type=int, metavar="N", help="U-Net pooling stages (default 4)")
     g.add_argument("--norm", choices=("batch", "instance", "none"), help="normalisation layers (default batch)")
     g.add_argument("--views", choices=("code", "paper"), help="view preset: the public code's (default) or the paper's")
@@ -468,6 +480,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "the pre-training run's choice, else all channels of the data)")
     g.add_argument("--seed", type=int, metavar="N", help="seed of the split, the label selection and training (default 0)")
     g.add_argument("--base-width", type=int, metavar="N", help="U-Net base width F (default: the pre-trained net's, else 32)")
+    _net_flags(g)
     g.add_argument("--depth", type=int, metavar="N", help="U-Net pooling stages (default: the pre-trained net's, else 4)")
     g.add_argument("--norm", choices=("batch", "instance", "none"), help="normalisation (default: pre-trained net's)")
     g.add_argument("--device", default="auto", help="auto (default: CUDA when available, else CPU), cpu, cuda, ...")

@@ -160,6 +160,9 @@ def export_weights(checkpoint: Union[str, Dict[str, Any]], out_path: Optional[st
     `macl.nets.build_finetune_net(result["net"], num_classes)` and load with `load_pretrained(net, result["state_dict"])`.
     """
     ckpt = load_checkpoint(checkpoint) if isinstance(checkpoint, str) else checkpoint
+    from .nets.api import export_tapped, tapped_description
+    if tapped_description(ckpt) is not None:  # a user's / MONAI network: a plain state dict under its own names
+        return export_tapped(ckpt, out_path)
     prefixes = ("model.encoder.", "model.decoder.")
     state = {k[len("model."):]: v for k, v in ckpt["model"].items() if k.startswith(prefixes)}
     if not state:
@@ -304,7 +307,7 @@ def pretrain(config: PretrainConfig, batches: Batches, run_dir: str, *, resume: 
                 batch = Batch.from_any(raw).to(device, non_blocking=True)
                 if not geometry_checked:  # a degenerate loss term fails before the first step (macl.settings.geometry)
                     views = [getattr(batch, v) for v in ("img1", "img3") if getattr(batch, v) is not None]
-                    if views:
+                    if views and not hasattr(method.model, "tapset"):  # tapped networks check their own shapes
                         require_valid_geometry(config.net, config.method, tuple(views[0].shape[2:]))
                     geometry_checked = True
                 lr = opt.param_groups[0]["lr"]

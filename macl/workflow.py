@@ -345,6 +345,9 @@ def pretrained_net(source: str | os.PathLike) -> dict:
         raise ValueError(f"{p}: cannot read pre-trained weights ({type(e).__name__}: {e})") from e
     if isinstance(obj, Mapping) and isinstance(obj.get("net"), Mapping) and obj["net"]:
         return dict(obj["net"])
+    from macl.nets.api import sidecar_net  # a MONAI / user network's weights: a plain state dict, .json beside it
+    if sidecar_net(p) is not None:
+        return sidecar_net(p)
     if isinstance(obj, Mapping) and isinstance(obj.get("config"), Mapping) and "net" in obj["config"]:
         return dict(obj["config"]["net"])
     raise ValueError(f"{p} holds no network description ('net'); pass --base-width/--depth/--norm/--dims yourself")

@@ -198,8 +198,15 @@ def register_method(name: str) -> Callable[[type], type]:
     return deco
 
 
-def build_method(net: NetConfig, cfg: MethodConfig) -> Method:
-    """Instantiate the method named `cfg.name`. Raises ValueError for an unknown name (the known ones listed)."""
+def build_method(net: NetConfig, cfg: MethodConfig, model: Optional[nn.Module] = None) -> Method:
+    """Instantiate the method named `cfg.name`. Raises ValueError for an unknown name (the known ones listed).
+
+    model: the method's network, already built (a `macl.nets.adapters` tapped model); for net.arch "monai:..."
+    it is built from the config (`macl.nets.from_config.tapped_from_config`).
+    """
     if cfg.name not in METHODS:
         raise ValueError(f"unknown method {cfg.name!r}; known: {sorted(METHODS)}")
-    return METHODS[cfg.name](net, cfg)
+    if model is None and getattr(net, "arch", "unet") != "unet":
+        from ..nets.from_config import tapped_from_config
+        model = tapped_from_config(net, cfg)
+    return METHODS[cfg.name](net, cfg) if model is None else METHODS[cfg.name](net, cfg, model=model)

@@ -155,10 +155,11 @@ class GCL(Method):
 
     required_views = ("img1", "img2", "img3", "img4")
 
-    def __init__(self, net: NetConfig, cfg: MethodConfig):
+    def __init__(self, net: NetConfig, cfg: MethodConfig, model=None):
         super().__init__(net, cfg)
-        self.model = GCLModel(net, decoder_blocks=cfg.decoder_blocks, proj_dim=cfg.proj_dim or 128,
-                              pixel_dim=cfg.pixel_dim)
+        # model: a `macl.nets.adapters.TappedGCLModel` around the user's encoder–decoder (same interface)
+        self.model = model if model is not None else GCLModel(net, decoder_blocks=cfg.decoder_blocks,
+                                                              proj_dim=cfg.proj_dim or 128, pixel_dim=cfg.pixel_dim)
         self.labels = tuple(cfg.meta_labels)
         self.weights = {}
         for m in self.labels:

@@ -101,11 +101,12 @@ class MACL(Method):
 
     required_views = ("img1", "img2", "img3", "img4")
 
-    def __init__(self, net: NetConfig, cfg: MethodConfig):
+    def __init__(self, net: NetConfig, cfg: MethodConfig, model=None):
         super().__init__(net, cfg)
-        self.model = MACLModel(net, decoder_blocks=cfg.decoder_blocks, dominant_scale=cfg.dominant_scale,
-                               proj_dim=cfg.proj_dim or 128, dominant_image_source=cfg.dominant_image_source,
-                               head_norm=cfg.image_head_norm)
+        # model: a `macl.nets.adapters.TappedMACLModel` around the user's encoder–decoder (same outputs)
+        self.model = model if model is not None else MACLModel(
+            net, decoder_blocks=cfg.decoder_blocks, dominant_scale=cfg.dominant_scale, proj_dim=cfg.proj_dim or 128,
+            dominant_image_source=cfg.dominant_image_source, head_norm=cfg.image_head_norm)
         self.weights = {"L_g": cfg.lambda_g, "L_d": cfg.lambda_d, "L_ER": cfg.lambda_er}
         if cfg.lambda_g == 0:
             self.required_views = ("img1", "img2")

@@ -24,9 +24,10 @@ class PCL(Method):
 
     required_views = ("img3", "img4")
 
-    def __init__(self, net: NetConfig, cfg: MethodConfig):
+    def __init__(self, net: NetConfig, cfg: MethodConfig, model=None):
         super().__init__(net, cfg)
-        self.model = EncoderProjector(net, proj_dim=cfg.proj_dim)
+        # model: a `macl.nets.adapters.TappedEncoderProjector` (the user's network to its bottleneck tap)
+        self.model = model if model is not None else EncoderProjector(net, proj_dim=cfg.proj_dim)
         self.weights = {"L_g": 1.0}
 
     def forward(self, batch: Batch) -> Dict[str, torch.Tensor]:

@@ -16,14 +16,16 @@ from ..settings.config import NetConfig
 from .unet import UNet
 
 
-def build_finetune_net(net: Union[NetConfig, Mapping], num_classes: int) -> UNet:
-    """The segmentation U-Net (encoder + full decoder + 1×1 head, no bias) for a backbone description.
+def build_finetune_net(net: Union[NetConfig, Mapping], num_classes: int) -> torch.nn.Module:
+    """The segmentation U-Net (encoder + full decoder + 1×1 head, no bias) for a backbone description, or the
+    MONAI network of net.arch "monai:..." with out_channels = num_classes (`macl.nets.from_config.build_net`).
 
     net: a `NetConfig`, or its dict form (as stored under "net" in checkpoints and exported weights).
     """
+    from .from_config import build_net
     if not isinstance(net, NetConfig):
         net = NetConfig(**dict(net))
-    return UNet(net, num_classes)
+    return UNet(net, num_classes) if net.arch == "unet" else build_net(net, num_classes)
 
 
 def load_pretrained(model: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> List[str]:

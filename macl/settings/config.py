@@ -48,7 +48,13 @@ class NetConfig:
     base_width: F, the width of the first stage; stages have F, 2F, …, 2^(depth−1)F channels and the
         bottleneck ("center") has 2^depth·F (16F = 512 for the paper's F = 32, depth = 4).
     depth: number of max-pool stages (4 in the paper); inputs must be divisible by 2^depth.
-    norm: "batch" (the public code), "instance" or "none".
+    norm: "batch" (the public code), "instance" or "none". For a MONAI network: the norm of MACL's pixel head.
+    arch: "unet" (the built-in U-Net above) or a MONAI encoder–decoder "monai:BasicUNet" | "monai:UNet" |
+        "monai:DynUNet" | "monai:SwinUNETR" (`macl.nets.monai_maps`, docs/monai.md); base_width and depth are
+        then unused and the network comes from `arch_args`.
+    arch_args: the MONAI network's constructor arguments except spatial_dims (= dims), in_channels and
+        out_channels (JSON types, e.g. {"features": [32, 32, 64, 128, 256, 32]}).
+    taps: module paths {"bottleneck", "decoder", "er"} overriding the built-in tap map (`macl.nets.taps`).
     """
 
     dims: int = 2
@@ -56,9 +62,19 @@ class NetConfig:
     base_width: int = 32
     depth: int = 4
     norm: str = "batch"
+    arch: str = "unet"
+    arch_args: Optional[dict] = None
+    taps: Optional[dict] = None
 
     def __post_init__(self) -> None:
         coerce_fields(self, 'net.')  # types first: the checks below compare numbers
+        _check(self.arch == "unet" or self.arch.startswith("monai:"),
+               f"net.arch must be 'unet' or 'monai:<Name>' (monai:BasicUNet, monai:UNet, monai:DynUNet), got {self.arch!r}")
+        for name in ("arch_args", "taps"):
+            value = getattr(self, name)
+            _check(value is None or isinstance(value, dict), f"net.{name} must be a mapping or None, got {value!r}")
+            if value is not None:  # the JSON form (tuples → lists): stored and given configs compare equal
+                setattr(self, name, json.loads(json.dumps(value)))
         _check(self.dims in (2, 3), f"net.dims must be 2 or 3, got {self.dims!r}")
         _check(int(self.in_channels) >= 1, f"net.in_channels must be >= 1, got {self.in_channels!r}")
         _check(int(self.base_width) >= 1, f"net.base_width must be >= 1, got {self.base_width!r}")

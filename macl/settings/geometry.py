@@ -68,9 +68,56 @@ def geometry_problems(net: NetConfig, method: MethodConfig, patch: Sequence[int]
     return out
 
 
+def tapped_problems(net_name: str, patch: Sequence[int], bottleneck: Sequence[int], ratio: Sequence[int],
+                    method: MethodConfig, bottleneck_module: str) -> List[str]:
+    """What is degenerate about MACL on a tapped network (`macl.nets.adapters`), from the tapped shapes.
+
+    patch: the input crop S; bottleneck: the bottleneck's spatial size at S; ratio r: how many times finer the
+    decoder tap is than the bottleneck (per axis), so the dominant input is S/r and its bottleneck bottleneck/r.
+    Returns one-line problems naming the module and sizes (empty when none).
+    """
+    shown = "x".join(str(int(p)) for p in patch)
+    stride = [int(p) // int(b) for p, b in zip(patch, bottleneck)]
+    out = []
+    bad = [i for i, (p, r, s) in enumerate(zip(patch, ratio, stride)) if p % (r * s)]
+    if bad:
+        need = "x".join(str(r * s) for r, s in zip(ratio, stride))
+        out.append(f"patch {shown} is not divisible by {need} (the dominant input patch/{list(ratio)} must fit "
+                   f"{net_name}'s bottleneck stride {stride})")
+        return out
+    dom = [int(b) // int(r) for b, r in zip(bottleneck, ratio)]
+    if method.lambda_er > 0 and min(dom) < 2:
+        out.append(f"the dominant bottleneck (module {bottleneck_module!r}) is {'x'.join(map(str, dom))} "
+                   f"(patch / {'x'.join(map(str, ratio))} / stride {'x'.join(map(str, stride))}), below 2 per axis, "
+                   f"so L_ER is degenerate")
+    if method.lambda_d > 0 and min(bottleneck) < 2:
+        out.append(f"the L_d grid (module {bottleneck_module!r}) is {'x'.join(map(str, bottleneck))}, below 2 per "
+                   f"axis, so L_d is degenerate")
+    return out
+
+
+def require_tapped_geometry(net_name: str, patch: Sequence[int], bottleneck: Sequence[int], ratio: Sequence[int],
+                            method: MethodConfig, bottleneck_module: str) -> None:
+    """Raise `GeometryError` (one line, naming the module, the sizes and the smallest patch that works) when
+    `tapped_problems` finds anything."""
+    problems = tapped_problems(net_name, patch, bottleneck, ratio, method, bottleneck_module)
+    if not problems:
+        return
+    stride = [int(p) // max(1, int(b)) for p, b in zip(patch, bottleneck)]
+    unit = [r * s for r, s in zip(ratio, stride)]
+    lo = [max(u * (2 if method.lambda_er > 0 else 1), 2 * s) for u, s in zip(unit, stride)]
+    fixed = [max(l_, -(-int(p) // u) * u) for l_, p, u in zip(lo, patch, unit)]
+    fixed = [-(-f // u) * u for f, u in zip(fixed, unit)]
+    raise GeometryError(f"MACL on {net_name} at patch {'x'.join(str(int(p)) for p in patch)}: {'; '.join(problems)}. "
+                        f"Use a patch of {'x'.join(map(str, fixed))} or larger (--patch-size).")
+
+
 def require_valid_geometry(net: NetConfig, method: MethodConfig, patch: Sequence[int]) -> None:
     """Raise `GeometryError` (one line, naming a patch size and a depth that work) when `geometry_problems`
-    finds anything; return None otherwise."""
+    finds anything; return None otherwise. A MONAI network (net.arch "monai:...") is checked from its tapped
+    shapes by `macl.nets.adapters` instead (at the first forward pass, before any step)."""
+    if getattr(net, "arch", "unet") != "unet":
+        return
     problems = geometry_problems(net, method, patch)
     if not problems:
         return
@@ -86,4 +133,4 @@ def require_valid_geometry(net: NetConfig, method: MethodConfig, patch: Sequence
                         f"Use {' or '.join(fixes)} (--patch-size / --depth).")
 
 
-__all__ = ["GeometryError", "geometry_problems", "require_valid_geometry", "min_patch", "max_depth", "macl_sizes"]
+__all__ = ["GeometryError", "geometry_problems", "require_valid_geometry", "tapped_problems", "require_tapped_geometry", "min_patch", "max_depth", "macl_sizes"]
