@@ -56,8 +56,8 @@ class Sizes:
 
     name: str
     seeds: tuple = (0, 1, 2)
-    slab: int = 6
-    gap: int = 2
+    slab: int = 4  # 4-slice slabs, 1 dropped between: 12 training slabs, so "full" (8) is 4x "few" (2)
+    gap: int = 1
     width: int = 8
     depth: int = 3
     patch: int = 64
@@ -157,10 +157,10 @@ def _cell_job(sizes: Sizes, sets: dict, task: str, m: str, budget: str, seed: in
     if source in PRETRAIN + ("random",):
         needs = f"pretrain_{source}"
         argv[argv.index("--labelled-cases"):argv.index("--labelled-cases")] = ["--pretrained",
-                                                                               out / "runs" / needs]
+                                                                               str(out / "runs" / needs)]
     if m.startswith("probe_"):
         argv[argv.index("--threads"):argv.index("--threads")] = ["--freeze", "encoder", "--bn-recalibrate",
-                                                                sizes.bn_batches]
+                                                                str(sizes.bn_batches)]
     labelled = split[budget]
     cell = {"task": task, "method": m, "budget": budget, "n_labelled": len(labelled), "seed": seed,
             "labelled": " ".join(labelled),

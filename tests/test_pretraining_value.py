@@ -111,6 +111,7 @@ def test_plan_keeps_test_slabs_out_and_shares_the_slabs_of_a_seed(tmp_path):
     assert jobs[:len(pre)] == pre  # pre-training first
     rnd = pre[-1].argv
     assert rnd[rnd.index("--steps") + 1] == "1" and float(rnd[rnd.index("--lr") + 1]) == 1e-30
+    assert all(isinstance(a, str) for j in jobs for a in j.argv)  # what subprocess takes
     cells = [j for j in jobs if j.cell is not None]
     assert len(cells) == len(sizes.seeds) * len(pv.TASKS) * 8
     for seed in sizes.seeds:
