@@ -133,7 +133,7 @@ RECIPE_FLAGS = ("freeze", "probe_steps", "warmup_steps", "pretrained_lr_scale", 
 
 
 def _recipe_flags(p: argparse.ArgumentParser) -> None:
-    """`macl finetune`'s recipe flags (macl.finetune_recipe, macl.finetune_val; docs/workflow.md)."""
+    """`macl finetune`'s recipe flags (macl.nets.freeze, macl.nets.param_groups, macl.run.validation; docs/workflow.md)."""
     g = p.add_argument_group("recipe (docs/workflow.md, \"Fine-tuning recipes\")")
     g.add_argument("--freeze", choices=("none", "encoder", "encoder+decoder"), help="keep these pre-trained parts "
                    "fixed (parameters and BatchNorm statistics; default none)")

@@ -48,9 +48,10 @@ from macl.data.readers import DatasetIndex
 from macl.data.segsampling import SegBatchSampler, SegSamplingConfig
 from macl.data.split_files import declared_test_cases, open_with_split
 from macl.data.splits import select_labelled, split_cases
-from macl.finetune_recipe import (apply_freeze, build_optimizer, check_recipe, frozen_prefixes, recalibrate_batchnorm,
-                                  set_train_mode)
-from macl.finetune_val import BEST, Validator, mean_foreground_dice, split_validation
+from macl.data.seg_augment import check_spatial_aug
+from macl.nets.freeze import apply_freeze, check_freeze, frozen_prefixes, recalibrate_batchnorm, set_train_mode
+from macl.nets.param_groups import build_optimizer
+from macl.run.validation import Validator, check_val, mean_foreground_dice, split_validation
 
 __all__ = ["FinetuneConfig", "FinetuneResult", "finetune", "predict_volume", "evaluate", "evaluate_run",
            "prepare_split", "save_checkpoint", "case_metrics", "dice_score", "hd95", "summarize", "write_json_atomic"]
@@ -95,7 +96,7 @@ class FinetuneConfig:
     device: str = "cpu"
     channels: list[int] | None = None
     split_fold: int = 0
-    # the recipe (macl.finetune_recipe, macl.finetune_val, docs/workflow.md "Fine-tuning recipes")
+    # the recipe (macl.nets.freeze, macl.nets.param_groups, macl.run.validation; docs/workflow.md "Fine-tuning recipes")
     freeze: str = "none"
     probe_steps: int = 0
     warmup_steps: int = 0
@@ -125,7 +126,7 @@ class FinetuneConfig:
             raise ValueError("give labels_fraction or labelled_cases, not both")
         if not 0 < self.lr or self.min_lr < 0:
             raise ValueError(f"lr must be > 0 and min_lr >= 0, got lr={self.lr}, min_lr={self.min_lr}")
-        check_recipe(self)
+        _check_recipe(self)
 
     def to_dict(self) -> dict:
         """Plain-JSON form (tuples become lists)."""
@@ -145,6 +146,24 @@ class FinetuneResult:
     class_names: dict[int, str]
     loaded_pretrained: list[str]
     last_loss: float
+
+
+def _check_recipe(cfg: FinetuneConfig) -> None:
+    """ValueError naming the first bad recipe setting (macl.nets.freeze / param_groups, macl.run.validation)."""
+    check_freeze(cfg.freeze)
+    check_spatial_aug(cfg.spatial_aug)
+    check_val(cfg.val_fraction, cfg.val_cases, cfg.val_every)
+    for name in ("probe_steps", "warmup_steps", "bn_recalibrate"):
+        if int(getattr(cfg, name)) < 0:
+            raise ValueError(f"{name} must be >= 0, got {getattr(cfg, name)}")
+    if cfg.probe_steps >= cfg.steps:
+        raise ValueError(f"probe_steps ({cfg.probe_steps}) must be below steps ({cfg.steps}): the fine-tuning "
+                         f"phase would never start")
+    if not cfg.pretrained_lr_scale > 0:
+        raise ValueError(f"pretrained_lr_scale must be > 0, got {cfg.pretrained_lr_scale}")
+    if cfg.probe_steps and cfg.freeze != "none":
+        raise ValueError(f"probe_steps (linear probe, then fine-tune everything) needs freeze='none', "
+                         f"got freeze={cfg.freeze!r}")
 
 
 # ------------------------------------------------------------------------------------------ files

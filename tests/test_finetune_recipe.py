@@ -1,4 +1,4 @@
-"""The fine-tuning recipe (macl.finetune_recipe, macl.finetune_val): frozen parts, learning-rate groups and
+"""The fine-tuning recipe (macl.nets.freeze, macl.nets.param_groups, macl.run.validation): frozen parts, learning-rate groups and
 schedule, the kept validation step, the CLI flags."""
 import json
 import math
@@ -12,7 +12,8 @@ import torch
 
 from macl.data import PhantomConfig, load_volumes, open_dataset, write_phantom_dataset
 from macl.finetune import FinetuneConfig, evaluate, finetune
-from macl.finetune_recipe import build_optimizer, lr_factor, recalibrate_batchnorm
+from macl.nets.freeze import recalibrate_batchnorm
+from macl.nets.param_groups import build_optimizer, lr_factor
 from macl.nets import build_finetune_net
 from macl.settings.config import NetConfig
 
