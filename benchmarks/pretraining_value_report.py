@@ -122,6 +122,30 @@ def table_lines(stats: dict) -> list[str]:
     return lines
 
 
+def curve_lines(rows: list[dict]) -> list[str]:
+    """Validation Dice against fine-tuning steps, mean over the seeds, for scratch and MACL (and the probes)."""
+    lines = []
+    for task in ("context", "tissue"):
+        for budget in ("few", "full"):
+            curves: dict = {}
+            for r in rows:
+                if r["task"] == task and r["budget"] == budget and r.get("val_curve") and r["method"] != "lookup":
+                    for step, dice in json.loads(r["val_curve"]):
+                        curves.setdefault(r["method"], {}).setdefault(int(step), []).append(float(dice))
+            if not curves:
+                continue
+            steps = sorted({s for c in curves.values() for s in c})
+            lines += ["", f"**{task}, {budget} labels** (validation Dice, mean over the seeds; AUC: "
+                          "`curve_auc`, mean over the seeds)", "",
+                      "| method | " + " | ".join(str(s) for s in steps) + " | AUC |",
+                      "|---|" + "---|" * (len(steps) + 1)]
+            for m in [m for m in ORDER if m in curves]:
+                vals = [np.mean(curves[m][s]) if s in curves[m] else float("nan") for s in steps]
+                aucs = [r["auc"] for r in rows if r["task"] == task and r["budget"] == budget and r["method"] == m]
+                lines.append(f"| {m} | " + " | ".join(_f(v) for v in vals) + f" | {_f(float(np.nanmean(aucs)))} |")
+    return lines
+
+
 def headroom_lines(stats: dict) -> list[str]:
     """Per task: scratch full − scratch few against the seed spread; the lookup baseline against scratch."""
     lines = []
@@ -258,6 +282,7 @@ def write_report(csv_path: Path, doc: Path, sizes, meta_path: Optional[Path] = N
     lines += headroom_lines(stats) or ["- (no headroom cells yet)"]
     lines += ["", "## The issue's target", ""] + target_lines(stats)
     lines += ["", "## Results (every cell)"] + table_lines(stats)
+    lines += ["", "## Dice against fine-tuning steps"] + curve_lines(rows)
     if png is not None:
         lines += ["", f"![Dice vs labelled slabs]({png.name})", "",
                   f"`{png.name}`: test foreground Dice against labelled slabs, mean ± std over the seeds (probes at "
