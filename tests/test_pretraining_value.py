@@ -1,6 +1,8 @@
 """The pre-training-value benchmark's machinery: the anatomy converter, the job plan, one tiny real cell, the stats."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import csv
 import dataclasses
 import json
@@ -81,55 +83,104 @@ def test_converter_writes_msd_slabs_with_tissue_labels(tmp_path):
     assert set(np.unique(lab)) == {0, 1, 2, 3} and np.all(lab[truth == 0] == 0)
 
 
-def test_plan_keeps_test_volumes_out_and_pairs_labelled_volumes(tmp_path):
-    sizes = dataclasses.replace(pv.SIZES["tiny"], budgets=(1, 2), seeds=(0, 1), do_3d=True, depth_3d=1,
-                                patch_3d=8)
-    sets = pv.prepare_data(sizes, tmp_path)
-    s = sets["phantom"]
-    assert "anatomy" not in sets or sets["anatomy"]["datalist"].is_file()
-    rows = json.loads(s["datalist"].read_text())["training"]
-    listed = {p.split("/")[-1].split("_0000")[0] for r in rows for p in r["image"]}
-    assert listed == set(s["train"]) and not listed & set(s["test"])
-    jobs = pv.plan(sizes, sets, tmp_path, has_preset=True)
+def _sets(tmp_path, sizes=None):
+    src, _ = _fake_source(tmp_path, shape=(20, 24, 60))
+    sizes = sizes or dataclasses.replace(pv.SIZES["tiny"], seeds=(0, 1))
+    return sizes, pv.prepare_data(sizes, tmp_path / "o", str(src)), src
+
+
+def test_context_labels_split_grey_matter_by_level_only():
+    tissue = np.zeros((3, 3, 4), np.uint8)
+    tissue[0] = 1
+    tissue[1] = 2
+    tissue[2] = 3
+    out = mad.context_labels(tissue, np.arange(10, 14), z_split=12)
+    assert np.all(out[0] == 1) and np.all(out[2] == 4)
+    assert np.all(out[1][:, :2] == 2) and np.all(out[1][:, 2:] == 3)  # z 10, 11 inferior; 12, 13 superior
+
+
+def test_plan_keeps_test_slabs_out_and_shares_the_slabs_of_a_seed(tmp_path):
+    sizes, sets, _ = _sets(tmp_path)
+    rows = json.loads(sets["datalist"].read_text())["training"]
+    assert len(rows) == 1 and "imagesPretrain" in rows[0]["image"][0]  # the stacked training slabs only
+    prov = json.loads((sets["tissue"] / "provenance.json").read_text())
+    assert set(sets["test"]) == set(prov["test"])
+    jobs = pv.plan(sizes, sets, tmp_path / "o")
+    pre = [j for j in jobs if j.cell is None]
+    assert [j.key for j in pre] == ["pretrain_macl", "pretrain_pcl", "pretrain_simclr", "pretrain_random"]
+    assert jobs[:len(pre)] == pre  # pre-training first
+    rnd = pre[-1].argv
+    assert rnd[rnd.index("--steps") + 1] == "1" and float(rnd[rnd.index("--lr") + 1]) == 1e-30
+    assert all(isinstance(a, str) for j in jobs for a in j.argv)  # what subprocess takes
     cells = [j for j in jobs if j.cell is not None]
-    assert len(cells) == 2 * 2 * len(pv.METHODS_2D) + 2 * len(pv.METHODS_3D)
-    assert [j.cell is None for j in jobs] == sorted([j.cell is None for j in jobs], reverse=True)  # pre-training first
-    for seed in (0, 1):
-        lab = {b: {j.cell["labelled"] for j in cells if j.cell["seed"] == seed and j.cell["budget"] == b
-                   and j.cell["dims"] == 2} for b in (1, 2)}
-        assert len(lab[1]) == len(lab[2]) == 1  # one labelled set per (seed, budget), shared by every method
-        assert set(lab[1].pop().split()) < set(lab[2].pop().split())
-    keys = {j.key for j in jobs}
-    for j in cells:
-        assert j.needs is None or j.needs in keys
-        assert ("--pretrained" in j.argv) == (j.needs is not None)
-    robust = next(j for j in jobs if j.key == "phantom/2d/pretrain_macl_robust")
-    assert robust.argv[robust.argv.index("--preset") + 1] == "robust"
-    # without --preset in the CLI the robust rows are left out, not run as something else
-    assert not any("macl_robust" in j.key for j in pv.plan(sizes, sets, tmp_path, has_preset=False))
+    assert len(cells) == len(sizes.seeds) * len(pv.TASKS) * 8
+    for seed in sizes.seeds:
+        sp = sets["splits"][seed]
+        assert not set(sp["val"]) & set(sp["few"]) and not set(sp["val"]) & set(sp["full"])
+        assert set(sp["few"]) < set(sp["full"]) and not set(sp["full"]) & set(sets["test"])
+        for j in cells:
+            if j.cell["seed"] != seed:
+                continue
+            files = {Path(k).name: v for k, v in j.cell["_files"].items()}
+            assert files["labelled_cases.txt"] == sp[j.cell["budget"]] and files["val_cases.txt"] == sp["val"]
+            assert files["test_cases.txt"] == sets["test"]
+            probe = j.cell["method"].startswith("probe_")
+            assert ("--freeze" in j.argv) == probe and ("--pretrained" in j.argv) == (j.needs is not None)
+            assert (j.needs is None) == (j.cell["method"] == "scratch")
+    assert {j.needs for j in cells if j.cell["method"] == "probe_random"} == {"pretrain_random"}
+    # the levels: every set has a slab of each, so the context task's two grey-matter classes are in each
+    half = json.loads((sets["context"] / "provenance.json").read_text())["z_split_in_crop"]
+    mid = {f"robex_slab{i:02d}": (a + b) / 2 for i, (a, b) in enumerate(prov["slabs"])}
+    for sp in sets["splits"].values():
+        for ids in sp.values():
+            assert {mid[c] < half for c in ids} == {True, False}
 
 
 def test_dry_run_lists_every_cell(tmp_path, capsys):
-    assert pv.main(["--size", "tiny", "--dry-run", "--out", str(tmp_path / "o"), "--csv", str(tmp_path / "c.csv")]) == 0
+    src, _ = _fake_source(tmp_path, shape=(20, 24, 60))
+    assert pv.main(["--size", "tiny", "--dry-run", "--out", str(tmp_path / "o"), "--csv", str(tmp_path / "c.csv"),
+                    "--anatomy-source", str(src)]) == 0
     text = capsys.readouterr().out
-    for m in ("scratch", "simclr", "pcl", "macl_faithful", "arco_sg", "arco_ns"):
-        assert f"phantom/2d/{m}/l1/s0" in text
-    assert "train-semi" in text and "--sampler ns" in text
+    for m in ("scratch", "macl", "probe_random", "probe_macl", "probe_pcl", "probe_simclr"):
+        assert f"context/{m}/few/s0" in text
+    assert "tissue/macl/full/s0" in text and "--freeze encoder" in text
     assert not (tmp_path / "c.csv").exists()
+
+
+def test_lookup_baseline_and_auc_by_hand():
+    from benchmarks.pretraining_value_baselines import curve_auc, lookup_dice, lookup_fit
+    from macl.data import Volume
+    lab = np.zeros((4, 4, 2), np.int16)
+    lab[:2] = 1
+    lab[2:, :2] = 2
+    img = np.where(lab == 1, 1.0, np.where(lab == 2, 3.0, 2.9)).astype(np.float32)[None]  # bg looks like class 2
+    vol = Volume("a", img, lab, (1.0, 1.0, 1.0), "a")
+    edges, table = lookup_fit([vol], 3, bins=8)
+    assert table.min() >= 1  # only foreground classes: the mask decides the background
+    dice, summary = lookup_dice([vol], [vol], {0: "bg", 1: "one", 2: "two"}, bins=8)
+    assert dice == pytest.approx(1.0)
+    # a test volume whose class-2 intensity is class 1's: class 2 is then never predicted
+    img2 = np.where(lab == 2, 1.0, img[0])[None].astype(np.float32)
+    dice2, s2 = lookup_dice([vol], [Volume("b", img2, lab, (1.0, 1.0, 1.0), "b")], {0: "bg", 1: "one", 2: "two"}, 8)
+    assert s2["mean"]["2"]["Dice"] == 0.0 and s2["mean"]["1"]["Dice"] == pytest.approx(2 * 16 / (16 + 24))
+    # AUC: trapezoids from (0, 0): (10 * 0.5 / 2 + 10 * (0.5 + 0.7) / 2) / 20
+    assert curve_auc([[10, 0.5], [20, 0.7]]) == pytest.approx((2.5 + 6.0) / 20)
+    assert math.isnan(curve_auc([]))
 
 
 @pytest.mark.slow
 def test_one_tiny_real_cell_reports_and_resumes(tmp_path):
-    args = ["--size", "tiny", "--only", "phantom/2d/scratch", "--out", str(tmp_path / "o"),
-            "--csv", str(tmp_path / "c.csv"), "--doc", str(tmp_path / "doc.md")]
+    src, _ = _fake_source(tmp_path, shape=(20, 24, 60))
+    args = ["--size", "tiny", "--only", "context/scratch/few", "--out", str(tmp_path / "o"),
+            "--csv", str(tmp_path / "c.csv"), "--doc", str(tmp_path / "doc.md"), "--anatomy-source", str(src)]
     assert pv.main(args) == 0
     rows = list(csv.DictReader((tmp_path / "c.csv").open()))
     assert [(r["method"], r["status"]) for r in rows] == [("scratch", "ok")]
-    summary = json.loads((tmp_path / "o/runs/phantom/2d/scratch_l1_s0/summary.json").read_text())
+    summary = json.loads((tmp_path / "o/runs/context/scratch_few_s0/summary.json").read_text())
     assert float(rows[0]["dice"]) == pytest.approx(summary["foreground_mean"]["Dice"])
+    assert int(rows[0]["kept_step"]) == summary["kept"]["step"]
     doc = (tmp_path / "doc.md").read_text()
-    assert "| scratch | 1 |" in doc and "wall time" in doc and "--only phantom/2d/scratch" in doc
-    # a hand-written reading survives a rewrite
+    assert "| scratch |" in doc and "wall time" in doc and "--only context/scratch/few" in doc
     reading = f"{rep.KEEP_BEGIN}\nscratch only: nothing to read\n{rep.KEEP_END}"
     (tmp_path / "doc.md").write_text(doc.replace("## What was run", reading + "\n\n## What was run"))
     assert pv.main(args) == 0  # finished cells are skipped: no second row
@@ -137,15 +188,15 @@ def test_one_tiny_real_cell_reports_and_resumes(tmp_path):
     assert (tmp_path / "doc.md").read_text().count("scratch only: nothing to read") == 1
 
 
-def _rows(values: dict) -> list[dict]:
-    return [{"dataset": "d", "dims": 2, "budget": 1, "method": m, "seed": s, "dice": v, "hd95": 5.0}
-            for m, vs in values.items() for s, v in enumerate(vs)]
+def _rows(values: dict, task="context", budget="few") -> list[dict]:
+    return [{"task": task, "budget": budget, "n_labelled": 2, "method": m, "seed": s, "dice": v, "hd95": 5.0,
+             "auc": 0.5, "kept_step": 10} for m, vs in values.items() for s, v in enumerate(vs)]
 
 
 def test_compare_matches_a_hand_paired_t_test():
     from scipy.stats import t as student_t
     scratch, macl = [0.50, 0.60, 0.55], [0.56, 0.61, 0.60]
-    st = rep.compare(_rows({"scratch": scratch, "macl_faithful": macl}))[("d", 2, 1)]["macl_faithful"]
+    st = rep.compare(_rows({"scratch": scratch, "macl": macl}))[("context", "few")]["macl"]
     d = np.subtract(macl, scratch)
     tval = d.mean() / (d.std(ddof=1) / math.sqrt(3))
     assert st["p"] == pytest.approx(2 * student_t.sf(abs(tval), 2))
@@ -153,11 +204,10 @@ def test_compare_matches_a_hand_paired_t_test():
     assert st["dice_std"] == pytest.approx(np.std(macl))
 
 
-def test_target_needs_every_seed_and_both_baselines():
-    good = {"scratch": [0.5, 0.5, 0.5], "macl_robust": [0.53, 0.55, 0.56], "pcl": [0.52] * 3, "simclr": [0.5] * 3}
-    stats = rep.compare(_rows(good))
-    assert "**Target met**" in rep.target_lines(stats, "macl_robust")[0]
-    one_seed_short = dict(good, macl_robust=[0.51, 0.58, 0.6])
-    assert "**Target not met**" in rep.target_lines(rep.compare(_rows(one_seed_short)), "macl_robust")[0]
-    below_pcl = dict(good, pcl=[0.6] * 3)
-    assert "**Target not met**" in rep.target_lines(rep.compare(_rows(below_pcl)), "macl_robust")[0]
+def test_target_needs_every_seed_on_both_rows():
+    good = {"scratch": [0.5] * 3, "macl": [0.53, 0.55, 0.56], "probe_random": [0.3] * 3,
+            "probe_macl": [0.36, 0.4, 0.37]}
+    assert "**Target met**" in rep.target_lines(rep.compare(_rows(good)))[0]
+    short = dict(good, probe_macl=[0.36, 0.34, 0.4])
+    assert "**Target not met**" in rep.target_lines(rep.compare(_rows(short)))[0]
+    assert "**Target not met**" in rep.target_lines(rep.compare(_rows(good, task="tissue")))[0]

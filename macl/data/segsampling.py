@@ -4,7 +4,8 @@ Slices are drawn uniformly over all slices of the labelled volumes (as the publi
 uniformly over volumes; with probability ``foreground_prob`` the crop is instead centred on a
 random foreground voxel (nnU-Net's oversampling). Augmentation: random mirroring of each spatial
 axis, optionally the full spatial transform of :mod:`macl.data.views` (image bilinear, label
-nearest, same transform). Batch ``step`` is a pure function of (seed, step): resumable.
+nearest, same transform), or MONAI's random affine (``spatial_aug="monai"``, :mod:`macl.data.seg_augment`).
+Batch ``step`` is a pure function of (seed, step): resumable.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import torch
 
 from macl.data.preprocess import Volume
 from macl.data.sampling import crop_start, enumerate_slices, sample_patch_start, window
+from macl.data.seg_augment import check_spatial_aug, monai_spatial
 from macl.data.views import SpatialViewConfig, apply_spatial, sample_spatial_params
 
 
@@ -29,6 +31,7 @@ class SegSamplingConfig:
         foreground_prob: probability of centring a crop on a foreground voxel.
         mirror: random mirroring of each spatial axis (p = 0.5).
         spatial: optional extra spatial augmentation (None: mirroring only).
+        spatial_aug: ``"none"`` or ``"monai"`` (MONAI RandAffined rotation + scale, macl.data.seg_augment).
     """
 
     dims: int = 2
@@ -37,6 +40,7 @@ class SegSamplingConfig:
     foreground_prob: float = 0.33
     mirror: bool = True
     spatial: SpatialViewConfig | None = None
+    spatial_aug: str = "none"
 
     def __post_init__(self) -> None:
         self.patch_size = tuple(int(s) for s in self.patch_size)
@@ -45,6 +49,7 @@ class SegSamplingConfig:
                              f"patch_size={self.patch_size}")
         if not 0 <= self.foreground_prob <= 1:
             raise ValueError(f"foreground_prob must be in [0, 1], got {self.foreground_prob}")
+        check_spatial_aug(self.spatial_aug)
 
 
 class SegBatchSampler:
@@ -126,4 +131,6 @@ class SegBatchSampler:
             params = sample_spatial_params(self.cfg.spatial, batch_size, tuple(img.shape[2:]), g)
             img = apply_spatial(img, params, self.cfg.spatial.mode)
             lab = apply_spatial(lab.float(), params, "nearest").round().long()
+        if self.cfg.spatial_aug == "monai":
+            img, lab = monai_spatial(img, lab, rng)
         return img, lab

@@ -12,6 +12,11 @@ Two presets:
   (A brightness factor near 0 blanks a view to all zeros, rarely, exactly as the code's
   ``ColorJitter(brightness=(0, 1))`` on 8-bit images does; narrow ``brightness`` to avoid it.)
 - ``"paper"``: intensity views are the identity (img1 = img2 = the min-max normalised crop).
+- ``"zscore"``: the views keep the intensity scale fine-tuning and inference see (the pre-processed, z-scored
+  volume, :mod:`macl.data.preprocess`; no per-crop min-max, no 8-bit quantisation, no clipping to [0, 1]): each
+  view is ``mean + c * (b * x - mean)`` with b U(0.7, 1.3), c U(0.8, 1.2), then with probability 0.5 the
+  same Gaussian blur (k=3, sigma U(1, 3)). Fine-tuning input is sharp and z-scored: the ``code`` views show the
+  network only per-crop [0, 1] images, always blurred.
 
 Both use the code's spatial transform: mirror each axis with p = 0.5, then with p = 0.67
 elastic deformation (alpha U(100, 350), sigma U(14, 17), pixels) + rotation U(0, 2 pi) + scale
@@ -33,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 Range = tuple[float, float]
+VIEW_PRESETS = ("code", "paper", "zscore")
 
 
 @dataclass
@@ -45,6 +51,8 @@ class IntensityViewConfig:
     blur_kernel: int = 3
     blur_sigma: Range = (1.0, 3.0)
     quantize_levels: int | None = 256
+    blur_prob: float = 1.0
+    clip: bool = True
 
 
 @dataclass
@@ -57,7 +65,10 @@ class SpatialViewConfig:
         elastic: use the elastic displacement in the deform branch.
         elastic_alpha / elastic_sigma: displacement magnitude and smoothing, pixels.
         reference_size: if set, alpha and sigma are pixels at this image size and are rescaled
-            to the actual mean in-plane size.
+            to the actual mean in-plane size ``n``: with ``r = n / reference_size``, sigma x r and alpha x
+            r^(1 + ndim/2) (r² in 2D). Smoothing U(-1, 1) noise with a Gaussian of sigma divides its amplitude
+            by about sigma^(ndim/2), so this keeps the displacement the same fraction of the crop (and the
+            local strain the same) as at ``reference_size``; alpha x r alone would keep it fixed in pixels.
         rotation: angle range (radians) in the (X, Y) plane; rotation_other: about X and Y (3D).
         scale: isotropic scale range of the sampling grid.
         crop_scale: crop-branch side fraction range; (1, 1) is the identity.
@@ -89,7 +100,8 @@ class ViewConfig:
 
     @classmethod
     def from_preset(cls, name: str) -> "ViewConfig":
-        """``"code"`` (public MACL code) or ``"paper"`` (identity intensity views).
+        """``"code"`` (public MACL code), ``"paper"`` (identity intensity views) or ``"zscore"`` (the fine-tuning
+        input's intensity scale; module docstring).
 
         Raises:
             ValueError: unknown preset name.
@@ -98,7 +110,10 @@ class ViewConfig:
             return cls("code")
         if name == "paper":
             return cls("paper", IntensityViewConfig(enabled=False))
-        raise ValueError(f"view preset must be 'code' or 'paper', got {name!r}")
+        if name == "zscore":
+            return cls("zscore", IntensityViewConfig(brightness=(0.7, 1.3), quantize_levels=None, blur_prob=0.5,
+                                                     clip=False), minmax=False)
+        raise ValueError(f"view preset must be one of {VIEW_PRESETS}, got {name!r}")
 
 
 def _uniform(rng: Range, n: int, g: torch.Generator | None) -> torch.Tensor:
@@ -162,14 +177,24 @@ def intensity_view(x: torch.Tensor, cfg: IntensityViewConfig, generator: torch.G
     def q(y: torch.Tensor) -> torch.Tensor:
         return y if levels is None else torch.round(y * (levels - 1)) / (levels - 1)
 
-    y = q(x.clamp(0, 1))
-    y = q((y * _uniform(cfg.brightness, b, generator).to(x.dtype).view(bshape)).clamp(0, 1))
+    def c(y: torch.Tensor) -> torch.Tensor:
+        return y.clamp(0, 1) if cfg.clip else y
+
+    y = q(c(x))
+    y = q(c(y * _uniform(cfg.brightness, b, generator).to(x.dtype).view(bshape)))
     mean = y.reshape(b, -1).mean(1).view(bshape)
     if levels is not None:
         mean = q(mean)
-    y = q((mean + _uniform(cfg.contrast, b, generator).to(x.dtype).view(bshape) * (y - mean)).clamp(0, 1))
+    y = q(c(mean + _uniform(cfg.contrast, b, generator).to(x.dtype).view(bshape) * (y - mean)))
     if cfg.blur_kernel > 1:
-        y = q(gaussian_blur(y, _uniform(cfg.blur_sigma, b, generator), cfg.blur_kernel))
+        sigma = _uniform(cfg.blur_sigma, b, generator)
+        if cfg.blur_prob >= 1:
+            y = q(gaussian_blur(y, sigma, cfg.blur_kernel))
+        else:  # blur a random subset of the samples (the draw is made for every sample, blurred or not)
+            pick = torch.rand(b, generator=generator) < cfg.blur_prob
+            if bool(pick.any()):
+                y = y.clone()
+                y[pick] = q(gaussian_blur(y[pick], sigma[pick], cfg.blur_kernel))
     return y
 
 
@@ -247,8 +272,9 @@ def sample_spatial_params(cfg: SpatialViewConfig, batch: int, shape: tuple[int, 
     for b in range(batch):
         if deform[b]:
             matrix[b] = scale[b] * _rotation(nd, float(angle[b]), float(other[0][b]), float(other[1][b]))
-            if disp is not None:
-                disp[b] = _smooth_noise(tuple(shape), float(sigma[b]) * ratio, generator) * float(alpha[b]) * ratio
+            if disp is not None:  # sigma x r and alpha x r^(1 + nd/2): the displacement scales with the crop
+                disp[b] = (_smooth_noise(tuple(shape), float(sigma[b]) * ratio, generator)
+                           * float(alpha[b]) * ratio ** (1 + nd / 2))
         else:
             f = float(crop[b])
             matrix[b] = f * torch.eye(nd, dtype=torch.float64)

@@ -3,6 +3,8 @@
 Open `unet.py` first, then `macl_model.py` (the asymmetric encoder / decoder branches and their heads).
 Any encoder–decoder (MONAI's BasicUNet / UNet / DynUNet included): `taps.py` (module paths read with forward
 hooks), `adapters.py` (MACL / PCL / GCL models on the taps), `monai_maps.py`, `api.py` (`adapt`); docs/monai.md.
+Fine-tuning: `finetune.py` (build, load pre-trained tensors), `freeze.py` (frozen parts, BatchNorm re-estimation),
+`param_groups.py` (optimiser groups and schedule).
 """
 from .adapters import TappedEncoderProjector, TappedGCLModel, TappedMACLModel
 from .api import adapt

@@ -10,7 +10,9 @@ setting                ``faithful`` (public code)     ``robust``
                        ReLU → Linear                  ReLU → Linear (both MACL image heads)
 ``data.reference_size`` ``"crop"``: the public code's  ``512``: the public code's magnitudes are
                        elastic α / σ in pixels, as    pixels of its 512² slices, rescaled to the
-                       written, on any crop           crop (α, σ × crop / 512)
+                       written, on any crop           crop: r = crop / 512, σ × r, α × r² (2D;
+                                                      r^(1 + ndim/2) in general: the displacement
+                                                      is then the same fraction of the crop)
 =====================  =============================  ==========================================
 
 Why (docs/macl_presets.md): at small sizes L_g of the public code collapses to its constant-embedding value
