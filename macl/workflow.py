@@ -241,15 +241,11 @@ def _pretrain_resume_history(spec: PretrainSpec, run: Path, point: Optional[tupl
     if point is None or not (run / RESOLVED).is_file():
         return []
     raw = json.loads((run / RESOLVED).read_text())
-    saved = PretrainSpec.from_dict(raw).to_dict()  # normalised like the new settings (stored presets, defaults)
     optim = spec.config.optim
-    changes = resume_guard.resume_changes(
-        run, saved, spec.to_dict(), safe=PRETRAIN_SAFE, steps_key="pretrain.train.steps", done_step=point[1],
-        schedule_fixed=optim.min_lr == optim.lr, paths=("data.path", "data.meta_csv"), strip="pretrain.")
-    if changes:
-        logger.info("resuming %s at step %d with changed settings: %s", run, point[1], resume_guard.describe(changes))
-    return list(raw.get("resumes") or []) + [{"step": point[1], "checkpoint": point[0], "changes": changes,
-                                              "time": round(time.time(), 3)}]
+    return resume_guard.resume_history(  # saved: normalised like the new settings (stored presets, defaults)
+        run, raw, PretrainSpec.from_dict(raw).to_dict(), spec.to_dict(), done_step=point[1], checkpoint=point[0],
+        safe=PRETRAIN_SAFE, steps_key="pretrain.train.steps", schedule_fixed=optim.min_lr == optim.lr,
+        paths=("data.path", "data.meta_csv"), strip="pretrain.")
 
 
 def run_pretrain(spec: PretrainSpec, run_dir: str | os.PathLike, resume: Optional[str] = None,
@@ -435,14 +431,11 @@ def _finetune_resume_history(run: Path, resolved: dict, cfg) -> list:
     done = int(saved["finetune"].get("steps", 0))
     if (run / "checkpoint_latest.pt").is_file():
         done = int(runfolder.load_checkpoint_safe(run / "checkpoint_latest.pt").get("step", done))
-    old = {k: saved.get(k) for k in resolved if k != "resumes"}
-    changes = resume_guard.resume_changes(run, old, {k: v for k, v in resolved.items() if k != "resumes"},
-                                          safe=FINETUNE_SAFE, steps_key="finetune.steps", done_step=done,
-                                          schedule_fixed=cfg.min_lr == cfg.lr, paths=("data", "pretrained"),
-                                          strip="finetune.")
-    if changes:
-        logger.info("continuing %s at step %d with changed settings: %s", run, done, resume_guard.describe(changes))
-    return list(saved.get("resumes") or []) + [{"step": done, "changes": changes, "time": round(time.time(), 3)}]
+    keys = [k for k in resolved if k != "resumes"]
+    return resume_guard.resume_history(run, saved, {k: saved.get(k) for k in keys}, {k: resolved[k] for k in keys},
+                                       done_step=done, safe=FINETUNE_SAFE, steps_key="finetune.steps",
+                                       schedule_fixed=cfg.min_lr == cfg.lr, paths=("data", "pretrained"),
+                                       strip="finetune.")
 
 
 def run_finetune(data: str, run_dir: str | os.PathLike, cfg, net: Mapping[str, Any],

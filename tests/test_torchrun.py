@@ -215,7 +215,7 @@ def test_finetune_under_torchrun_writes_once_resumes_and_evaluates(data, tmp_pat
     run = tmp_path / "ft"
     args = ["finetune", "--data", data, "--out", run, "--labels-fraction", "0.5", "--batch-size", 4, "--patch-size",
             32, "--base-width", 4, "--depth", 3, "--device", "cpu", "--checkpoint-every", 2, "--no-progress",
-            "--set", "log_every=1"]
+            "--set", "log_every=1", "--set", "min_lr=0.0005"]  # a constant lr: the rerun may add steps (issue 22)
     _macl(*args, "--steps", 2, "--no-evaluate", nproc=2)
     assert json.loads((run / "finetune_config.json").read_text())["world_size"] == 2
     res = _macl(*args, "--steps", 4, nproc=2)        # the same run, longer: continues from step 2, then evaluates

@@ -17,8 +17,12 @@ Unknown keys count as trajectory settings: a new setting is protected until some
 """
 from __future__ import annotations
 
+import logging
 import os
+import time
 from typing import Any, Iterable, Mapping, Optional
+
+logger = logging.getLogger(__name__)
 
 #: the command-line flag of a setting, for the hint in the refusal
 FLAGS = {"data.batch_size": "--batch-size", "data.patch_size": "--patch-size", "optim.lr": "--lr",
@@ -117,9 +121,27 @@ def _steps_problem(value: Any, done: int, schedule_fixed: bool) -> Optional[str]
     return None
 
 
+def resume_history(run: Any, saved_raw: Mapping[str, Any], saved: Mapping[str, Any], new: Mapping[str, Any], *,
+                   done_step: int, checkpoint: Optional[str] = None, **rules: Any) -> list[dict[str, Any]]:
+    """The run's ``resumes`` list (from ``saved_raw``, its resolved_config.json) plus this resume, after
+    :func:`resume_changes` (``rules``: its keyword arguments but ``done_step``) accepted it; the accepted
+    changes are logged (the command line's event log records them).
+
+    Raises:
+        ValueError: see :func:`resume_changes`.
+    """
+    changes = resume_changes(run, saved, new, done_step=done_step, **rules)
+    if changes:
+        logger.info("resuming %s at step %d with changed settings: %s", run, done_step, describe(changes))
+    entry = {"step": int(done_step), "changes": changes, "time": round(time.time(), 3)}
+    if checkpoint is not None:
+        entry["checkpoint"] = str(checkpoint)
+    return list(saved_raw.get("resumes") or []) + [entry]
+
+
 def describe(changes: Iterable[Mapping[str, Any]]) -> str:
     """``train.steps 2 -> 4, train.log_every 1 -> 5`` (for the event log)."""
     return ", ".join(f"{c['setting']} {c['old']!r} -> {c['new']!r}" for c in changes)
 
 
-__all__ = ["resume_changes", "flatten", "same_path", "describe", "FLAGS"]
+__all__ = ["resume_changes", "resume_history", "flatten", "same_path", "describe", "FLAGS"]
