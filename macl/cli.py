@@ -133,7 +133,7 @@ def cmd_finetune(args: argparse.Namespace, log: EventLog, bars: Bars) -> int:
     from macl.finetune import FinetuneConfig
     from macl.train import resolve_device
     from macl.workflow import format_summary, parse_value, patch_size, pretrained_net, run_finetune
-    from macl.nets.cli_args import compact_net
+    from macl.settings.net_args import compact_net
     net = compact_net(pretrained_net(args.pretrained)) if args.pretrained else {}
     net.pop("in_channels", None)
     for key, flag in (("dims", "dims"), ("base_width", "base_width"), ("depth", "depth"), ("norm", "norm"),
@@ -330,7 +330,7 @@ def _isatty(stream) -> bool:
 
 # ------------------------------------------------------------------------------------------ parser
 def _net_flags(g) -> None:
-    from macl.nets.cli_args import json_object
+    from macl.settings.net_args import json_object
     g.add_argument("--net", metavar="unet|monai:NAME", help="network: the built-in U-Net (default) or monai:BasicUNet, "
                    "monai:UNet, monai:DynUNet (docs/monai.md)")
     g.add_argument("--net-args", type=json_object, metavar="JSON", help="the MONAI network's arguments as a JSON "
