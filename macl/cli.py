@@ -166,7 +166,7 @@ def cmd_finetune(args: argparse.Namespace, log: EventLog, bars: Bars) -> int:
     from macl.train import resolve_device
     from macl.workflow import (format_summary, parse_value, patch_size, pretrained_net, run_finetune,
                                saved_finetune_settings)
-    from macl.nets.cli_args import compact_net
+    from macl.settings.net_args import compact_net
     saved = saved_finetune_settings(args.out)  # a rerun continues with the run's own settings (resume_guard)
     if saved is not None and args.pretrained is None:
         args.pretrained = saved["pretrained"]
@@ -403,7 +403,7 @@ def _isatty(stream) -> bool:
 
 # ------------------------------------------------------------------------------------------ parser
 def _net_flags(g) -> None:
-    from macl.nets.cli_args import json_object
+    from macl.settings.net_args import json_object
     g.add_argument("--net", metavar="unet|monai:NAME", help="network: the built-in U-Net (default) or monai:BasicUNet, "
                    "monai:UNet, monai:DynUNet (docs/monai.md)")
     g.add_argument("--net-args", type=json_object, metavar="JSON", help="the MONAI network's arguments as a JSON "

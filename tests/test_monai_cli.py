@@ -120,3 +120,12 @@ def test_finetune_a_monai_net_from_scratch_with_the_net_flags(data, tmp_path, ca
     assert "fine-tuning done (from scratch" in capsys.readouterr().out
     assert json.loads((ft / "resolved_config.json").read_text())["net"]["arch_args"] == DYN
     assert "output_block.conv.conv.weight" in torch.load(ft / "model_final.pt", weights_only=True)
+
+
+def test_pcl_pretrains_a_basicunet_encoder_from_the_cli(data, tmp_path, capsys):
+    run = tmp_path / "pcl"
+    assert cli.main(["pretrain", "--data", str(data), "--out", str(run), "--method", "pcl", "--net", "monai:BasicUNet",
+                     "--net-args", json.dumps({"features": [4, 4, 8, 8, 16, 4]}), "--patch-size", "32",
+                     "--batch-size", "4", "--steps", "1", "--device", "cpu", "--no-progress"]) == 0
+    sd = torch.load(run / "pretrained_weights.pt", weights_only=True)
+    assert {k.split(".")[0] for k in sd} == {"conv_0", "down_1", "down_2", "down_3", "down_4"}  # the encoder only

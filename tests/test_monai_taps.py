@@ -240,3 +240,43 @@ def test_hooks_are_inert_in_the_users_own_forward():
     assert y.shape == (2, 2, 64, 64) and m.model.tapset._store == {}
     m.model.tapset.remove()
     assert not net.down_4._forward_hooks
+
+
+MEMORY_SCRIPT = """
+import json, resource, sys, tempfile, torch
+from macl.settings.config import MethodConfig, NetConfig, PretrainConfig, TrainConfig
+from macl.methods import Batch
+from macl.train import pretrain
+torch.set_num_threads(2)
+net = NetConfig(dims=3, arch="monai:DynUNet", arch_args={"kernel_size": [3, 3, 3], "strides": [1, 2, 2],
+                "upsample_kernel_size": [2, 2], "filters": [2, 4, 8]})
+cfg = PretrainConfig(net=net, method=MethodConfig(dense_mode=sys.argv[1], dense_negatives="batch", impl="torch"),
+                     train=TrainConfig(steps=1, checkpoint_every=0, diagnostics=False))
+g = torch.Generator().manual_seed(0)
+x = torch.randn(4, 1, 64, 64, 64, generator=g)
+result = pretrain(cfg, [Batch(torch.rand(4, generator=g), x, x + 0.1, x.flip(-1), x)], tempfile.mkdtemp())
+out = result.method.model(x[:1], x[:1])
+print(json.dumps({"peak_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "L_d": result.record["L_d"],
+                  "voxels": 4 * out.aux_pixel[0, 0].numel()}))
+"""
+
+
+def test_dense_voxel_loss_on_a_dynunet_never_allocates_the_voxel_pair_matrix():
+    """3D DynUNet (bottleneck 1/4) on 64³ crops, batch 4, L_d "voxel" with batch negatives: 4 × 16³ = 16384
+    auxiliary voxels against 16384 dominant ones, a 1 GiB float32 pair matrix. The peak RSS exceeds the same run
+    with L_d "location" by far less."""
+    import json
+    import subprocess
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    runs = {}
+    for mode in ("location", "voxel"):
+        out = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, mode], env=env, capture_output=True, text=True,
+                             timeout=600)
+        assert out.returncode == 0, out.stderr[-3000:]
+        runs[mode] = json.loads(out.stdout.strip().splitlines()[-1])
+    n = runs["voxel"]["voxels"]
+    assert n == 4 * 16 ** 3
+    growth = (runs["voxel"]["peak_kib"] - runs["location"]["peak_kib"]) * 1024
+    assert runs["voxel"]["L_d"] > 0
+    assert growth < n * n * 4 / 8, (growth / 2 ** 20, n * n * 4 / 2 ** 20)

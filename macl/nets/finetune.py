@@ -4,7 +4,8 @@
 blocks it trained, decoder.blocks.0…k−1.*). `macl.train.export_weights` writes it to a file together with the
 network description. `load_pretrained` copies those tensors into a `UNet`; every one of them must exist there
 with the same shape (strict for every pre-trained tensor); the fine-tuning-only tensors (later decoder blocks,
-the 1×1 head) keep their initialisation.
+the 1×1 head) keep their initialisation. A MONAI network (net.arch "monai:...") is built as itself with
+out_channels = num_classes; its pre-trained tensors carry its own key names (`macl.nets.api.export_tapped`).
 """
 from __future__ import annotations
 

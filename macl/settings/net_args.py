@@ -1,4 +1,4 @@
-"""What the command line needs for ``--net`` / ``--net-args``: a JSON-object argument type and the compact
+"""The net section on the command line (``--net`` / ``--net-args``): a JSON-object argument type and the compact
 form of a stored network description (the built-in U-Net's without the MONAI fields)."""
 from __future__ import annotations
 
