@@ -17,6 +17,9 @@ True / False force them on / off. With the checks off:
 - an out-of-range pos_index is undefined: the Triton kernels count that anchor as having no positive, the
   torch implementation may fail with an indexing error;
 - non-finite positions are never within the threshold of anything: they give no positives.
+
+While `torch.compile` traces, the checks that are on do not run in the traced Python (they would break the
+graph): the custom op `macl.contrast_rows` runs them at run time and raises the same errors (macl_kernels/op.py).
 """
 from __future__ import annotations
 

@@ -206,3 +206,26 @@ def test_op_gradients_and_double_backward_match_eager(one_torch_thread):
     ga = torch.autograd.grad(via_op(), x, create_graph=True)[0].pow(2).sum()
     gb = torch.autograd.grad(eager(), x, create_graph=True)[0].pow(2).sum()
     torch.testing.assert_close(torch.autograd.grad(ga, (x, tau)), torch.autograd.grad(gb, (x, tau)))
+
+
+@pytest.mark.parametrize("name", ["nt_xent", "positional_sup_con", "dense_info_nce-location"])
+def test_triton_path_through_the_op(name, monkeypatch, one_torch_thread):
+    """impl="triton" (the interpreter on CPU; the CUDA path's code) inside a compiled step: the op runs the
+    Triton forward, its backward op the Triton backward kernels; equal to the eager Triton call."""
+    pytest.importorskip("triton")
+    import os
+    if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
+        pytest.skip("needs TRITON_INTERPRET=1 or a GPU")
+    from macl_kernels import losses
+    d = _data(5)
+    W = d["W"].clone().requires_grad_()
+    tau = torch.tensor(0.2, requires_grad=True)
+    for fn in ("nt_xent", "positional_sup_con", "dense_info_nce"):   # the losses' default impl -> triton
+        orig = getattr(losses, fn)
+        monkeypatch.setitem(globals(), fn, lambda *a, _f=orig, **kw: _f(*a, impl="triton", **kw))
+    import macl_kernels.triton as mk_triton
+    calls = []
+    real = mk_triton.triton_rows
+    monkeypatch.setattr(mk_triton, "triton_rows", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    _assert_same(*_eager_and_compiled(lambda: LOSSES[name](d, W, tau), (W, tau)))
+    assert len(calls) >= 4   # eager fwd, explain's run, the compiled forward op and the backward op's recompute

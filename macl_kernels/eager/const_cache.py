@@ -9,7 +9,8 @@ never grows it without bound). The cache also vouches for what it built: `truste
 its index tensors and has not been modified in place since (its version counter is unchanged), so the core may
 skip the checks for properties that hold by construction (values in [0, 2B), never equal to the anchor's own
 index). `filled` keeps small constant tensors (the dense backward's scatter source) the same way; a cached
-tensor that was modified in place is rebuilt, never reused.
+tensor that was modified in place is rebuilt, never reused. While `torch.compile` traces, `other_view_index`
+builds the index in the graph instead (no cache lookup, no version guard: nothing to break the graph on).
 """
 from __future__ import annotations
 

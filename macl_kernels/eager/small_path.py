@@ -11,6 +11,7 @@ docs/cpu_path.md). This module checks exactly what the general path would check 
 `ContrastProblem` directly and calls `torch_dense.dense_loss`; anything it does not handle (tensor τ, other
 implementations, reduction="none", process groups of several ranks, empty or large batches, any input the
 general path would reject) returns None, and the caller takes the general path, which raises the usual errors.
+While `torch.compile` traces, it always returns None: the general path then calls the custom op (macl_kernels/op.py).
 """
 from __future__ import annotations
 
