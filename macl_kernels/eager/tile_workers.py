@@ -116,6 +116,7 @@ def _parallel(phases: list, make_state, body) -> None:
     """Run the phases one after another; phase[i] is worker i's tile list (T = len(phase))."""
     def work(args):
         state, mine = args
+        torch.set_num_threads(1)  # per pool thread: under MKL_CBWR=AVX2 a pool thread otherwise rounds like 2 threads
         for t in mine:
             body(state, t)
 
