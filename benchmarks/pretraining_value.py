@@ -15,7 +15,9 @@ validation ones):
 * ``probe_random`` / ``probe_macl`` / ``probe_pcl`` / ``probe_simclr`` (few labels only): ``macl finetune --freeze
   encoder --bn-recalibrate 16`` from pre-trained weights: MACL's, PCL's and SimCLR's, and for ``probe_random`` the
   initialisation all three pre-training runs start from (seed 0; ``pretrain_random`` = one step at lr 1e-30): the
-  encoder stays fixed (BatchNorm statistics re-estimated on shuffled training crops), the decoder and head learn.
+  encoder stays fixed (BatchNorm statistics re-estimated on shuffled training crops), the decoder and head learn;
+* ``linear_random`` / ``linear_macl`` (few labels only, added in the second invocation of the round-2 run):
+  ``macl finetune --probe``: encoder and decoder frozen (statistics re-estimated), only the 1x1 head learns.
 
 Pre-training (``macl``, ``pcl``, ``simclr``) reads only the training slabs, stacked in order as one volume
 (``imagesPretrain/``; the test slabs are never read). Every job is a ``python -m macl.cli`` subprocess (1 thread,
@@ -45,6 +47,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PRETRAIN = ("macl", "pcl", "simclr")
 FT_METHODS = ("scratch", "macl")
 PROBES = ("probe_random", "probe_macl", "probe_pcl", "probe_simclr")
+LINEAR = ("linear_random", "linear_macl")  # `macl finetune --probe`: frozen encoder + decoder, 1x1 head
 TASKS = ("context", "tissue")  # the context task first: a run cut short still has the target
 CSV_FIELDS = ("task", "method", "budget", "n_labelled", "seed", "status", "dice", "hd95", "dice_per_class",
               "kept_step", "auc", "val_curve", "labelled", "seconds", "pretrain", "finished", "commit")
@@ -138,7 +141,7 @@ def plan(sizes: Sizes, sets: dict, out: Path) -> list[Job]:
         for task in TASKS:
             order = [("scratch", "few"), ("macl", "few"), ("probe_random", "few"), ("probe_macl", "few")]
             order += [(m, "full") for m in FT_METHODS if "full" in sizes.budgets]
-            order += [("probe_pcl", "few"), ("probe_simclr", "few")]
+            order += [("probe_pcl", "few"), ("probe_simclr", "few"), ("linear_random", "few"), ("linear_macl", "few")]
             for m, budget in order:
                 cells.append(_cell_job(sizes, sets, task, m, budget, seed, split, out))
     return pre + cells
@@ -152,7 +155,7 @@ def _cell_job(sizes: Sizes, sets: dict, task: str, m: str, budget: str, seed: in
                 val_file, "--test-cases", test_file, "--dims", 2, "--patch-size", sizes.patch, "--steps",
                 sizes.ft_steps, "--batch-size", sizes.ft_batch, "--lr", sizes.ft_lr, "--seed", seed, "--base-width",
                 sizes.width, "--depth", sizes.depth, "--val-every", sizes.val_every, "--checkpoint-every", 100)
-    source = m.split("_", 1)[1] if m.startswith("probe_") else m
+    source = m.split("_", 1)[1] if m.startswith(("probe_", "linear_")) else m
     needs = None
     if source in PRETRAIN + ("random",):
         needs = f"pretrain_{source}"
@@ -161,6 +164,8 @@ def _cell_job(sizes: Sizes, sets: dict, task: str, m: str, budget: str, seed: in
     if m.startswith("probe_"):
         argv[argv.index("--threads"):argv.index("--threads")] = ["--freeze", "encoder", "--bn-recalibrate",
                                                                 str(sizes.bn_batches)]
+    if m.startswith("linear_"):
+        argv[argv.index("--threads"):argv.index("--threads")] = ["--probe", "--bn-recalibrate", str(sizes.bn_batches)]
     labelled = split[budget]
     cell = {"task": task, "method": m, "budget": budget, "n_labelled": len(labelled), "seed": seed,
             "labelled": " ".join(labelled),

@@ -20,9 +20,10 @@ from typing import Optional
 
 import numpy as np
 
-ORDER = ("lookup", "scratch", "macl", "probe_random", "probe_macl", "probe_pcl", "probe_simclr")
+ORDER = ("lookup", "scratch", "macl", "probe_random", "probe_macl", "probe_pcl", "probe_simclr", "linear_random",
+         "linear_macl")
 BASELINE = {"macl": "scratch", "lookup": "scratch", "probe_macl": "probe_random", "probe_pcl": "probe_random",
-            "probe_simclr": "probe_random"}
+            "probe_simclr": "probe_random", "linear_macl": "linear_random"}
 TARGET = {"probe_macl": 0.05, "macl": 0.02}  # the target on the context task at few labels
 KEEP_BEGIN, KEEP_END = "<!-- reading: written by hand, kept by the report -->", "<!-- end of reading -->"
 
@@ -321,6 +322,9 @@ slabs, < 10% brain, are used only for pre-training). Rows:
   `macl pretrain --steps 1 --lr 1e-30`). The encoder stays fixed (BatchNorm statistics re-estimated on shuffled
   training crops); decoder and head learn. PCL's and SimCLR's own initial networks are other draws of the same
   distribution (their constructors consume the seed differently); they are compared with `probe_random` too.
+- `linear_*` (few labels): `macl finetune --probe` from MACL's weights or its initialisation: encoder *and*
+  decoder frozen (statistics re-estimated), only the 1×1 head learns (a linear probe of the last decoder block's
+  features).
 
 Sizes (`--size {name}`): 2D U-Net F = {width}, depth {depth}, {patch}² crops. Pre-training (training slabs only,
 stacked in order as one volume; the test slabs are never read) {pre_steps} steps × {pre_batch} slices, SGD lr

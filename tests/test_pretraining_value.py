@@ -113,7 +113,7 @@ def test_plan_keeps_test_slabs_out_and_shares_the_slabs_of_a_seed(tmp_path):
     assert rnd[rnd.index("--steps") + 1] == "1" and float(rnd[rnd.index("--lr") + 1]) == 1e-30
     assert all(isinstance(a, str) for j in jobs for a in j.argv)  # what subprocess takes
     cells = [j for j in jobs if j.cell is not None]
-    assert len(cells) == len(sizes.seeds) * len(pv.TASKS) * 8
+    assert len(cells) == len(sizes.seeds) * len(pv.TASKS) * 10
     for seed in sizes.seeds:
         sp = sets["splits"][seed]
         assert not set(sp["val"]) & set(sp["few"]) and not set(sp["val"]) & set(sp["full"])
@@ -125,9 +125,10 @@ def test_plan_keeps_test_slabs_out_and_shares_the_slabs_of_a_seed(tmp_path):
             assert files["labelled_cases.txt"] == sp[j.cell["budget"]] and files["val_cases.txt"] == sp["val"]
             assert files["test_cases.txt"] == sets["test"]
             probe = j.cell["method"].startswith("probe_")
-            assert ("--freeze" in j.argv) == probe and ("--pretrained" in j.argv) == (j.needs is not None)
+            assert ("--freeze" in j.argv) == probe and ("--probe" in j.argv) == j.cell["method"].startswith("linear_")
+            assert ("--pretrained" in j.argv) == (j.needs is not None)
             assert (j.needs is None) == (j.cell["method"] == "scratch")
-    assert {j.needs for j in cells if j.cell["method"] == "probe_random"} == {"pretrain_random"}
+    assert {j.needs for j in cells if j.cell["method"] in ("probe_random", "linear_random")} == {"pretrain_random"}
     # the levels: every set has a slab of each, so the context task's two grey-matter classes are in each
     half = json.loads((sets["context"] / "provenance.json").read_text())["z_split_in_crop"]
     mid = {f"robex_slab{i:02d}": (a + b) / 2 for i, (a, b) in enumerate(prov["slabs"])}
