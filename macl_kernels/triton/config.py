@@ -172,7 +172,7 @@ def _large(phase: str, d: int, bd: int, k: str) -> list[KernelConfig]:
     elif d <= 64:
         cands = [(64, 64, 4, 3), (128, 64, 8, 3)] if phase == "dq" else [(64, 64, 4, 3)]
     elif d == 128:
-        cands = [(64, 64, 8, 3), (64, 64, 4, 3)] if phase == "dq" else [(64, 64, 8, 3), (64, 32, 8, 3)]
+        cands = [(64, 64, 8, 3)] if phase == "dq" else [(64, 64, 8, 3), (64, 32, 8, 3)]
     elif d == 256:
         cands = [(32, 64, 8, 3)] if phase == "dq" else [(64, 32, 8, 3)]
     elif d == 512:     # 3 stages of 32×512 and 64×512 tiles pass sm_80's 163 KiB
@@ -186,7 +186,7 @@ def _large(phase: str, d: int, bd: int, k: str) -> list[KernelConfig]:
     return out
 
 
-def _large_sm90(phase: str, d: int, bd: int, k: str) -> list[KernelConfig]:
+def _large_sm90(phase: str, d: int, bd: int, k: str, aligned: bool = True) -> list[KernelConfig]:
     """sm_90 (wgmma) tiles, read from the compiled code (`sass_model`): no warp or warpgroup repeats another's
     z tile, 16-bit loops pipelined with ≥ 2 copies in flight (3 stages), no spills.
 
@@ -195,13 +195,14 @@ def _large_sm90(phase: str, d: int, bd: int, k: str) -> list[KernelConfig]:
     (the dq / dk tiles of 64 rows at 8 warps computed z twice). The full-width fp32 accumulator of a
     64-row warpgroup needs D/2 registers a thread, so own-row blocks of 128 (8 warps) fit up to D = 256;
     at D = 512 the backward keeps 32-row z tiles on mma.sync (dq entirely; dk's own 64-key gradient GEMM
-    is split over the two warpgroups, [4, 2], and runs on wgmma)."""
+    is split over the two warpgroups, [4, 2], and runs on wgmma). `aligned`: D % 16 == 0; other D (e.g. 120)
+    keep their loads synchronous, and the 128×64 dq tile spilled there (64×64 at 4 warps too): 128×32."""
     R = 255
     if k == "tf32":   # fp32 operands: half the rows of 16-bit; 4 warps so no warp repeats another's z rows
         if phase == "fwd":
             return [_C(64, 64, bd, 0, 4, 3, R)]
-        if d <= 128:
-            return [_C(32, 32, bd, d, 4, 3, R)]
+        if d <= 128:   # unaligned D (synchronous loads): 4 warps spilled 8 bytes; 8 warps repeat z there
+            return [_C(32, 32, bd, d, 4, 3, R) if aligned else _C(32, 32, bd, d, 8, 2, R)]
         return [_C(32, 32, bd, d, 8, 2, R)] if d <= 512 else [_C(16, 16, bd, d, 8, 2, R)]   # 4 warps spilled
     if phase == "fwd":
         if d <= 128:
@@ -214,7 +215,7 @@ def _large_sm90(phase: str, d: int, bd: int, k: str) -> list[KernelConfig]:
     if d <= 64:
         cands = [(64, 64, 4, 3), (128, 64, 8, 3)] if phase == "dq" else [(64, 64, 4, 3), (64, 128, 8, 3)]
     elif d == 128:
-        cands = [(128, 64, 8, 3)] if phase == "dq" else [(64, 128, 8, 3)]
+        cands = ([(128, 64, 8, 3)] if aligned else [(128, 32, 8, 3)]) if phase == "dq" else [(64, 128, 8, 3)]
     elif d == 256:
         cands = [(128, 32, 8, 3)] if phase == "dq" else [(64, 32, 8, 3)]
     elif d == 512:
@@ -257,7 +258,7 @@ def config_list(phase: str, N: int, M: int, D: int, dtype: torch.dtype, precisio
     if cls != "large":
         return _small(phase, 16 if cls == "s16" else 32, d, bd, k)
     if arch == 90 and k != "fp32":
-        return _large_sm90(phase, d, bd, k)
+        return _large_sm90(phase, d, bd, k, aligned=D % 16 == 0)
     return _large(phase, d, bd, k)
 
 
