@@ -104,8 +104,8 @@ def test_readiness_roofline_has_every_benchmark_shape_and_phase():
 def test_readiness_aot_row_for_a_shipped_config():
     from benchmarks.readiness import aot_rows, aot_summary
     from macl_kernels.triton.config import shipped_configs
-    entry = next(e for e in shipped_configs() if e.phase == "fwd" and e.dtype == torch.bfloat16 and e.D == 128
-                 and e.size_class == "large")
+    entry = next(e for e in shipped_configs() if e.arch == 90 and e.phase == "fwd" and e.dtype == torch.bfloat16
+                 and e.D == 128 and e.size_class == "large")
     rows = aot_rows((90,), entries=[entry], jobs=1, tf32=False)
     assert len(rows) == 1 and rows[0].error is None, rows
     assert rows[0].registers > 0 and rows[0].hgmma > 0 and not rows[0].spills
