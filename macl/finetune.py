@@ -519,5 +519,9 @@ def evaluate_run(run_dir: str | Path, data: str | Path | DatasetIndex, model_fac
     volumes = select_volumes(volumes, cfg.channels, str(index.root))
     model = model_factory(volumes[0].image.shape[0], len(class_names)).to(cfg.device)
     model.load_state_dict(runfolder.load_checkpoint_safe(run / "model_final.pt", cfg.device))
-    return evaluate(model, volumes, cfg, run / "summary.json", class_names, progress, records=known,
-                    allowed_labels=index.allowed_label_values)
+    summary = evaluate(model, volumes, cfg, None, class_names, progress, records=known,
+                       allowed_labels=index.allowed_label_values)
+    if (run / "kept.json").is_file():  # which validation step model_final.pt is (see the fine-tuning recipe)
+        summary["kept"] = json.loads((run / "kept.json").read_text())
+    write_json_atomic(run / "summary.json", summary)
+    return summary

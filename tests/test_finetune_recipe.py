@@ -170,6 +170,10 @@ def test_kept_checkpoint_is_the_best_validation_step(phantom, tmp_path):
     if best["step"] != 8:  # the last state is kept aside and differs
         last = torch.load(run / "model_last.pt", weights_only=True)
         assert any(not torch.equal(last[k], final[k]) for k in final)
+    # re-evaluating the run (macl evaluate --run) rewrites summary.json and keeps the record of the kept step
+    from macl.finetune import evaluate_run
+    rerun = evaluate_run(run, phantom, Keep())
+    assert rerun["kept"] == summary["kept"] == json.loads((run / "summary.json").read_text())["kept"]
 
 
 def test_bad_recipe_settings_are_named():
