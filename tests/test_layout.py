@@ -170,4 +170,8 @@ def test_docs_have_import_lines():
 
 @pytest.mark.parametrize("line", _doc_import_lines())
 def test_every_import_line_in_the_docs_runs(line):
-    exec(line, {})
+    ns: dict = {}
+    exec(line, ns)  # an ImportError fails the test; then every name the line promises is bound
+    bound = [n.strip().split(" as ")[-1] for n in line.split(" import ", 1)[1].split(",")] if line.startswith("from ") \
+        else [line.split()[1].split(".")[0]]
+    assert all(n in ns for n in bound), (line, sorted(k for k in ns if not k.startswith("__")))
