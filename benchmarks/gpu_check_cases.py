@@ -24,7 +24,9 @@ from typing import Callable, Optional
 SPEED_N = (16384, 4096, 65536)          # run order: the target shape first
 SPEED_D = (128, 256, 512)
 PHASES = ("forward", "forward+backward")
-NOMINAL_FLOP = {"forward": 2.0, "forward+backward": 8.0}      # × N·M·D, the effective TFLOP/s
+#: k is q (nt_xent, sup_con, MACL's terms): the forward and the one 'dsym' backward kernel; Triton rows only
+SELF_PHASE = "self-contrast forward+backward"
+NOMINAL_FLOP = {"forward": 2.0, "forward+backward": 8.0, SELF_PHASE: 8.0}   # × N·M·D, the effective TFLOP/s
 TEST_DTYPES = ("float32", "tf32", "float16", "bfloat16")
 RULES = ("index", "label", "radius")
 ATOL = {"float32": 1e-5, "tf32": 1e-3, "float16": 1e-3, "bfloat16": 1e-2}
@@ -234,6 +236,9 @@ def test_cases() -> list:
         "index bf16 keys-without-grad": dict(rule="index", dtype="bfloat16", k_grad=False, N=700, M=4000),
         "label fp16 float-tau": dict(rule="label", dtype="float16", learn_tau=False),
         "label fp32 q-is-k": dict(rule="label", dtype="float32", q_is_k=True, N=1200),
+        # the self-contrast backward ('dsym', one kernel for dq + dk) on large tiles, 16-bit and wide D
+        "index bf16 q-is-k D=256": dict(rule="index", dtype="bfloat16", q_is_k=True, N=2100, D=256),
+        "radius fp16 q-is-k D=512": dict(rule="radius", dtype="float16", q_is_k=True, N=1500, D=512),
         "radius fp16 G=256 N=M=32": dict(rule="radius", dtype="float16", G=256, N=32, M=32, q_is_k=True, D=64),
         "label bf16 in-core-normalize": dict(rule="label", dtype="bfloat16", normalize=True),
         "index fp32 in-core-normalize": dict(rule="index", dtype="float32", normalize=True),
@@ -323,7 +328,15 @@ def run_speed(N: int, D: int, phase: str, impl: str) -> dict:
     k = k.to(torch.bfloat16).requires_grad_()
     fn = _loss_fn(impl)
     t0 = time.perf_counter()
-    if phase == "forward":
+    if phase == SELF_PHASE:   # N anchors against themselves, positive i ↔ i + N/2 (nt_xent's pairing)
+        from macl_kernels import grouped_info_nce
+        pair = torch.arange(N, device="cuda").roll(N // 2).reshape(1, N)
+        x = q.detach().reshape(1, N, D).requires_grad_()
+
+        def step():
+            x.grad = None
+            grouped_info_nce(x, None, temperature=0.1, pos_index=pair, exclude_self=True, impl="triton").loss.backward()
+    elif phase == "forward":
         def step():
             fn(q, k)
     else:
@@ -373,6 +386,12 @@ def speed_cases() -> list:
                                            _bind(run_speed, N=N, D=D, phase=phase, impl=impl), est,
                                            priority=10 + (0 if ni == 0 else 20 * ni),
                                            meta=dict(N=N, D=D, phase=phase)))
+            if N == SPEED_N[0]:   # self-contrast at the target shape: fwd + dsym
+                # its forward is compiled and tuned by the rows above; only the dsym kernel is new (~ a re-tune)
+                est = speed_estimate(N, D, SELF_PHASE, "triton", False, di == 0)
+                cases.append(CheckCase("speed", f"{SELF_PHASE} N={N} D={D} bf16", "triton",
+                                       _bind(run_speed, N=N, D=D, phase=SELF_PHASE, impl="triton"), est,
+                                       priority=11, meta=dict(N=N, D=D, phase=SELF_PHASE)))
     return cases
 
 

@@ -204,12 +204,14 @@ def compiled_section(reports: Optional[list], error: str = "") -> list[str]:
               "flag set label-mask-self). Per configuration: the main loop found by its backward branch in "
               "cuobjdump's SASS; `MMA per warp·iter` are the instructions one warp issues per iteration (HGMMA is "
               "one warpgroup's instruction, HMMA one warp's); `units` = executed MACs per iteration (× warpgroups "
-              "or × warps) over BLOCK_M·BLOCK_N·D, `exec/useful` = units over 1 (fwd) or 2 (dq, dk) — above 1 a "
-              "warp or warpgroup repeats another's work; `exp passes` = MUFU.EX2 lanes per z element (the "
-              "forward's extra 2/32 or 4/32 is its per-row α rescale); `async waits in loop` are the TTGIR's "
+              "or × warps) over BLOCK_M·BLOCK_N·D, `exec/useful` = units over 1 (fwd) or 2 (dq, dk, dsym) — above 1 "
+              "a warp or warpgroup repeats another's work; `dsym` is the self-contrast backward (k is q: dq + dk "
+              "in one kernel); `exp passes` = MUFU.EX2 lanes per z element (the forward's α rescale is an "
+              "exponent-bit power of two, no MUFU); `async waits in loop` are the TTGIR's "
               "`async_wait {num}` inside the loop (0 = full drain); `bound` is the cycle model's binding resource "
               "(`x+y serial`: one CTA per SM, its MMA / shared-memory time and its softmax issue time add up).", "",
-              table(reports), "", "Forward + backward (default configurations):", "", totals(reports), "",
+              table(reports), "", "Forward + backward (default configurations; two tensors: fwd + dq + dk, "
+              "self-contrast: fwd + dsym):", "", totals(reports), "",
               "Predicted bf16 effective TFLOP/s on an H100 SXM (sm_90 defaults, N = M = 16384, G = 1; forward "
               "2·N·M·D / t, forward + backward 8·N·M·D / t). Model: per CTA iteration tensor = MACs / rate "
               "(HGMMA 2048 MAC/clk/SM bf16, mma.sync 0.625 of that — an assumption), smem = bytes / 128 B/clk "

@@ -138,14 +138,15 @@ def compiled_phase(N: int, M: int, D: int, dtype: str = "bfloat16", phase: str =
                    arch: int = 90, reports: Optional[list] = None) -> dict:
     """Predicted time and effective TFLOP/s of a phase (G = 1) from the compiled kernels' cycle model.
 
-    Returns dict(seconds, effective_tflops, units (executed GEMM units, fwd + dq + dk as compiled),
+    phase: 'forward' | 'forward+backward' (fwd + dq + dk) | 'self-contrast forward+backward' (fwd + dsym).
+    Returns dict(seconds, effective_tflops, units (executed GEMM units of the phase's kernels as compiled),
     exp_passes, bound (per kernel), kernels). Raises ValueError for a dtype / D the report does not hold."""
-    from macl_kernels.triton.sass_model import predict
+    from macl_kernels.triton.sass_model import PHASE_KERNELS, predict
     if dtype not in _DT:
         raise ValueError(f"compiled model covers bfloat16 / float16, got {dtype!r}")
     reps = compiled_reports(arch) if reports is None else reports
     p = predict(reps, D, N, M, _DT[dtype], arch, phase)
     rows = [r for r in reps if r.default and r.D == D and r.dtype == _DT[dtype] and r.arch == arch
-            and r.precision != "tf32" and r.phase in KERNELS[phase]]
+            and r.precision != "tf32" and r.phase in PHASE_KERNELS[phase]]
     return dict(seconds=p["seconds"], effective_tflops=p["tflops"], bound=p["bound"], kernels=p["kernels"],
                 units=sum(r.units for r in rows), exp_passes=sum(r.exp_passes for r in rows))

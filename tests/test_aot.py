@@ -67,7 +67,7 @@ def test_report_covers_every_candidate_on_both_archs(report):
     assert len(report) == len(entries)
     assert {r.arch for r in report} == {80, 90}
     assert {r.D for r in report} == {16, 64, 120, 128, 256, 512, 1024}
-    for phase in ("fwd", "dq", "dk"):   # every flag set meets every phase
+    for phase in ("fwd", "dq", "dk", "dsym"):   # every flag set meets every phase
         assert {r.flags for r in report if r.phase == phase} == set(FLAG_NAMES)
 
 

@@ -34,6 +34,8 @@ def test_dry_run_lists_every_case_in_seconds():
             for phase in PHASES:
                 for impl in ("triton", "naive", "compile"):
                     assert ("speed", f"{phase} N=M={N} D={D} bf16", impl) in listed
+    for D in SPEED_D:
+        assert ("speed", f"self-contrast forward+backward N={SPEED_N[0]} D={D} bf16", "triton") in listed
     for dt in TEST_DTYPES:
         for rule in RULES:
             assert ("test", f"{rule} {dt} learnable-tau", "triton") in listed
@@ -98,7 +100,7 @@ def test_speedups_and_markdown():
 def test_ceiling_is_the_compiled_code_model():
     """x_ceiling divides by the compiled kernels' predicted TFLOP/s (cached SASS analysis), not the loops'."""
     pytest.importorskip("triton")
-    for phase in PHASES:
+    for phase in PHASES + ("self-contrast forward+backward",):
         want = roofline.compiled_phase(16384, 16384, 256, "bfloat16", phase)["effective_tflops"]
         assert ceiling_tflops(16384, 16384, 256, phase) == want > 0
 

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from macl_kernels.triton import sass_report as S
+from macl_kernels.triton import sass_model as M
 
 LISTING = """
         /*0000*/                   MOV R1, c[0x0][0x28] ;
@@ -94,7 +95,8 @@ def _compiled(D_phases):
 @pytest.fixture(scope="module")
 def sm90():
     pytest.importorskip("triton")
-    want = {(D, ph) for D in (128, 256) for ph in ("fwd", "dq", "dk")} | {(512, "dq"), (512, "dk")}
+    want = {(D, ph) for D in (128, 256) for ph in ("fwd", "dq", "dk", "dsym")} | {(512, "dq"), (512, "dk"),
+                                                                                  (512, "dsym")}
     return _compiled(want)
 
 
@@ -104,17 +106,21 @@ def test_sm90_no_duplicated_mma_and_at_most_five_units(sm90):
     for r in sm90:
         assert r.ratio <= 1.05, (r.key, r.units, r.loop["mma"], r.ttgir["mma_layouts"])
     for D in (128, 256):
-        rows = [r for r in sm90 if r.D == D]
-        assert {r.phase for r in rows} == {"fwd", "dq", "dk"}
-        assert sum(r.units for r in rows) <= 5.0 + 1e-9
-        # 3 passes over the z elements; the forward adds its α rescale (one exp per row and key tile)
-        assert sum(r.exp_passes for r in rows) <= 3.0 + 2.0 / 32 + 1e-9, [(r.phase, r.exp_passes) for r in rows]
+        rows = {r.phase: r for r in sm90 if r.D == D}
+        assert set(rows) == {"fwd", "dq", "dk", "dsym"}
+        pair, self_ = [rows[k] for k in ("fwd", "dq", "dk")], [rows["fwd"], rows["dsym"]]
+        assert sum(r.units for r in pair) <= 5.0 + 1e-9
+        assert sum(r.units for r in self_) <= 3.0 + 1e-9          # self-contrast: fwd + dsym
+        # exactly one exp per z element per kernel pass: the forward's α is an exponent-bit power of two
+        assert rows["fwd"].exp_passes == pytest.approx(1.0)
+        assert sum(r.exp_passes for r in pair) <= 3.0 + 1e-9, [(r.phase, r.exp_passes) for r in pair]
+        assert sum(r.exp_passes for r in self_) <= 3.0 + 1e-9, [(r.phase, r.exp_passes) for r in self_]
 
 
 #: sm_90 16-bit kernels whose z GEMM still runs on mma.sync (32-row z tiles): at 8 warps a 64-row z tile
 #: is repeated by the second warpgroup, and 128-row tiles spill (dk at D = 256: 28 bytes) or cannot hold
 #: the full-width accumulator (D = 512: 256 registers a thread). Their gradient GEMM is wgmma except dq at 512.
-MMA_SYNC_Z = {("dk", 256), ("dq", 512), ("dk", 512)}
+MMA_SYNC_Z = {("dk", 256), ("dq", 512), ("dk", 512), ("dsym", 512)}
 
 
 @pytest.mark.slow
@@ -122,7 +128,7 @@ def test_sm90_16bit_wgmma_pipelined_no_spills(sm90):
     for r in sm90:
         assert r.spill_bytes == 0, r.key
         assert r.pipelined, (r.key, r.ttgir)          # async copies in the loop, no async_wait {num = 0}
-        assert r.loop["hgmma"] > 0 or (r.phase, r.D) == ("dq", 512), (r.key, r.loop["mma"])
+        assert r.loop["hgmma"] > 0 or (r.phase, r.D) in (("dq", 512), ("dsym", 512)), (r.key, r.loop["mma"])
         if (r.phase, r.D) not in MMA_SYNC_Z:
             assert r.loop["hmma"] == 0, (r.key, r.loop["mma"])
     # the exceptions are exactly these: one that now compiles to wgmma must leave the list
@@ -139,6 +145,16 @@ def test_cache_round_trip(tmp_path, sm90):
     again = S.load_or_build(tasks, path=str(path), jobs=1)      # from the file: no compile
     assert path.exists() and [r.key for r in first] == [r.key for r in again]
     assert again[0].loop == first[0].loop and again[0].units == pytest.approx(1.0)
+    # rows built from other kernel sources are never answered from the file: they are compiled again
+    import json
+    blob = json.loads(path.read_text())
+    assert blob["kernels"] == S.kernel_source_hash()
+    blob["kernels"] = "0" * 16
+    blob["rows"][0]["loop"]["hgmma"] = -1        # what a stale row would answer
+    path.write_text(json.dumps(blob))
+    fresh = S.load_or_build(tasks, path=str(path), jobs=1)
+    assert fresh[0].loop == first[0].loop
+    assert json.loads(path.read_text())["kernels"] == S.kernel_source_hash()
 
 
 @pytest.mark.slow
@@ -159,8 +175,9 @@ def test_every_shipped_config_from_the_cached_analysis():
             for D in S.REPORT_D:
                 rows = [r for r in reps if r.default and r.arch == a and r.D == D
                         and (r.dtype if r.precision != "tf32" else "tf32") == dt]
-                assert sorted(r.phase for r in rows) == ["dk", "dq", "fwd"]
-                assert sum(r.units for r in rows) <= 5.0 + 1e-9
-                assert sum(r.exp_passes for r in rows) <= 3.0 + 8.0 / 32 + 1e-9, (a, dt, D)
+                assert sorted(r.phase for r in rows) == ["dk", "dq", "dsym", "fwd"]
+                t = M.phase_sums(reps, a, dt, D)
+                assert t["units"] <= 5.0 + 1e-9 and t["self_units"] <= 3.0 + 1e-9, (a, dt, D, t)
+                assert t["exp"] <= 3.0 + 1e-9 and t["self_exp"] <= 3.0 + 1e-9, (a, dt, D, t)
     drains = [r.key for r in reps if r.arch == 90 and r.dtype in ("fp16", "bf16") and not r.pipelined]
     assert not drains

@@ -120,15 +120,20 @@ def signature(entry: ShippedConfig, precision: str, flags: str = FLAG_NAMES[0]) 
                **scalars, **strides}
         extra = {}
     else:
-        fn = kernels_bwd.contrast_dq_kernel if entry.phase == "dq" else kernels_bwd.contrast_dk_kernel
-        out = "DQ" if entry.phase == "dq" else "DK"
-        row = "stride_dn" if entry.phase == "dq" else "stride_dm"
+        rows_phase = entry.phase in ("dq", "dsym")    # dsym: the dq kernel with SYM (self-contrast)
+        fn = kernels_bwd.contrast_dq_kernel if rows_phase else kernels_bwd.contrast_dk_kernel
+        out = "DQ" if rows_phase else "DK"
+        row = "stride_dn" if rows_phase else "stride_dm"
         sig = {**head, "KV": "*u8", "S_PTR": "*fp32", "GMAX": "*fp32", "LSE": "*fp32", "CNT": "*i32",
                "GRAD": "*fp32", out: f"*{t}", "DS": "*fp32", **scalars,
                **strides, "stride_dg": "i32", row: "i32", "stride_dd": "constexpr"}
         extra = {"DZ_SCALE": _dz_scale(entry.dtype)}
-        if entry.phase == "dq":
+        if rows_phase:
             extra["WITH_DS"] = with_ds
+            extra["SYM"] = entry.phase == "dsym"
+        if entry.phase == "dsym":    # launched without the scale-gradient sum (autograd.TritonContrast)
+            sig["CNT"] = "*fp32"     # WY_i (kernels_bwd.contrast_dq_kernel with SYM)
+            extra["WITH_DS"] = False
     const = {"stride_qd": 1, "stride_kd": 1, "stride_on": 1, "stride_dd": 1, "D": entry.D,
              "INPUT_PRECISION": precision, "UPCAST_DOT": False, **f, **extra, **entry.config.constexprs()}
     jit = kernels_fwd.kernel(fn, interpret=False)

@@ -18,12 +18,13 @@ Shape rules (KERNELS.md §4, README "Block choice"):
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
 
-PHASES = ("fwd", "dq", "dk")
+#: "dsym": the self-contrast backward (k is q; the dq kernel with SYM, one launch for dq + dk), dq's tiles
+PHASES = ("fwd", "dq", "dk", "dsym")
 SIZE_CLASSES = ("s16", "s32", "large")
 #: representative (N, M) of each size class, for the AOT report
 SIZE_EXAMPLES = {"s16": (16, 16), "s32": (32, 32), "large": (4096, 4096)}
@@ -229,6 +230,24 @@ def _large_sm90(phase: str, d: int, bd: int, k: str, aligned: bool = True) -> li
     return out
 
 
+def _dsym(cls: str, arch: int, k: str, d: int, bd: int, aligned: bool) -> list[KernelConfig]:
+    """The self-contrast backward (the dq kernel with SYM, launched without the scale-gradient sum): dq's
+    shapes, except where the extra per-key loads and the second exponential spilled them (AOT report, every
+    flag set): 16-bit sm_90 D = 128 (dq's 128×64 at 8 warps: 96 bytes), TF32 at D = 128 (32×32 at 4 warps;
+    also D = 120), fp32 IEEE at D = 16 (64×64), and the small classes' 2-CTA register cap."""
+    if cls != "large":
+        return [replace(c, maxnreg=255) for c in _small("dq", 16 if cls == "s16" else 32, d, bd, k)]
+    if k == "fp32" and d == 16:
+        return [_C(32, 64, 16, 16, 4, 1, 255)]
+    if k == "tf32" and d == 128:
+        return [_C(16, 32, bd, d, 4, 3, 255)]
+    if arch == 90 and k == "16bit" and aligned and d == 128:
+        return [_C(128, 32, bd, d, 8, 3, 255)]
+    if arch == 90 and k != "fp32":
+        return _large_sm90("dq", d, bd, k, aligned=aligned)
+    return _large("dq", d, bd, k)
+
+
 def current_arch() -> int:
     """Table of the current CUDA device: 90 for compute capability 9.x (wgmma), else 80; 80 without CUDA
     (the interpreter runs the sm_80 shapes unless a test passes configurations)."""
@@ -242,8 +261,8 @@ def config_list(phase: str, N: int, M: int, D: int, dtype: torch.dtype, precisio
                 arch: Optional[int] = None) -> list[KernelConfig]:
     """Candidate configurations of one launch; the first is the deterministic default.
 
-    phase: 'fwd' | 'dq' | 'dk'; N anchors and M keys per group; D features; dtype of q and k (float32,
-    float16 or bfloat16); precision: tl.dot's input_precision ('ieee' or 'tf32'; only fp32 uses tf32);
+    phase: 'fwd' | 'dq' | 'dk' | 'dsym' (self-contrast backward: the dq kernel's shape, so dq's list but where
+    that spilled); N anchors and M keys per group; D features; dtype of q and k (float32, float16 or bfloat16); precision: tl.dot's input_precision ('ieee' or 'tf32'; only fp32 uses tf32);
     arch: 80 or 90 (table), default `current_arch()`. Raises ValueError for an unknown phase or arch.
     """
     if phase not in PHASES:
@@ -255,6 +274,8 @@ def config_list(phase: str, N: int, M: int, D: int, dtype: torch.dtype, precisio
     d = max(16, _pow2(D))
     cls = size_class(N, M)
     bd = block_d(D, dtype, precision, small=cls != "large")
+    if phase == "dsym":
+        return _dsym(cls, arch, k, d, bd, D % 16 == 0)
     if cls != "large":
         return _small(phase, 16 if cls == "s16" else 32, d, bd, k)
     if arch == 90 and k != "fp32":

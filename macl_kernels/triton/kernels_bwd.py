@@ -1,4 +1,5 @@
-"""Backward kernels (KERNELS.md §2): dq over (group, row tile), dk over (group, key tile).
+"""Backward kernels (KERNELS.md §2): dq over (group, row tile), dk over (group, key tile); for self-contrast
+(k is q) the dq kernel with SYM computes the whole gradient dq + dk in one pass (see its docstring).
 
 Both recompute z tile by tile from q, k and the saved LSE, so nothing N×M is stored and no float atomics are
 needed: each program owns its output rows, which makes the backward deterministic. With
@@ -24,12 +25,24 @@ def contrast_dq_kernel(
     stride_dg, stride_dn, stride_dd,
     D: tl.constexpr, RULE: tl.constexpr, EXCLUDE_SELF: tl.constexpr, HAS_KV: tl.constexpr,
     SCALE_IN_MEM: tl.constexpr, UPCAST_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr, WITH_DS: tl.constexpr,
-    DZ_SCALE: tl.constexpr,
+    DZ_SCALE: tl.constexpr, SYM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DOUT: tl.constexpr,
 ):
     """dq_i[c-chunk] = s g_i Σ_j (P_ij − Y_ij) k_j[c-chunk]; pid = (g·n_row_tiles + row tile)·n_dout + c.
 
-    GMAX is unused here (same argument list as the dk kernel's launcher).
+    GMAX (1,) fp32 = max_i |g_i| is read only with SYM.
+
+    SYM (self-contrast: K is Q, M = N, one gradient dx = dq + dk): z is symmetric, so the z tile (I, J) also
+    holds z_ji, and the program adds key j's term for anchor j to the same operand:
+        dx_i = s Σ_j [g_i (P_ij − Y_ij) + g_j (P_ji − Y_ji)] x_j,   P_ji = exp(z_ij − LSE_j)·1[i∈V(j)],
+    with V(j), P(j) evaluated from the metadata with the roles of the two indices swapped (KV / KM at the
+    rows, QM at the keys). One kernel, one z and one gradient GEMM per tile: forward + backward = 3 GEMM units
+    and 3 exp passes instead of 5 and 3, deterministic (each program owns its rows; no atomics). With SYM the
+    launcher passes per-anchor weights instead of g and |P(i)|, so that each key tile loads three floats per
+    key (LSE, W, WY) and the operand is one FMA-like expression: GRAD = W_i = g_i/max|g|·DZ_SCALE and CNT (fp32)
+    = WY_i = W_i/|P(i)| (0 for anchors that do not count), dz_op = W_i P_ij − WY_i 1[j∈P(i)] + W_j P_ji −
+    WY_j 1[i∈P(j)]; |dz_op| ≤ 2·DZ_SCALE = 2^15 stays finite in fp16. WITH_DS sums the row terms only (each
+    z_ij once).
 
     WITH_DS: also DS_i = Σ_j dz_ij z_ij / s = Σ_j dz_ij (acc_ij − LSE_i/s) (Σ_j dz_ij = 0 where g_i ≠ 0; the
     shift keeps the terms small when every logit is far from 0), so that ds = Σ_i DS_i is accumulated in fp32
@@ -60,9 +73,13 @@ def contrast_dq_kernel(
         s = scale
     o = g * stride_og + rows * stride_on
     lse = tl.load(LSE + o, mask=row_ok, other=0.0)
-    g_row = tl.load(GRAD + o, mask=row_ok, other=0.0)
-    cnt = tl.load(CNT + o, mask=row_ok, other=0)
-    inv_cnt = tl.where(cnt > 0, 1.0 / tl.maximum(cnt, 1).to(tl.float32), 0.0)
+    if SYM:     # W_i, WY_i (docstring)
+        w_row = tl.load(GRAD + o, mask=row_ok, other=0.0)
+        wy_row = tl.load(CNT + o, mask=row_ok, other=0.0)
+    else:
+        g_row = tl.load(GRAD + o, mask=row_ok, other=0.0)
+        cnt = tl.load(CNT + o, mask=row_ok, other=0)
+        inv_cnt = tl.where(cnt > 0, 1.0 / tl.maximum(cnt, 1).to(tl.float32), 0.0)
     if RULE == 2:
         q_meta = tl.load(QM + g * N + rows, mask=row_ok, other=0.0)
     else:                                 # int32 pos_index / label ids
@@ -72,6 +89,14 @@ def contrast_dq_kernel(
                          mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
         if UPCAST_DOT:
             q_tile = q_tile.to(tl.float32)
+    if SYM:   # the rows as keys of the other anchors: their validity and key metadata
+        row_key_ok = row_ok
+        if HAS_KV:
+            row_key_ok = row_key_ok & (tl.load(KV + g * M + rows, mask=row_ok, other=0) != 0)
+        if RULE == 1:
+            k_meta_row = tl.load(KM + g * M + rows, mask=row_ok, other=-1)
+        elif RULE == 2:
+            k_meta_row = tl.load(KM + g * M + rows, mask=row_ok, other=0.0)
 
     dq = tl.zeros([BLOCK_M, BLOCK_DOUT], tl.float32)
     ds = tl.zeros([BLOCK_M], tl.float32)
@@ -117,11 +142,37 @@ def contrast_dq_kernel(
         # exp2. P must be consistent with the z that LSE was built from: a different rounding of z alone
         # costs ~|z|·eps of relative error on every P_ij, several times the reference's gradient error.
         # where(), not a product with the mask: on rows with LSE = -inf (empty V(i)) the exponent is NaN/inf.
-        z = tl.where(valid, acc * s, float("-inf"))
+        zs = acc * s
+        z = tl.where(valid, zs, float("-inf"))
         p = tl.where(valid, tl.exp2((z - lse[:, None]) * LOG2E), 0.0)
-        dz = p - tl.where(pos, inv_cnt[:, None], 0.0)          # g_i is applied per row after the loop
+        if SYM:
+            dz = w_row[:, None] * p - tl.where(pos, wy_row[:, None], 0.0)
+        else:
+            dz = p - tl.where(pos, inv_cnt[:, None], 0.0)      # g_i is applied per row after the loop
         if WITH_DS:
             ds += tl.sum(dz * (acc - ds_shift[:, None]), 1)
+        if SYM:   # + g_j (P_ji − Y_ji): key j as the anchor, row i as its key (z_ji = z_ij)
+            o_c = g * stride_og + offs_n * stride_on
+            lse_c = tl.load(LSE + o_c, mask=col_ok, other=0.0)
+            w_c = tl.load(GRAD + o_c, mask=col_ok, other=0.0)
+            wy_c = tl.load(CNT + o_c, mask=col_ok, other=0.0)
+            valid_t = row_key_ok[:, None] & col_ok[None, :]
+            if EXCLUDE_SELF:
+                valid_t = valid_t & (offs_m[:, None] != offs_n[None, :])
+            if RULE == 2:
+                q_meta_c = tl.load(QM + g * N + offs_n, mask=col_ok, other=0.0)
+                pos_t = valid_t & (tl.abs(q_meta_c[None, :] - k_meta_row[:, None]) < threshold)
+            elif RULE == 1:
+                q_meta_c = tl.load(QM + g * N + offs_n, mask=col_ok, other=-1)
+                pos_t = valid_t & (k_meta_row[:, None] == q_meta_c[None, :])
+            else:
+                q_meta_c = tl.load(QM + g * N + offs_n, mask=col_ok, other=-1)
+                pos_t = valid_t & (offs_m[:, None] == q_meta_c[None, :])
+            z_t = tl.where(valid_t, zs, float("-inf"))
+            p_t = tl.where(valid_t, tl.exp2((z_t - lse_c[None, :]) * LOG2E), 0.0)
+            dz_op = dz + w_c[None, :] * p_t - tl.where(pos_t, wy_c[None, :], 0.0)
+        else:
+            dz_op = dz * DZ_SCALE
         if REUSE_K:
             k_out = k_tile
         else:
@@ -129,10 +180,15 @@ def contrast_dq_kernel(
                             mask=col_ok[:, None] & (offs_o[None, :] < D), other=0.0)
             if UPCAST_DOT:
                 k_out = k_out.to(tl.float32)
-        dq = tl.dot((dz * DZ_SCALE).to(k_out.dtype), k_out, dq, input_precision=INPUT_PRECISION)
+        dq = tl.dot(dz_op.to(k_out.dtype), k_out, dq, input_precision=INPUT_PRECISION)
 
-    dq = dq * (g_row * (s / DZ_SCALE))[:, None]
-    ds = ds * g_row
+    if SYM:
+        gmax = tl.load(GMAX)
+        dq = dq * (s * (gmax / DZ_SCALE))
+        ds = ds * (gmax / DZ_SCALE)
+    else:
+        dq = dq * (g_row * (s / DZ_SCALE))[:, None]
+        ds = ds * g_row
     d_ptrs = DQ + g * stride_dg + rows[:, None] * stride_dn + offs_o[None, :] * stride_dd
     tl.store(d_ptrs, dq.to(DQ.dtype.element_ty), mask=row_ok[:, None] & (offs_o[None, :] < D))
     if WITH_DS:   # DS (G, N, n_dout): every D-out chunk writes its (identical) copy; no branch on c

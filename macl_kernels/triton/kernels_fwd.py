@@ -85,8 +85,13 @@ def contrast_fwd_kernel(
         if UPCAST_DOT:
             q_tile = q_tile.to(tl.float32)
 
-    # Running state: m = −inf (no key seen), l = 0. The rescale factor of l is guarded: while m = −inf, l is
-    # 0 and the factor is 0, never exp2(+large) (a first tile whose max is below −88.7 gave 0·inf = NaN).
+    # Running state: m = −inf (no key seen), l = 0, and the shift mL = ⌈m·log2e⌉ on the integer grid (0 while
+    # m = −inf). An integer shift makes the rescale factor of l an exact power of two, 2^(mL_old − mL_new),
+    # built from its exponent bits (FADD + shift) instead of an exp2: the loop's only MUFU.EX2 are the
+    # one per z element, so the forward is exactly one exp pass (sass_report counts it). The factor is
+    # clamped to [2^-127 → 0, 1]: while m = −inf, l is 0 and so is the product (a first tile whose max is
+    # below −88.7 gave 0·inf = NaN with exp2 of the raw difference). Every exponent z·log2e − mL is ≤ ~0,
+    # and the row maximum's is > −1, so l ∈ [2^-1, M·1] never under- or overflows.
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     mL_i = tl.zeros([BLOCK_M], tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -137,8 +142,11 @@ def contrast_fwd_kernel(
         # A row whose keys so far are all masked keeps m = -inf, l = 0.
         z = tl.where(valid, acc * s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(z, 1))
-        mL_new = tl.where(m_new == float("-inf"), 0.0, m_new) * LOG2E
-        alpha = tl.where(m_i == float("-inf"), 0.0, tl.exp2(mL_i - mL_new))
+        mL_new = tl.ceil(tl.where(m_new == float("-inf"), 0.0, m_new) * LOG2E)
+        # 2^e for the integer e = mL_i − mL_new ∈ [−127, 0]: e + 127 + 2^23 is a float whose low mantissa
+        # bits are e + 127, i.e. the exponent field of 2^e (e = −127 gives +0). Exact: both shifts are integers.
+        e = tl.minimum(tl.maximum(mL_i - mL_new, -127.0), 0.0)
+        alpha = ((e + 8388735.0).to(tl.uint32, bitcast=True) << 23).to(tl.float32, bitcast=True)
         l_i = l_i * alpha + tl.sum(tl.exp2(z * LOG2E - mL_new[:, None]), 1)
         m_i = m_new
         mL_i = mL_new

@@ -20,9 +20,11 @@ from typing import Optional, Sequence
 
 from .sass_report import H100_SM, HMMA_FRACTION, KernelReport, load_or_build, report_entries
 
-#: the issue's targets (bf16, N = M = 16384, D = 256): effective TFLOP/s
-TARGETS = {"forward": 450.0, "forward+backward": 300.0}
-PHASE_KERNELS = {"forward": ("fwd",), "forward+backward": ("fwd", "dq", "dk")}
+#: the issue's targets (bf16, N = M = 16384, D = 256): effective TFLOP/s (self-contrast: the same 8·N·M·D flops)
+TARGETS = {"forward": 450.0, "forward+backward": 300.0, "self-contrast forward+backward": 300.0}
+#: the kernels of a phase; self-contrast (k is q) runs the forward and the one 'dsym' backward kernel
+PHASE_KERNELS = {"forward": ("fwd",), "forward+backward": ("fwd", "dq", "dk"),
+                 "self-contrast forward+backward": ("fwd", "dsym")}
 
 
 def ctas_per_sm(r: KernelReport, sm: dict = H100_SM) -> int:
@@ -55,8 +57,9 @@ def iteration_cycles(r: KernelReport, sm: dict = H100_SM) -> dict:
 
 def kernel_time(r: KernelReport, N: int, M: int, G: int = 1, sm: dict = H100_SM) -> dict:
     """Predicted seconds of one kernel at (G, N, M, r.D) and what bounds it."""
-    own, loop = (N, M) if r.phase in ("fwd", "dq") else (M, N)
-    b_own, b_loop = (r.BLOCK_M, r.BLOCK_N) if r.phase in ("fwd", "dq") else (r.BLOCK_N, r.BLOCK_M)
+    rows = r.phase in ("fwd", "dq", "dsym")
+    own, loop = (N, M) if rows else (M, N)
+    b_own, b_loop = (r.BLOCK_M, r.BLOCK_N) if rows else (r.BLOCK_N, r.BLOCK_M)
     progs = G * math.ceil(own / b_own)
     iters = math.ceil(loop / b_loop)
     ic = iteration_cycles(r, sm)
@@ -75,7 +78,7 @@ def predict(reports: Sequence[KernelReport], D: int, N: int = 16384, M: int = 16
             raise ValueError(f"no compiled report for {k} {dtype} D={D} sm_{arch}")
         ks[k] = kernel_time(rows[0], N, M)
     t = sum(v["seconds"] for v in ks.values())
-    nominal = (2.0 if phase == "forward" else 8.0) * N * M * D
+    nominal = (2.0 if phase == "forward" else 8.0) * N * M * D   # self-contrast: the same nominal work
     return dict(kernels=ks, seconds=t, tflops=nominal / t / 1e12,
                 bound=", ".join(f"{k}: {v['bound']}" for k, v in ks.items()))
 
@@ -86,7 +89,8 @@ def table(reports: Sequence[KernelReport]) -> str:
             "MMA per warp·iter (SASS) | MMA layouts (TTGIR) | units | exec/useful | exp passes | MUFU | LDSM | "
             "LDS | async waits in loop | bound |")
     out = [head, "|" + "---|" * (head.count("|") - 1)]
-    for r in sorted(reports, key=lambda r: (r.arch, r.dtype, r.D, "fwd dq dk".split().index(r.phase), not r.default)):
+    for r in sorted(reports, key=lambda r: (r.arch, r.dtype, r.D, "fwd dq dk dsym".split().index(r.phase),
+                                            not r.default)):
         if r.error:
             out.append(f"| sm_{r.arch} | {r.dtype} | {r.D} | {r.phase} | error: {r.error} |")
             continue
@@ -102,17 +106,32 @@ def table(reports: Sequence[KernelReport]) -> str:
     return "\n".join(out)
 
 
+def phase_sums(reports: Sequence[KernelReport], arch: int, dtype: str, D: int) -> Optional[dict]:
+    """Executed GEMM units and exp passes of forward + backward (fwd, dq, dk) and of self-contrast forward +
+    backward (fwd, dsym), and the worst executed ÷ useful ratio, from the default configurations; None if
+    one of the four kernels is missing. dtype: 'fp16' | 'bf16' | 'tf32'."""
+    rows = {r.phase: r for r in reports if r.default and r.arch == arch and r.D == D and not r.error
+            and (r.dtype if r.precision != "tf32" else "tf32") == dtype}
+    if set(rows) != {"fwd", "dq", "dk", "dsym"}:
+        return None
+    pair, self_ = [rows[k] for k in ("fwd", "dq", "dk")], [rows["fwd"], rows["dsym"]]
+    return dict(units=sum(r.units for r in pair), exp=sum(r.exp_passes for r in pair),
+                self_units=sum(r.units for r in self_), self_exp=sum(r.exp_passes for r in self_),
+                ratio=max(r.ratio for r in rows.values()))
+
+
 def totals(reports: Sequence[KernelReport]) -> str:
-    """Markdown: forward + backward executed GEMM units and exp passes per (arch, dtype, D), defaults only."""
-    out = ["| arch | dtype | D | fwd+bwd GEMM units | exp passes | max exec/useful |", "|---|---|---|---|---|---|"]
+    """Markdown: forward + backward executed GEMM units and exp passes per (arch, dtype, D), defaults only,
+    for two tensors (fwd + dq + dk) and for self-contrast (fwd + dsym)."""
+    out = ["| arch | dtype | D | fwd+bwd GEMM units | exp passes | self-contrast GEMM units | self-contrast exp passes "
+           "| max exec/useful |", "|---|---|---|---|---|---|---|---|"]
     keys = sorted({(r.arch, r.dtype if r.precision != "tf32" else "tf32", r.D) for r in reports})
     for a, dt, D in keys:
-        rows = [r for r in reports if r.default and r.arch == a and r.D == D
-                and (r.dtype if r.precision != "tf32" else "tf32") == dt and not r.error]
-        if {r.phase for r in rows} != {"fwd", "dq", "dk"}:
+        t = phase_sums(reports, a, dt, D)
+        if t is None:
             continue
-        out.append(f"| sm_{a} | {dt} | {D} | {sum(r.units for r in rows):.2f} | "
-                   f"{sum(r.exp_passes for r in rows):.2f} | {max(r.ratio for r in rows):.2f} |")
+        out.append(f"| sm_{a} | {dt} | {D} | {t['units']:.2f} | {t['exp']:.2f} | {t['self_units']:.2f} | "
+                   f"{t['self_exp']:.2f} | {t['ratio']:.2f} |")
     return "\n".join(out)
 
 
@@ -122,7 +141,7 @@ def predictions(reports: Sequence[KernelReport], dims: Sequence[int] = (256, 512
     for D in dims:
         for ph in PHASE_KERNELS:
             p = predict(reports, D, phase=ph)
-            tgt = f"≥ {TARGETS[ph]:.0f}" if D == 256 else "—"
+            tgt = f"≥ {TARGETS[ph]:.0f}" if D == 256 else "—"   # the targets are set at D = 256
             out.append(f"| {D} | {ph} | {p['tflops']:.0f} | {tgt} | {p['bound']} |")
     return "\n".join(out)
 

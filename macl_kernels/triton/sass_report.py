@@ -25,7 +25,8 @@ Prediction for a shape: waves · iterations · round / clock, waves = ⌈program
 compiled code, not a measurement: latencies, L2 / HBM and the prologue / epilogue are not in it.
 
 Compiling every configuration costs CPU minutes: `load_or_build` caches the per-config analysis in
-`benchmarks/results/sass_report.json` (keyed by the configuration and the triton version).
+`benchmarks/results/sass_report.json` (keyed by the configuration, the triton version and a hash of the kernel
+sources, `kernel_source_hash`).
 
     python -m macl_kernels.triton.sass_model [--arch 80 90] [--rebuild] [--jobs N] [--all]   (the tables)
 """
@@ -53,8 +54,8 @@ H100_SM = {"sms": 132, "clock_hz": 1.83e9, "hgmma_mac_per_clk": {"16bit": 2048, 
            "regs": 65536, "max_warps": 64}
 #: mma.sync (HMMA) throughput on sm_90 relative to wgmma: an assumption (microbenchmarks report ~60–70%)
 HMMA_FRACTION = 0.625
-#: useful GEMMs per z tile of each kernel (fwd: z; dq / dk: z and the gradient GEMM)
-USEFUL_UNITS = {"fwd": 1, "dq": 2, "dk": 2}
+#: useful GEMMs per z tile of each kernel (fwd: z; dq / dk / dsym: z and the gradient GEMM)
+USEFUL_UNITS = {"fwd": 1, "dq": 2, "dk": 2, "dsym": 2}
 _LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P[0-9T]+\s+)?([A-Z][A-Za-z0-9_.]*)([^;]*);")
 
 
@@ -273,7 +274,7 @@ class KernelReport:
 
     @property
     def ratio(self) -> float:
-        """Executed ÷ useful MMA work (useful: 1 unit forward, 2 per backward kernel)."""
+        """Executed ÷ useful MMA work (useful: 1 unit forward, 2 per backward kernel, dsym included)."""
         return self.units / USEFUL_UNITS[self.phase]
 
     @property
@@ -349,6 +350,18 @@ def _version() -> str:
     return triton.__version__
 
 
+def kernel_source_hash() -> str:
+    """sha256 (16 hex digits) of what a compiled row depends on besides its configuration: the kernel sources
+    and `aot.py` (signatures, flag sets). The cache holds rows only for the hash it was built with, so an
+    edited kernel can never be answered with the analysis of the old one."""
+    import hashlib
+    h = hashlib.sha256()
+    for name in ("kernels_fwd.py", "kernels_bwd.py", "aot.py"):
+        with open(os.path.join(os.path.dirname(__file__), name), "rb") as f:
+            h.update(f.read())
+    return h.hexdigest()[:16]
+
+
 def build(tasks, jobs: Optional[int] = None) -> list[KernelReport]:
     """Compile and analyse `tasks` in spawned workers whose environment has no TRITON_INTERPRET (see aot.py)."""
     import multiprocessing as mp
@@ -376,7 +389,7 @@ def load_or_build(tasks=None, path: str = CACHE, rebuild: bool = False, jobs: Op
     if os.path.exists(path) and not rebuild:
         with open(path) as f:
             blob = json.load(f)
-        if blob.get("triton") == _version():
+        if blob.get("triton") == _version() and blob.get("kernels") == kernel_source_hash():
             cache = {r["key"]: _from_dict(r) for r in blob["rows"]}
     from .aot import _TL_DTYPE
     keyed = []
@@ -394,5 +407,6 @@ def load_or_build(tasks=None, path: str = CACHE, rebuild: bool = False, jobs: Op
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         rows = [{**dataclasses.asdict(r), "key": r.key} for r in cache.values()]
         with open(path, "w") as f:
-            json.dump({"triton": _version(), "rows": sorted(rows, key=lambda r: r["key"])}, f, indent=1)
+            json.dump({"triton": _version(), "kernels": kernel_source_hash(),
+                       "rows": sorted(rows, key=lambda r: r["key"])}, f, indent=1)
     return out
