@@ -126,7 +126,7 @@ def test_kernels_receive_operand_dtype(mode, want, launches, tf32_setting):
         loss = positional_sup_con(feats, pos, 0.3, temperature=0.1, impl="triton", **kw)
     loss.backward()
     assert [(ph, qd, kd, pr) for ph, qd, kd, pr, *_ in launches] == \
-        [("fwd", want[0], want[0], want[1]), ("dq", want[0], want[0], want[1]), ("dk", want[0], want[0], want[1])]
+        [("fwd", want[0], want[0], want[1]), ("dsym", want[0], want[0], want[1])]   # self-contrast: one backward
     assert loss.dtype == F32 and model.weight.grad.dtype == F32
     ref = positional_sup_con(model(x).reshape(15, 2, 24).detach().double(), pos.double(), 0.3, temperature=0.1,
                              impl="reference")
