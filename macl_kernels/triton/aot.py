@@ -131,8 +131,9 @@ def signature(entry: ShippedConfig, precision: str, flags: str = FLAG_NAMES[0]) 
         if rows_phase:
             extra["WITH_DS"] = with_ds
             extra["SYM"] = entry.phase == "dsym"
+        if entry.phase in ("dk", "dsym"):
+            sig["CNT"] = "*fp32"     # WY_i (kernels_bwd: dk and the dq kernel with SYM)
         if entry.phase == "dsym":    # launched without the scale-gradient sum (autograd.TritonContrast)
-            sig["CNT"] = "*fp32"     # WY_i (kernels_bwd.contrast_dq_kernel with SYM)
             extra["WITH_DS"] = False
     const = {"stride_qd": 1, "stride_kd": 1, "stride_on": 1, "stride_dd": 1, "D": entry.D,
              "INPUT_PRECISION": precision, "UPCAST_DOT": False, **f, **extra, **entry.config.constexprs()}

@@ -134,7 +134,7 @@ def launch_bwd(phase: str, q, k, scale, lse, cnt, grad, o: LaunchOptions, with_d
     # dk, dsym: dz = (g_i / max|g|)(P − Y)·DZ_SCALE, so max|g| is read by the kernel (a device scalar: no sync)
     gmax = grad.abs().amax().reshape(1) if phase != "dq" else lse
     extra = dict(WITH_DS=with_ds, SYM=phase == "dsym") if rows_phase else {}
-    if phase == "dsym":   # per-anchor weights W_i = g_i/max|g|·DZ_SCALE and WY_i = W_i/|P(i)| (kernel docstring)
+    if phase != "dq":   # dk, dsym: per-anchor weights W_i = g_i/max|g|·DZ_SCALE, WY_i = W_i/|P(i)| (kernels_bwd)
         w = grad * torch.where(gmax > 0, _dz_scale(q.dtype) / gmax.clamp_min(1e-30), 0.0)
         grad, cnt = w, torch.where(cnt > 0, w / cnt.clamp_min(1), 0.0)
     args = [q, k, o.q_meta, km, kv, s_ptr, gmax, lse, cnt, grad, out]

@@ -197,6 +197,7 @@ def contrast_dq_kernel(
 
 def contrast_dk_kernel(
     Q, K, QM, KM, KV, S_PTR, GMAX, LSE, CNT, GRAD, DK,   # GMAX (1,) fp32 = max_i |g_i|; DK (G,M,D) in k's dtype
+                                                         # GRAD = W (G,N), CNT = WY (G,N) fp32 (docstring)
     scale, threshold, N, M,
     stride_qg, stride_qn, stride_qd, stride_kg, stride_km, stride_kd, stride_og, stride_on,
     stride_dg, stride_dm, stride_dd,
@@ -205,6 +206,11 @@ def contrast_dk_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DOUT: tl.constexpr,
 ):
     """dk_j[c-chunk] = s·gmax Σ_i (g_i/gmax)(P_ij − Y_ij) q_i[c-chunk]; pid = (g·n_key_tiles + key tile)·n_dout + c.
+
+    The launcher passes per-anchor weights, as for the dq kernel with SYM: GRAD = W_i = g_i/max|g|·DZ_SCALE, CNT
+    = WY_i = W_i/|P(i)| (fp32, 0 where the anchor does not count), so dz = W_i P_ij − WY_i 1[j∈P(i)] with two
+    loads per anchor and no division in the loop (with g and |P(i)| there, the 128×64 sm_90 tile at D = 256
+    spilled 28 bytes).
 
     z is recomputed as q kᵀ (BLOCK_M × BLOCK_N), exactly as in the forward and dq kernels, and dzᵀ feeds
     the dot: computing zᵀ = k qᵀ instead rounds differently (in the interpreter's BLAS, and whenever the
@@ -230,8 +236,6 @@ def contrast_dk_kernel(
         s = tl.load(S_PTR).to(tl.float32)
     else:
         s = scale
-    gmax = tl.load(GMAX)
-    g_inv = tl.where(gmax > 0, 1.0 / tl.maximum(gmax, 1e-30), 0.0)
     key_ok = col_ok
     if HAS_KV:
         key_ok = key_ok & (tl.load(KV + g * M + cols, mask=col_ok, other=0) != 0)
@@ -269,10 +273,9 @@ def contrast_dk_kernel(
                 acc = tl.dot(q_c, tl.trans(k_c), acc, input_precision=INPUT_PRECISION)
         o = g * stride_og + offs_m * stride_on
         lse = tl.load(LSE + o, mask=row_ok, other=0.0)
-        g_row = tl.load(GRAD + o, mask=row_ok, other=0.0)
-        cnt = tl.load(CNT + o, mask=row_ok, other=0)
-        inv_cnt = tl.where(cnt > 0, 1.0 / tl.maximum(cnt, 1).to(tl.float32), 0.0)
-        valid = key_ok[None, :]           # anchors past N have g = 0
+        w_row = tl.load(GRAD + o, mask=row_ok, other=0.0)       # W_i, WY_i (docstring)
+        wy_row = tl.load(CNT + o, mask=row_ok, other=0.0)
+        valid = key_ok[None, :]           # anchors past N have W = 0
         if EXCLUDE_SELF:
             valid = valid & (offs_m[:, None] != offs_n[None, :])
         if RULE == 0:
@@ -286,7 +289,7 @@ def contrast_dk_kernel(
             pos = valid & (tl.abs(q_meta[:, None] - k_meta[None, :]) < threshold)
         z = tl.where(valid, acc * s, float("-inf"))                            # as in the dq kernel
         p = tl.where(valid, tl.exp2((z - lse[:, None]) * LOG2E), 0.0)
-        dz = (g_row * (g_inv * DZ_SCALE))[:, None] * (p - tl.where(pos, inv_cnt[:, None], 0.0))
+        dz = w_row[:, None] * p - tl.where(pos, wy_row[:, None], 0.0)
         if REUSE_Q:
             q_out = q_tile
         else:
@@ -296,6 +299,6 @@ def contrast_dk_kernel(
                 q_out = q_out.to(tl.float32)
         dk = tl.dot(tl.trans(dz.to(q_out.dtype)), q_out, dk, input_precision=INPUT_PRECISION)
 
-    dk = dk * (s * (gmax / DZ_SCALE))
+    dk = dk * (s * (tl.load(GMAX) / DZ_SCALE))
     d_ptrs = DK + g * stride_dg + cols[:, None] * stride_dm + offs_o[None, :] * stride_dd
     tl.store(d_ptrs, dk.to(DK.dtype.element_ty), mask=col_ok[:, None] & (offs_o[None, :] < D))
