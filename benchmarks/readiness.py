@@ -224,36 +224,41 @@ def compiled_section(reports: Optional[list], error: str = "") -> list[str]:
 
 #: what section 0 does not yet show met (issue 21), with the evidence; kept beside the generated tables
 OPEN_ITEMS = [
-    "Before these tables (the s20 tables, commit 9ba51f4, read by this tool on 2026-12-07 on the same host): "
-    "sm_90 bf16 forward + backward executed 5 / 7 / 6 / 7 GEMM units and 3.06 / 5.06 / 4.12 / 5.25 exp passes at "
-    "D = 64 / 128 / 256 / 512 (dq and dk at D = 128, dq at 256, dq and dk at 512: exec/useful 1.50; dq 256 and "
-    "dk 256 / 512 and dq 512 with `async_wait {num = 0}` in the loop); predicted 265 / 166 TFLOP/s at D = 256 "
-    "and 184 / 93 at D = 512 (forward / forward + backward).", "",
+    "History (sm_90 bf16, this tool, same host): the s20 tables (commit 9ba51f4) executed 5 / 7 / 6 / 7 GEMM "
+    "units forward + backward and 3.06 / 5.06 / 4.12 / 5.25 exp passes at D = 64 / 128 / 256 / 512; commit "
+    "063c892 5.00 units and 3.06–3.12 exp passes (the forward's MUFU per row and key tile for α), predicted "
+    "360 / 243 TFLOP/s at D = 256. Now: α is an exact power of two built from exponent bits (1.00 exp pass "
+    "forward, so 3.00 in every row above) and self-contrast (k is q) runs one backward kernel, `dsym`: "
+    "fwd + dsym = 3.00 units and 3.00 exp passes (self-contrast with a learnable τ launches dq + dk: the "
+    "in-kernel ds sum made the SYM kernel spill).", "",
     "### What caps the prediction, and what is not done", "",
-    "- **Targets not predicted** (D = 256: forward < 450, forward + backward < 300): every loop runs its MMAs, "
-    "waits for them (`warp_group_dot_wait {pendings = 0}` right after the dot in the TTGIR), then the softmax; "
-    "with one CTA per SM (160–224 KiB of shared memory) nothing overlaps the two, so the round is tensor-or-"
-    "shared-memory time plus issue time (`x+y serial`). Overlap would bring the forward at D = 256 from the "
-    "serial round to its largest part (issue, ~1.9× in the model). Tried, compile-only, sm_90, bf16, D = 256, "
-    "128×64: `tl.range(..., warp_specialize=True)` (same TTGIR: no warp specialisation for this loop on sm_90 "
-    "in triton 3.9) and a one-tile-ahead z (the next tile's wgmma issued before this tile's softmax: Triton "
-    "still waits with pendings = 0 right after issuing it). FA3's ping-pong needs explicit warpgroup roles "
-    "(Gluon or CUDA); not done. TMA not tried.",
-    "- **z on mma.sync** in three sm_90 16-bit backward kernels: dk at D = 256 (a 128-row z tile spilled 28 "
-    "bytes at 255 registers; 64-row tiles at 8 warps repeat z), dq and dk at D = 512 (a 64-row warpgroup's "
-    "full-width fp32 accumulator is 256 registers a thread; the wgmma path there needs the output split over "
-    "the two warpgroups along D, which Triton's layout for a chained dot does not give, or a transposed "
-    "zᵀ = k qᵀ, which rounds z differently from the forward's LSE). dk's gradient GEMM is wgmma at both D.",
-    "- **Self-contrast (q is k) in ≤ 3 GEMM units: not built.** What remains: a forward over the upper-"
-    "triangular tiles (I ≤ J) that writes per-tile row partials (m, l, positive sum) for rows I from z_IJ and "
-    "for rows J from z_IJᵀ (column max / sum of the same tile), then a small kernel that merges the partials "
-    "of each row in a fixed tile order (deterministic; (N/BLOCK)² · BLOCK · 12 bytes, 24 MiB at N = 16384, "
-    "BLOCK = 128); a backward over the same tiles with dz_sym = g_I(P_IJ − Y_IJ) + (g_J(P_JI − Y_JI))ᵀ feeding "
-    "dx_I += s·dz_sym·x_J (registers) and dx_J += s·dz_symᵀ·x_I, the latter reduced deterministically (per-"
-    "tile-row partial buffers of BLOCK × D fp32 summed in order, or an ordered-ticket accumulation; fp32 "
-    "atomics only as an opt-in). Masks must stay per-row (V(i) uses k_valid, exclude_self the diagonal tiles; "
-    "the index rule's positives are not symmetric, so Y is built per orientation). 0.5 unit forward + 1.5 "
-    "backward = 2 units. A launcher entry (autograd.py / entry.py: detect q is k) is needed too.",
+    "- **Targets not predicted** for two tensors (D = 256: forward 359 < 450, forward + backward 247 < 300): every "
+    "loop runs its MMAs, waits for them (`warp_group_dot_wait {pendings = 0}` right after the dot in the "
+    "TTGIR), then the softmax; with one CTA per SM (160–224 KiB of shared memory) nothing overlaps the two, so "
+    "the round is tensor-or-shared-memory time plus issue time (`x+y serial`). Overlap would bring the forward "
+    "at D = 256 from the serial round to its largest part (issue, ~1.9× in the model). Tried, compile-only, "
+    "sm_90, bf16, D = 256, 128×64: `tl.range(..., warp_specialize=True)` (same TTGIR: no warp specialisation "
+    "for this loop on sm_90 in triton 3.9) and a one-tile-ahead z (Triton still waits with pendings = 0 right "
+    "after issuing it). FA3's ping-pong needs explicit warpgroup roles (Gluon or CUDA); not done. TMA not "
+    "tried. Self-contrast forward + backward is predicted at 451 TFLOP/s (D = 256), above the 300 target, "
+    "because it does 3 GEMM units of the nominal 4.",
+    "- **z on mma.sync** in four sm_90 16-bit backward kernels. dk at D = 256: the 128×64 tile (z and the "
+    "gradient on wgmma, 2.00 units) no longer spills since dk takes per-anchor weights (255 registers, 0 "
+    "bytes; it spilled 28 bytes before), but with 3 stages it needs 233 472 bytes of shared memory against "
+    "sm_90's 232 448 per block (q 3 × 64 KiB, k 32 KiB, the per-row vectors' stages and dzᵀ's layout "
+    "conversion); with 2 stages (162 KiB) the loop waits `async_wait {num = 0}` at its top for the q tile "
+    "issued at the end of the previous iteration, which only the gradient wgmma overlaps, so it is not "
+    "shipped (the model, which has no latency term, predicts it 2× faster: 0.63 vs 1.23 ms at N = 16384). "
+    "dq, dk and dsym at D = 512: Triton 3.9 gives a dot whose result feeds another dot all its warps on the "
+    "row axis (`warpsPerCTA = [num_warps, 1]`), so a z tile on wgmma has 16·num_warps rows and its "
+    "full-width fp32 accumulator 16·num_warps·512 / (32·num_warps) = 256 registers a thread at any warp "
+    "count; a 64-row tile at 8 warps repeats z in the second warpgroup. Lifting it needs the accumulator split "
+    "over the warpgroups along D (FA3's layout: Gluon or CUDA) or the transposed formulation (zᵀ = k qᵀ, "
+    "dqᵀ = kᵀ dzᵀ), which rounds z differently from the forward's LSE. The gradient GEMMs of dk at 512 are "
+    "wgmma.",
+    "- **Self-contrast in 2 units** (the upper-triangle scheme: half the tiles, row and column LSE partials "
+    "merged in a fixed order, dx_J partials reduced deterministically) is not built; `dsym` recomputes every "
+    "tile once (3 units, deterministic, no partial buffers).",
     "",
 ]
 
