@@ -236,9 +236,12 @@ def test_cases() -> list:
         "index bf16 keys-without-grad": dict(rule="index", dtype="bfloat16", k_grad=False, N=700, M=4000),
         "label fp16 float-tau": dict(rule="label", dtype="float16", learn_tau=False),
         "label fp32 q-is-k": dict(rule="label", dtype="float32", q_is_k=True, N=1200),
-        # the self-contrast backward ('dsym', one kernel for dq + dk) on large tiles, 16-bit and wide D
-        "index bf16 q-is-k D=256": dict(rule="index", dtype="bfloat16", q_is_k=True, N=2100, D=256),
-        "radius fp16 q-is-k D=512": dict(rule="radius", dtype="float16", q_is_k=True, N=1500, D=512),
+        # the self-contrast backward ('dsym', one kernel for dq + dk; a float τ: a learnable one takes dq + dk)
+        # on large tiles, 16-bit and wide D
+        "index bf16 q-is-k D=256 float-tau": dict(rule="index", dtype="bfloat16", q_is_k=True, N=2100, D=256,
+                                                  learn_tau=False),
+        "radius fp16 q-is-k D=512 float-tau": dict(rule="radius", dtype="float16", q_is_k=True, N=1500, D=512,
+                                                   learn_tau=False),
         "radius fp16 G=256 N=M=32": dict(rule="radius", dtype="float16", G=256, N=32, M=32, q_is_k=True, D=64),
         "label bf16 in-core-normalize": dict(rule="label", dtype="bfloat16", normalize=True),
         "index fp32 in-core-normalize": dict(rule="index", dtype="float32", normalize=True),

@@ -127,6 +127,23 @@ def test_core_check_passes_a_correct_kernel(interpret):
     assert out["status"] == "PASS" and "err/bound" in out["detail"]
 
 
+def test_core_check_self_contrast_row_runs_the_dsym_kernel(interpret, monkeypatch):
+    """The q-is-k float-τ rows check the one-kernel self-contrast backward (and fail when it is wrong)."""
+    from macl_kernels.triton import autograd as ag
+    phases = []
+    orig = ag.launch_bwd
+    monkeypatch.setattr(ag, "launch_bwd", lambda ph, *a, **kw: phases.append(ph) or orig(ph, *a, **kw))
+    out = run_core_test(rule="index", dtype="float16", N=40, D=24, q_is_k=True, learn_tau=False, device="cpu")
+    assert out["status"] == "PASS" and set(phases) == {"dsym"}
+
+    def wrong(ph, q, k, scale, lse, cnt, grad, o, with_ds=False):
+        dx, ds = orig(ph, q, k, scale, lse, cnt, grad, o, with_ds)
+        return dx * 1.01, ds
+    monkeypatch.setattr(ag, "launch_bwd", wrong)
+    with pytest.raises(AssertionError, match="dq"):
+        run_core_test(rule="index", dtype="float16", N=40, D=24, q_is_k=True, learn_tau=False, device="cpu")
+
+
 def test_core_check_fails_a_perturbed_kernel(interpret, monkeypatch):
     from macl_kernels.triton import autograd as ag
     orig = ag.launch_fwd
