@@ -260,6 +260,12 @@ OPEN_ITEMS = [
     "over the warpgroups along D (FA3's layout: Gluon or CUDA) or the transposed formulation (zᵀ = k qᵀ, "
     "dqᵀ = kᵀ dzᵀ), which rounds z differently from the forward's LSE. The gradient GEMMs of dk at 512 are "
     "wgmma.",
+    "- **Issue slots** bound every loop beside the MMAs: the D = 256 forward issues 712 instructions per warp per "
+    "128×64 tile (`issue` 1424 cycles at 8 warps), ~22 per z element a thread, for one exp each. Part of that is "
+    "the positive rule and the masks evaluated per element (compare, select, add). Σ_{j∈P(i)} z_ij and the "
+    "gradient's Y terms can be computed outside the N×M loop in O((N + M)·D) (index: a gather of k; label: "
+    "per-class sums of k; radius: prefix sums of k over the sorted positions), leaving the loop the softmax "
+    "alone; not done.",
     "- **Self-contrast in 2 units** (the upper-triangle scheme: half the tiles, row and column LSE partials "
     "merged in a fixed order, dx_J partials reduced deterministically) is not built; `dsym` recomputes every "
     "tile once (3 units, deterministic, no partial buffers).",
