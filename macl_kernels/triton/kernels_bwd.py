@@ -41,14 +41,15 @@ def contrast_dq_kernel(
     launcher passes per-anchor weights instead of g and |P(i)|, so that each key tile loads three floats per
     key (LSE, W, WY) and the operand is one FMA-like expression: GRAD = W_i = g_i/max|g|·DZ_SCALE and CNT (fp32)
     = WY_i = W_i/|P(i)| (0 for anchors that do not count), dz_op = W_i P_ij − WY_i 1[j∈P(i)] + W_j P_ji −
-    WY_j 1[i∈P(j)]; |dz_op| ≤ 2·DZ_SCALE = 2^15 stays finite in fp16. WITH_DS sums the row terms only (each
-    z_ij once).
+    WY_j 1[i∈P(j)]; |dz_op| ≤ 2·DZ_SCALE = 2^15 stays finite in fp16. SYM excludes WITH_DS: with the ds sum
+    the kernel spilled registers, so a learnable scale takes the dq and dk kernels (autograd.TritonContrast).
 
     WITH_DS: also DS_i = Σ_j dz_ij z_ij / s = Σ_j dz_ij (acc_ij − LSE_i/s) (Σ_j dz_ij = 0 where g_i ≠ 0; the
     shift keeps the terms small when every logit is far from 0), so that ds = Σ_i DS_i is accumulated in fp32
     from dz before dz is rounded to the input dtype for the dot. (A runtime `if c == 0` around that store
     made ptxas spill; each chunk writing its own copy costs n_dout floats per anchor.)
     """
+    tl.static_assert(not (SYM and WITH_DS), "SYM excludes WITH_DS")
     LOG2E: tl.constexpr = 1.4426950408889634
     NUM_D: tl.constexpr = (D + BLOCK_D - 1) // BLOCK_D
     NUM_DOUT: tl.constexpr = (D + BLOCK_DOUT - 1) // BLOCK_DOUT
@@ -183,9 +184,7 @@ def contrast_dq_kernel(
         dq = tl.dot(dz_op.to(k_out.dtype), k_out, dq, input_precision=INPUT_PRECISION)
 
     if SYM:
-        gmax = tl.load(GMAX)
-        dq = dq * (s * (gmax / DZ_SCALE))
-        ds = ds * (gmax / DZ_SCALE)
+        dq = dq * (s * (tl.load(GMAX) / DZ_SCALE))
     else:
         dq = dq * (g_row * (s / DZ_SCALE))[:, None]
         ds = ds * g_row
