@@ -30,6 +30,8 @@ from __future__ import annotations
 import math
 from typing import Optional
 
+from macl_kernels.triton.sass_model import PHASE_KERNELS, TARGETS
+
 #: H100 SXM5 dense peaks (NVIDIA's H100 datasheet; exp: 16 MUFU.EX2 per SM per clock, 132 SMs, ~1.83 GHz)
 H100 = {
     "name": "H100 SXM5",
@@ -38,9 +40,10 @@ H100 = {
     "hbm_bytes_per_s": 3.35e12,
 }
 ELEM = {"bfloat16": 2, "float16": 2, "float32": 4}
-KERNELS = {"forward": ("fwd",), "forward+backward": ("fwd", "dq", "dk")}
+#: the two-tensor phases of the compiled-code model (the loop model here has no self-contrast kernel)
+KERNELS = {ph: ks for ph, ks in PHASE_KERNELS.items() if "dsym" not in ks}
 #: the issue's GPU targets: effective TFLOP/s (bf16, N = M ≥ 16384, D ∈ {256, 512})
-TARGET_TFLOPS = {"forward": 450.0, "forward+backward": 300.0}
+TARGET_TFLOPS = {ph: TARGETS[ph] for ph in KERNELS}
 #: tensor-core efficiencies the report shows ceilings at
 EFFICIENCIES = (1.0, 0.7)
 
@@ -141,7 +144,7 @@ def compiled_phase(N: int, M: int, D: int, dtype: str = "bfloat16", phase: str =
     phase: 'forward' | 'forward+backward' (fwd + dq + dk) | 'self-contrast forward+backward' (fwd + dsym).
     Returns dict(seconds, effective_tflops, units (executed GEMM units of the phase's kernels as compiled),
     exp_passes, bound (per kernel), kernels). Raises ValueError for a dtype / D the report does not hold."""
-    from macl_kernels.triton.sass_model import PHASE_KERNELS, predict
+    from macl_kernels.triton.sass_model import predict
     if dtype not in _DT:
         raise ValueError(f"compiled model covers bfloat16 / float16, got {dtype!r}")
     reps = compiled_reports(arch) if reports is None else reports

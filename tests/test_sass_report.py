@@ -118,8 +118,9 @@ def test_sm90_no_duplicated_mma_and_at_most_five_units(sm90):
 
 
 #: sm_90 16-bit kernels whose z GEMM still runs on mma.sync (32-row z tiles): at 8 warps a 64-row z tile
-#: is repeated by the second warpgroup, and 128-row tiles spill (dk at D = 256: 28 bytes) or cannot hold
-#: the full-width accumulator (D = 512: 256 registers a thread). Their gradient GEMM is wgmma except dq at 512.
+#: is repeated by the second warpgroup, and 128-row tiles exceed the shared memory (dk at D = 256, 3 stages:
+#: benchmarks/sm90_tile_trials) or cannot hold the full-width accumulator (D = 512: 256 registers a thread).
+#: dk's gradient GEMM is wgmma; dq's and dsym's at 512 are not.
 MMA_SYNC_Z = {("dk", 256), ("dq", 512), ("dk", 512), ("dsym", 512)}
 
 
@@ -181,3 +182,17 @@ def test_every_shipped_config_from_the_cached_analysis():
                 assert t["exp"] <= 3.0 + 1e-9 and t["self_exp"] <= 3.0 + 1e-9, (a, dt, D, t)
     drains = [r.key for r in reps if r.arch == 90 and r.dtype in ("fp16", "bf16") and not r.pipelined]
     assert not drains
+
+
+def test_tile_trials_script(capsys):
+    """benchmarks/sm90_tile_trials: what docs/gpu_readiness.md quotes for tiles it did not ship."""
+    from benchmarks import sm90_tile_trials as T
+    from macl_kernels.triton.aot import cuobjdump_path
+    with pytest.raises(Exception, match="PHASE:D"):
+        T.parse_tile("dk:256")
+    assert T.parse_tile("dk:256:128:64:8:3").config.BLOCK_DOUT == 256
+    if not os.path.exists(cuobjdump_path()):
+        pytest.skip("Triton's bundled cuobjdump is missing")
+    assert T.main(["fwd:128:128:64:8:3"]) == 0
+    out = capsys.readouterr().out
+    assert "fwd D=128 128x64" in out and "units 1.00" in out and "spill 0 B" in out

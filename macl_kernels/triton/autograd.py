@@ -159,9 +159,9 @@ class TritonContrast(torch.autograd.Function):
     """apply(q, k, scale, opts) -> (loss, lse, count); only loss is differentiable (w.r.t. q, k, scale).
 
     q and k may be the same tensor (self-contrast): the backward then launches the one 'dsym' kernel and returns
-    the whole gradient in q's slot. With a learnable scale it launches dq (with the ds sum) and dk instead: the
-    SYM kernel with the in-kernel ds sum spilled registers in 25 of 352 compiled (configuration, learnable-τ
-    flag set) pairs, the 16-bit sm_90 defaults at D = 64 and 256 among them.
+    the whole gradient in q's slot. With a learnable scale it launches dq (with the ds sum) and dk instead: a
+    version of the SYM kernel with the in-kernel ds sum spilled registers under the learnable-τ flag sets (the
+    16-bit sm_90 defaults at D = 64 and 256 among them), so the kernel now excludes it.
     """
 
     @staticmethod

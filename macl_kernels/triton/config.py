@@ -141,6 +141,16 @@ def _small(phase: str, b: int, d: int, bd: int, k: str) -> list[KernelConfig]:
     return [_C(b, b, bd, d, w, 1, _small_cap(w) if d <= 64 else 255)]
 
 
+def _backward(phase: str, cands, bd: int, d: int) -> list[KernelConfig]:
+    """Full-width backward configs from (own, streamed, warps, stages): own = the block whose gradient rows a
+    program accumulates (anchors for dq, keys for dk)."""
+    out = []
+    for own, other, w, st in cands:
+        bm, bn = (own, other) if phase == "dq" else (other, own)
+        out.append(_C(bm, bn, bd, d, w, st, 255))
+    return out
+
+
 def _large(phase: str, d: int, bd: int, k: str) -> list[KernelConfig]:
     """maxnreg 255 everywhere: uncapped, ptxas aimed at 2–3 CTAs per SM (128 / 168 registers) and spilled a
     few words in many of these shapes (AOT report)."""
@@ -180,11 +190,7 @@ def _large(phase: str, d: int, bd: int, k: str) -> list[KernelConfig]:
         cands = [(32, 64, 8, 2)] if phase == "dq" else [(64, 32, 8, 2)]
     else:
         cands = [(16, 32, 8, 2)]
-    out = []
-    for own, other, w, st in cands:
-        bm, bn = (own, other) if phase == "dq" else (other, own)
-        out.append(_C(bm, bn, bd, d, w, st, R))
-    return out
+    return _backward(phase, cands, bd, d)
 
 
 def _large_sm90(phase: str, d: int, bd: int, k: str, aligned: bool = True) -> list[KernelConfig]:
@@ -223,11 +229,7 @@ def _large_sm90(phase: str, d: int, bd: int, k: str, aligned: bool = True) -> li
         cands = [(32, 64, 8, 3)] if phase == "dq" else [(64, 32, 8, 3)]
     else:
         cands = [(16, 32, 8, 2)]
-    out = []
-    for own, other, w, st in cands:
-        bm, bn = (own, other) if phase == "dq" else (other, own)
-        out.append(_C(bm, bn, bd, d, w, st, R))
-    return out
+    return _backward(phase, cands, bd, d)
 
 
 def _dsym(cls: str, arch: int, k: str, d: int, bd: int, aligned: bool) -> list[KernelConfig]:

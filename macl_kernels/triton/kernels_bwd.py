@@ -209,7 +209,7 @@ def contrast_dk_kernel(
     The launcher passes per-anchor weights, as for the dq kernel with SYM: GRAD = W_i = g_i/max|g|·DZ_SCALE, CNT
     = WY_i = W_i/|P(i)| (fp32, 0 where the anchor does not count), so dz = W_i P_ij − WY_i 1[j∈P(i)] with two
     loads per anchor and no division in the loop (with g and |P(i)| there, the 128×64 sm_90 tile at D = 256
-    spilled 28 bytes).
+    spilled; `python -m benchmarks.sm90_tile_trials dk:256:128:64:8:3` compiles it with none now).
 
     z is recomputed as q kᵀ (BLOCK_M × BLOCK_N), exactly as in the forward and dq kernels, and dzᵀ feeds
     the dot: computing zᵀ = k qᵀ instead rounds differently (in the interpreter's BLAS, and whenever the

@@ -125,6 +125,10 @@ def loops(instrs: Sequence[tuple[int, str, str]]) -> list[tuple[int, int]]:
     return out
 
 
+#: shared-memory instructions counted by opcode prefix (a LoopCounts field each), LDSM tested before LDS
+_SMEM_OPS = ("LDSM", "LDS", "STS", "LDGSTS")
+
+
 def count_loop(instrs, lo: int, hi: int, inner_trips: int = 1) -> LoopCounts:
     """Counts of the loop body [lo, hi]; instructions of loops nested inside count `inner_trips` times."""
     inner = [(a, b) for a, b in loops(instrs) if lo <= a and b <= hi and (a, b) != (lo, hi)]
@@ -155,17 +159,9 @@ def count_loop(instrs, lo: int, hi: int, inner_trips: int = 1) -> LoopCounts:
         elif op.startswith("MUFU"):
             c.mufu += w
             c.ex2 += w * op.startswith("MUFU.EX2")
-        elif op.startswith("LDSM"):
-            c.ldsm += w
-            c.smem_bytes += w * _smem_bytes(op)
-        elif op.startswith("LDS"):
-            c.lds += w
-            c.smem_bytes += w * _smem_bytes(op)
-        elif op.startswith("STS"):
-            c.sts += w
-            c.smem_bytes += w * _smem_bytes(op)
-        elif op.startswith("LDGSTS"):
-            c.ldgsts += w
+        elif op.startswith(_SMEM_OPS):
+            name = next(p for p in _SMEM_OPS if op.startswith(p))     # LDSM before LDS
+            setattr(c, name.lower(), getattr(c, name.lower()) + w)
             c.smem_bytes += w * _smem_bytes(op)
         elif op.startswith("DEPBAR"):
             n = re.search(r"SB0,\s*0x([0-9a-f]+)", text)
